@@ -1,0 +1,447 @@
+// Device code of the LM-step kernels (no torch headers): types, Philox, tile geometry, kernels.
+// Included by lm_step_forward.cu / lm_step_backward.cu (launchers) and by the kernel tests
+// (for the host Philox reference and the tile geometry).
+//
+// Work decomposition ("tiles"), shared by forward and backward so that the grad_k reduction
+// falls out of the same iteration:
+//  * contiguous (M = N*C rows of L = S): tile = (channel c, chunk p) of channel c's N*L elements,
+//    viewed as one virtual array v = n*L + l. One tile never mixes channels, so the backward
+//    reduces a tile to one partial sum: partial[c*P + p].
+//  * channels-last (M = N*S rows of L = C): tile = (row chunk rt, column chunk ct). A thread owns
+//    one (vector-)column for the whole tile, so it accumulates per-column sums in registers; the
+//    block folds them over its rows: partial[rt*L + column].
+// Tiles depend only on the shape and the vector width (never on the grid or the SM count), and
+// every sum runs in a fixed order, which is what makes grad_k bitwise reproducible.
+// Vector path: VEC = 16 / sizeof(T) elements per 128-bit access; it needs L % VEC == 0 (so a
+// vector never crosses a row, hence never a channel or a sample) and 16-byte aligned buffers;
+// otherwise the same code runs with VEC = 1. Because of that no vector ever straddles the end of
+// a row or of the tensor, so no separate tail loop is needed.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "lm_step.h"
+
+namespace lmfused {
+namespace detail {
+
+constexpr int kBlock = 256;        // threads per block
+constexpr int kIters = 4;          // vectors per thread per tile
+constexpr int kMaxColVecs = 32;    // channels-last: vector-columns per tile (one warp wide)
+
+// Expands __VA_ARGS__ (a lambda) twice, with NAME a constexpr bool: flags become template
+// parameters at launch, never branches in the inner loop.
+#define LMF_BOOL_SWITCH(COND, NAME, ...) \
+  [&] {                                  \
+    if (COND) {                          \
+      constexpr bool NAME = true;        \
+      return __VA_ARGS__();              \
+    } else {                             \
+      constexpr bool NAME = false;       \
+      return __VA_ARGS__();              \
+    }                                    \
+  }()
+
+// ---------------------------------------------------------------------------------------------
+// Types
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct AccType {
+  using type = float;  // float, half, bf16 compute in float32
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccType<T>::type;
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(acc_t<T> x);
+template <>
+__device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ double from_acc<double>(double x) { return x; }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// VEC elements moved as one access (128-bit for VEC = 16 / sizeof(T)).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* __restrict__ p, int64_t off) {
+  return *reinterpret_cast<const Pack<T, VEC>*>(p + off);
+}
+template <typename T, int VEC>
+__device__ __forceinline__ void store_pack(T* __restrict__ p, int64_t off, const Pack<T, VEC>& x) {
+  *reinterpret_cast<Pack<T, VEC>*>(p + off) = x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Philox4x32-10 normal noise, bit-compatible with triton.language.random (randint4x + randn):
+// key = (seed_lo, seed_hi), counter = (idx_lo, idx_hi, 0, 0), idx = the element's memory offset.
+// __host__ too, so the kernel tests can build the reference.
+// ---------------------------------------------------------------------------------------------
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
+constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
+constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
+
+__host__ __device__ __forceinline__ uint32_t umulhi32(uint32_t a, uint32_t b) {
+#ifdef __CUDA_ARCH__
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+// Returns the first two outputs (c0, c1) of Philox4x32-10; mirrors triton's philox_impl round.
+__host__ __device__ __forceinline__ void philox_2x(uint32_t k0, uint32_t k1, uint64_t idx,
+                                                  uint32_t& out0, uint32_t& out1) {
+  uint32_t c0 = static_cast<uint32_t>(idx), c1 = static_cast<uint32_t>(idx >> 32), c2 = 0, c3 = 0;
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t a0 = c0, a2 = c2;
+    c0 = umulhi32(kPhiloxRoundB, a2) ^ c1 ^ k0;
+    c2 = umulhi32(kPhiloxRoundA, a0) ^ c3 ^ k1;
+    c1 = kPhiloxRoundB * a2;
+    c3 = kPhiloxRoundA * a0;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  out0 = c0;
+  out1 = c1;
+}
+
+// triton's uint_to_uniform_float for 32-bit inputs: [0, 1).
+__host__ __device__ __forceinline__ float philox_uniform(uint32_t x) {
+  int32_t i = static_cast<int32_t>(x);
+  if (i < 0) i = ~i;  // == -i - 1, keeps the map symmetric without overflow
+  return static_cast<float>(i) * 4.6566127342e-10f;
+}
+
+// Box-Muller, first output, float32 as in triton's pair_uniform_to_normal.
+__host__ __device__ __forceinline__ float philox_normal(uint32_t k0, uint32_t k1, uint64_t idx) {
+  uint32_t i1, i2;
+  philox_2x(k0, k1, idx, i1, i2);
+  const float u1 = fmaxf(1.0e-7f, philox_uniform(i1));
+  const float u2 = philox_uniform(i2);
+  return sqrtf(-2.0f * logf(u1)) * cosf(6.283185307179586f * u2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile geometry (host-built, passed by value to the kernels)
+// ---------------------------------------------------------------------------------------------
+struct Geometry {
+  int64_t N, C, S;  // batch, channels, prod(spatial)
+  int64_t M, L;     // rows x row length of the normalised layout
+  int64_t num_tiles, num_partials;
+  int64_t step_q, step_r;  // a thread's stride (kBlock*VEC elements | TY rows) divmod (L | S)
+  int64_t V, CH, P;        // contiguous: per-channel length N*L, tile length, tiles per channel
+  int64_t LV, CT, RC, RT;  // channels-last: vector-columns, column tiles, rows per tile, row tiles
+  int TX, TY;              // channels-last: threads along columns, thread rows per step
+};
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline Geometry make_geometry(const LMStepShape& sh, int vec) {
+  Geometry g{};
+  g.N = sh.N;
+  g.C = sh.C;
+  g.S = sh.S;
+  if (sh.N <= 0 || sh.C <= 0 || sh.S <= 0) return g;  // empty: nothing to launch
+  if (!sh.channels_last) {
+    g.M = sh.N * sh.C;
+    g.L = sh.S;
+    g.V = sh.N * sh.S;
+    g.CH = static_cast<int64_t>(kBlock) * vec * kIters;
+    g.P = ceil_div(g.V, g.CH);
+    g.num_tiles = sh.C * g.P;
+    g.num_partials = g.num_tiles;
+    const int64_t step = static_cast<int64_t>(kBlock) * vec;
+    g.step_q = step / g.L;
+    g.step_r = step % g.L;
+  } else {
+    g.M = sh.N * sh.S;
+    g.L = sh.C;
+    g.LV = ceil_div(g.L, vec);
+    g.TX = static_cast<int>(g.LV < kMaxColVecs ? g.LV : kMaxColVecs);
+    g.TY = kBlock / g.TX;
+    g.CT = ceil_div(g.LV, g.TX);
+    g.RC = static_cast<int64_t>(g.TY) * kIters;
+    g.RT = ceil_div(g.M, g.RC);
+    g.num_tiles = g.RT * g.CT;
+    g.num_partials = g.RT * g.L;
+    g.step_q = g.TY / g.S;
+    g.step_r = g.TY % g.S;
+  }
+  return g;
+}
+
+// Per-thread walk over one tile. Both cursors expose the same interface:
+//   ok()          more vectors to visit;  next(g)   advance by one thread stride
+//   offset(g)     linear memory offset of the vector's first element
+//   sample()      batch index n of the vector (all VEC elements share it)
+//   channel(j)    channel of element j of the vector
+// The (n, l) / (n, row-in-sample) pair is advanced incrementally: no division in the loop.
+template <int VEC>
+struct ContigCursor {
+  int64_t c, v, vend, n, l;
+  __device__ __forceinline__ ContigCursor(const Geometry& g, int64_t tile) {
+    c = tile / g.P;
+    const int64_t start = (tile - c * g.P) * g.CH;
+    v = start + static_cast<int64_t>(threadIdx.x) * VEC;
+    vend = start + g.CH < g.V ? start + g.CH : g.V;
+    n = v / g.L;
+    l = v - n * g.L;
+  }
+  __device__ __forceinline__ bool ok() const { return v < vend; }
+  __device__ __forceinline__ int64_t offset(const Geometry& g) const {
+    return (n * g.C + c) * g.L + l;
+  }
+  __device__ __forceinline__ int64_t sample() const { return n; }
+  __device__ __forceinline__ int64_t channel(int) const { return c; }
+  __device__ __forceinline__ void next(const Geometry& g) {
+    v += static_cast<int64_t>(kBlock) * VEC;
+    l += g.step_r;
+    n += g.step_q;
+    if (l >= g.L) {
+      l -= g.L;
+      ++n;
+    }
+  }
+};
+
+template <int VEC>
+struct ChannelsLastCursor {
+  int64_t r, rend, n, rem, col;
+  bool active;
+  __device__ __forceinline__ ChannelsLastCursor(const Geometry& g, int64_t tile) {
+    const int64_t rt = tile / g.CT;
+    const int64_t ct = tile - rt * g.CT;
+    const int tx = static_cast<int>(threadIdx.x) % g.TX;
+    const int ty = static_cast<int>(threadIdx.x) / g.TX;
+    const int64_t vc = ct * g.TX + tx;
+    active = ty < g.TY && vc < g.LV;  // kBlock % TX leftovers and the last column tile idle
+    col = vc * VEC;
+    r = rt * g.RC + ty;
+    rend = rt * g.RC + g.RC < g.M ? rt * g.RC + g.RC : g.M;
+    n = r / g.S;
+    rem = r - n * g.S;
+  }
+  __device__ __forceinline__ bool ok() const { return active && r < rend; }
+  __device__ __forceinline__ int64_t offset(const Geometry& g) const { return r * g.L + col; }
+  __device__ __forceinline__ int64_t sample() const { return n; }
+  __device__ __forceinline__ int64_t channel(int j) const { return col + j; }
+  __device__ __forceinline__ void next(const Geometry& g) {
+    r += g.TY;
+    rem += g.step_r;
+    n += g.step_q;
+    if (rem >= g.S) {
+      rem -= g.S;
+      ++n;
+    }
+  }
+};
+
+template <bool CL, int VEC>
+using Cursor = std::conditional_t<CL, ChannelsLastCursor<VEC>, ContigCursor<VEC>>;
+
+// k for the VEC elements of the cursor's vectors (fixed for the whole tile, so loaded once).
+template <int VEC, typename Cur, typename A>
+__device__ __forceinline__ void load_k(const Cur& cur, const A* __restrict__ k, bool per_channel,
+                                       A (&kk)[VEC]) {
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) kk[j] = k[per_channel ? cur.channel(j) : 0];
+}
+
+// Deterministic block sum (fixed shuffle tree, then warp sums in order); result in thread 0.
+template <typename A>
+__device__ __forceinline__ A block_sum(A v, A* smem) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  __syncthreads();  // the previous tile's reads of smem are done
+  if ((threadIdx.x & 31) == 0) smem[threadIdx.x >> 5] = v;
+  __syncthreads();
+  A s = 0;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kBlock / 32; ++w) s += smem[w];
+  }
+  return s;
+}
+
+// Writes the tile's grad_k partial sums (see the layout notes at the top). smem: kBlock*VEC.
+template <bool CL, int VEC, typename A>
+__device__ __forceinline__ void store_tile_partials(const A (&acc)[VEC], const Geometry& g,
+                                                    int64_t tile, A* __restrict__ partials,
+                                                    A* smem) {
+  if constexpr (!CL) {
+    A t = 0;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) t += acc[j];
+    t = block_sum(t, smem);
+    if (threadIdx.x == 0) partials[tile] = t;
+  } else {
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) smem[threadIdx.x * VEC + j] = acc[j];  // [ty][tx][j]
+    __syncthreads();
+    const int width = g.TX * VEC;
+    if (static_cast<int>(threadIdx.x) < width) {
+      const int64_t rt = tile / g.CT;
+      const int64_t col = (tile - rt * g.CT) * width + threadIdx.x;
+      if (col < g.L) {
+        A t = 0;
+        for (int ty = 0; ty < g.TY; ++ty) t += smem[ty * width + threadIdx.x];
+        partials[rt * g.L + col] = t;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct ForwardArgs {
+  const T* u;
+  const T* u_prev;
+  const T* f;
+  const acc_t<T>* k;
+  const acc_t<T>* scale;
+  const int64_t* seed;
+  T* out;
+  acc_t<T> noise_std;
+  bool k_per_channel;
+};
+
+template <typename T, int VEC, bool CL, bool HAS_F, bool HAS_SCALE, bool RELU, bool HAS_NOISE>
+__global__ void __launch_bounds__(kBlock)
+    lm_step_forward_kernel(const ForwardArgs<T> a, const Geometry g) {
+  using A = acc_t<T>;
+  uint32_t key0 = 0, key1 = 0;
+  if constexpr (HAS_NOISE) {
+    const uint64_t seed = static_cast<uint64_t>(*a.seed);  // on device: graph-capturable
+    key0 = static_cast<uint32_t>(seed);
+    key1 = static_cast<uint32_t>(seed >> 32);
+  }
+  for (int64_t tile = blockIdx.x; tile < g.num_tiles; tile += gridDim.x) {
+    Cursor<CL, VEC> cur(g, tile);
+    if (!cur.ok()) continue;
+    A kk[VEC];
+    load_k(cur, a.k, a.k_per_channel, kk);
+    for (; cur.ok(); cur.next(g)) {
+      const int64_t off = cur.offset(g);
+      const Pack<T, VEC> pu = load_pack<T, VEC>(a.u, off);
+      const Pack<T, VEC> pp = load_pack<T, VEC>(a.u_prev, off);
+      Pack<T, VEC> pf;
+      if constexpr (HAS_F) pf = load_pack<T, VEC>(a.f, off);
+      A s = A(1);
+      if constexpr (HAS_SCALE) s = a.scale[cur.sample()];
+      Pack<T, VEC> po;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        A x = (A(1) - kk[j]) * to_acc(pu.v[j]) + kk[j] * to_acc(pp.v[j]);
+        if constexpr (HAS_F) x += HAS_SCALE ? s * to_acc(pf.v[j]) : to_acc(pf.v[j]);
+        if constexpr (HAS_NOISE) {
+          x += a.noise_std * static_cast<A>(philox_normal(key0, key1, off + j));
+        }
+        if constexpr (RELU) x = x < A(0) ? A(0) : x;  // keeps NaN, like torch.relu
+        po.v[j] = from_acc<T>(x);
+      }
+      store_pack<T, VEC>(a.out, off, po);
+    }
+  }
+}
+
+template <typename T>
+struct BackwardArgs {
+  const T* grad_out;
+  const T* u;
+  const T* u_prev;
+  const T* out;
+  const acc_t<T>* k;
+  const acc_t<T>* scale;
+  T* grad_u;
+  T* grad_u_prev;
+  T* grad_f;
+  acc_t<T>* partials;
+  bool k_per_channel;
+};
+
+template <typename T, int VEC, bool CL, bool RELU, bool HAS_SCALE, bool NEED_U, bool NEED_UP,
+          bool NEED_F, bool NEED_K>
+__global__ void __launch_bounds__(kBlock)
+    lm_step_backward_kernel(const BackwardArgs<T> a, const Geometry g) {
+  using A = acc_t<T>;
+  __shared__ A smem[NEED_K ? kBlock * VEC : 1];
+  for (int64_t tile = blockIdx.x; tile < g.num_tiles; tile += gridDim.x) {
+    Cursor<CL, VEC> cur(g, tile);
+    A acc[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) acc[j] = A(0);
+    if (cur.ok()) {  // no early exit: the whole block must reach the partial-sum barrier
+      A kk[VEC];
+      if constexpr (NEED_U || NEED_UP) load_k(cur, a.k, a.k_per_channel, kk);
+      for (; cur.ok(); cur.next(g)) {
+        const int64_t off = cur.offset(g);
+        const Pack<T, VEC> pg = load_pack<T, VEC>(a.grad_out, off);
+        Pack<T, VEC> po, pu, pp, gu, gup, gf;
+        if constexpr (RELU) po = load_pack<T, VEC>(a.out, off);
+        if constexpr (NEED_K) {
+          pu = load_pack<T, VEC>(a.u, off);
+          pp = load_pack<T, VEC>(a.u_prev, off);
+        }
+        A s = A(1);
+        if constexpr (NEED_F && HAS_SCALE) s = a.scale[cur.sample()];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          A gj = to_acc(pg.v[j]);
+          if constexpr (RELU) gj = to_acc(po.v[j]) > A(0) ? gj : A(0);
+          if constexpr (NEED_U) gu.v[j] = from_acc<T>((A(1) - kk[j]) * gj);
+          if constexpr (NEED_UP) gup.v[j] = from_acc<T>(kk[j] * gj);
+          if constexpr (NEED_F) gf.v[j] = from_acc<T>(HAS_SCALE ? s * gj : gj);
+          if constexpr (NEED_K) acc[j] += gj * (to_acc(pp.v[j]) - to_acc(pu.v[j]));
+        }
+        if constexpr (NEED_U) store_pack<T, VEC>(a.grad_u, off, gu);
+        if constexpr (NEED_UP) store_pack<T, VEC>(a.grad_u_prev, off, gup);
+        if constexpr (NEED_F) store_pack<T, VEC>(a.grad_f, off, gf);
+      }
+    }
+    if constexpr (NEED_K) store_tile_partials<CL, VEC>(acc, g, tile, a.partials, smem);
+  }
+}
+
+// grad_k[o] = sum_i partials[o*stride_o + i*stride_i], i < count, in a fixed order.
+template <typename A>
+__global__ void __launch_bounds__(kBlock)
+    reduce_partials_kernel(const A* __restrict__ partials, A* __restrict__ grad_k,
+                           int64_t stride_o, int64_t stride_i, int64_t count) {
+  __shared__ A smem[kBlock / 32];
+  const int64_t o = blockIdx.x;
+  A t = 0;
+  for (int64_t i = threadIdx.x; i < count; i += kBlock) t += partials[o * stride_o + i * stride_i];
+  t = block_sum(t, smem);
+  if (threadIdx.x == 0) grad_k[o] = t;
+}
+
+}  // namespace detail
+}  // namespace lmfused

@@ -1,0 +1,60 @@
+// Torch-free host API of the hand-written CUDA LM-step kernels.
+//
+// out = act((1 - k) * u + k * u_prev + s * f + noise_std * xi)   (Lu et al., ICML 2018, eq. 7 + noise)
+//
+// Every tensor is a dense buffer in one of two normalised layouts (the binding, or any other caller,
+// does the normalisation):
+//   contiguous    (N, C, S) row-major: M = N*C rows of L = S elements; row m has channel m % C.
+//   channels-last (N, S, C) row-major: M = N*S rows of L = C elements; column l is channel l.
+// S = prod(spatial) (1 for rank-2 input, which callers pass as channels-last).
+// Optional operands are passed as nullptr, and the kernels specialise on which are present.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace lmfused {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+struct LMStepShape {
+  int64_t N = 0;               // batch
+  int64_t C = 0;               // channels
+  int64_t S = 0;               // prod(spatial); 1 for rank-2 tensors
+  bool channels_last = false;  // layout of every activation-sized buffer, see above
+};
+
+// Forward. u, u_prev, out: activation dtype. f: activation dtype or nullptr (two-term update).
+// k: accumulator type (float, or double for kFloat64), k_numel values, k_numel == 1 or C.
+// scale: accumulator type, N values, or nullptr (= 1); only used when f is given.
+// seed: device pointer to one int64 (read on the device), required iff noise_std != 0.
+cudaError_t launch_lm_step_forward(DType dtype, const LMStepShape& shape, const void* u,
+                                   const void* u_prev, const void* f, const void* k,
+                                   int64_t k_numel, const void* scale, const int64_t* seed,
+                                   double noise_std, bool relu, void* out, cudaStream_t stream);
+
+// Bytes of device workspace launch_lm_step_backward needs to compute grad_k (an upper bound over
+// the vectorised and scalar paths; 0 for an empty tensor).
+size_t lm_step_backward_workspace_bytes(DType dtype, const LMStepShape& shape);
+
+// Backward. grad_out: activation dtype. out: required iff relu (grad is masked by out > 0).
+// u, u_prev: required iff grad_k is requested. k, scale: as in the forward.
+// Outputs are requested by passing non-null pointers: grad_u, grad_u_prev, grad_f (activation
+// dtype, same layout) and grad_k (accumulator type, k_numel values). grad_k needs `workspace`
+// of at least lm_step_backward_workspace_bytes(); it is reduced deterministically: per-tile
+// partial sums, then a fixed-order second kernel (no atomics), so identical inputs on the same
+// device give bitwise identical grad_k.
+cudaError_t launch_lm_step_backward(DType dtype, const LMStepShape& shape, const void* grad_out,
+                                    const void* u, const void* u_prev, const void* out,
+                                    const void* k, int64_t k_numel, const void* scale, bool relu,
+                                    void* grad_u, void* grad_u_prev, void* grad_f, void* grad_k,
+                                    void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+// The archs the kernels were compiled for, from nvcc's __CUDA_ARCH_LIST__ (e.g. "800,900"),
+// and the CUDA runtime version they were compiled against (CUDART_VERSION).
+const char* compiled_cuda_archs();
+int compiled_cudart_version();
+
+}  // namespace lmfused

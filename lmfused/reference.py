@@ -1,0 +1,145 @@
+"""Pure-PyTorch reference of the LM step: the oracle every kernel is tested against, and the CPU path.
+
+The linear multi-step (LM) update of Lu, Zhong, Li & Dong, *Beyond Finite Layer Neural Networks* (ICML 2018),
+eq. (LM-architecture), with the stochastic-depth multiplier and noise injection of their section 3:
+
+    out = act((1 - k) * u + k * u_prev + s * f + noise_std * xi)
+
+``lm_step_eager`` is the plain differentiable composition (what the original code runs: five or more kernels);
+``reference_forward`` / ``reference_backward`` are the same maths with the hand-written gradients of
+DESIGN.md section 1, in float32 (float64 for float64 inputs), and back the ``reference`` backend's ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lmfused._layout import empty_in_layout, plan_layout
+
+__all__ = ["compute_dtype", "lm_step_eager", "reference_backward", "reference_forward"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the arithmetic runs in: float64 for float64 activations, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channel_view(k: Tensor, like: Tensor) -> Tensor:
+    """View k ((1,) or (C,)) so that it broadcasts along dim 1 of ``like``."""
+    if k.numel() == 1:
+        return k.reshape(())
+    return k.reshape((1, -1) + (1,) * (like.dim() - 2))
+
+
+def _sample_view(scale: Tensor, like: Tensor) -> Tensor:
+    """View scale (N,) so that it broadcasts along dim 0 of ``like``."""
+    return scale.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _noise(seed: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """Standard normal noise determined by ``seed`` (an int64 tensor drawn from torch's generator)."""
+    generator = torch.Generator(device=like.device)
+    generator.manual_seed(int(seed.reshape(-1)[0].item()) & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.randn(like.shape, generator=generator, device=like.device, dtype=dtype)
+
+
+def _in_layout(result: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """A fresh tensor in the layout every backend gives (see lmfused._layout), holding ``result``."""
+    fresh = empty_in_layout(like.shape, plan_layout(like).channels_last, dtype=dtype, device=like.device)
+    return fresh.copy_(result)
+
+
+def lm_step_eager(
+    u: Tensor,
+    u_prev: Tensor,
+    f: Tensor | None,
+    k: Tensor,
+    *,
+    scale: Tensor | None = None,
+    relu: bool = False,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """The LM step as the eager composition of PyTorch ops, differentiable by autograd.
+
+    Runs in the inputs' own dtype (the test oracle calls it on float64 copies). ``noise`` is an already
+    scaled noise tensor (``noise_std * xi``) or None.
+    """
+    kc = _channel_view(k, u)
+    out = (1 - kc) * u + kc * u_prev
+    if f is not None:
+        out = out + (f if scale is None else _sample_view(scale, f) * f)
+    if noise is not None:
+        out = out + noise
+    return torch.relu(out) if relu else out
+
+
+def reference_forward(
+    u: Tensor,
+    u_prev: Tensor,
+    f: Tensor | None,
+    k: Tensor,
+    scale: Tensor | None,
+    seed: Tensor | None,
+    relu: bool,
+    noise_std: float,
+) -> Tensor:
+    """Forward of the ``reference`` backend: the LM step in float32 (float64 for float64 inputs)."""
+    cd = compute_dtype(u.dtype)
+    noise = None
+    if noise_std > 0.0:
+        if seed is None:
+            raise ValueError("seed: an int64 tensor is required when noise_std > 0")
+        noise = noise_std * _noise(seed, u, cd)
+    out = lm_step_eager(
+        u.to(cd),
+        u_prev.to(cd),
+        None if f is None else f.to(cd),
+        k.to(cd),
+        scale=None if scale is None else scale.to(cd),
+        relu=relu,
+        noise=noise,
+    )
+    return _in_layout(out, u, u.dtype)
+
+
+def reference_backward(
+    grad_out: Tensor,
+    u: Tensor | None,
+    u_prev: Tensor | None,
+    out: Tensor | None,
+    k: Tensor,
+    scale: Tensor | None,
+    relu: bool,
+    need_u: bool,
+    need_u_prev: bool,
+    need_f: bool,
+    need_k: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of the ``reference`` backend (DESIGN.md section 1); unneeded gradients come back empty."""
+    cd = compute_dtype(grad_out.dtype)
+    g = grad_out.to(cd)
+    if relu:
+        if out is None:
+            raise ValueError("out: the forward output is required when relu=True")
+        g = torch.where(out > 0, g, torch.zeros((), dtype=cd, device=g.device))
+    kc = _channel_view(k.to(cd), g)
+    like = u if u is not None else grad_out
+    grad_u = _in_layout((1 - kc) * g, like, grad_out.dtype) if need_u else grad_out.new_empty((0,))
+    grad_u_prev = _in_layout(kc * g, like, grad_out.dtype) if need_u_prev else grad_out.new_empty((0,))
+    if need_f:
+        grad_f = _in_layout(g if scale is None else _sample_view(scale.to(cd), g) * g, like, grad_out.dtype)
+    else:
+        grad_f = grad_out.new_empty((0,))
+    if need_k:
+        if u is None or u_prev is None:
+            raise ValueError("u, u_prev: required when need_k=True")
+        prod = g * (u_prev.to(cd) - u.to(cd))
+        if k.numel() == 1:
+            grad_k = prod.sum().reshape(k.shape)
+        else:
+            grad_k = prod.transpose(0, 1).reshape(prod.shape[1], -1).sum(1).reshape(k.shape)
+        grad_k = grad_k.to(k.dtype, copy=True)
+    else:
+        grad_k = k.new_empty((0,))
+    return grad_u, grad_u_prev, grad_f, grad_k

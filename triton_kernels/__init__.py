@@ -1,0 +1,1 @@
+"""Triton kernels of lmfused, installed as the subpackage ``lmfused.triton_kernels``."""
