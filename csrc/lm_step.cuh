@@ -34,6 +34,7 @@ namespace detail {
 constexpr int kBlock = 256;        // threads per block
 constexpr int kIters = 4;          // vectors per thread per tile
 constexpr int kMaxColVecs = 32;    // channels-last: vector-columns per tile (one warp wide)
+constexpr int kMinBlocksPerSM = 4; // caps registers at 64/thread: >= 1024 threads/SM in flight
 
 // Expands __VA_ARGS__ (a lambda) twice, with NAME a constexpr bool: flags become template
 // parameters at launch, never branches in the inner loop.
@@ -334,7 +335,7 @@ struct ForwardArgs {
 };
 
 template <typename T, int VEC, bool CL, bool HAS_F, bool HAS_SCALE, bool RELU, bool HAS_NOISE>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
     lm_step_forward_kernel(const ForwardArgs<T> a, const Geometry g) {
   using A = acc_t<T>;
   uint32_t key0 = 0, key1 = 0;
@@ -389,7 +390,7 @@ struct BackwardArgs {
 
 template <typename T, int VEC, bool CL, bool RELU, bool HAS_SCALE, bool NEED_U, bool NEED_UP,
           bool NEED_F, bool NEED_K>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
     lm_step_backward_kernel(const BackwardArgs<T> a, const Geometry g) {
   using A = acc_t<T>;
   __shared__ A smem[NEED_K ? kBlock * VEC : 1];
@@ -441,6 +442,36 @@ __global__ void __launch_bounds__(kBlock)
   for (int64_t i = threadIdx.x; i < count; i += kBlock) t += partials[o * stride_o + i * stride_i];
   t = block_sum(t, smem);
   if (threadIdx.x == 0) grad_k[o] = t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host launch helpers shared by the forward and backward launchers
+// ---------------------------------------------------------------------------------------------
+inline bool aligned16(const void* p) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+template <typename T>
+constexpr int max_vec() {
+  return static_cast<int>(16 / sizeof(T));
+}
+
+// Grid-stride launch: as many blocks as can be resident at once (SM count x occupancy), capped at
+// the number of tiles. The result does not depend on the grid, only the speed.
+template <typename Args>
+inline cudaError_t launch_tiles(void (*kernel)(Args, Geometry), const Args& args,
+                                const Geometry& g, cudaStream_t stream) {
+  int device = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, 0);
+  if (err != cudaSuccess) return err;
+  const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+  const int64_t grid = g.num_tiles < resident ? g.num_tiles : resident;
+  kernel<<<static_cast<unsigned>(grid), kBlock, 0, stream>>>(args, g);
+  return cudaGetLastError();
 }
 
 }  // namespace detail

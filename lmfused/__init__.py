@@ -6,7 +6,9 @@ u_{n+1} = (1 - k_n) u_n + k_n u_{n-1} + f(u_n). ``lm_step`` fuses it, with stoch
 injection and an optional ReLU, into one kernel forward and one backward.
 """
 
+from lmfused import models, nn
+from lmfused.convert import convert_to_lm
 from lmfused.ops import available_backends, lm_step
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "available_backends", "lm_step"]
+__all__ = ["__version__", "available_backends", "convert_to_lm", "lm_step", "models", "nn"]

@@ -1,0 +1,39 @@
+# lmfused: `make test` (lint + tests, CPU-only is fine) and `make bench` (benchmarks; GPU for real numbers).
+PYTHON ?= python3
+PIP_INSTALL = $(PYTHON) -m pip install --no-build-isolation -e ".[test,bench]"
+OUT ?= runs/bench
+
+.PHONY: install test lint pytest bench bench-ops bench-models cuda-compile device-check
+
+# Installs lmfused (editable) on top of the torch already present; never replaces torch.
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "lmfused needs PyTorch: pip install torch first"; exit 1; }
+	$(PIP_INSTALL)
+
+.install.stamp: setup.py pyproject.toml
+	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "lmfused needs PyTorch: pip install torch first"; exit 1; }
+	$(PIP_INSTALL) -q
+	@touch $@
+
+lint: .install.stamp
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+pytest: .install.stamp
+	$(PYTHON) -m pytest -q
+
+test: lint pytest
+
+bench: .install.stamp
+	$(PYTHON) -m bench.ops --out $(OUT)
+
+bench-models: .install.stamp
+	$(PYTHON) -m bench.models --out $(OUT)
+
+# Compiles the torch-free CUDA kernels and their C++ test with nvcc (no GPU needed).
+cuda-compile:
+	bash csrc/check_compile.sh build/cmake
+
+# On a GPU machine: build both ways, run GPU tests, ctest, compute-sanitizer, benchmarks (OUT=folder).
+device-check:
+	bash bench/device_check.sh $(OUT)

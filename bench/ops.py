@@ -1,0 +1,215 @@
+"""Op benchmark: lm_step against eager PyTorch, torch.compile and the copy-bandwidth roofline.
+
+    python -m bench.ops                  # GPU: the ResNet-50/ResNeXt-50 grid; CPU: a small smoke grid
+    python -m bench.ops --grid headline  # only 64x256x56x56 bf16 (the tuning target), all flags
+    python -m bench.ops --out DIR        # JSON (and PNG) into DIR
+
+Providers: ``eager`` (the original code's composition, in the activation dtype), ``compile`` and
+``compile-max`` (torch.compile of that composition, default mode and max-autotune-no-cudagraphs), and the
+lmfused backends (``triton``, ``cuda``; ``reference`` on CPU). Modes: fwd, bwd, fwd+bwd. Every row reports the
+median time, the bandwidth achieved counting DESIGN.md's minimum bytes, its fraction of a device-to-device
+copy measured in the same run, the speedup over eager and over the best compile mode, and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import lmfused
+from bench.common import ROOT, copy_gbps, environment, median_ms, print_table, write_json
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MODES = ("fwd", "bwd", "fwd+bwd")
+# Outputs of the four stages of ResNet-50 and ResNeXt-50 (the same widths), where the LM update runs.
+STAGE_SHAPES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
+HEADLINE = (64, 256, 56, 56)
+
+
+@dataclass(frozen=True)
+class Config:
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str  # "contiguous" | "channels_last"
+    k: str  # "scalar" | "channel"
+    scale: bool
+    relu: bool
+
+
+def grid(name: str, device: torch.device) -> list[Config]:
+    """The configurations a grid measures."""
+    if device.type != "cuda" or name == "smoke":
+        return [
+            Config((8, 32, 16, 16), "fp32", lay, "channel", True, True)
+            for lay in ("contiguous", "channels_last")
+        ]
+    flags = list(itertools.product(("scalar", "channel"), (False, True), (False, True)))
+    headline = [
+        Config(HEADLINE, "bf16", lay, k, s, r) for lay in ("contiguous", "channels_last") for k, s, r in flags
+    ]
+    if name == "headline":
+        return headline
+    sweep = [
+        Config((batch, *stage), dtype, lay, "channel", True, True)
+        for batch in (64, 256)
+        for stage in STAGE_SHAPES
+        for dtype in DTYPES
+        for lay in ("contiguous", "channels_last")
+    ]
+    return headline + [c for c in sweep if c not in headline]
+
+
+def min_bytes(config: Config, mode: str, itemsize: int) -> int:
+    """DESIGN.md's minimum traffic: fwd 3 reads + 1 write; bwd reads g, u, u_prev (+ out) and writes 3."""
+    numel = math.prod(config.shape)
+    fwd = 4
+    bwd = 3 + (1 if config.relu else 0) + 3
+    tensors = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    return tensors * numel * itemsize
+
+
+def eager_lm_step(u, u_prev, f, k, scale, relu: bool):
+    """The update as the original LM-ResNet code writes it: separate ops (k cast to the activation dtype)."""
+    k = k.to(u.dtype).reshape((1, -1) + (1,) * (u.dim() - 2)) if k.numel() > 1 else k.to(u.dtype)
+    branch = f if scale is None else scale.to(u.dtype).reshape((-1,) + (1,) * (u.dim() - 1)) * f
+    out = (1 - k) * u + k * u_prev + branch
+    return torch.relu(out) if relu else out
+
+
+def providers(device: torch.device) -> list[str]:
+    names = ["eager", "compile", "compile-max"]
+    if device.type == "cuda":
+        names += [b for b in ("triton", "cuda") if b in lmfused.available_backends(device)]
+    else:
+        names += ["reference"]
+    return names
+
+
+def make_fn(provider: str, relu: bool):
+    if provider == "eager":
+        return lambda u, up, f, k, s: eager_lm_step(u, up, f, k, s, relu)
+    if provider in ("compile", "compile-max"):
+        mode = "max-autotune-no-cudagraphs" if provider == "compile-max" else None
+        return torch.compile(
+            lambda u, up, f, k, s: eager_lm_step(u, up, f, k, s, relu), mode=mode, dynamic=False
+        )
+    return lambda u, up, f, k, s: lmfused.lm_step(u, up, f, k, scale=s, relu=relu, backend=provider)
+
+
+def inputs(config: Config, device: torch.device, requires_grad: bool):
+    dtype = DTYPES[config.dtype]
+    memory_format = torch.channels_last if config.layout == "channels_last" else torch.contiguous_format
+    u, u_prev, f = (
+        torch.randn(config.shape, device=device, dtype=dtype)
+        .contiguous(memory_format=memory_format)
+        .requires_grad_(requires_grad)
+        for _ in range(3)
+    )
+    k = (0.1 * torch.randn(config.shape[1] if config.k == "channel" else 1, device=device)).requires_grad_(
+        requires_grad
+    )
+    scale = (torch.rand(config.shape[0], device=device) < 0.8).float() / 0.8 if config.scale else None
+    return u, u_prev, f, k, scale
+
+
+def measure(config: Config, provider: str, device: torch.device) -> dict[str, tuple[float, float]]:
+    """{mode: (median_ms, peak_mem_mb)} for one configuration and provider."""
+    fn = make_fn(provider, config.relu)
+    results = {}
+    u, u_prev, f, k, scale = inputs(config, device, requires_grad=False)
+    results["fwd"] = _timed(lambda: fn(u, u_prev, f, k, scale), device)
+    *tensors, scale = inputs(config, device, requires_grad=True)
+    out = fn(*tensors, scale)
+    grad_out = torch.randn_like(out)
+    results["bwd"] = _timed(lambda: torch.autograd.grad(out, tensors, grad_out, retain_graph=True), device)
+    results["fwd+bwd"] = _timed(lambda: torch.autograd.grad(fn(*tensors, scale), tensors, grad_out), device)
+    return results
+
+
+def _timed(fn, device: torch.device) -> tuple[float, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    ms = median_ms(fn, device)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
+    return ms, peak
+
+
+def run(grid_name: str, device: torch.device, only: list[str] | None = None) -> dict:
+    copy = copy_gbps(device)
+    rows = []
+    names = [p for p in providers(device) if only is None or p in only]
+    for config in grid(grid_name, device):
+        itemsize = DTYPES[config.dtype].itemsize
+        measured = {p: measure(config, p, device) for p in names}
+        for provider, mode in itertools.product(names, MODES):
+            ms, peak = measured[provider][mode]
+            gbps = min_bytes(config, mode, itemsize) / ms / 1e6
+            compile_best = min(
+                (measured[p][mode][0] for p in ("compile", "compile-max") if p in measured), default=None
+            )
+            rows.append(
+                {
+                    **{key: value for key, value in asdict(config).items()},
+                    "shape": "x".join(map(str, config.shape)),
+                    "provider": provider,
+                    "mode": mode,
+                    "median_ms": ms,
+                    "gbps": gbps,
+                    "copy_gbps": copy,
+                    "frac_of_copy": gbps / copy,
+                    "speedup_vs_eager": measured["eager"][mode][0] / ms if "eager" in measured else None,
+                    "speedup_vs_compile": compile_best / ms if compile_best else None,
+                    "peak_mem_mb": peak,
+                }
+            )
+        torch._dynamo.reset()  # keep recompilation limits out of the way between shapes
+    return {"environment": environment(), "copy_gbps": copy, "rows": rows}
+
+
+COLUMNS = [
+    ("shape", "s"),
+    ("dtype", "s"),
+    ("layout", ".6s"),
+    ("k", ".4s"),
+    ("scale", "d"),
+    ("relu", "d"),
+    ("provider", "s"),
+    ("mode", "s"),
+    ("median_ms", ".3f"),
+    ("gbps", ".0f"),
+    ("frac_of_copy", ".2f"),
+    ("speedup_vs_eager", ".2f"),
+    ("speedup_vs_compile", ".2f"),
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--grid", choices=["full", "headline", "smoke"], default="full")
+    parser.add_argument("--providers", nargs="+", default=None, help="subset of providers to run")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench", help="output folder")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = run(args.grid, device, args.providers)
+    env = result["environment"]
+    name = "ops-" + ("".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower())
+    write_json(args.out / f"{name}.json", result)
+    print(
+        f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "
+        f"commit {env['commit']} | copy {result['copy_gbps']:.0f} GB/s"
+    )
+    print_table(result["rows"], COLUMNS)
+    print(f"wrote {args.out / (name + '.json')}")
+
+
+if __name__ == "__main__":
+    main()

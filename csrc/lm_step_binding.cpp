@@ -1,0 +1,294 @@
+// The only torch-aware file of the CUDA backend: validates and normalises tensors, then calls the
+// torch-free launchers of lm_step.h. Registers CUDA kernels for the ops whose schemas the Python
+// package defines (lmfused/ops.py):
+//   lmfused::lm_step_cuda(Tensor u, Tensor u_prev, Tensor? f, Tensor k, Tensor? scale,
+//                         Tensor? seed, bool relu, float noise_std) -> Tensor
+//   lmfused::lm_step_cuda_backward(Tensor grad_out, Tensor? u, Tensor? u_prev, Tensor? out,
+//                         Tensor k, Tensor? scale, bool relu, bool need_u, bool need_u_prev,
+//                         bool need_f, bool need_k) -> (Tensor, Tensor, Tensor, Tensor)
+// and a pybind11 helper build_info(). Nothing here syncs with the host, so both ops can be
+// captured in CUDA graphs (the noise seed is read by the kernel from device memory).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // (ATen/cuda/CUDAContext.h would pull in cuBLAS/cuSPARSE)
+#include <torch/extension.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "lm_step.h"
+
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+
+namespace {
+
+using at::Tensor;
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+lmfused::DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return lmfused::DType::kFloat16;
+    case at::kBFloat16:
+      return lmfused::DType::kBFloat16;
+    case at::kDouble:
+      return lmfused::DType::kFloat64;
+    default:
+      return lmfused::DType::kFloat32;
+  }
+}
+
+// Compute (and grad_k) type: float32, or float64 for float64 activations.
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+int64_t spatial_numel(const Tensor& t) {
+  int64_t s = 1;
+  for (int64_t d = 2; d < t.dim(); ++d) s *= t.size(d);
+  return s;
+}
+
+// Dense with the channel dim fastest, then the spatial dims in order, then the batch dim
+// (torch's channels_last / channels_last_3d, generalised to any rank >= 3). Strides of size-1
+// dims do not matter, as in torch.
+bool is_channels_last_dense(const Tensor& t) {
+  int64_t expected = 1;
+  auto fits = [&](int64_t d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+    return true;
+  };
+  if (!fits(1)) return false;
+  for (int64_t d = t.dim() - 1; d >= 2; --d)
+    if (!fits(d)) return false;
+  return fits(0);
+}
+
+// Channels-last-dense copy of t (t itself if it already is); works for every rank >= 3.
+Tensor to_channels_last(const Tensor& t) {
+  if (is_channels_last_dense(t)) return t;
+  const int64_t r = t.dim();
+  std::vector<int64_t> perm{0}, inverse(static_cast<size_t>(r));
+  for (int64_t d = 2; d < r; ++d) perm.push_back(d);
+  perm.push_back(1);
+  for (int64_t i = 0; i < r; ++i) inverse[static_cast<size_t>(perm[i])] = i;
+  return t.permute(perm).contiguous().permute(inverse);
+}
+
+struct Layout {
+  bool channels_last_view;  // kernels see (N*S rows, C columns)
+  bool channels_last_memory;  // buffers are channels-last-dense (else plain contiguous)
+};
+
+// Layout decision, made on one reference tensor and applied to every activation-sized tensor.
+// Rank 2 and S == 1 are plain contiguous memory that is already (N, C) row-major.
+Layout choose_layout(const Tensor& ref) {
+  if (ref.dim() == 2 || spatial_numel(ref) == 1) return {true, false};
+  if (is_channels_last_dense(ref) && !ref.is_contiguous()) return {true, true};
+  return {false, false};
+}
+
+Tensor normalise(const Tensor& t, const Layout& layout) {
+  return layout.channels_last_memory ? to_channels_last(t) : t.contiguous();
+}
+
+void check_activation(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), op, ": ", name,
+                   " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() >= 2, op, ": ", name, " must have rank >= 2 (N, C, *spatial), got ",
+                    "shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ",
+                    t.device());
+}
+
+void check_like(const Tensor& t, const char* op, const char* name, const Tensor& ref,
+                const char* ref_name) {
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), op, ": ", name, " must have the shape of ",
+                    ref_name, " ", ref.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ",
+                   ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " must be on ", ref_name,
+                    "'s device ", ref.device(), ", got ", t.device());
+}
+
+void check_k(const Tensor& k, const char* op, int64_t C, const Tensor& ref) {
+  TORCH_CHECK_TYPE(k.scalar_type() == at::kFloat || k.scalar_type() == at::kDouble, op,
+                   ": k must be float32 or float64, got ", k.scalar_type());
+  TORCH_CHECK_VALUE(k.numel() == 1 || k.numel() == C, op,
+                    ": k must have 1 or C = ", C, " elements, got shape ", k.sizes());
+  TORCH_CHECK_VALUE(k.device() == ref.device(), op, ": k must be on ", ref.device(), ", got ",
+                    k.device());
+}
+
+void check_scale(const std::optional<Tensor>& scale, const char* op, int64_t N,
+                 const Tensor& ref) {
+  if (!scale.has_value()) return;
+  const Tensor& s = *scale;
+  TORCH_CHECK_TYPE(at::isFloatingType(s.scalar_type()), op,
+                   ": scale must be a floating tensor, got ", s.scalar_type());
+  TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == N, op, ": scale must have shape (N,) = (", N,
+                    ",), got ", s.sizes());
+  TORCH_CHECK_VALUE(s.device() == ref.device(), op, ": scale must be on ", ref.device(),
+                    ", got ", s.device());
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err),
+              err == cudaErrorNoKernelImageForDevice
+                  ? " (lmfused._C was not built for this GPU; see lmfused._C.build_info())"
+                  : "");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+Tensor lm_step_cuda(const Tensor& u, const Tensor& u_prev, const std::optional<Tensor>& f,
+                    const Tensor& k, const std::optional<Tensor>& scale,
+                    const std::optional<Tensor>& seed, bool relu, double noise_std) {
+  constexpr const char* op = "lmfused::lm_step_cuda";
+  check_activation(u, op, "u");
+  check_like(u_prev, op, "u_prev", u, "u");
+  if (f.has_value()) check_like(*f, op, "f", u, "u");
+  const int64_t N = u.size(0), C = u.size(1), S = spatial_numel(u);
+  check_k(k, op, C, u);
+  check_scale(scale, op, N, u);
+  const bool has_noise = noise_std != 0.0;
+  if (has_noise) {
+    TORCH_CHECK_VALUE(seed.has_value(), op, ": noise_std != 0 needs a seed tensor");
+    TORCH_CHECK_TYPE(seed->scalar_type() == at::kLong, op, ": seed must be int64, got ",
+                     seed->scalar_type());
+    TORCH_CHECK_VALUE(seed->numel() >= 1 && seed->device() == u.device(), op,
+                      ": seed must be a one-element tensor on ", u.device(), ", got shape ",
+                      seed->sizes(), " on ", seed->device());
+  }
+
+  const c10::cuda::CUDAGuard guard(u.device());
+  const Layout layout = choose_layout(u);
+  const Tensor u_n = normalise(u, layout);
+  Tensor out = at::empty_like(u_n);  // dense input: empty_like keeps its exact strides
+  if (u.numel() == 0) return out;
+  const Tensor up_n = normalise(u_prev, layout);
+  const Tensor f_n = f.has_value() ? normalise(*f, layout) : Tensor();
+  const at::ScalarType acc = acc_type(u.scalar_type());
+  const Tensor k_acc = k.reshape({-1}).to(acc).contiguous();
+  const Tensor s_acc = scale.has_value() ? scale->to(acc).contiguous() : Tensor();
+  const Tensor seed_c = has_noise ? seed->contiguous() : Tensor();
+
+  const lmfused::LMStepShape shape{N, C, S, layout.channels_last_view};
+  const cudaError_t err = lmfused::launch_lm_step_forward(
+      to_dtype(u.scalar_type()), shape, u_n.data_ptr(), up_n.data_ptr(),
+      f_n.defined() ? f_n.data_ptr() : nullptr, k_acc.data_ptr(), k_acc.numel(),
+      s_acc.defined() ? s_acc.data_ptr() : nullptr,
+      has_noise ? seed_c.data_ptr<int64_t>() : nullptr, noise_std, relu, out.data_ptr(),
+      c10::cuda::getCurrentCUDAStream().stream());
+  check_launch(err, op);
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lm_step_cuda_backward(
+    const Tensor& grad_out, const std::optional<Tensor>& u, const std::optional<Tensor>& u_prev,
+    const std::optional<Tensor>& out, const Tensor& k, const std::optional<Tensor>& scale,
+    bool relu, bool need_u, bool need_u_prev, bool need_f, bool need_k) {
+  constexpr const char* op = "lmfused::lm_step_cuda_backward";
+  check_activation(grad_out, op, "grad_out");
+  if (need_k) {
+    TORCH_CHECK_VALUE(u.has_value() && u_prev.has_value(), op,
+                      ": u and u_prev are required when need_k");
+    check_like(*u, op, "u", grad_out, "grad_out");
+    check_like(*u_prev, op, "u_prev", grad_out, "grad_out");
+  }
+  if (relu) {
+    TORCH_CHECK_VALUE(out.has_value(), op, ": out is required when relu");
+    check_like(*out, op, "out", grad_out, "grad_out");
+  }
+  const int64_t N = grad_out.size(0), C = grad_out.size(1), S = spatial_numel(grad_out);
+  check_k(k, op, C, grad_out);
+  check_scale(scale, op, N, grad_out);
+
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  // Gradients take u's normalised layout (grad_out's when u is not passed), as the fake impl does.
+  const Layout layout = choose_layout(need_k ? *u : grad_out);
+  const Tensor g_n = normalise(grad_out, layout);
+  const at::ScalarType acc = acc_type(grad_out.scalar_type());
+  // Placeholders for gradients not asked for: distinct (non-aliasing) empty tensors.
+  auto grad_like = [&](bool needed) {
+    return needed ? at::empty_like(g_n) : at::empty({0}, grad_out.options());
+  };
+  Tensor grad_u = grad_like(need_u), grad_up = grad_like(need_u_prev), grad_f = grad_like(need_f);
+  Tensor grad_k = need_k ? at::empty_like(k) : at::empty({0}, k.options());
+  if (grad_out.numel() == 0 || !(need_u || need_u_prev || need_f || need_k)) {
+    if (need_k) grad_k.zero_();  // an empty sum
+    return {grad_u, grad_up, grad_f, grad_k};
+  }
+
+  const Tensor u_n = need_k ? normalise(*u, layout) : Tensor();
+  const Tensor up_n = need_k ? normalise(*u_prev, layout) : Tensor();
+  const Tensor out_n = relu ? normalise(*out, layout) : Tensor();
+  const Tensor k_acc = k.reshape({-1}).to(acc).contiguous();
+  const Tensor s_acc = scale.has_value() && need_f ? scale->to(acc).contiguous() : Tensor();
+  // grad_k is reduced in the compute type into a flat buffer, then copied if k differs in either.
+  const bool write_direct = need_k && k.scalar_type() == acc && grad_k.is_contiguous();
+  Tensor grad_k_acc = !need_k      ? Tensor()
+                      : write_direct ? grad_k
+                                     : at::empty({k.numel()}, k.options().dtype(acc));
+  const lmfused::DType dtype = to_dtype(grad_out.scalar_type());
+  const lmfused::LMStepShape shape{N, C, S, layout.channels_last_view};
+  const size_t ws_bytes = need_k ? lmfused::lm_step_backward_workspace_bytes(dtype, shape) : 0;
+  const int64_t acc_size = acc == at::kDouble ? 8 : 4;
+  const Tensor workspace =
+      need_k ? at::empty({static_cast<int64_t>(ws_bytes) / acc_size}, k_acc.options())
+             : Tensor();
+
+  const cudaError_t err = lmfused::launch_lm_step_backward(
+      dtype, shape, g_n.data_ptr(), need_k ? u_n.data_ptr() : nullptr,
+      need_k ? up_n.data_ptr() : nullptr, relu ? out_n.data_ptr() : nullptr, k_acc.data_ptr(),
+      k_acc.numel(), s_acc.defined() ? s_acc.data_ptr() : nullptr, relu,
+      need_u ? grad_u.data_ptr() : nullptr, need_u_prev ? grad_up.data_ptr() : nullptr,
+      need_f ? grad_f.data_ptr() : nullptr, need_k ? grad_k_acc.data_ptr() : nullptr,
+      need_k ? workspace.data_ptr() : nullptr, ws_bytes, c10::cuda::getCurrentCUDAStream().stream());
+  check_launch(err, op);
+  if (need_k && !grad_k_acc.is_same(grad_k)) grad_k.copy_(grad_k_acc.view(k.sizes()));
+  return {grad_u, grad_up, grad_f, grad_k};
+}
+
+#define LMF_STR2(...) #__VA_ARGS__
+#define LMF_STR(...) LMF_STR2(__VA_ARGS__)
+
+std::string cuda_version_string(int v) {
+  return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lmfused, CUDA, m) {
+  m.impl("lm_step_cuda", TORCH_FN(lm_step_cuda));
+  m.impl("lm_step_cuda_backward", TORCH_FN(lm_step_cuda_backward));
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lmfused CUDA backend: registers lmfused::lm_step_cuda(_backward) for CUDA tensors.";
+  m.def(
+      "build_info",
+      []() {
+        pybind11::dict d;
+#ifdef LMFUSED_CUDA_ARCHS  // unquoted, comma-separated (e.g. 8.0,9.0): shell-safe in build files
+        d["cuda_archs"] = std::string(LMF_STR(LMFUSED_CUDA_ARCHS));  // as requested by the build
+#else
+        d["cuda_archs"] = std::string(lmfused::compiled_cuda_archs());
+#endif
+        d["cuda_arch_list"] = std::string(lmfused::compiled_cuda_archs());  // nvcc's, e.g. 800,900
+        d["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." +
+                             std::to_string(TORCH_VERSION_MINOR) + "." +
+                             std::to_string(TORCH_VERSION_PATCH);
+        d["cuda_version"] = cuda_version_string(lmfused::compiled_cudart_version());
+        d["cudart_version"] = lmfused::compiled_cudart_version();
+        return d;
+      },
+      "Archs, torch and CUDA versions this extension was compiled for.");
+}

@@ -1,0 +1,29 @@
+// Internal: the per-dtype launcher bodies (defined in lm_step_impl.cuh, explicitly instantiated
+// in lm_step_{f32,f16,bf16,f64}.cu). Torch-free; includes only CUDA headers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "lm_step.h"
+
+namespace lmfused {
+namespace detail {
+
+template <typename T>
+cudaError_t forward_typed(const LMStepShape& sh, const void* u, const void* u_prev, const void* f,
+                          const void* k, int64_t k_numel, const void* scale, const int64_t* seed,
+                          double noise_std, bool relu, void* out, cudaStream_t stream);
+
+template <typename T>
+size_t workspace_bytes_typed(const LMStepShape& sh);
+
+template <typename T>
+cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const void* u,
+                           const void* u_prev, const void* out, const void* k, int64_t k_numel,
+                           const void* scale, bool relu, void* grad_u, void* grad_u_prev,
+                           void* grad_f, void* grad_k, void* workspace, size_t workspace_bytes,
+                           cudaStream_t stream);
+
+}  // namespace detail
+}  // namespace lmfused

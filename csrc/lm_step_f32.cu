@@ -1,0 +1,4 @@
+// Kernel specialisations for float (one file per dtype so they compile in parallel).
+#include "lm_step_impl.cuh"
+
+LMF_INSTANTIATE_LAUNCHERS(float)

@@ -1,0 +1,496 @@
+// Kernel tests for the torch-free LM-step launchers (csrc/lm_step.h), against a float64 CPU
+// reference. Covers every flag combination, both layouts, float/half/bf16/double, odd sizes
+// (scalar path), multi-tile reductions, misaligned buffers, out-of-bounds writes, grad_k
+// determinism, and the Philox noise (golden values from triton.language.random, statistics,
+// reproducibility). Exits 0 with "skipped: no CUDA device" when there is no GPU.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../lm_step.cuh"
+#include "../lm_step.h"
+
+using lmfused::DType;
+using lmfused::LMStepShape;
+
+namespace {
+
+int g_failures = 0;
+int g_checks = 0;
+
+#define CUDA_OK(expr)                                                                   \
+  do {                                                                                  \
+    cudaError_t e_ = (expr);                                                            \
+    if (e_ != cudaSuccess) {                                                            \
+      std::fprintf(stderr, "%s:%d: %s -> %s\n", __FILE__, __LINE__, #expr,              \
+                   cudaGetErrorString(e_));                                             \
+      std::exit(1);                                                                     \
+    }                                                                                   \
+  } while (0)
+
+void fail(const std::string& what) {
+  if (++g_failures <= 30) std::fprintf(stderr, "FAIL: %s\n", what.c_str());
+}
+
+// ----- dtype traits ---------------------------------------------------------------------------
+template <typename T>
+struct Traits;
+template <>
+struct Traits<float> {
+  static constexpr DType dtype = DType::kFloat32;
+  static constexpr const char* name = "float32";
+  static constexpr double tol = 1e-5;  // float32 arithmetic on O(1) values
+  static float make(double x) { return static_cast<float>(x); }
+  static double val(float x) { return x; }
+};
+template <>
+struct Traits<double> {
+  static constexpr DType dtype = DType::kFloat64;
+  static constexpr const char* name = "float64";
+  static constexpr double tol = 1e-12;
+  static double make(double x) { return x; }
+  static double val(double x) { return x; }
+};
+template <>
+struct Traits<__half> {
+  static constexpr DType dtype = DType::kFloat16;
+  static constexpr const char* name = "float16";
+  static constexpr double tol = 1e-3;  // one rounding to half (2^-11 relative) plus float math
+  static __half make(double x) { return __float2half_rn(static_cast<float>(x)); }
+  static double val(__half x) { return __half2float(x); }
+};
+template <>
+struct Traits<__nv_bfloat16> {
+  static constexpr DType dtype = DType::kBFloat16;
+  static constexpr const char* name = "bfloat16";
+  static constexpr double tol = 8e-3;  // one rounding to bf16 (2^-8 relative)
+  static __nv_bfloat16 make(double x) { return __float2bfloat16_rn(static_cast<float>(x)); }
+  static double val(__nv_bfloat16 x) { return __bfloat162float(x); }
+};
+
+// Device buffer of T with `pad` guard elements either side of the data, all pre-filled with 0xFF
+// bytes (NaN for every float type) so unwritten or out-of-bounds elements are detectable.
+template <typename T>
+struct DevBuf {
+  T* base = nullptr;
+  size_t n = 0, shift = 0;
+  static constexpr size_t kPad = 16;
+  DevBuf(size_t n_, size_t shift_) : n(n_), shift(shift_) {
+    CUDA_OK(cudaMalloc(&base, (n + 2 * kPad) * sizeof(T)));
+    poison();
+  }
+  ~DevBuf() { cudaFree(base); }
+  DevBuf(const DevBuf&) = delete;
+  DevBuf& operator=(const DevBuf&) = delete;
+  T* data() const { return base + kPad + shift; }  // shift = 1 -> not 16-byte aligned
+  void poison() { CUDA_OK(cudaMemset(base, 0xFF, (n + 2 * kPad) * sizeof(T))); }
+  void upload(const std::vector<T>& h) {
+    CUDA_OK(cudaMemcpy(data(), h.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  std::vector<T> download() const {
+    std::vector<T> h(n);
+    CUDA_OK(cudaMemcpy(h.data(), data(), n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+  }
+  bool guards_intact() const {  // nothing written outside [data(), data() + n)
+    std::vector<unsigned char> all((n + 2 * kPad) * sizeof(T));
+    CUDA_OK(cudaMemcpy(all.data(), base, all.size(), cudaMemcpyDeviceToHost));
+    const size_t lo = (kPad + shift) * sizeof(T), hi = lo + n * sizeof(T);
+    for (size_t i = 0; i < all.size(); ++i)
+      if ((i < lo || i >= hi) && all[i] != 0xFF) return false;
+    return true;
+  }
+};
+
+struct Case {
+  int64_t N, C, S;
+  bool cl;
+};
+
+std::string describe(const char* dt, const Case& c, int mode, const char* what) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "%s N=%lld C=%lld S=%lld %s align-mode=%d: %s", dt,
+                static_cast<long long>(c.N), static_cast<long long>(c.C),
+                static_cast<long long>(c.S), c.cl ? "channels-last" : "contiguous", mode, what);
+  return buf;
+}
+
+bool close(double got, double ref, double tol) {
+  return std::fabs(got - ref) <= tol * (1.0 + std::fabs(ref));  // NaN fails
+}
+
+// ----- one (dtype, shape, alignment mode): every forward and backward flag combination --------
+// mode 0: all buffers aligned; 1: every buffer shifted by one element; 2: only outputs shifted.
+template <typename T>
+void run_case(const Case& cs, int mode, std::mt19937_64& rng) {
+  using A = lmfused::detail::acc_t<T>;
+  using Tr = Traits<T>;
+  const int64_t numel = cs.N * cs.C * cs.S;
+  const size_t n = static_cast<size_t>(numel);
+  const LMStepShape shape{cs.N, cs.C, cs.S, cs.cl};
+  const size_t in_shift = mode == 1 ? 1 : 0, out_shift = mode >= 1 ? 1 : 0;
+
+  std::uniform_real_distribution<double> uni(-1.0, 1.0);
+  auto rand_vec = [&](size_t len) {
+    std::vector<T> v(len);
+    for (auto& x : v) x = Tr::make(uni(rng));
+    return v;
+  };
+  const std::vector<T> hu = rand_vec(n), hp = rand_vec(n), hf = rand_vec(n), hg = rand_vec(n);
+  std::vector<A> hk(static_cast<size_t>(cs.C)), hs(static_cast<size_t>(cs.N));
+  for (auto& x : hk) x = static_cast<A>(uni(rng) * 0.5);
+  for (auto& x : hs) x = static_cast<A>(uni(rng) + 1.5);
+  const int64_t seed = static_cast<int64_t>(0x123456789ABCDEF0ull);
+  const double noise_std = 0.25;
+
+  DevBuf<T> du(n, in_shift), dp(n, in_shift), df(n, in_shift), dg(n, in_shift), dout(n, out_shift);
+  DevBuf<T> dgu(n, out_shift), dgp(n, out_shift), dgf(n, out_shift);
+  du.upload(hu);
+  dp.upload(hp);
+  df.upload(hf);
+  dg.upload(hg);
+  A *dk = nullptr, *ds = nullptr, *dgk = nullptr, *dgk2 = nullptr;
+  int64_t* dseed = nullptr;
+  CUDA_OK(cudaMalloc(&dk, hk.size() * sizeof(A)));
+  CUDA_OK(cudaMalloc(&ds, hs.size() * sizeof(A)));
+  CUDA_OK(cudaMalloc(&dgk, hk.size() * sizeof(A)));
+  CUDA_OK(cudaMalloc(&dgk2, hk.size() * sizeof(A)));
+  CUDA_OK(cudaMalloc(&dseed, sizeof(int64_t)));
+  CUDA_OK(cudaMemcpy(dk, hk.data(), hk.size() * sizeof(A), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(ds, hs.data(), hs.size() * sizeof(A), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(dseed, &seed, sizeof seed, cudaMemcpyHostToDevice));
+  const size_t ws_bytes = lmfused::lm_step_backward_workspace_bytes(Tr::dtype, shape);
+  void* dws = nullptr;
+  CUDA_OK(cudaMalloc(&dws, ws_bytes));
+
+  // Channel and sample of the element at memory offset i of the normalised layout.
+  auto chan = [&](size_t i) -> size_t {
+    return cs.cl ? i % cs.C : (i / cs.S) % cs.C;
+  };
+  auto samp = [&](size_t i) -> size_t { return i / (cs.C * cs.S); };  // either layout
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  const uint32_t key0 = static_cast<uint32_t>(useed), key1 = static_cast<uint32_t>(useed >> 32);
+
+  // ---- forward: HAS_F, HAS_SCALE, RELU, HAS_NOISE, PER_CHANNEL_K
+  for (int bits = 0; bits < 32; ++bits) {
+    const bool has_f = bits & 1, has_s = bits & 2, relu = bits & 4, noise = bits & 8,
+               per_ch = bits & 16;
+    const int64_t k_numel = per_ch ? cs.C : 1;
+    dout.poison();
+    CUDA_OK(lmfused::launch_lm_step_forward(Tr::dtype, shape, du.data(), dp.data(),
+                                            has_f ? df.data() : nullptr, dk, k_numel,
+                                            has_s ? ds : nullptr, noise ? dseed : nullptr,
+                                            noise ? noise_std : 0.0, relu, dout.data(), nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    const std::vector<T> ho = dout.download();
+    ++g_checks;
+    // noise: float Box-Muller on host vs device may differ by an ulp of float
+    const double tol = Tr::tol + (noise && Tr::tol < 1e-6 ? 1e-6 : 0.0);
+    bool ok = dout.guards_intact();
+    for (size_t i = 0; i < n && ok; ++i) {
+      const double k = hk[per_ch ? chan(i) : 0];
+      double x = (1.0 - k) * Tr::val(hu[i]) + k * Tr::val(hp[i]);
+      if (has_f) x += (has_s ? static_cast<double>(hs[samp(i)]) : 1.0) * Tr::val(hf[i]);
+      if (noise) x += noise_std * lmfused::detail::philox_normal(key0, key1, i);
+      if (relu) x = x < 0 ? 0 : x;
+      if (!close(Tr::val(ho[i]), x, tol)) {
+        char what[160];
+        std::snprintf(what, sizeof what, "forward bits=%d at %zu: got %.9g want %.9g", bits, i,
+                      Tr::val(ho[i]), x);
+        fail(describe(Tr::name, cs, mode, what));
+        ok = false;
+      }
+    }
+    if (!dout.guards_intact()) fail(describe(Tr::name, cs, mode, "forward wrote out of bounds"));
+  }
+
+  // forward output with f, scale, relu (no noise) feeds the relu mask of the backward
+  CUDA_OK(lmfused::launch_lm_step_forward(Tr::dtype, shape, du.data(), dp.data(), df.data(), dk,
+                                          cs.C, ds, nullptr, 0.0, true, dout.data(), nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  const std::vector<T> hout = dout.download();
+
+  // ---- backward: RELU, HAS_SCALE, PER_CHANNEL_K, NEED_U, NEED_UP, NEED_F, NEED_K
+  for (int bits = 0; bits < 128; ++bits) {
+    const bool relu = bits & 1, has_s = bits & 2, per_ch = bits & 4, nu = bits & 8,
+               nup = bits & 16, nf = bits & 32, nk = bits & 64;
+    const int64_t k_numel = per_ch ? cs.C : 1;
+    dgu.poison();
+    dgp.poison();
+    dgf.poison();
+    auto launch = [&](A* gk) {
+      return lmfused::launch_lm_step_backward(
+          Tr::dtype, shape, dg.data(), nk ? du.data() : nullptr, nk ? dp.data() : nullptr,
+          relu ? dout.data() : nullptr, dk, k_numel, has_s ? ds : nullptr, relu,
+          nu ? dgu.data() : nullptr, nup ? dgp.data() : nullptr, nf ? dgf.data() : nullptr,
+          nk ? gk : nullptr, nk ? dws : nullptr, ws_bytes, nullptr);
+    };
+    CUDA_OK(launch(dgk));
+    if (nk) CUDA_OK(launch(dgk2));  // determinism: a second run must agree bitwise
+    CUDA_OK(cudaDeviceSynchronize());
+    ++g_checks;
+    char what[200];
+    std::vector<double> gm(n);
+    for (size_t i = 0; i < n; ++i)
+      gm[i] = relu && !(Tr::val(hout[i]) > 0) ? 0.0 : Tr::val(hg[i]);
+    auto check_elem = [&](const DevBuf<T>& buf, bool needed, const char* nm, auto ref_of) {
+      if (!needed) {  // never written: still fully poisoned
+        std::vector<T> h = buf.download();
+        std::vector<unsigned char> ff(n * sizeof(T), 0xFF);
+        if (n && std::memcmp(h.data(), ff.data(), n * sizeof(T)) != 0) {
+          std::snprintf(what, sizeof what, "backward bits=%d wrote unrequested %s", bits, nm);
+          fail(describe(Tr::name, cs, mode, what));
+        }
+        return;
+      }
+      const std::vector<T> h = buf.download();
+      for (size_t i = 0; i < n; ++i) {
+        const double want = ref_of(i);
+        if (!close(Tr::val(h[i]), want, Tr::tol)) {
+          std::snprintf(what, sizeof what, "backward bits=%d %s at %zu: got %.9g want %.9g",
+                        bits, nm, i, Tr::val(h[i]), want);
+          fail(describe(Tr::name, cs, mode, what));
+          break;
+        }
+      }
+      if (!buf.guards_intact()) {
+        std::snprintf(what, sizeof what, "backward bits=%d %s out of bounds", bits, nm);
+        fail(describe(Tr::name, cs, mode, what));
+      }
+    };
+    auto kk = [&](size_t i) { return static_cast<double>(hk[per_ch ? chan(i) : 0]); };
+    check_elem(dgu, nu, "grad_u", [&](size_t i) { return (1.0 - kk(i)) * gm[i]; });
+    check_elem(dgp, nup, "grad_u_prev", [&](size_t i) { return kk(i) * gm[i]; });
+    check_elem(dgf, nf, "grad_f", [&](size_t i) {
+      return (has_s ? static_cast<double>(hs[samp(i)]) : 1.0) * gm[i];
+    });
+    if (nk) {
+      std::vector<double> ref(static_cast<size_t>(k_numel), 0.0), mag(ref.size(), 0.0);
+      for (size_t i = 0; i < n; ++i) {
+        const double t = gm[i] * (Tr::val(hp[i]) - Tr::val(hu[i]));
+        ref[per_ch ? chan(i) : 0] += t;
+        mag[per_ch ? chan(i) : 0] += std::fabs(t);
+      }
+      std::vector<A> got(ref.size()), got2(ref.size());
+      CUDA_OK(cudaMemcpy(got.data(), dgk, got.size() * sizeof(A), cudaMemcpyDeviceToHost));
+      CUDA_OK(cudaMemcpy(got2.data(), dgk2, got2.size() * sizeof(A), cudaMemcpyDeviceToHost));
+      const double acc_eps = sizeof(A) == 8 ? 1e-13 : 1e-5;  // accumulation in float / double
+      for (size_t c = 0; c < ref.size(); ++c) {
+        if (!(std::fabs(got[c] - ref[c]) <= acc_eps * (mag[c] + 1.0))) {
+          std::snprintf(what, sizeof what, "backward bits=%d grad_k[%zu]: got %.12g want %.12g",
+                        bits, c, static_cast<double>(got[c]), ref[c]);
+          fail(describe(Tr::name, cs, mode, what));
+          break;
+        }
+      }
+      if (std::memcmp(got.data(), got2.data(), got.size() * sizeof(A)) != 0) {
+        std::snprintf(what, sizeof what, "backward bits=%d grad_k not bitwise deterministic",
+                      bits);
+        fail(describe(Tr::name, cs, mode, what));
+      }
+    }
+  }
+  cudaFree(dk);
+  cudaFree(ds);
+  cudaFree(dgk);
+  cudaFree(dgk2);
+  cudaFree(dseed);
+  cudaFree(dws);
+}
+
+// ----- Philox: bit-exact against triton.language.random (values from its interpreter) --------
+struct Golden {
+  long long seed, idx;
+  uint32_t i1, i2;
+  float normal;
+};
+const Golden kGolden[] = {
+    {0LL, 0LL, 0x6627e8d5u, 0xe169c58du, 4.655152932e-02f},
+    {0LL, 2147483647LL, 0x5fb3fbfeu, 0xbfca5ed6u, -7.625606060e-01f},
+    {0LL, 4294967303LL, 0x5fb3d869u, 0x0e2fe67cu, 5.850358009e-01f},
+    {1234LL, 1LL, 0x9eeede35u, 0x1cbe137cu, 1.184318066e-01f},
+    {1234LL, 1000LL, 0xae7bc85bu, 0x83510badu, 9.374123216e-01f},
+    {1234LL, 42949672963LL, 0xe9c12521u, 0x256f0992u, -4.930906594e-01f},
+    {1311768467463790320LL, 0LL, 0x092c9b44u, 0x78384bc0u, 2.130516529e+00f},
+    {1311768467463790320LL, 2LL, 0x85099817u, 0x3153794fu, -2.129859179e-01f},
+    {1311768467463790320LL, 4294967303LL, 0x6ff46a4eu, 0xe69fe888u, 1.653537005e-01f},
+    {-5LL, 0LL, 0xc8537de9u, 0xdff1e040u, -3.494458040e-03f},
+    {-5LL, 123456789LL, 0x5643da48u, 0x7a1baca7u, 8.514789939e-01f},
+};
+constexpr int kNumGolden = sizeof(kGolden) / sizeof(kGolden[0]);
+
+__global__ void philox_probe(const Golden* g, uint32_t* ints, float* normals, int count) {
+  const int i = threadIdx.x;
+  if (i >= count) return;
+  const uint64_t s = static_cast<uint64_t>(g[i].seed);
+  const auto k0 = static_cast<uint32_t>(s), k1 = static_cast<uint32_t>(s >> 32);
+  lmfused::detail::philox_2x(k0, k1, static_cast<uint64_t>(g[i].idx), ints[2 * i],
+                             ints[2 * i + 1]);
+  normals[i] = lmfused::detail::philox_normal(k0, k1, static_cast<uint64_t>(g[i].idx));
+}
+
+void test_philox_golden() {
+  Golden* dg = nullptr;
+  uint32_t* di = nullptr;
+  float* dn = nullptr;
+  CUDA_OK(cudaMalloc(&dg, sizeof kGolden));
+  CUDA_OK(cudaMalloc(&di, 2 * kNumGolden * sizeof(uint32_t)));
+  CUDA_OK(cudaMalloc(&dn, kNumGolden * sizeof(float)));
+  CUDA_OK(cudaMemcpy(dg, kGolden, sizeof kGolden, cudaMemcpyHostToDevice));
+  philox_probe<<<1, 64>>>(dg, di, dn, kNumGolden);
+  CUDA_OK(cudaGetLastError());
+  uint32_t ints[2 * kNumGolden];
+  float normals[kNumGolden];
+  CUDA_OK(cudaMemcpy(ints, di, sizeof ints, cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(normals, dn, sizeof normals, cudaMemcpyDeviceToHost));
+  for (int i = 0; i < kNumGolden; ++i) {
+    ++g_checks;
+    const Golden& g = kGolden[i];
+    const uint64_t s = static_cast<uint64_t>(g.seed);
+    uint32_t h1, h2;
+    lmfused::detail::philox_2x(static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32),
+                               static_cast<uint64_t>(g.idx), h1, h2);
+    if (ints[2 * i] != g.i1 || ints[2 * i + 1] != g.i2 || h1 != g.i1 || h2 != g.i2)
+      fail("philox ints differ from triton for golden #" + std::to_string(i));
+    if (std::fabs(normals[i] - g.normal) > 1e-5f * (1.0f + std::fabs(g.normal)))
+      fail("philox normal differs from triton for golden #" + std::to_string(i));
+  }
+  cudaFree(dg);
+  cudaFree(di);
+  cudaFree(dn);
+}
+
+// ----- noise statistics and reproducibility through the real forward kernel --------------------
+void test_noise_stats() {
+  const LMStepShape shape{4, 16, 128 * 128, false};  // 1M elements, vector path
+  const size_t n = 4 * 16 * 128 * 128;
+  float *u = nullptr, *out = nullptr, *out2 = nullptr, *k = nullptr;
+  int64_t* seed = nullptr;
+  CUDA_OK(cudaMalloc(&u, n * sizeof(float)));
+  CUDA_OK(cudaMalloc(&out, n * sizeof(float)));
+  CUDA_OK(cudaMalloc(&out2, n * sizeof(float)));
+  CUDA_OK(cudaMalloc(&k, sizeof(float)));
+  CUDA_OK(cudaMalloc(&seed, sizeof(int64_t)));
+  CUDA_OK(cudaMemset(u, 0, n * sizeof(float)));
+  CUDA_OK(cudaMemset(k, 0, sizeof(float)));
+  auto run = [&](int64_t s, float* dst) {
+    CUDA_OK(cudaMemcpy(seed, &s, sizeof s, cudaMemcpyHostToDevice));
+    CUDA_OK(lmfused::launch_lm_step_forward(DType::kFloat32, shape, u, u, nullptr, k, 1, nullptr,
+                                            seed, 1.0, false, dst, nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+  };
+  std::vector<float> a(n), b(n);
+  run(42, out);
+  run(42, out2);
+  CUDA_OK(cudaMemcpy(a.data(), out, n * sizeof(float), cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(b.data(), out2, n * sizeof(float), cudaMemcpyDeviceToHost));
+  ++g_checks;
+  if (std::memcmp(a.data(), b.data(), n * sizeof(float)) != 0)
+    fail("noise: same seed gave different values");
+  double mean = 0, sq = 0;
+  for (float x : a) mean += x;
+  mean /= n;
+  for (float x : a) sq += (x - mean) * (x - mean);
+  const double sd = std::sqrt(sq / (n - 1));
+  std::printf("noise: mean %.5f std %.5f over %zu samples\n", mean, sd, n);
+  if (std::fabs(mean) > 0.005 || std::fabs(sd - 1.0) > 0.005) fail("noise: not ~N(0, 1)");
+  run(43, out2);
+  CUDA_OK(cudaMemcpy(b.data(), out2, n * sizeof(float), cudaMemcpyDeviceToHost));
+  size_t same = 0;
+  for (size_t i = 0; i < n; ++i) same += a[i] == b[i];
+  if (same > n / 1000) fail("noise: a different seed gave (mostly) the same values");
+  cudaFree(u);
+  cudaFree(out);
+  cudaFree(out2);
+  cudaFree(k);
+  cudaFree(seed);
+}
+
+// ----- argument validation and empty tensors ---------------------------------------------------
+void test_api_edges() {
+  ++g_checks;
+  float* buf = nullptr;
+  CUDA_OK(cudaMalloc(&buf, 64 * sizeof(float)));
+  const LMStepShape empty{0, 3, 4, false};
+  if (lmfused::launch_lm_step_forward(DType::kFloat32, empty, buf, buf, nullptr, buf, 1, nullptr,
+                                      nullptr, 0.0, false, buf, nullptr) != cudaSuccess)
+    fail("empty forward should be a no-op");
+  CUDA_OK(cudaMemset(buf, 0xFF, 3 * sizeof(float)));
+  if (lmfused::launch_lm_step_backward(DType::kFloat32, empty, buf, buf, buf, nullptr, buf, 3,
+                                       nullptr, false, nullptr, nullptr, nullptr, buf, nullptr, 0,
+                                       nullptr) != cudaSuccess)
+    fail("empty backward should succeed");
+  float h[3];
+  CUDA_OK(cudaMemcpy(h, buf, sizeof h, cudaMemcpyDeviceToHost));
+  if (h[0] != 0.f || h[1] != 0.f || h[2] != 0.f) fail("empty backward: grad_k must be zeros");
+  const LMStepShape s{2, 3, 4, false};
+  if (lmfused::launch_lm_step_forward(DType::kFloat32, s, buf, buf, nullptr, buf, 2, nullptr,
+                                      nullptr, 0.0, false, buf, nullptr) != cudaErrorInvalidValue)
+    fail("k_numel not in {1, C} must be rejected");
+  if (lmfused::launch_lm_step_forward(DType::kFloat32, s, buf, buf, nullptr, buf, 1, nullptr,
+                                      nullptr, 0.5, false, buf, nullptr) != cudaErrorInvalidValue)
+    fail("noise without a seed must be rejected");
+  if (lmfused::launch_lm_step_backward(DType::kFloat32, s, buf, buf, buf, nullptr, buf, 1,
+                                       nullptr, false, nullptr, nullptr, nullptr, buf, buf, 0,
+                                       nullptr) != cudaErrorInvalidValue)
+    fail("too small a workspace must be rejected");
+  cudaGetLastError();
+  cudaFree(buf);
+}
+
+template <typename T>
+void run_dtype(std::mt19937_64& rng) {
+  const Case cases[] = {
+      {2, 3, 5, false},     // tiny, odd row length: scalar path
+      {3, 4, 16, false},    // vector path for every dtype
+      {4, 3, 2053, false},  // several tiles per channel, scalar path
+      {4, 3, 2056, false},  // several tiles per channel, vector path
+      {2, 1, 33, false},    // one channel
+      {2, 264, 9, true},    // channels-last, several column tiles, partial last one
+      {3, 300, 7, true},    // channels-last, C not a multiple of 8
+      {4, 8, 1100, true},   // channels-last, several row tiles
+      {5, 7, 1, true},      // rank-2 (N, C)
+      {1, 1, 1, true},      // a single element
+  };
+  for (const Case& c : cases)
+    for (int mode = 0; mode < 3; ++mode) run_case<T>(c, mode, rng);
+  std::printf("%-8s ok so far: %d failures after %d checks\n", Traits<T>::name, g_failures,
+              g_checks);
+}
+
+}  // namespace
+
+int main() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    std::printf("skipped: no CUDA device\n");
+    return 0;
+  }
+  cudaDeviceProp prop{};
+  CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s (sm_%d%d); kernels built for %s\n", prop.name, prop.major, prop.minor,
+              lmfused::compiled_cuda_archs());
+  std::mt19937_64 rng(20180710);
+  test_philox_golden();
+  test_api_edges();
+  test_noise_stats();
+  run_dtype<float>(rng);
+  run_dtype<__half>(rng);
+  run_dtype<__nv_bfloat16>(rng);
+  run_dtype<double>(rng);
+  if (g_failures) {
+    std::printf("FAILED: %d failures in %d checks\n", g_failures, g_checks);
+    return 1;
+  }
+  std::printf("passed: %d checks\n", g_checks);
+  return 0;
+}

@@ -1,0 +1,240 @@
+"""Find, build and load the hand-written CUDA backend (``lmfused._C``, sources in ``csrc/``).
+
+The kernels implement the LM step of Lu, Zhong, Li & Dong, *Beyond Finite Layer Neural Networks*
+(ICML 2018). ``lmfused._C`` is built ahead of time by ``setup.py`` when a CUDA torch and nvcc are
+present; otherwise, on a GPU machine with nvcc and a source checkout, :func:`load_cuda_extension`
+JIT-builds the same sources with ``torch.utils.cpp_extension.load`` into a per-version cache.
+
+setup.py imports this file by path before the package is installed, so at top level it imports only
+the standard library and torch.
+
+Environment variables:
+    LMFUSED_NO_JIT=1              never JIT-build (use the prebuilt ``lmfused._C`` or nothing)
+    LMFUSED_CACHE_DIR             JIT build cache root (default ``~/.cache/lmfused``)
+    LMFUSED_VERBOSE_BUILD=1       show the compiler output of the JIT build
+    LMFUSED_CLEAR_STALE_LOCK=1    delete a JIT build ``lock`` file left behind by a killed build
+    TORCH_CUDA_ARCH_LIST          archs to build for (setup.py default: ``8.0;9.0``;
+                                  JIT default: the archs of the visible GPUs)
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = [
+    "DEFAULT_ARCH_LIST",
+    "cuda_extension_sources",
+    "cuda_unavailable_reason",
+    "default_arch_flags",
+    "extension_compile_args",
+    "load_cuda_extension",
+]
+
+DEFAULT_ARCH_LIST = "8.0;9.0"  # A100, H100
+JIT_MODULE_NAME = "lmfused_C_jit"
+STALE_LOCK_SECONDS = 600.0  # a JIT build takes minutes; a lock this old was left by a killed build
+
+# Order matters only for readability; the binding is the one torch-aware file.
+_SOURCE_NAMES = (
+    "lm_step.cu",
+    "lm_step_f32.cu",
+    "lm_step_f16.cu",
+    "lm_step_bf16.cu",
+    "lm_step_f64.cu",
+    "lm_step_binding.cpp",
+)
+
+_lock = threading.Lock()
+_attempted = False
+_module: ModuleType | None = None
+_reason: str | None = "the CUDA extension has not been loaded yet"
+
+
+# --------------------------------------------------------------------------------------------------
+# Build configuration (shared by setup.py and the JIT build)
+# --------------------------------------------------------------------------------------------------
+
+
+def cuda_extension_sources(root: str | os.PathLike[str]) -> list[str]:
+    """Absolute paths of the extension's sources under ``root/csrc`` (``root``: the repo checkout).
+
+    Raises FileNotFoundError naming the first missing file.
+    """
+    csrc = Path(root).resolve() / "csrc"
+    paths = [csrc / name for name in _SOURCE_NAMES]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"lmfused CUDA source missing: {path}")
+    return [str(path) for path in paths]
+
+
+def _split_arch_list(arch_list: str) -> list[str]:
+    """'8.0;9.0+PTX' or '8.0 9.0' -> ['8.0', '9.0+PTX'] (torch's TORCH_CUDA_ARCH_LIST syntax)."""
+    return [a for a in re.split(r"[;\s,]+", arch_list.strip()) if a]
+
+
+def default_arch_flags(arch_list: str | None = None) -> list[str]:
+    """nvcc ``-gencode`` flags for ``arch_list`` (default: $TORCH_CUDA_ARCH_LIST, else 8.0;9.0).
+
+    ``X.Y`` gives SASS for sm_XY; ``X.Y+PTX`` also embeds PTX so newer GPUs can JIT it.
+    """
+    archs = _split_arch_list(arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST)
+    flags = []
+    for arch in archs:
+        number = arch.removesuffix("+PTX").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+        if arch.endswith("+PTX"):
+            flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
+    return flags
+
+
+def _archs_define(arch_list: str) -> str:
+    """-D flag recording the requested archs for build_info(); commas, not ';', so it survives the shell."""
+    return "-DLMFUSED_CUDA_ARCHS=" + ",".join(_split_arch_list(arch_list))
+
+
+def extension_compile_args(arch_list: str | None = None) -> dict[str, list[str]]:
+    """``extra_compile_args`` for ``CUDAExtension`` (keys ``cxx`` and ``nvcc``).
+
+    IEEE math on purpose (no ``--use_fast_math``): the noise must match the Triton backend. No ``-std``
+    flag: torch picks the standard its headers need, and the sources build as C++17 and C++20.
+    """
+    archs = arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
+    return {"cxx": ["-O3", _archs_define(archs)], "nvcc": ["-O3"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def _source_root() -> Path | None:
+    """The checkout holding ``csrc/`` next to this package (repo checkout or editable install)."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "csrc" / _SOURCE_NAMES[0]).is_file() else None
+
+
+def _jit_arch_list() -> str:
+    """What torch's JIT build compiles for: $TORCH_CUDA_ARCH_LIST, else every visible GPU's arch."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return env
+    caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
+
+
+def _build_directory(arch_list: str) -> Path:
+    base = Path(os.environ.get("LMFUSED_CACHE_DIR") or Path.home() / ".cache" / "lmfused")
+    tag = f"{torch.__version__}_cuda{torch.version.cuda}_{'-'.join(_split_arch_list(arch_list))}"
+    return base / re.sub(r"[^A-Za-z0-9._+-]", "_", tag)
+
+
+def _check_stale_lock(build_dir: Path) -> str | None:
+    """torch waits forever on a leftover ``lock`` file: clear it (if allowed) or say which to delete."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    if age < STALE_LOCK_SECONDS:
+        return None  # probably a concurrent build; torch waits for it
+    if os.environ.get("LMFUSED_CLEAR_STALE_LOCK") == "1":
+        lock.unlink(missing_ok=True)
+        return None
+    return (
+        f"the JIT build lock {lock} is {age / 60:.0f} minutes old, probably left by a killed build; "
+        "delete it (or set LMFUSED_CLEAR_STALE_LOCK=1) and retry"
+    )
+
+
+def _import_prebuilt() -> tuple[ModuleType | None, str]:
+    try:
+        return importlib.import_module("lmfused._C"), ""
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("lmfused._C", "lmfused"):
+            return None, f"lmfused._C failed to import: {exc}"
+        return None, "lmfused._C is not built (install with a CUDA torch and nvcc present)"
+    except (ImportError, OSError) as exc:  # e.g. built against another torch: undefined symbols
+        return None, f"lmfused._C failed to import: {exc}"
+
+
+def _jit_build() -> tuple[ModuleType | None, str | None]:
+    if os.environ.get("LMFUSED_NO_JIT") == "1":
+        return None, "JIT build disabled by LMFUSED_NO_JIT=1"
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} is a CPU-only build"
+    if not torch.cuda.is_available():
+        return None, "no CUDA device (torch.cuda.is_available() is False)"
+    from torch.utils import cpp_extension  # heavy; only when a build is possible
+
+    cuda_home = cpp_extension.CUDA_HOME
+    if cuda_home is None or not (Path(cuda_home) / "bin" / "nvcc").exists():
+        return None, "nvcc not found for the JIT build (set CUDA_HOME to a CUDA toolkit)"
+    if not cpp_extension.is_ninja_available():
+        return None, "ninja is not installed (needed for the JIT build: pip install ninja)"
+    root = _source_root()
+    if root is None:
+        return None, "the csrc/ sources are not next to the package (JIT needs a source checkout)"
+    sources = cuda_extension_sources(root)
+    arch_list = _jit_arch_list()
+    build_dir = _build_directory(arch_list)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    stale = _check_stale_lock(build_dir)
+    if stale is not None:
+        return None, stale
+    args = extension_compile_args(arch_list)
+    try:
+        module = cpp_extension.load(
+            name=JIT_MODULE_NAME,
+            sources=sources,
+            extra_cflags=args["cxx"],
+            extra_cuda_cflags=args["nvcc"],
+            build_directory=str(build_dir),
+            with_cuda=True,
+            verbose=os.environ.get("LMFUSED_VERBOSE_BUILD") == "1",
+        )
+    except Exception as exc:  # compiler errors arrive as RuntimeError/subprocess errors
+        return None, (
+            f"JIT build in {build_dir} failed: {type(exc).__name__}: {exc} "
+            "(LMFUSED_VERBOSE_BUILD=1 shows the compiler output)"
+        )
+    return module, None
+
+
+def load_cuda_extension() -> ModuleType | None:
+    """The CUDA backend module (prebuilt ``lmfused._C``, else a JIT build), or None if unavailable.
+
+    Importing it registers the CUDA kernels of ``lmfused::lm_step_cuda`` and
+    ``lmfused::lm_step_cuda_backward``. Never raises; the result (and the reason for a None, see
+    :func:`cuda_unavailable_reason`) is cached for the process.
+    """
+    global _attempted, _module, _reason
+    with _lock:
+        if _attempted:
+            return _module
+        _attempted = True
+        try:
+            module, prebuilt_reason = _import_prebuilt()
+            if module is not None:
+                _module, _reason = module, None
+                return _module
+            module, jit_reason = _jit_build()
+            _module = module
+            _reason = None if module is not None else f"{prebuilt_reason}; {jit_reason}"
+        except Exception as exc:  # never let the optional backend break the import of lmfused
+            _module, _reason = None, f"loading the CUDA extension failed: {type(exc).__name__}: {exc}"
+        return _module
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why the CUDA backend cannot be used (None if it can). Tries to load it first if not yet done."""
+    load_cuda_extension()
+    return _reason

@@ -1,0 +1,155 @@
+"""Convert a torchvision or timm ResNet/ResNeXt into its LM version, keeping its weights.
+
+The LM architecture (Lu, Zhong, Li & Dong, *Beyond Finite Layer Neural Networks*, ICML 2018, eq. 5) turns
+each residual update u_{n+1} = u_n + f(u_n) after a stage's first block into
+u_{n+1} = (1 - k_n) u_n + k_n u_{n-1} + f(u_n). With k = 0 (the default ``k_init``) the converted network
+computes exactly what the original did; the k then train with the rest of the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+from lmfused.nn import LMStage, PostActBlock, linear_survival_schedule, make_step
+from lmfused.nn.step import check_k_init, check_mode, check_noise_std, check_survival_prob
+
+__all__ = ["convert_to_lm"]
+
+# Children a torchvision/timm BasicBlock or Bottleneck may have; anything else has a forward we do not know.
+_KNOWN_CHILDREN = {
+    *(f"{kind}{i}" for kind in ("conv", "bn", "act") for i in (1, 2, 3)),
+    "relu",
+    "downsample",
+    "drop_block",
+    "aa",
+    "se",
+    "drop_path",
+}
+
+
+def _stages(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """layer1, layer2, ... of ``model``, in order, as long as they exist."""
+    index = 1
+    while isinstance(getattr(model, f"layer{index}", None), nn.Module):
+        yield f"layer{index}", getattr(model, f"layer{index}")
+        index += 1
+
+
+def _wrap_block(block: nn.Module, where: str, step_args: dict, *, first: bool, survival_prob: float):
+    """A :class:`PostActBlock` reusing ``block``'s modules (same names), with the LM update."""
+    unknown = sorted(set(dict(block.named_children())) - _KNOWN_CHILDREN)
+    depth = 3 if hasattr(block, "conv3") else 2
+    needed = [f"{kind}{i}" for i in range(1, depth + 1) for kind in ("conv", "bn")]
+    missing = [name for name in needed if not isinstance(getattr(block, name, None), nn.Module)]
+    if hasattr(block, "act1"):  # timm: act1, act2 (, act3), the last one after the addition
+        acts = [getattr(block, f"act{i}", None) for i in range(1, depth + 1)]
+    else:  # torchvision: one ReLU module used everywhere
+        acts = [getattr(block, "relu", None)] * depth
+    if unknown or missing or any(act is None for act in acts):
+        raise TypeError(
+            f"model: {where} ({type(block).__name__}) is not a torchvision/timm BasicBlock or Bottleneck"
+            + (f"; unknown submodules {unknown}" if unknown else "")
+            + (f"; missing {missing}" if missing else "")
+            + ("; no activation modules (relu or act1..)" if any(act is None for act in acts) else "")
+        )
+    downsample = getattr(block, "downsample", None)
+    bn_last = getattr(block, f"bn{depth}")
+    parameter = next(block.parameters(), None)
+    step = make_step(
+        lm=not first and downsample is None,
+        channels=bn_last.num_features,
+        survival_prob=survival_prob,
+        relu=type(acts[-1]) is nn.ReLU,
+        **step_args,
+    )
+    if parameter is not None:
+        step.to(parameter.device)
+    wrapped = PostActBlock(
+        [getattr(block, f"conv{i}") for i in range(1, depth + 1)],
+        [getattr(block, f"bn{i}") for i in range(1, depth + 1)],
+        acts[:-1],
+        acts[-1],
+        downsample,
+        drop_block=getattr(block, "drop_block", None),
+        aa=getattr(block, "aa", None),
+        se=getattr(block, "se", None),
+        drop_path=getattr(block, "drop_path", None),
+        step=step,
+    )
+    wrapped.training = step.training = block.training
+    return wrapped
+
+
+def convert_to_lm(
+    model: nn.Module,
+    k_init: float | tuple[float, float] = 0.0,
+    *,
+    per_channel_k: bool = False,
+    survival_prob: float = 1.0,
+    sd_mode: str = "sample",
+    noise_std: float = 0.0,
+    backend: str | None = None,
+) -> nn.Module:
+    """Give a torchvision or timm ResNet/ResNeXt LM updates, keeping its weights. Converts **in place**.
+
+    Duck-typed: ``model`` has stages ``layer1``, ``layer2``, ... (``nn.Sequential``) of torchvision/timm
+    ``BasicBlock``/``Bottleneck`` blocks (conv1/bn1/conv2/bn2[/conv3/bn3], optional downsample; timm's
+    act1/act2/act3, drop_block, aa, se and drop_path are kept and run where timm runs them). Each stage is
+    replaced by an :class:`~lmfused.nn.LMStage` of :class:`~lmfused.nn.PostActBlock` wrappers that reuse the
+    original submodules, so the state_dict keys stay the same, plus ``layerN.i.step.k`` for every block after
+    a stage's first (those without a projection shortcut). The final ReLU is fused into the update.
+
+    Args:
+        model: the network; modified in place and returned.
+        k_init: initial k: a number (0.0, the default: the converted network computes exactly what the
+            original did) or uniform bounds (low, high) (the paper's (-0.1, 0.0)).
+        per_channel_k: one k per channel instead of one per block.
+        survival_prob: survival probability p_L of the last block for stochastic depth with the linear decay
+            rule (1.0: none). timm's own ``drop_path`` modules, if any, are kept in addition.
+        sd_mode: "sample" or "batch" stochastic depth (see :mod:`lmfused.nn.step`).
+        noise_std: noise injected in each update in training.
+        backend: the lm_step backend (None: automatic).
+
+    Returns:
+        ``model`` itself. timm's ``set_grad_checkpointing`` must stay off: it runs blocks one by one.
+
+    Raises:
+        TypeError: ``model`` has no layer1 or its blocks are not torchvision/timm residual blocks.
+        ValueError: ``model`` was already converted, or an option is out of range.
+    """
+    check_k_init(k_init)
+    check_survival_prob(survival_prob)
+    step_args = dict(
+        per_channel_k=per_channel_k,
+        k_init=k_init,
+        mode=check_mode(sd_mode, "sd_mode"),
+        noise_std=check_noise_std(noise_std),
+        backend=backend,
+    )
+    stages = list(_stages(model))
+    if not stages:
+        raise TypeError(f"model: {type(model).__name__} has no layer1; expected a torchvision/timm ResNet")
+    for name, stage in stages:
+        if getattr(stage, "is_lm_stage", False):
+            raise ValueError(f"model: {name} is already an LMStage (model already converted)")
+        if not isinstance(stage, nn.Sequential) or len(stage) == 0:
+            raise TypeError(f"model: {name} is not a non-empty nn.Sequential of residual blocks")
+    if getattr(model, "grad_checkpointing", False):
+        raise ValueError(
+            "model: disable timm's grad checkpointing (it runs blocks one by one) before converting"
+        )
+    survival = iter(linear_survival_schedule(sum(len(stage) for _, stage in stages), survival_prob))
+    new_stages = {}
+    for name, stage in stages:
+        blocks = [
+            _wrap_block(block, f"{name}.{i}", step_args, first=i == 0, survival_prob=next(survival))
+            for i, block in enumerate(stage)
+        ]
+        new_stage = LMStage(*blocks)
+        new_stage.training = stage.training
+        new_stages[name] = new_stage
+    for name, new_stage in new_stages.items():  # only once every block converted: no half-converted model
+        setattr(model, name, new_stage)
+    return model

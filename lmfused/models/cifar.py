@@ -1,0 +1,130 @@
+"""CIFAR LM-ResNet / LM-ResNeXt: pre-activation networks of three stages (Lu et al., ICML 2018, section 2.2).
+
+Depth 6n + 2 with basic blocks (LM-ResNet20..110), 9n + 2 with bottlenecks (LM-ResNet164; LM-ResNeXt29 with
+grouped 3x3 convs, widths of Xie et al., 2017). Stage i (i = 0, 1, 2) halves the resolution at its start
+(except i = 0); the first block of each stage takes the plain ResNet step, the others the LM step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmfused.models.common import LMNet
+from lmfused.models.registry import register_model
+from lmfused.nn import PreActBlock, ResidualStep
+from lmfused.nn.blocks import conv3x3
+
+__all__ = ["LMCifarResNet"]
+
+
+class LMCifarResNet(LMNet):
+    """Pre-activation CIFAR ResNet/ResNeXt with LM updates: conv3x3 stem, stages, bn-relu, pool, fc.
+
+    Args:
+        depths: blocks per stage.
+        channels: output channels of each stage.
+        bottleneck: bottleneck blocks (1x1, 3x3, 1x1) instead of basic ones (3x3, 3x3).
+        widths: inner (3x3) widths of the bottlenecks, per stage (bottleneck only).
+        groups: groups of the bottleneck 3x3 conv (the ResNeXt cardinality).
+        stem_channels: output channels of the stem conv.
+        num_classes: classifier outputs (10 for CIFAR-10).
+        **kwargs: the common options of :class:`~lmfused.models.common.LMNet` (``lm``, ``survival_prob``,
+            ``sd_mode``, ``noise_std``, ``per_channel_k``, ``k_init``, ``backend``, ...).
+    """
+
+    def __init__(
+        self,
+        depths: Sequence[int],
+        channels: Sequence[int],
+        *,
+        bottleneck: bool = False,
+        widths: Sequence[int] | None = None,
+        groups: int = 1,
+        stem_channels: int = 16,
+        num_classes: int = 10,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_classes=num_classes, **kwargs)
+        if bottleneck and (widths is None or len(widths) != len(channels)):
+            raise ValueError("widths: bottleneck networks need one inner width per stage")
+        if not bottleneck and groups != 1:
+            raise ValueError("groups: basic blocks have no grouped convolution; use bottleneck=True")
+
+        def block(in_channels: int, stage: int, index: int, stride: int, step: ResidualStep) -> PreActBlock:
+            if bottleneck:
+                return PreActBlock.bottleneck(
+                    in_channels, widths[stage], channels[stage], stride, groups, step
+                )
+            return PreActBlock.basic(in_channels, channels[stage], stride, step)
+
+        self.conv1 = conv3x3(self.in_chans, stem_channels)
+        self._make_stages(depths, channels, stem_channels, block, relu=False)
+        self.bn_final = nn.BatchNorm2d(channels[-1])
+        self._init_weights()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.conv1(x)
+        for stage in self.lm_stages():
+            x = stage(x)
+        return F.relu(self.bn_final(x))
+
+
+def _cifar_resnet(depth: int, **kwargs: Any) -> LMCifarResNet:
+    """Basic-block CIFAR ResNet of ``depth`` = 6n + 2 layers, stage widths 16, 32, 64 (He et al., 2016)."""
+    n = (depth - 2) // 6
+    return LMCifarResNet((n, n, n), (16, 32, 64), **kwargs)
+
+
+@register_model
+def lm_resnet20(**kwargs: Any) -> LMCifarResNet:
+    """LM-ResNet20 for CIFAR (pre-activation, 3 x 3 basic blocks)."""
+    return _cifar_resnet(20, **kwargs)
+
+
+@register_model
+def lm_resnet32(**kwargs: Any) -> LMCifarResNet:
+    """LM-ResNet32 for CIFAR (pre-activation, 3 x 5 basic blocks)."""
+    return _cifar_resnet(32, **kwargs)
+
+
+@register_model
+def lm_resnet44(**kwargs: Any) -> LMCifarResNet:
+    """LM-ResNet44 for CIFAR (pre-activation, 3 x 7 basic blocks)."""
+    return _cifar_resnet(44, **kwargs)
+
+
+@register_model
+def lm_resnet56(**kwargs: Any) -> LMCifarResNet:
+    """LM-ResNet56 for CIFAR (pre-activation, 3 x 9 basic blocks)."""
+    return _cifar_resnet(56, **kwargs)
+
+
+@register_model
+def lm_resnet110(**kwargs: Any) -> LMCifarResNet:
+    """LM-ResNet110 for CIFAR (pre-activation, 3 x 18 basic blocks)."""
+    return _cifar_resnet(110, **kwargs)
+
+
+@register_model
+def lm_resnet164(**kwargs: Any) -> LMCifarResNet:
+    """LM-ResNet164 for CIFAR (pre-activation, 3 x 18 bottlenecks, widths 16/32/64, outputs 64/128/256)."""
+    return LMCifarResNet((18, 18, 18), (64, 128, 256), bottleneck=True, widths=(16, 32, 64), **kwargs)
+
+
+@register_model
+def lm_resnext29_8x64d(**kwargs: Any) -> LMCifarResNet:
+    """LM-ResNeXt29 (8x64d) for CIFAR: 3 x 3 bottlenecks of cardinality 8, inner widths 512/1024/2048,
+    outputs 256/512/1024, 64-channel stem (Xie et al., 2017), pre-activation."""
+    return LMCifarResNet(
+        (3, 3, 3),
+        (256, 512, 1024),
+        bottleneck=True,
+        widths=(512, 1024, 2048),
+        groups=8,
+        stem_channels=64,
+        **kwargs,
+    )

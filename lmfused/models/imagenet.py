@@ -1,0 +1,108 @@
+"""ImageNet LM-ResNet / LM-ResNeXt (Lu et al., ICML 2018, section 2.2), torchvision-compatible.
+
+ResNet/ResNeXt v1.5 (torchvision's: stride on the 3x3 conv of the bottleneck), post-activation, with the
+final ReLU of every block fused into the update. Parameter and buffer names and shapes are torchvision's
+(conv1, bn1, layer1..layer4 with i.conv1/bn1/conv2/bn2/conv3/bn3/downsample.0/downsample.1, fc), which timm's
+ResNets share: their state_dicts load with only the k parameters new
+(:func:`~lmfused.models.load_pretrained_state_dict`). With ``lm=False`` the models are exactly torchvision's
+(resnet50: 25,557,032 parameters; resnext50_32x4d: 25,028,904).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from lmfused.models.common import LMNet
+from lmfused.models.registry import register_model
+from lmfused.nn import PostActBlock, ResidualStep
+
+__all__ = ["LMResNet"]
+
+EXPANSION = 4  # bottleneck output channels / planes
+
+
+class LMResNet(LMNet):
+    """ImageNet ResNet/ResNeXt with LM updates: 7x7 stem, max pool, four bottleneck stages, pool, fc.
+
+    Args:
+        layers: bottlenecks per stage (ResNet-50: (3, 4, 6, 3)).
+        groups: cardinality of the 3x3 convs (ResNeXt: 32).
+        width_per_group: channels per group of the 3x3 convs at the first stage (ResNeXt 32x4d: 4).
+        num_classes: classifier outputs.
+        **kwargs: the common options of :class:`~lmfused.models.common.LMNet` (``lm``, ``survival_prob``,
+            ``sd_mode``, ``noise_std``, ``per_channel_k``, ``k_init``, ``backend``, ``zero_init_residual``,
+            ...).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        *,
+        groups: int = 1,
+        width_per_group: int = 64,
+        num_classes: int = 1000,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_classes=num_classes, **kwargs)
+        planes = [64 * 2**i for i in range(len(layers))]
+
+        def block(in_channels: int, stage: int, index: int, stride: int, step: ResidualStep) -> PostActBlock:
+            return PostActBlock.bottleneck(
+                in_channels, planes[stage], stride, groups, width_per_group, step, expansion=EXPANSION
+            )
+
+        self.conv1 = nn.Conv2d(self.in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self._make_stages(layers, [p * EXPANSION for p in planes], 64, block, relu=True)
+        self._init_weights()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for stage in self.lm_stages():
+            x = stage(x)
+        return x
+
+
+def _build(layers: Sequence[int], kwargs: dict[str, Any], groups: int = 1, width_per_group: int = 64):
+    return LMResNet(layers, groups=groups, width_per_group=width_per_group, **kwargs)
+
+
+@register_model
+def lm_resnet50(**kwargs: Any) -> LMResNet:
+    """LM-ResNet50 (torchvision resnet50 layout, bottlenecks (3, 4, 6, 3))."""
+    return _build((3, 4, 6, 3), kwargs)
+
+
+@register_model
+def lm_resnet101(**kwargs: Any) -> LMResNet:
+    """LM-ResNet101 (torchvision resnet101 layout, bottlenecks (3, 4, 23, 3))."""
+    return _build((3, 4, 23, 3), kwargs)
+
+
+@register_model
+def lm_resnet152(**kwargs: Any) -> LMResNet:
+    """LM-ResNet152 (torchvision resnet152 layout, bottlenecks (3, 8, 36, 3))."""
+    return _build((3, 8, 36, 3), kwargs)
+
+
+@register_model
+def lm_resnext50_32x4d(**kwargs: Any) -> LMResNet:
+    """LM-ResNeXt50 32x4d (torchvision resnext50_32x4d layout)."""
+    return _build((3, 4, 6, 3), kwargs, groups=32, width_per_group=4)
+
+
+@register_model
+def lm_resnext101_32x4d(**kwargs: Any) -> LMResNet:
+    """LM-ResNeXt101 32x4d (timm resnext101_32x4d layout)."""
+    return _build((3, 4, 23, 3), kwargs, groups=32, width_per_group=4)
+
+
+@register_model
+def lm_resnext101_32x8d(**kwargs: Any) -> LMResNet:
+    """LM-ResNeXt101 32x8d (torchvision resnext101_32x8d layout)."""
+    return _build((3, 4, 23, 3), kwargs, groups=32, width_per_group=8)

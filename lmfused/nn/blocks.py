@@ -1,0 +1,302 @@
+"""Residual blocks and stages that carry two states (u_n, u_{n-1}) for the LM architecture.
+
+Lu, Zhong, Li & Dong, *Beyond Finite Layer Neural Networks* (ICML 2018), eq. (5):
+u_{n+1} = (1 - k_n) u_n + k_n u_{n-1} + f(u_n). A stage therefore carries the current state and the previous
+one from block to block.
+
+Block protocol (relied on by ``lmfused.analysis``; keep it exact): an LM block is an ``nn.Module`` with the
+class attribute ``is_lm_block = True`` and ``forward(u, u_prev) -> (u_next, u_shortcut)``, where
+``u_shortcut`` is the (possibly projected) input, which the next block receives as ``u_prev``. A block whose
+``u_prev`` is None (a stage's first block) or which changes shape (projection shortcut) takes the plain ResNet
+step; only the others hold an :class:`~lmfused.nn.LMStep` and its k. An :class:`LMStage` (``is_lm_stage =
+True``) runs its blocks, giving the first one ``u_prev=None``, and returns the last state.
+
+Two block families, both with ``step`` (the update module) as their last child:
+
+* :class:`PreActBlock`: pre-activation (bn-relu-conv)^n, as in the paper's CIFAR networks; no ReLU after the
+  update. Basic (two 3x3 convs) and bottleneck (1x1, grouped 3x3, 1x1) variants.
+* :class:`PostActBlock`: post-activation (conv-bn-relu)^n with the torchvision/timm parameter names (conv1,
+  bn1, ..., downsample, and timm's drop_block/aa/se/drop_path), the final ReLU fused into the update.
+  Built fresh for the model zoo, or around an existing torchvision/timm block's modules by
+  ``lmfused.convert_to_lm``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmfused.nn.step import LMStep, ResidualStep
+
+__all__ = ["LMBlock", "LMStage", "PostActBlock", "PreActBlock"]
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    """3x3 convolution, padding 1, no bias."""
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, groups=groups, bias=False)
+
+
+def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution, no bias."""
+    return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+
+class LMBlock(nn.Module):
+    """Base of the two-state blocks: runs ``shortcut``, the branch f (unless dropped) and the update.
+
+    Subclasses implement :meth:`shortcut_and_branch` and register their update module with :meth:`_set_step`.
+    """
+
+    is_lm_block: ClassVar[bool] = True
+    step: ResidualStep
+    depth: int  # number of convs in the branch; the last norm is bn{depth}
+
+    def _set_step(self, step: ResidualStep | None, has_projection: bool) -> None:
+        step = ResidualStep() if step is None else step
+        if not isinstance(step, ResidualStep):
+            raise TypeError(f"step: expected a ResidualStep or LMStep, got {type(step).__name__}")
+        if isinstance(step, LMStep) and has_projection:
+            raise ValueError(
+                "step: a block with a projection shortcut changes shape and takes the plain ResNet step; "
+                "give it a ResidualStep, not an LMStep"
+            )
+        self.step = step
+
+    @property
+    def k(self) -> Tensor | None:
+        """The LM coefficient k of this block, or None for a plain (ResNet-step) block."""
+        return self.step.k if isinstance(self.step, LMStep) else None
+
+    def shortcut_and_branch(self, u: Tensor, keep: bool) -> tuple[Tensor, Tensor | None]:
+        """The shortcut (u or its projection) and f(u), or None for f when ``keep`` is False."""
+        raise NotImplementedError
+
+    def activate(self, out: Tensor) -> Tensor:
+        """Activation applied after the update when it is not fused into it (default: none)."""
+        return out
+
+    def zero_init_last(self) -> None:
+        """Zero the branch's last BatchNorm weight (bn{depth}; torchvision's ``zero_init_residual``): f starts
+        at 0 and the block at the identity (ResNet step) or the two-term LM update."""
+        nn.init.zeros_(getattr(self, f"bn{self.depth}").weight)
+
+    def forward(self, u: Tensor, u_prev: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One step: ``(u_next, u_shortcut)``; ``u_shortcut`` becomes the next block's ``u_prev``."""
+        shortcut, f = self.shortcut_and_branch(u, self.step.keep_branch())
+        if isinstance(self.step, LMStep):
+            out = self.step(shortcut, u_prev, f)
+        else:
+            out = self.step(shortcut, f)
+        return self.activate(out), shortcut
+
+
+class PreActBlock(LMBlock):
+    """Pre-activation residual block (He et al., 2016): f = conv_n(relu(bn_n(... conv_1(relu(bn_1(u)))))).
+
+    The CIFAR block of the LM-ResNet paper (Lu et al., ICML 2018, section 2.2: "bn-relu-conv-bn-relu-conv"),
+    with no activation after the update. The projection shortcut (when the shape changes) is a 1x1 conv of
+    the pre-activated input. Build it with :meth:`basic` or :meth:`bottleneck`.
+
+    Args:
+        norms: the BatchNorms before each conv (registered as bn1, bn2, ...).
+        convs: the convolutions (conv1, conv2, ...).
+        downsample: the projection shortcut or None for the identity.
+        step: the update (:class:`ResidualStep` by default, :class:`LMStep` for an LM block).
+    """
+
+    def __init__(
+        self,
+        norms: Sequence[nn.Module],
+        convs: Sequence[nn.Module],
+        downsample: nn.Module | None = None,
+        step: ResidualStep | None = None,
+    ) -> None:
+        super().__init__()
+        if len(norms) != len(convs) or not convs:
+            raise ValueError("norms, convs: expected the same, non-zero number of norms and convs")
+        self.depth = len(convs)
+        for i, (norm, conv) in enumerate(zip(norms, convs, strict=True), start=1):
+            self.add_module(f"bn{i}", norm)
+            self.add_module(f"conv{i}", conv)
+        self.downsample = downsample
+        self._set_step(step, downsample is not None)
+
+    @classmethod
+    def basic(cls, in_channels: int, out_channels: int, stride: int = 1, step: ResidualStep | None = None):
+        """Two 3x3 convs (stride on the first), as in the CIFAR LM-ResNet20..110."""
+        downsample = None
+        if stride != 1 or in_channels != out_channels:
+            downsample = conv1x1(in_channels, out_channels, stride)
+        return cls(
+            [nn.BatchNorm2d(in_channels), nn.BatchNorm2d(out_channels)],
+            [conv3x3(in_channels, out_channels, stride), conv3x3(out_channels, out_channels)],
+            downsample,
+            step,
+        )
+
+    @classmethod
+    def bottleneck(
+        cls,
+        in_channels: int,
+        width: int,
+        out_channels: int,
+        stride: int = 1,
+        groups: int = 1,
+        step: ResidualStep | None = None,
+    ):
+        """1x1 (to ``width``), grouped 3x3 (stride), 1x1 (to ``out_channels``): ResNet-164, ResNeXt-29."""
+        downsample = None
+        if stride != 1 or in_channels != out_channels:
+            downsample = conv1x1(in_channels, out_channels, stride)
+        return cls(
+            [nn.BatchNorm2d(in_channels), nn.BatchNorm2d(width), nn.BatchNorm2d(width)],
+            [
+                conv1x1(in_channels, width),
+                conv3x3(width, width, stride, groups),
+                conv1x1(width, out_channels),
+            ],
+            downsample,
+            step,
+        )
+
+    def shortcut_and_branch(self, u: Tensor, keep: bool) -> tuple[Tensor, Tensor | None]:
+        if not keep and self.downsample is None:
+            return u, None  # dropped: not even the pre-activation is computed
+        h = F.relu(self.bn1(u))
+        shortcut = u if self.downsample is None else self.downsample(h)
+        if not keep:
+            return shortcut, None
+        x = self.conv1(h)
+        for i in range(2, self.depth + 1):
+            x = getattr(self, f"conv{i}")(F.relu(getattr(self, f"bn{i}")(x)))
+        return shortcut, x
+
+
+class PostActBlock(LMBlock):
+    """Post-activation residual block, torchvision/timm style: f = bn_n(conv_n(... act_1(bn_1(conv_1(u))))).
+
+    ResNet/ResNeXt v1.5 (stride on the 3x3 conv, which is the second-to-last conv), with the update followed
+    by the final activation, fused into the update when the step has ``relu=True`` (then the final activation
+    must be a ReLU). Parameter names match torchvision's and timm's: conv1/bn1/.../downsample, and timm's
+    optional ``drop_block`` and ``aa`` (after the 3x3 conv's norm / activation), ``se`` and ``drop_path``
+    (applied to the branch output). Activations are registered as act1, act2, ... (no parameters).
+
+    Args:
+        convs, norms: the convolutions and their norms (conv1/bn1, conv2/bn2[, conv3/bn3]).
+        acts: the activations after each norm but the last (one module per conv but the last).
+        final_act: the activation after the update (None: none).
+        downsample: the projection shortcut or None for the identity.
+        drop_block, aa, se, drop_path: timm's optional extras (None: absent).
+        step: the update (:class:`ResidualStep` by default, :class:`LMStep` for an LM block).
+    """
+
+    def __init__(
+        self,
+        convs: Sequence[nn.Module],
+        norms: Sequence[nn.Module],
+        acts: Sequence[nn.Module],
+        final_act: nn.Module | None = None,
+        downsample: nn.Module | None = None,
+        *,
+        drop_block: nn.Module | None = None,
+        aa: nn.Module | None = None,
+        se: nn.Module | None = None,
+        drop_path: nn.Module | None = None,
+        step: ResidualStep | None = None,
+    ) -> None:
+        super().__init__()
+        if len(convs) < 2 or len(norms) != len(convs) or len(acts) != len(convs) - 1:
+            raise ValueError("convs, norms, acts: expected n >= 2 convs, n norms and n - 1 activations")
+        self.depth = len(convs)
+        for i, (conv, norm) in enumerate(zip(convs, norms, strict=True), start=1):
+            self.add_module(f"conv{i}", conv)
+            self.add_module(f"bn{i}", norm)
+        for i, act in enumerate([*acts, final_act], start=1):
+            self.add_module(f"act{i}", act)
+        self.downsample = downsample
+        self.drop_block, self.aa, self.se, self.drop_path = drop_block, aa, se, drop_path
+        self._set_step(step, downsample is not None)
+        if self.step.relu and final_act is not None and type(final_act) is not nn.ReLU:
+            raise ValueError(f"step: relu=True fuses a ReLU, but the final activation is {final_act}")
+        self.fused_act = self.step.relu
+
+    @classmethod
+    def bottleneck(
+        cls,
+        in_channels: int,
+        planes: int,
+        stride: int = 1,
+        groups: int = 1,
+        width_per_group: int = 64,
+        step: ResidualStep | None = None,
+        expansion: int = 4,
+    ):
+        """torchvision's Bottleneck (v1.5): width = planes * width_per_group / 64 * groups, out = 4 * planes.
+
+        Give it a step with ``relu=True`` to fuse the final ReLU into the update.
+        """
+        width = int(planes * (width_per_group / 64.0)) * groups
+        out_channels = planes * expansion
+        downsample = None
+        if stride != 1 or in_channels != out_channels:
+            downsample = nn.Sequential(
+                conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels)
+            )
+        return cls(
+            [
+                conv1x1(in_channels, width),
+                conv3x3(width, width, stride, groups),
+                conv1x1(width, out_channels),
+            ],
+            [nn.BatchNorm2d(width), nn.BatchNorm2d(width), nn.BatchNorm2d(out_channels)],
+            [nn.ReLU(inplace=True), nn.ReLU(inplace=True)],
+            nn.ReLU(inplace=True),
+            downsample,
+            step=step,
+        )
+
+    def shortcut_and_branch(self, u: Tensor, keep: bool) -> tuple[Tensor, Tensor | None]:
+        shortcut = u if self.downsample is None else self.downsample(u)
+        if not keep:
+            return shortcut, None
+        x = u
+        strided = self.depth - 2  # index of the 3x3 conv, where timm puts drop_block and aa
+        for i in range(self.depth):
+            x = getattr(self, f"bn{i + 1}")(getattr(self, f"conv{i + 1}")(x))
+            if i == self.depth - 1:
+                break
+            if i == strided and self.drop_block is not None:
+                x = self.drop_block(x)
+            x = getattr(self, f"act{i + 1}")(x)
+            if i == strided and self.aa is not None:
+                x = self.aa(x)
+        if self.se is not None:
+            x = self.se(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        return shortcut, x
+
+    def activate(self, out: Tensor) -> Tensor:
+        final_act = getattr(self, f"act{self.depth}")
+        return out if self.fused_act or final_act is None else final_act(out)
+
+
+class LMStage(nn.Sequential):
+    """A stage of two-state blocks: carries (u_n, u_{n-1}) through them and returns the last state.
+
+    The first block gets ``u_prev=None`` (plain ResNet step); each block's shortcut is the next block's
+    ``u_prev`` (Lu et al., ICML 2018, eq. 5). A subclass of ``nn.Sequential``, so parameter names stay
+    "layer1.0.conv1.weight" etc.
+    """
+
+    is_lm_stage: ClassVar[bool] = True
+
+    def forward(self, u: Tensor) -> Tensor:
+        """Run the blocks on ``u``; returns the stage's output state."""
+        u_prev: Tensor | None = None
+        for block in self:
+            u, u_prev = block(u, u_prev)
+        return u

@@ -1,0 +1,317 @@
+"""Residual and linear multi-step update modules, with stochastic depth and noise injection.
+
+The LM architecture of Lu, Zhong, Li & Dong, *Beyond Finite Layer Neural Networks* (ICML 2018), eq. (5):
+
+    u_{n+1} = (1 - k_n) u_n + k_n u_{n-1} + f(u_n),
+
+with k_n learnable (initialised U[-0.1, 0] in the paper), generalises the ResNet step
+u_{n+1} = u_n + f(u_n) (forward Euler; k_n = 0). Their section 3 adds stochastic training: stochastic
+depth (the residual branch kept with probability p_n, the survival probability) and noise injection.
+Both modules below run the whole update, including the per-sample stochastic-depth multiplier, the noise and
+an optional ReLU, as one fused ``lmfused.lm_step``.
+
+Stochastic depth convention (both modes): *inverted* scaling. In training the kept branch is multiplied by
+1 / p (so the update is unbiased); at evaluation the branch is used as is (no mask, no scaling, no noise). The
+original stochastic-depth paper (Huang et al., 2016) instead multiplies by p at evaluation; the two are the
+same network up to that reparametrisation of f.
+
+* ``mode="sample"``: a Bernoulli(p) mask per sample, drawn every training forward from torch's generator,
+  divided by p and fused into the update as its ``scale``. The branch is always computed, so the autograd
+  graph is the same every step (DDP needs no ``find_unused_parameters``).
+* ``mode="batch"``: one Bernoulli(p) draw per step for the whole batch (Huang et al.; the LM-ResNet code). A
+  block asks :meth:`ResidualStep.keep_branch` *before* computing its branch and skips it when dropped (real
+  compute saved); the update then runs without f (the two-term update (1 - k) u_n + k u_{n-1}). A dropped
+  block leaves its branch parameters without gradients, so DDP needs ``find_unused_parameters=True``.
+  The draw comes from one dedicated CPU generator shared by all modules (seed it with
+  :func:`seed_stochastic_depth`; its default seed is fixed), so every DDP rank that seeds it alike and runs
+  the same forwards takes the same decisions, with no communication and no device sync. Recomputing a
+  forward (activation checkpointing) draws again and is therefore not supported in batch mode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Integral, Real
+
+import torch
+from torch import Tensor, nn
+
+from lmfused.ops import lm_step
+
+__all__ = [
+    "LMStep",
+    "ResidualStep",
+    "linear_survival_schedule",
+    "make_step",
+    "seed_stochastic_depth",
+]
+
+MODES = ("sample", "batch")
+DEFAULT_K_INIT = (-0.1, 0.0)  # the paper's U[-0.1, 0] initialisation of k_n
+_BATCH_DROP_SEED = 0
+_batch_drop_generator = torch.Generator().manual_seed(_BATCH_DROP_SEED)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Argument checks: every error names the argument (as the caller spells it) and says what was expected.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def check_survival_prob(value: object, name: str = "survival_prob") -> float:
+    """``value`` as a float in (0, 1], else ValueError naming ``name``."""
+    if not (_is_real(value) and 0.0 < float(value) <= 1.0):
+        raise ValueError(f"{name}: expected a survival probability in (0, 1], got {value!r}")
+    return float(value)
+
+
+def check_mode(value: object, name: str = "mode") -> str:
+    """``value`` if it is a stochastic-depth mode ("sample" or "batch"), else ValueError naming ``name``."""
+    if value not in MODES:
+        raise ValueError(f"{name}: expected one of {', '.join(repr(m) for m in MODES)}, got {value!r}")
+    return str(value)
+
+
+def check_noise_std(value: object, name: str = "noise_std") -> float:
+    """``value`` as a finite float >= 0, else ValueError naming ``name``."""
+    if not (_is_real(value) and math.isfinite(float(value)) and float(value) >= 0.0):
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_k_init(value: object, name: str = "k_init") -> tuple[float, float]:
+    """``value`` (a number c, or bounds (low, high) with low <= high) as bounds; c becomes (c, c)."""
+    if _is_real(value) and math.isfinite(float(value)):
+        return float(value), float(value)
+    if (
+        isinstance(value, Sequence)
+        and len(value) == 2
+        and all(_is_real(v) and math.isfinite(float(v)) for v in value)
+        and float(value[0]) <= float(value[1])
+    ):
+        return float(value[0]), float(value[1])
+    raise ValueError(f"{name}: expected a number or bounds (low, high) with low <= high, got {value!r}")
+
+
+def _check_channels(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
+        raise ValueError(f"channels: expected a positive int or None, got {value!r}")
+    return int(value)
+
+
+def _check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schedules and the batch-mode generator
+# ----------------------------------------------------------------------------------------------------------
+
+
+def linear_survival_schedule(num_blocks: int, final_survival_prob: float) -> list[float]:
+    """Linearly decaying survival probabilities p_l = 1 - l / L * (1 - p_L), l = 1..L.
+
+    The "linear decay rule" of stochastic depth (Huang et al., 2016), used for the stochastic LM-ResNet of
+    Lu et al. (ICML 2018, section 3.2): the first block is almost always kept, the last one with p_L.
+    """
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, Integral) or num_blocks < 0:
+        raise ValueError(f"num_blocks: expected an int >= 0, got {num_blocks!r}")
+    p_final = check_survival_prob(final_survival_prob, "final_survival_prob")
+    return [1.0 - (index / num_blocks) * (1.0 - p_final) for index in range(1, num_blocks + 1)]
+
+
+def seed_stochastic_depth(seed: int) -> None:
+    """Seed the CPU generator behind every batch-mode drop decision (:meth:`ResidualStep.keep_branch`).
+
+    Under DDP, call it with the same seed on every rank (the default seed is fixed, so unseeded ranks agree
+    too): all ranks then drop the same blocks on the same steps without any communication.
+    """
+    _batch_drop_generator.manual_seed(int(seed))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ResidualStep(nn.Module):
+    """The ResNet step ``act(u + s * f + noise_std * xi)`` with stochastic depth and noise injection.
+
+    The plain (forward Euler) update of Lu et al. (ICML 2018, section 2), used by the blocks that carry no
+    LM coefficient: a stage's first block, blocks that change shape, and every block of a plain ResNet.
+    It is the LM step with k = 0, run as one fused ``lmfused.lm_step`` (ReLU, scale and noise included).
+
+    Args:
+        survival_prob: probability p of keeping the residual branch in training (1 = no stochastic depth).
+        mode: "sample" (per-sample mask, fused) or "batch" (one draw per step, dropped branch not computed;
+            DDP then needs ``find_unused_parameters=True``). See the module docstring.
+        noise_std: standard deviation of the Gaussian noise added in training (Lu et al., section 3.1).
+        relu: apply ReLU after the update (post-activation blocks), fused into the same kernel.
+        backend: lm_step backend ("cuda", "triton", "reference"); None chooses automatically.
+    """
+
+    def __init__(
+        self,
+        *,
+        survival_prob: float = 1.0,
+        mode: str = "sample",
+        noise_std: float = 0.0,
+        relu: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.survival_prob = check_survival_prob(survival_prob)
+        self.mode = check_mode(mode)
+        self.noise_std = check_noise_std(noise_std)
+        self.relu = _check_bool(relu, "relu")
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend: expected a str or None, got {type(backend).__name__}")
+        self.backend = backend
+        # k = 0 as a non-persistent buffer: follows .to(device), adds no state_dict key and no parameter.
+        self.register_buffer("zero_k", torch.zeros(1), persistent=False)
+
+    @property
+    def stochastic(self) -> bool:
+        """True if this module currently drops branches (training with survival_prob < 1)."""
+        return self.training and self.survival_prob < 1.0
+
+    def keep_branch(self) -> bool:
+        """Whether the block should compute its residual branch this forward.
+
+        Always True except in training, batch mode, survival_prob < 1, where it is one Bernoulli(p) draw from
+        the shared batch-mode generator (see :func:`seed_stochastic_depth`). Blocks call it once per forward,
+        before computing the branch, and pass ``f=None`` to the update when it returns False.
+        """
+        if self.mode != "batch" or not self.stochastic:
+            return True
+        return bool(torch.rand((), generator=_batch_drop_generator).item() < self.survival_prob)
+
+    def _scale(self, u: Tensor, f: Tensor | None) -> Tensor | None:
+        """The per-sample branch multiplier (N,) for this forward, or None for 1."""
+        if f is None or not self.stochastic:
+            return None
+        p = self.survival_prob
+        if self.mode == "sample":
+            return torch.empty(u.shape[0], device=u.device).bernoulli_(p).div_(p)
+        return torch.full((u.shape[0],), 1.0 / p, device=u.device)  # batch mode, branch kept
+
+    def _update(self, u: Tensor, u_prev: Tensor, f: Tensor | None, k: Tensor) -> Tensor:
+        """Run the fused update, after casting the states to the branch's dtype.
+
+        Under autocast the branch (conv/BN outputs) may be in bf16/fp16 while a shortcut is fp32; like
+        torchvision's in-place ``out += identity``, the result takes the branch's dtype.
+        """
+        dtype = f.dtype if f is not None else u.dtype
+        u, u_prev = u.to(dtype), u_prev.to(dtype)
+        return lm_step(
+            u,
+            u_prev,
+            f,
+            k,
+            scale=self._scale(u, f),
+            relu=self.relu,
+            noise_std=self.noise_std if self.training else 0.0,
+            backend=self.backend,
+        )
+
+    def residual_update(self, u: Tensor, f: Tensor | None) -> Tensor:
+        """``act(u + s * f + noise)``: the ResNet step (``f=None``: the branch was dropped)."""
+        # u_prev = u.detach() contributes k * u_prev = 0 and, being detached, asks for no extra gradient.
+        return self._update(u, u.detach(), f, self.zero_k)
+
+    def forward(self, u: Tensor, f: Tensor | None) -> Tensor:
+        """The ResNet step u + f(u) (with stochastic depth, noise and ReLU as configured)."""
+        return self.residual_update(u, f)
+
+    def extra_repr(self) -> str:
+        parts = [f"survival_prob={self.survival_prob}", f"mode={self.mode!r}", f"noise_std={self.noise_std}"]
+        parts.append(f"relu={self.relu}")
+        if self.backend is not None:
+            parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)
+
+
+class LMStep(ResidualStep):
+    """The linear multi-step update of Lu et al. (ICML 2018, eq. 5), holding the learnable coefficient k.
+
+    ``forward(u, u_prev, f) = act((1 - k) * u + k * u_prev + s * f + noise_std * xi)``, fused into one
+    ``lmfused.lm_step``; s is the stochastic-depth multiplier (see :class:`ResidualStep` and the module
+    docstring). With ``u_prev=None`` (no previous state) it is the ResNet step u + f. In batch mode a block
+    calls :meth:`keep_branch` first and passes ``f=None`` when dropped; under DDP this leaves the branch's
+    parameters without gradients on that step, so wrap the model with ``find_unused_parameters=True``
+    (sample mode needs no such flag: the graph is the same every step).
+
+    Args:
+        channels: None for one scalar k (shape (1,)), or C for one k per channel (shape (C,)). k is never
+            0-dim (FSDP rejects 0-dim parameters) and always float32.
+        survival_prob, mode, noise_std, relu, backend: as for :class:`ResidualStep`.
+        k_init: bounds (low, high) of the uniform initialisation of k (the paper's U[-0.1, 0] by default),
+            or a number for a constant initialisation (0.0 starts from exactly the ResNet step).
+    """
+
+    def __init__(
+        self,
+        channels: int | None = None,
+        *,
+        survival_prob: float = 1.0,
+        mode: str = "sample",
+        noise_std: float = 0.0,
+        relu: bool = False,
+        k_init: float | tuple[float, float] = DEFAULT_K_INIT,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(
+            survival_prob=survival_prob, mode=mode, noise_std=noise_std, relu=relu, backend=backend
+        )
+        self.channels = _check_channels(channels)
+        self.k_init = check_k_init(k_init)
+        self.k = nn.Parameter(torch.empty(self.channels or 1, dtype=torch.float32))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-draw k from U(k_init) (a constant when both bounds are equal)."""
+        low, high = self.k_init
+        with torch.no_grad():
+            if low == high:
+                self.k.fill_(low)
+            else:
+                self.k.uniform_(low, high)
+
+    def forward(self, u: Tensor, u_prev: Tensor | None, f: Tensor | None) -> Tensor:
+        """The LM update (``f=None``: two-term update of a dropped branch; ``u_prev=None``: ResNet step)."""
+        if u_prev is None:
+            return self.residual_update(u, f)
+        return self._update(u, u_prev, f, self.k)
+
+    def extra_repr(self) -> str:
+        low, high = self.k_init
+        k_init = low if low == high else (low, high)
+        return f"channels={self.channels}, k_init={k_init}, " + super().extra_repr()
+
+
+def make_step(
+    *,
+    lm: bool,
+    channels: int,
+    per_channel_k: bool = False,
+    k_init: float | tuple[float, float] = DEFAULT_K_INIT,
+    survival_prob: float = 1.0,
+    mode: str = "sample",
+    noise_std: float = 0.0,
+    relu: bool = False,
+    backend: str | None = None,
+) -> ResidualStep:
+    """An :class:`LMStep` (``lm=True``; per-channel k over ``channels`` if ``per_channel_k``) or a
+    :class:`ResidualStep`, configured alike: the one place models and the converter build updates."""
+    common = dict(survival_prob=survival_prob, mode=mode, noise_std=noise_std, relu=relu, backend=backend)
+    if lm:
+        return LMStep(channels if per_channel_k else None, k_init=k_init, **common)
+    return ResidualStep(**common)

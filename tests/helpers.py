@@ -1,0 +1,61 @@
+"""Shared test helpers: random inputs in a given layout, and the float64 oracle."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import lmfused
+from lmfused.reference import lm_step_eager
+from tests.conftest import DEVICE
+
+LAYOUTS = ("contiguous", "channels_last", "permuted")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def in_layout(x: Tensor, layout: str) -> Tensor:
+    """``x`` (contiguous) re-laid out: unchanged, channels-last dense, or a permuted non-contiguous view."""
+    if layout == "contiguous":
+        return x
+    dims = list(range(x.dim()))
+    if layout == "channels_last":
+        order = [0, *dims[2:], 1]
+    elif layout == "permuted":
+        order = dims[::-1]
+    else:
+        raise ValueError(layout)
+    inverse = [order.index(d) for d in dims]
+    return x.permute(order).contiguous().permute(inverse)
+
+
+def backends() -> list[str]:
+    """Backends runnable on the test device (triton runs on CPU through the interpreter)."""
+    return lmfused.available_backends(DEVICE)
+
+
+def make_inputs(shape, dtype, layout, *, per_channel_k: bool, with_f: bool, with_scale: bool, seed: int = 0):
+    """Fresh random u, u_prev, f, k, scale (never zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float32)
+
+    u, u_prev, f = (in_layout(rand(*shape).to(dtype).to(DEVICE), layout) for _ in range(3))
+    k = (0.5 * rand(shape[1] if per_channel_k else 1)).to(DEVICE)
+    # Stochastic-depth multipliers: kept samples divided by the survival probability, dropped ones 0.
+    scale = (torch.rand(shape[0], generator=gen) < 0.7).float().div(0.7).to(DEVICE) if with_scale else None
+    return u, u_prev, (f if with_f else None), k, scale
+
+
+def oracle(u, u_prev, f, k, scale, relu, grad_out, dtype=torch.float64):
+    """Output and gradients (u, u_prev, f, k) of the eager composition in ``dtype`` (float64: the oracle).
+
+    In a low-precision dtype, k is cast too, so every op rounds like the original eager code does.
+    """
+    leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in (u, u_prev, f)]
+    k_leaf = k.detach().to(dtype).requires_grad_()
+    s = scale.to(dtype) if scale is not None else None
+    out = lm_step_eager(leaves[0], leaves[1], leaves[2], k_leaf, scale=s, relu=relu)
+    out.backward(grad_out.to(dtype))
+    grads = [t.grad if t is not None else None for t in (*leaves, k_leaf)]
+    return out.detach(), grads

@@ -1,0 +1,345 @@
+"""lm_step against the float64 oracle on every backend, layout, dtype and option flag; gradcheck; opcheck."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import lmfused
+from lmfused.ops import _FORWARD_OPS
+from tests.conftest import DEVICE, HAS_CUDA
+from tests.helpers import DTYPES, LAYOUTS, backends, make_inputs, oracle
+
+SHAPES = [(3, 5, 7, 9), (2, 3), (1, 1, 1, 1), (2, 4, 3, 5, 6), (4, 33, 17, 19)]
+# Small absolute slack per dtype on top of "2x the same-precision eager error".
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+FLAGS = list(itertools.product([False, True], repeat=4))  # per_channel_k, with_f, with_scale, relu
+
+
+def _max_err(x, ref):
+    return (x.double() - ref).abs().max().item() if x.numel() else 0.0
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_float64_oracle(backend, shape, layout, dtype):
+    """Forward and all four gradients within 2x the eager same-precision error (+ small atol)."""
+    for case, (per_channel_k, with_f, with_scale, relu) in enumerate(FLAGS):
+        u, u_prev, f, k, scale = make_inputs(
+            shape, dtype, layout, per_channel_k=per_channel_k, with_f=with_f, with_scale=with_scale, seed=case
+        )
+        leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (u, u_prev, f, k)]
+        out = lmfused.lm_step(*leaves, scale=scale, relu=relu, backend=backend)
+        assert out.shape == u.shape and out.dtype == dtype
+        grad_out = (
+            torch.randn(shape, generator=torch.Generator().manual_seed(100 + case)).to(dtype).to(DEVICE)
+        )
+        out.backward(grad_out)
+
+        ref_out, ref_grads = oracle(u, u_prev, f, k, scale, relu, grad_out)
+        eager_out, eager_grads = oracle(u, u_prev, f, k, scale, relu, grad_out, dtype=dtype)
+        got = [out] + [t.grad if t is not None else None for t in leaves]
+        want = [ref_out, *ref_grads]
+        eager = [eager_out, *eager_grads]
+        names = ["out", "grad_u", "grad_u_prev", "grad_f", "grad_k"]
+        for name, x, ref, low in zip(names, got, want, eager, strict=True):
+            if ref is None:
+                assert x is None, name
+                continue
+            assert x is not None and x.shape == ref.shape, name
+            assert torch.isfinite(x).all(), name
+            # grad_k sums many terms: its slack grows with the number of summed elements.
+            terms = u.numel() // k.numel() if name == "grad_k" else 1
+            bound = 2 * _max_err(low, ref) + ATOL[dtype] * math.sqrt(terms)
+            err = _max_err(x, ref)
+            flags = dict(per_channel_k=per_channel_k, f=with_f, scale=with_scale, relu=relu)
+            assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} ({flags})"
+        if layout != "permuted":  # channels-last stays channels-last, contiguous stays contiguous
+            memory_format = torch.channels_last if layout == "channels_last" and u.dim() == 4 else None
+            if memory_format is not None:
+                assert out.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "k{}f{}s{}r{}".format(*map(int, f)))
+def test_gradcheck_float64(backend, layout, flags):
+    per_channel_k, with_f, with_scale, relu = flags
+    u, u_prev, f, k, scale = make_inputs(
+        (2, 3, 2, 3), torch.float64, layout, per_channel_k=per_channel_k, with_f=with_f, with_scale=with_scale
+    )
+    k = k.double()
+    inputs = [t.detach().clone().requires_grad_() for t in (u, u_prev, f, k) if t is not None]
+
+    def fn(*args):
+        args = list(args)
+        uu, up = args[0], args[1]
+        ff = args[2] if with_f else None
+        kk = args[-1]
+        return lmfused.lm_step(uu, up, ff, kk, scale=scale, relu=relu, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(backend, requires_grad):
+    op = _FORWARD_OPS[backend]
+    samples = []
+    for layout, (per_channel_k, with_f, with_scale, relu) in zip(
+        ["contiguous", "channels_last", "permuted", "contiguous"],
+        [
+            (True, True, True, True),
+            (False, True, False, False),
+            (True, False, False, True),
+            (False, True, True, False),
+        ],
+        strict=True,
+    ):
+        u, u_prev, f, k, scale = make_inputs(
+            (2, 3, 4, 5),
+            torch.float32,
+            layout,
+            per_channel_k=per_channel_k,
+            with_f=with_f,
+            with_scale=with_scale,
+        )
+        tensors = [t.requires_grad_(requires_grad) if t is not None else None for t in (u, u_prev, f, k)]
+        samples.append((*tensors, scale, None, relu, 0.0))
+    seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE)
+    u, u_prev, f, k, _ = make_inputs(
+        (2, 3, 4, 5), torch.bfloat16, "contiguous", per_channel_k=True, with_f=True, with_scale=False
+    )
+    samples.append((u, u_prev, f, k.requires_grad_(requires_grad), None, seed, True, 0.3))
+    for args in samples:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_backward_is_deterministic(backend):
+    for layout in ("contiguous", "channels_last"):
+        u, u_prev, f, k, scale = make_inputs(
+            (4, 33, 17, 19), torch.float32, layout, per_channel_k=True, with_f=True, with_scale=True
+        )
+        grads = []
+        for _ in range(2):
+            leaves = [t.detach().clone().requires_grad_() for t in (u, u_prev, f, k)]
+            out = lmfused.lm_step(*leaves, scale=scale, relu=True, backend=backend)
+            out.backward(torch.ones_like(out))
+            grads.append([t.grad for t in leaves])
+        for a, b in zip(*grads, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_only_needed_gradients(backend):
+    """Inputs without requires_grad get no gradient; the others still match the oracle."""
+    u, u_prev, f, k, scale = make_inputs(
+        (3, 5, 7, 9), torch.float32, "contiguous", per_channel_k=True, with_f=True, with_scale=True
+    )
+    for mask in itertools.product([False, True], repeat=4):
+        if not any(mask):
+            continue
+        leaves = [t.detach().clone().requires_grad_(m) for t, m in zip((u, u_prev, f, k), mask, strict=True)]
+        out = lmfused.lm_step(*leaves, scale=scale, relu=True, backend=backend)
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+        _, ref = oracle(u, u_prev, f, k, scale, True, grad_out)
+        for leaf, m, r in zip(leaves, mask, ref, strict=True):
+            if m:
+                torch.testing.assert_close(leaf.grad.double(), r, atol=1e-4, rtol=1e-5)
+            else:
+                assert leaf.grad is None
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_k_zero_is_a_resnet_step(backend):
+    u, u_prev, f, k, _ = make_inputs(
+        (2, 4, 3, 5), torch.float32, "contiguous", per_channel_k=False, with_f=True, with_scale=False
+    )
+    out = lmfused.lm_step(u, u_prev, f, torch.zeros_like(k), backend=backend)
+    torch.testing.assert_close(out, u + f, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_k_accepts_channel_column_shape(backend):
+    u, u_prev, f, k, _ = make_inputs(
+        (2, 4, 3, 5), torch.float32, "contiguous", per_channel_k=True, with_f=True, with_scale=False
+    )
+    a = lmfused.lm_step(u, u_prev, f, k.reshape(4, 1, 1), backend=backend)
+    b = lmfused.lm_step(u, u_prev, f, k, backend=backend)
+    assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Noise injection
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_noise_is_reproducible_from_torch_seed(backend):
+    u, u_prev, f, k, _ = make_inputs(
+        (3, 5, 7, 9), torch.float32, "contiguous", per_channel_k=True, with_f=True, with_scale=False
+    )
+    torch.manual_seed(7)
+    a = lmfused.lm_step(u, u_prev, f, k, noise_std=0.5, backend=backend)
+    torch.manual_seed(7)
+    b = lmfused.lm_step(u, u_prev, f, k, noise_std=0.5, backend=backend)
+    c = lmfused.lm_step(u, u_prev, f, k, noise_std=0.5, backend=backend)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_noise_statistics(backend, layout):
+    shape = (8, 16, 24, 24)
+    u, u_prev, f, k, _ = make_inputs(
+        shape, torch.float32, layout, per_channel_k=True, with_f=True, with_scale=False
+    )
+    std = 0.3
+    clean = lmfused.lm_step(u, u_prev, f, k, backend=backend)
+    noisy = lmfused.lm_step(u, u_prev, f, k, noise_std=std, backend=backend)
+    xi = ((noisy - clean) / std).double().flatten()
+    n = xi.numel()
+    assert abs(xi.mean().item()) < 5 / math.sqrt(n)
+    assert abs(xi.std().item() - 1) < 5 * math.sqrt(2 / n)
+    # Fourth moment of a normal is 3: catches a uniform or otherwise wrong distribution.
+    assert abs((xi**4).mean().item() - 3) < 0.1
+    # Independent across elements: neighbours are uncorrelated.
+    assert abs(torch.corrcoef(torch.stack([xi[:-1], xi[1:]]))[0, 1].item()) < 5 / math.sqrt(n)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_noise_leaves_gradients_unchanged(backend):
+    u, u_prev, f, k, scale = make_inputs(
+        (3, 5, 7, 9), torch.float32, "contiguous", per_channel_k=True, with_f=True, with_scale=True
+    )
+    grads = []
+    for noise_std in (0.0, 0.7):
+        leaves = [t.detach().clone().requires_grad_() for t in (u, u_prev, f, k)]
+        out = lmfused.lm_step(*leaves, scale=scale, noise_std=noise_std, backend=backend)
+        out.backward(torch.ones_like(out))
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Shapes at the edges
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4), (0, 5)], ids=str)
+def test_empty_tensors(backend, shape):
+    u, u_prev, f = (torch.randn(shape, device=DEVICE, requires_grad=True) for _ in range(3))
+    k = torch.randn(shape[1], device=DEVICE, requires_grad=True)
+    out = lmfused.lm_step(
+        u, u_prev, f, k, scale=torch.ones(shape[0], device=DEVICE), relu=True, backend=backend
+    )
+    assert out.shape == shape
+    out.sum().backward()
+    assert u.grad.shape == shape and f.grad.shape == shape
+    assert torch.equal(k.grad, torch.zeros_like(k))
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_more_than_2_to_the_31_elements(backend):
+    """64-bit indexing: the elements past 2^31 are computed and their gradients reduced."""
+    if backend not in backends():
+        pytest.skip(f"{backend} unavailable")
+    shape = (2, 2, 2**29 + 7, 1)  # 2^31 + 28 elements in bf16
+    torch.manual_seed(0)
+    u, u_prev, f = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    k = torch.tensor([0.25, -0.5], device="cuda", requires_grad=True)
+    out = lmfused.lm_step(u, u_prev, f, k, backend=backend)
+    tail = (slice(None), slice(None), slice(-1000, None))
+    want = lmfused.lm_step(
+        u[tail].contiguous(), u_prev[tail].contiguous(), f[tail].contiguous(), k.detach(), backend="reference"
+    )
+    torch.testing.assert_close(out[tail], want, atol=0, rtol=0)
+    out.backward(torch.ones_like(out))
+    ref = ((u_prev.float() - u.float()).sum(dim=(0, 2, 3))).double()
+    torch.testing.assert_close(k.grad.double(), ref, rtol=1e-4, atol=1.0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# torch.compile
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+
+    def block(u, u_prev, f, k, scale):
+        return lmfused.lm_step(u, u_prev, torch.tanh(f), k, scale=scale, relu=True, backend=backend) * 2
+
+    u, u_prev, f, k, scale = make_inputs(
+        (2, 4, 5, 6), torch.float32, "channels_last", per_channel_k=True, with_f=True, with_scale=True
+    )
+    leaves = [t.detach().clone().requires_grad_() for t in (u, u_prev, f, k)]
+    compiled = torch.compile(block, fullgraph=True)
+    out = compiled(*leaves, scale)
+    out.sum().backward()
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (u, u_prev, f, k)]
+    ref = block(*ref_leaves, scale)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(leaves, ref_leaves, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_torch_compile_with_noise_reference():
+    torch._dynamo.reset()
+    u, u_prev, f, k, _ = make_inputs(
+        (2, 4, 5, 6), torch.float32, "contiguous", per_channel_k=True, with_f=True, with_scale=False
+    )
+    fn = torch.compile(lambda *a: lmfused.lm_step(*a, noise_std=0.1, backend="reference"), fullgraph=True)
+    out = fn(u, u_prev, f, k)
+    assert out.shape == u.shape and not torch.equal(
+        out, lmfused.lm_step(u, u_prev, f, k, backend="reference")
+    )
+
+
+# ------------------------------------------------------------------------------------------------------
+# Backend selection
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_available_backends_lists_reference_everywhere():
+    assert "reference" in lmfused.available_backends("cpu")
+    assert lmfused.available_backends("cpu")[-1] == "reference"
+
+
+def test_unknown_backend_is_an_error():
+    u = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="backend"):
+        lmfused.lm_step(u, u, u, torch.zeros(1), backend="fastest")
+
+
+def test_unavailable_backend_says_why():
+    u = torch.randn(2, 3)
+    with pytest.raises(RuntimeError, match="cuda.*CUDA tensors"):
+        lmfused.lm_step(u, u, u, torch.zeros(1), backend="cuda")
+
+
+def test_backend_from_environment(monkeypatch):
+    u = torch.randn(2, 3)
+    monkeypatch.setenv("LMFUSED_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="nonsense"):
+        lmfused.lm_step(u, u, u, torch.zeros(1))
+
+
+@pytest.mark.gpu
+def test_default_backend_on_gpu_is_a_kernel():
+    assert lmfused.available_backends("cuda")[0] in ("cuda", "triton")
+    assert HAS_CUDA
