@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP_INSTALL = $(PYTHON) -m pip install --no-build-isolation -e ".[test,bench]"
 OUT ?= runs/bench
 
-.PHONY: install test lint pytest bench bench-ops bench-models cuda-compile device-check
+.PHONY: install test lint pytest bench cuda-compile device-check
 
 # Installs lmfused (editable) on top of the torch already present; never replaces torch.
 install:
@@ -26,8 +26,6 @@ test: lint pytest
 
 bench: .install.stamp
 	$(PYTHON) -m bench.ops --out $(OUT)
-
-bench-models: .install.stamp
 	$(PYTHON) -m bench.models --out $(OUT)
 
 # Compiles the torch-free CUDA kernels and their C++ test with nvcc (no GPU needed).

@@ -5,7 +5,8 @@
     python -m bench.ops --out DIR        # JSON (and PNG) into DIR
 
 Providers: ``eager`` (the original code's composition, in the activation dtype), ``compile`` and
-``compile-max`` (torch.compile of that composition, default mode and max-autotune-no-cudagraphs), and the
+``compile-max`` (torch.compile of that composition, default mode and max-autotune-no-cudagraphs; measured on
+the configurations with scale and relu on, to keep compilation time bounded), and the
 lmfused backends (``triton``, ``cuda``; ``reference`` on CPU). Modes: fwd, bwd, fwd+bwd. Every row reports the
 median time, the bandwidth achieved counting DESIGN.md's minimum bytes, its fraction of a device-to-device
 copy measured in the same run, the speedup over eager and over the best compile mode, and peak memory.
@@ -62,6 +63,11 @@ def grid(name: str, device: torch.device) -> list[Config]:
         for lay in ("contiguous", "channels_last")
     ]
     return headline + [c for c in sweep if c not in headline]
+
+
+def compiles(config: Config) -> bool:
+    """Whether the torch.compile providers are measured on ``config`` (each costs minutes of autotuning)."""
+    return config.scale and config.relu
 
 
 def min_bytes(config: Config, mode: str, itemsize: int) -> int:
@@ -147,8 +153,10 @@ def run(grid_name: str, device: torch.device, only: list[str] | None = None) -> 
     names = [p for p in providers(device) if only is None or p in only]
     for config in grid(grid_name, device):
         itemsize = DTYPES[config.dtype].itemsize
-        measured = {p: measure(config, p, device) for p in names}
-        for provider, mode in itertools.product(names, MODES):
+        measured = {
+            p: measure(config, p, device) for p in names if not p.startswith("compile") or compiles(config)
+        }
+        for provider, mode in itertools.product(measured, MODES):
             ms, peak = measured[provider][mode]
             gbps = min_bytes(config, mode, itemsize) / ms / 1e6
             compile_best = min(

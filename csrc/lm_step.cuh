@@ -1,5 +1,5 @@
 // Device code of the LM-step kernels (no torch headers): types, Philox, tile geometry, kernels.
-// Included by lm_step_forward.cu / lm_step_backward.cu (launchers) and by the kernel tests
+// Included by lm_step_impl.cuh (the typed launchers) and by the kernel tests
 // (for the host Philox reference and the tile geometry).
 //
 // Work decomposition ("tiles"), shared by forward and backward so that the grad_k reduction

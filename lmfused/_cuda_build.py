@@ -12,6 +12,7 @@ Environment variables:
     LMFUSED_NO_JIT=1              never JIT-build (use the prebuilt ``lmfused._C`` or nothing)
     LMFUSED_CACHE_DIR             JIT build cache root (default ``~/.cache/lmfused``)
     LMFUSED_VERBOSE_BUILD=1       show the compiler output of the JIT build
+    LMFUSED_FORCE_JIT=1           ignore a prebuilt ``lmfused._C`` and JIT-build (to test that path)
     LMFUSED_CLEAR_STALE_LOCK=1    delete a JIT build ``lock`` file left behind by a killed build
     TORCH_CUDA_ARCH_LIST          archs to build for (setup.py default: ``8.0;9.0``;
                                   JIT default: the archs of the visible GPUs)
@@ -156,6 +157,8 @@ def _check_stale_lock(build_dir: Path) -> str | None:
 
 
 def _import_prebuilt() -> tuple[ModuleType | None, str]:
+    if os.environ.get("LMFUSED_FORCE_JIT") == "1":
+        return None, "prebuilt lmfused._C ignored (LMFUSED_FORCE_JIT=1)"
     try:
         return importlib.import_module("lmfused._C"), ""
     except ModuleNotFoundError as exc:

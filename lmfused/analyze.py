@@ -2,10 +2,10 @@
 
 Runs one batch through the model (in eval mode, without gradients), records the state after every LM block
 (:class:`lmfused.analysis.FlowRecorder`) and prints, per block, the transport metrics of Sonoda & Murata
-(*Transport analysis of infinitely deep neural network*, JMLR 2019; :func:`lmfused.analysis.transport_metrics`)
-next to the learned LM coefficient k_n (Lu et al., ICML 2018; :func:`lmfused.analysis.lm_coefficients`).
-With ``--out DIR`` it writes ``analysis.json`` and ``analysis.png`` (displacement, entropy and k_n against
-depth).
+(*Transport analysis of infinitely deep neural network*, JMLR 2019;
+:func:`lmfused.analysis.transport_metrics`) next to the learned LM coefficient k_n (Lu et al., ICML 2018;
+:func:`lmfused.analysis.lm_coefficients`). With ``--out DIR`` it writes ``analysis.json`` and ``analysis.png``
+(displacement, entropy and k_n against depth).
 
 Options: ``--checkpoint PATH`` (a torch.save'd dict holding the state dict under ``"model"``, or a bare
 state dict), ``--data synthetic|digits`` (standard-normal images, or scikit-learn's bundled 8x8 digits
@@ -36,7 +36,7 @@ class UsageError(Exception):
 
 
 def build_model(name: str, num_classes: int | None = None) -> nn.Module:
-    """``lmfused.models.create_model(name)`` (with ``num_classes`` when given); UsageError for unknown names."""
+    """``lmfused.models.create_model(name)`` (``num_classes`` passed when given); UsageError if unknown."""
     try:
         from lmfused.models import create_model
     except ImportError as error:
@@ -44,15 +44,8 @@ def build_model(name: str, num_classes: int | None = None) -> nn.Module:
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     try:
         return create_model(name, **kwargs)
-    except (KeyError, ValueError, TypeError) as error:
-        known = ""
-        try:
-            from lmfused.models import list_models
-
-            known = f"; known models: {', '.join(list_models())}"
-        except ImportError:
-            pass
-        raise UsageError(f"--model: cannot build {name!r}: {error}{known}") from None
+    except (KeyError, ValueError, TypeError) as error:  # the zoo's message lists the known names
+        raise UsageError(f"--model: cannot build {name!r}: {error}") from None
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> None:
@@ -122,12 +115,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         cells.append([("-" if row.get(key) is None else fmt.format(row[key])) for key, _, fmt in _COLUMNS])
     widths = [max(len(line[i]) for line in cells) for i in range(len(_COLUMNS))]
-    lines = []
-    for line in cells:
-        lines.append(
-            "  ".join(c.ljust(w) if i == 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-        )
-    return "\n".join(lines)
+    justify = [
+        str.ljust if key == "name" else str.rjust for key, _, _ in _COLUMNS
+    ]  # names left, numbers right
+    return "\n".join(
+        "  ".join(j(c, w) for j, c, w in zip(justify, line, widths, strict=True)) for line in cells
+    )
 
 
 def _json_safe(value: Any) -> Any:
@@ -183,7 +176,7 @@ def _positive_int(minimum: int):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lmfused.analyze",
-        description="Per-block transport analysis (Sonoda & Murata) and LM coefficients (Lu et al.) of a model.",
+        description="Per-block transport analysis (Sonoda & Murata) and LM coefficients (Lu et al.).",
     )
     parser.add_argument("--model", required=True, help="model name, as for lmfused.models.create_model")
     parser.add_argument("--checkpoint", type=Path, help="torch.save'd dict with 'model', or a state dict")

@@ -7,7 +7,8 @@ Two readings of a residual network as a discretised ODE:
   :class:`FlowRecorder` captures the states u_n block by block and :func:`transport_metrics` measures each
   step (displacement, kinetic energy, straightness, entropy of the feature distribution, W2 distance). The
   deep Gaussian denoising autoencoder, whose transport lowers entropy, has closed forms here
-  (:func:`gaussian_dae_map`, :func:`gaussian_dae_entropy_drop`) and a demo: ``python -m lmfused.analysis.dae``.
+  (:func:`gaussian_dae_map`, :func:`gaussian_dae_entropy_drop`) and a demo:
+  ``python -m lmfused.analysis.dae``.
 - Lu, Zhong, Li & Dong, *Beyond Finite Layer Neural Networks* (ICML 2018): the LM step is a second-order
   discretisation of the modified equation (1 + k) u' + (1 - k) (dt/2) u'' = f(u); :func:`lm_coefficients`
   reports each block's k_n with that reading.

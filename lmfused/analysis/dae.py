@@ -1,7 +1,10 @@
 """Deep Gaussian denoising autoencoder demo (Sonoda & Murata, *Transport analysis of infinitely deep neural
-network*, JMLR 2019): ``python -m lmfused.analysis.dae [--steps T] [--sigma S] [--iters N] [--seed K] [--out DIR]``.
+network*, JMLR 2019).
 
-On 2-D Gaussian-mixture data it shows the two findings of the paper that the summary quotes:
+Usage: ``python -m lmfused.analysis.dae [--steps T] [--sigma S] [--iters N] [--seed K] [--width W]
+[--out DIR]``.
+
+On 2-D Gaussian-mixture data it illustrates two findings of that paper:
 
 1. **A deep Gaussian DAE transports mass so that the entropy falls.** A DAE with noise s, applied to the
    data themselves, is a transport map; for a distribution with covariance C the best *linear* DAE is
@@ -121,7 +124,7 @@ def train_dae(
 
 
 def fit_linear_dae(x: Tensor, sigma: float, *, generator: torch.Generator) -> Tensor:
-    """The linear DAE W (D, D) trained on centred samples ``x`` (M, D): least squares for W (x + sigma eps) ~ x.
+    """The linear DAE W (D, D) trained on centred samples ``x`` (M, D): least squares, W (x + sigma eps) ~ x.
 
     Least squares is the exact minimiser of the empirical DAE loss over linear maps; as M grows W tends to
     C (C + sigma^2 I)^-1 for the covariance C of the data, whatever their distribution
@@ -254,12 +257,8 @@ def _print_report(result: dict[str, Any]) -> None:
     print(f"shallow DAE (one step, noise sigma): {shallow_c:.4f} closed form, {shallow_t:.4f} transported")
 
     names = list(training)
-    labels = [
-        f"{n} ({training[n]['steps']}x{training[n]['width']}, {training[n]['parameters']} p)" for n in names
-    ]
-    print(
-        f"\n2. Training to denoise x + sigma*eps -> x (Adam, lr {cfg['lr']}, batch {cfg['batch']}): mean loss"
-    )
+    labels = [f"{n} ({e['steps']}x{e['width']}, {e['parameters']} p)" for n, e in training.items()]
+    print(f"\n2. Training to denoise x + sigma*eps -> x (Adam, lr {cfg['lr']}, batch {cfg['batch']}): loss")
     print(f"{'iterations':>12}  " + "  ".join(f"{label:>24}" for label in labels))
     for row in zip(*(training[n]["windows"] for n in names), strict=True):
         span = f"{row[0][0]}-{row[0][1]}"
@@ -324,9 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: threads only add overhead
     try:
-        result = run_demo(
-            steps=args.steps, sigma=args.sigma, iters=args.iters, seed=args.seed, width=args.width
-        )
+        result = run_demo(**{key: getattr(args, key) for key in ("steps", "sigma", "iters", "seed", "width")})
     finally:
         torch.set_num_threads(threads)
     _print_report(result)

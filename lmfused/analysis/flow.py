@@ -84,7 +84,7 @@ class FlowRecorder:
         self.blocks = find_lm_blocks(model)
         if not self.blocks:
             raise ValueError(
-                "model: no module with is_lm_block = True found (expected an lmfused model or a converted ResNet)"
+                "model: no module with is_lm_block = True (expected an lmfused model or converted ResNet)"
             )
         self.device = torch.device(device) if device is not None else None
         self.states: list[FlowState] = []
@@ -139,7 +139,7 @@ class FlowRecorder:
         self.states.clear()
 
     def trajectories(self, pass_index: int = -1) -> dict[int, list[FlowState]]:
-        """The states of one forward pass grouped per stage, ordered along depth (see :func:`group_trajectories`)."""
+        """The states of one forward pass grouped per stage, ordered by depth (:func:`group_trajectories`)."""
         return group_trajectories(self.states, pass_index)
 
 
@@ -222,7 +222,7 @@ def transport_metrics(
     Args:
         source: a :class:`FlowRecorder` after a forward pass, its ``states``, or trajectories as returned by
             :func:`group_trajectories`.
-        shrinkage: covariance shrinkage for the entropy and W2 fits (see :func:`~lmfused.analysis.gaussian_fit`).
+        shrinkage: covariance shrinkage of the entropy and W2 fits (:func:`~lmfused.analysis.gaussian_fit`).
         pass_index: which recorded forward pass to analyse when given a recorder or states (-1: the last).
     """
     if isinstance(source, FlowRecorder):

@@ -117,7 +117,7 @@ def gaussian_entropy_of_cov(cov: ArrayLike) -> float:
 
 
 def gaussian_entropy(x: ArrayLike, *, shrinkage: Shrinkage = "ledoit-wolf") -> float:
-    """Entropy in nats of the Gaussian fitted to samples ``x`` of shape (M, D): ``0.5 * logdet(2 pi e Sigma)``.
+    """Entropy (nats) of the Gaussian fitted to samples ``x`` of shape (M, D): ``0.5 * logdet(2 pi e Sigma)``.
 
     Sigma is the shrunk covariance of :func:`gaussian_fit` (Ledoit-Wolf by default, see there), computed in
     float64; for Gaussian data it converges to the analytic entropy as M grows. It is the quantity a deep
@@ -132,7 +132,7 @@ def gaussian_entropy(x: ArrayLike, *, shrinkage: Shrinkage = "ledoit-wolf") -> f
 
 
 def psd_sqrtm(a: ArrayLike) -> Tensor:
-    """Square root of a symmetric positive semi-definite matrix, via ``eigh`` with the eigenvalues clamped at 0.
+    """Square root of a symmetric positive semi-definite matrix, via ``eigh`` with eigenvalues clamped at 0.
 
     Clamping makes round-off (tiny negative eigenvalues of a PSD matrix) harmless; the result is symmetric
     PSD, in float64.
@@ -182,12 +182,12 @@ def _check_sigma(sigma: object) -> float:
 
 
 def gaussian_dae_map(cov: ArrayLike, sigma: float) -> Tensor:
-    """The optimal DAE for zero-mean Gaussian data N(0, cov) with noise sigma: the matrix cov (cov + sigma^2 I)^-1.
+    """The optimal DAE for zero-mean Gaussian data N(0, cov) with noise sigma: cov (cov + sigma^2 I)^-1.
 
     Minimising E||g(x + sigma * eps) - x||^2 over all maps g gives the posterior mean E[x | x + sigma * eps],
     which for Gaussian data is this linear shrinkage. Applied to the data themselves it is the transport map
-    of the shallow Gaussian DAE, x -> x + sigma^2 grad log(p * N(0, sigma^2 I))(x) (Sonoda & Murata, JMLR 2019).
-    For data with mean mu, apply it to x - mu and add mu back.
+    of the shallow Gaussian DAE, x -> x + sigma^2 grad log(p * N(0, sigma^2 I))(x) (Sonoda & Murata, JMLR
+    2019). For data with mean mu, apply it to x - mu and add mu back.
 
     Raises:
         ValueError: ``cov`` is not square, or ``sigma`` is negative or not finite.
@@ -199,7 +199,7 @@ def gaussian_dae_map(cov: ArrayLike, sigma: float) -> Tensor:
 
 
 def gaussian_dae_entropy_drop(cov: ArrayLike, sigma: float) -> float:
-    """How much the shallow Gaussian DAE map lowers the entropy of N(mu, cov): ``sum_i log(1 + sigma^2 / l_i)``.
+    """How much the shallow Gaussian DAE lowers the entropy of N(mu, cov): ``sum_i log(1 + sigma^2 / l_i)``.
 
     A linear map A changes entropy by ``log|det A|``; for A = cov (cov + sigma^2 I)^-1 (see
     :func:`gaussian_dae_map`) that is ``sum_i log(l_i / (l_i + sigma^2))`` over the eigenvalues l_i of cov, so

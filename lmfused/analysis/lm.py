@@ -9,7 +9,7 @@ t = t_n in Taylor series:
 so, dividing by dt, the scheme is a second-order accurate discretisation of the *modified equation*
 (Lu et al., section on modified equations)
 
-    (1 + k) u' + (1 - k) (dt / 2) u'' = f(u),  i.e.  u' + c u'' = f(u) / (1 + k),  c = (1 - k) dt / (2 (1 + k)),
+    (1 + k) u' + (1 - k) (dt / 2) u'' = f(u),  i.e.  u' + c u'' = f(u) / (1 + k),  c = (1-k) dt / (2 (1+k)),
 
 while it approximates the plain ODE (1 + k) u' = f(u) only to first order (its local error is
 (1 - k) dt^2/2 u''). Two readings follow, reported per block by :func:`lm_coefficients`:
@@ -45,7 +45,7 @@ def modified_equation_coefficients(
 
     The LM step with coefficient k is a second-order discretisation of u' + inertia * u'' = f(u) / (1 + k),
     the modified equation of Lu et al. (ICML 2018) divided by (1 + k); see the module docstring. ``k`` may
-    be a number or a tensor (elementwise, float64 result); k = -1 gives inf.
+    be a number (floats returned) or a tensor (float64 tensors returned, elementwise); k = -1 gives inf.
 
     Raises:
         ValueError: ``dt`` is not a finite positive number.
@@ -70,7 +70,7 @@ def block_lm_coefficient(block: nn.Module) -> nn.Parameter | None:
 
 
 def lm_coefficients(model: nn.Module, *, dt: float = 1.0) -> list[dict[str, Any]]:
-    """The learned k_n of every LM block of ``model`` with its modified-equation reading (Lu et al., ICML 2018).
+    """The learned k_n of every LM block of ``model`` and its modified-equation reading (Lu et al., 2018).
 
     One dict per block (order and indices as in :func:`~lmfused.analysis.FlowRecorder`): ``name``, ``stage``,
     ``block``, ``channels`` (1 for a scalar k, C for a per-channel k), the summary ``k`` (mean), ``k_std``,
