@@ -67,6 +67,22 @@ def median_ms(
     return statistics.median(times)
 
 
+def graph_ms(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Median GPU time of ``fn`` replayed from a CUDA graph: the kernels alone, without Python and launch
+    overhead (None on CPU, or if ``fn`` cannot be captured)."""
+    if device.type != "cuda":
+        return None
+    import triton.testing
+
+    try:
+        fn()  # compile / autotune outside the capture
+        torch.cuda.synchronize()
+        return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
+    except Exception as exc:  # noqa: BLE001 - a provider that cannot be captured just has no graph time
+        print(f"(no CUDA-graph time: {type(exc).__name__}: {exc})")
+        return None
+
+
 def copy_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth (bytes read + bytes written), the roofline every row is held to."""
     if device.type != "cuda":

@@ -8,8 +8,10 @@ Providers: ``eager`` (the original code's composition, in the activation dtype),
 ``compile-max`` (torch.compile of that composition, default mode and max-autotune-no-cudagraphs; measured on
 the configurations with scale and relu on, to keep compilation time bounded), and the
 lmfused backends (``triton``, ``cuda``; ``reference`` on CPU). Modes: fwd, bwd, fwd+bwd. Every row reports the
-median time, the bandwidth achieved counting DESIGN.md's minimum bytes, its fraction of a device-to-device
-copy measured in the same run, the speedup over eager and over the best compile mode, and peak memory.
+median time per call as a Python loop sees it (``median_ms``, launch overhead included) and the kernels' own
+time replayed from a CUDA graph (``gpu_ms``), the bandwidth achieved counting DESIGN.md's minimum bytes and
+its fraction of a device-to-device copy measured in the same run,
+the speedup over eager and over the best compile mode, and peak memory.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 import lmfused
-from bench.common import ROOT, copy_gbps, environment, median_ms, print_table, write_json
+from bench.common import ROOT, copy_gbps, environment, graph_ms, median_ms, print_table, write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -123,8 +125,8 @@ def inputs(config: Config, device: torch.device, requires_grad: bool):
     return u, u_prev, f, k, scale
 
 
-def measure(config: Config, provider: str, device: torch.device) -> dict[str, tuple[float, float]]:
-    """{mode: (median_ms, peak_mem_mb)} for one configuration and provider."""
+def measure(config: Config, provider: str, device: torch.device) -> dict[str, tuple]:
+    """{mode: (median_ms, peak_mem_mb, graph_ms)} for one configuration and provider."""
     fn = make_fn(provider, config.relu)
     results = {}
     u, u_prev, f, k, scale = inputs(config, device, requires_grad=False)
@@ -137,14 +139,15 @@ def measure(config: Config, provider: str, device: torch.device) -> dict[str, tu
     return results
 
 
-def _timed(fn, device: torch.device) -> tuple[float, float]:
+def _timed(fn, device: torch.device) -> tuple[float, float | None, float | None]:
+    """Wall time per call (what a Python loop sees), peak memory, and kernel time from a CUDA graph."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     ms = median_ms(fn, device)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
-    return ms, peak
+    return ms, peak, graph_ms(fn, device)
 
 
 def run(grid_name: str, device: torch.device, only: list[str] | None = None) -> dict:
@@ -157,8 +160,10 @@ def run(grid_name: str, device: torch.device, only: list[str] | None = None) -> 
             p: measure(config, p, device) for p in names if not p.startswith("compile") or compiles(config)
         }
         for provider, mode in itertools.product(measured, MODES):
-            ms, peak = measured[provider][mode]
-            gbps = min_bytes(config, mode, itemsize) / ms / 1e6
+            ms, peak, gpu_ms = measured[provider][mode]
+            nbytes = min_bytes(config, mode, itemsize)
+            gbps = nbytes / ms / 1e6
+            gpu_gbps = nbytes / gpu_ms / 1e6 if gpu_ms else None
             compile_best = min(
                 (measured[p][mode][0] for p in ("compile", "compile-max") if p in measured), default=None
             )
@@ -172,6 +177,9 @@ def run(grid_name: str, device: torch.device, only: list[str] | None = None) -> 
                     "gbps": gbps,
                     "copy_gbps": copy,
                     "frac_of_copy": gbps / copy,
+                    "gpu_ms": gpu_ms,
+                    "gpu_gbps": gpu_gbps,
+                    "gpu_frac_of_copy": gpu_gbps / copy if gpu_gbps else None,
                     "speedup_vs_eager": measured["eager"][mode][0] / ms if "eager" in measured else None,
                     "speedup_vs_compile": compile_best / ms if compile_best else None,
                     "peak_mem_mb": peak,
@@ -182,20 +190,10 @@ def run(grid_name: str, device: torch.device, only: list[str] | None = None) -> 
 
 
 COLUMNS = [
-    ("shape", "s"),
-    ("dtype", "s"),
-    ("layout", ".6s"),
-    ("k", ".4s"),
-    ("scale", "d"),
-    ("relu", "d"),
-    ("provider", "s"),
-    ("mode", "s"),
-    ("median_ms", ".3f"),
-    ("gbps", ".0f"),
-    ("frac_of_copy", ".2f"),
-    ("speedup_vs_eager", ".2f"),
-    ("speedup_vs_compile", ".2f"),
-]
+    ("shape", "s"), ("dtype", "s"), ("layout", ".6s"), ("k", ".4s"), ("scale", "d"), ("relu", "d"),
+    ("provider", "s"), ("mode", "s"), ("median_ms", ".3f"), ("frac_of_copy", ".2f"), ("gpu_ms", ".3f"),
+    ("gpu_frac_of_copy", ".2f"), ("speedup_vs_eager", ".2f"), ("speedup_vs_compile", ".2f"),
+]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

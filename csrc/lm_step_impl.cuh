@@ -70,7 +70,9 @@ template <typename T>
 size_t workspace_bytes_typed(const LMStepShape& sh) {
   const int64_t a = make_geometry(sh, 1).num_partials;
   const int64_t b = make_geometry(sh, max_vec<T>()).num_partials;
-  return static_cast<size_t>(a > b ? a : b) * sizeof(acc_t<T>);
+  // Channels-last with scalar k sums columns first: room for the C column sums after the partials.
+  const int64_t column_sums = sh.channels_last ? sh.C : 0;
+  return static_cast<size_t>((a > b ? a : b) + column_sums) * sizeof(acc_t<T>);
 }
 
 template <typename T>
@@ -136,10 +138,22 @@ cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const vo
   });
   if (err != cudaSuccess || !need_k) return err;
 
+  const A* partials = static_cast<const A*>(workspace);
+  if (k_numel == 1 && sh.channels_last) {
+    // Scalar k, channels-last: RT x L partials are too many for one block. Sum each column in
+    // parallel (L blocks), then the L column sums: still a fixed order, still no atomics.
+    A* column_sums = static_cast<A*>(workspace) + g.num_partials;
+    reduce_partials_kernel<A><<<static_cast<unsigned>(g.L), kBlock, 0, stream>>>(
+        partials, column_sums, 1, g.L, g.RT);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    reduce_partials_kernel<A><<<1, kBlock, 0, stream>>>(column_sums, static_cast<A*>(grad_k), 0, 1,
+                                                         g.L);
+    return cudaGetLastError();
+  }
   const PartialsLayout p = partials_layout(g, sh, k_numel != 1);
   reduce_partials_kernel<A><<<static_cast<unsigned>(p.num_out), kBlock, 0, stream>>>(
-      static_cast<const A*>(workspace), static_cast<A*>(grad_k), p.stride_o, p.stride_i,
-      p.count);
+      partials, static_cast<A*>(grad_k), p.stride_o, p.stride_i, p.count);
   return cudaGetLastError();
 }
 

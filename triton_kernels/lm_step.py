@@ -14,6 +14,8 @@ so the partial-sum buffer's shape is known before launch.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -146,7 +148,12 @@ def lm_step_backward_kernel(
     """grad_u = (1-k) g, grad_u_prev = k g, grad_f = s g and partial sums of g (u_prev - u) on one tile."""
     pid = tl.program_id(0)
     pid_m, pid_l, rows, cols, row_ok, col_ok, offs, mask = _tile(pid, M, L, num_l_blocks, BLOCK_M, BLOCK_L)
+    # Every load before the first store: Triton must assume the pointers may alias, so a load after a
+    # store could not be hoisted, and fewer bytes would be in flight.
     g = _acc(tl.load(g_ptr + offs, mask=mask, other=0.0), FP64)
+    if NEED_K:
+        u = _acc(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
+        u_prev = _acc(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
     if RELU:
         out = tl.load(out_ptr + offs, mask=mask, other=0.0)
         g = tl.where(out > 0, g, 0.0)
@@ -162,8 +169,6 @@ def lm_step_backward_kernel(
             grad_f = g * _sample_scale(scale_ptr, rows, row_ok, rows_per_sample, FP64)
         tl.store(grad_f_ptr + offs, grad_f.to(grad_f_ptr.dtype.element_ty), mask=mask)
     if NEED_K:
-        u = _acc(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
-        u_prev = _acc(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
         d = g * (u_prev - u)
         if CHANNELS_LAST:
             # One partial per column (channel): buffer (num_m_blocks, L).
@@ -180,6 +185,7 @@ def lm_step_backward_kernel(
 _TILE_ELEMENTS = 4096  # elements per program: 8 KiB of bf16 per tensor keeps enough bytes in flight
 
 
+@functools.lru_cache(maxsize=256)
 def _block_shape(plan: Plan) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_L, num_warps): a fixed function of the shape, so partial buffers are known up front."""
     L = plan.row_len
