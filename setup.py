@@ -16,6 +16,7 @@ PACKAGES = [
     "lmfused.nn",
     "lmfused.models",
     "lmfused.analysis",
+    "lmfused.train",
     "lmfused.triton_kernels",
 ]
 

@@ -64,7 +64,7 @@ if wants train; then
   for backend in triton cuda; do
     run_step "train-$backend" 100 $PY -m lmfused.train --model lm_resnext50_32x4d --data synthetic --amp bf16 \
       --channels-last --backend "$backend" --max-steps 30 --batch-size 64 --out "/tmp/train-$backend" \
-      --no-progress && cp "/tmp/train-$backend/summary.json" "$OUT/train-$backend.json"
+      --overwrite --no-progress && cp "/tmp/train-$backend/summary.json" "$OUT/train-$backend.json"
   done
 fi
 

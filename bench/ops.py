@@ -67,6 +67,9 @@ def grid(name: str, device: torch.device) -> list[Config]:
     return headline + [c for c in sweep if c not in headline]
 
 
+CUDA_GRAPH_TIMES = False  # set by --cuda-graph
+
+
 def compiles(config: Config) -> bool:
     """Whether the torch.compile providers are measured on ``config`` (each costs minutes of autotuning)."""
     return config.scale and config.relu
@@ -147,7 +150,7 @@ def _timed(fn, device: torch.device) -> tuple[float, float | None, float | None]
         base = torch.cuda.memory_allocated()
     ms = median_ms(fn, device)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
-    return ms, peak, graph_ms(fn, device)
+    return ms, peak, graph_ms(fn, device) if CUDA_GRAPH_TIMES else None
 
 
 def run(grid_name: str, device: torch.device, only: list[str] | None = None) -> dict:
@@ -203,7 +206,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", choices=["full", "headline", "smoke"], default="full")
     parser.add_argument("--providers", nargs="+", default=None, help="subset of providers to run")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench", help="output folder")
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="also time kernels replayed from a CUDA graph"
+    )
     args = parser.parse_args(argv)
+    global CUDA_GRAPH_TIMES
+    CUDA_GRAPH_TIMES = args.cuda_graph
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = run(args.grid, device, args.providers)
     env = result["environment"]

@@ -100,10 +100,15 @@ def _autograd_backward(backward_op) -> Callable:
 # ----------------------------------------------------------------------------------------------------------
 
 
+_TRITON_IMPORT_ERROR = ""
+
+
 def _triton_implementations() -> tuple[Callable, Callable] | None:
+    global _TRITON_IMPORT_ERROR
     try:
         from lmfused.triton_kernels import lm_step as kernels
-    except ImportError:  # triton is not installed
+    except ImportError as exc:  # triton missing, or lmfused run from a source tree without installing
+        _TRITON_IMPORT_ERROR = f"{exc} (install triton, and lmfused with pip install -e .)"
         return None
     return kernels.lm_step_forward_triton, kernels.lm_step_backward_triton
 
@@ -155,7 +160,7 @@ def _backend_unavailable_reason(backend: str, device_type: str) -> str | None:
         return None
     if backend == "triton":
         if _TRITON is None:
-            return "triton is not installed"
+            return f"the Triton kernels cannot be imported: {_TRITON_IMPORT_ERROR}"
         if device_type == "cuda":
             return None
         if os.environ.get("TRITON_INTERPRET") == "1":

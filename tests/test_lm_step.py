@@ -265,7 +265,8 @@ def test_more_than_2_to_the_31_elements(backend):
     want = lmfused.lm_step(
         u[tail].contiguous(), u_prev[tail].contiguous(), f[tail].contiguous(), k.detach(), backend="reference"
     )
-    torch.testing.assert_close(out[tail], want, atol=0, rtol=0)
+    # The kernels may fuse multiply-adds that the reference rounds separately: allow one bf16 ulp.
+    torch.testing.assert_close(out[tail], want, atol=1e-6, rtol=2**-7)
     out.backward(torch.ones_like(out))
     ref = ((u_prev.float() - u.float()).sum(dim=(0, 2, 3))).double()
     torch.testing.assert_close(k.grad.double(), ref, rtol=1e-4, atol=1.0)

@@ -185,18 +185,25 @@ def lm_step_backward_kernel(
 _TILE_ELEMENTS = 4096  # elements per program: 8 KiB of bf16 per tensor keeps enough bytes in flight
 
 
-@functools.lru_cache(maxsize=256)
 def _block_shape(plan: Plan) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_L, num_warps): a fixed function of the shape, so partial buffers are known up front."""
-    L = plan.row_len
-    if plan.channels_last:
+    """(BLOCK_M, BLOCK_L, num_warps): a fixed function of the shape, so partial buffers are known up front.
+
+    Block sizes are compile-time constants, so a symbolic shape (torch.compile with dynamic shapes) is
+    specialised here.
+    """
+    return _block_shape_static(plan.channels_last, int(plan.rows), int(plan.row_len))
+
+
+@functools.lru_cache(maxsize=256)
+def _block_shape_static(channels_last: bool, rows: int, L: int) -> tuple[int, int, int]:
+    if channels_last:
         block_l = min(triton.next_power_of_2(L), _TILE_ELEMENTS)
     else:
         # The row length is the spatial size (3136, 784, 196, 49 in a ResNet): pick the power of two
         # that wastes the fewest masked lanes, preferring longer rows on ties.
         candidates = [b for b in (32, 64, 128, 256, 512, 1024) if b <= max(32, triton.next_power_of_2(L))]
         block_l = min(candidates, key=lambda b: (triton.cdiv(L, b) * b, -b))
-    block_m = max(1, min(triton.next_power_of_2(plan.rows), _TILE_ELEMENTS // block_l))
+    block_m = max(1, min(triton.next_power_of_2(rows), _TILE_ELEMENTS // block_l))
     num_warps = 8 if block_m * block_l >= 4096 else 4
     return block_m, block_l, num_warps
 

@@ -1,0 +1,132 @@
+"""Turn benchmark JSON into the README's results table and a bandwidth plot.
+
+    python -m bench.report bench/results/ops-nvidia-h100-80gb-hbm3.json [--models M.json] [--png out.png]
+
+Prints a Markdown table (paste between the RESULTS markers of README.md, or pass --readme to replace them)
+of the headline shape: every provider, mode and layout, with the fraction of copy bandwidth achieved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bench.common import ROOT
+
+BEGIN, END = "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->"
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.0f}"
+
+
+def ops_table(payload: dict) -> str:
+    """Markdown table of the op rows (one line per provider, mode and configuration)."""
+    env = payload["environment"]
+    header = ["shape", "dtype", "layout", "k", "scale", "relu", "provider", "mode", "wall ms", "% copy",
+              "gpu ms", "% copy (gpu)", "vs eager", "vs best compile"]  # fmt: skip
+    lines = [
+        f"Op benchmark on {env['device']} (torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, "
+        f"commit {env['commit']}); copy {payload['copy_gbps']:.0f} GB/s.",
+        "`wall`: median time per call from a Python loop (launch overhead included); `gpu`: the kernels "
+        "replayed from a CUDA graph; `% copy`: DESIGN.md's minimum bytes over the time, against the copy.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for r in payload["rows"]:
+        cells = [r["shape"], r["dtype"], r["layout"], r["k"], int(r["scale"]), int(r["relu"]), r["provider"],
+                 r["mode"], f"{r['median_ms']:.3f}", _percent(r["frac_of_copy"]),
+                 _fmt(r.get("gpu_ms"), ".3f"), _percent(r.get("gpu_frac_of_copy")),
+                 _fmt(r.get("speedup_vs_eager"), ".2f"),
+                 _fmt(r.get("speedup_vs_compile"), ".2f")]  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def models_table(payload: dict) -> str:
+    env = payload["environment"]
+    lines = [
+        f"Training step on {env['device']} (torch {env['torch']}, commit {env['commit']}), "
+        f"{payload['image_size']}px, bf16 autocast, channels_last, SGD:",
+        "",
+        "| model | provider | compiled | batch | img/s | peak GB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in payload["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['provider']} | {int(r['compiled'])} | {r['batch']} | {r['img_per_s']:.0f} "
+            f"| {_fmt(r['peak_mem_gb'], '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(payload: dict, path: Path) -> None:
+    """Bar chart: fraction of copy bandwidth per provider, mode and configuration (CUDA-graph time where
+    measured, else wall time)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "gpu_frac_of_copy" if any(r.get("gpu_frac_of_copy") for r in payload["rows"]) else "frac_of_copy"
+    rows = [r for r in payload["rows"] if r.get(metric) is not None]
+    keys = sorted({(r["shape"], r["layout"], r["k"], r["scale"], r["relu"]) for r in rows})
+    providers = sorted({r["provider"] for r in rows})
+    modes = ["fwd", "bwd", "fwd+bwd"]
+    fig, axes = plt.subplots(len(modes), 1, figsize=(max(8, len(keys) * 0.9), 9), sharex=True)
+    width = 0.8 / len(providers)
+    for ax, mode in zip(axes, modes, strict=True):
+        for i, provider in enumerate(providers):
+            values = []
+            for key in keys:
+                match = [
+                    r
+                    for r in rows
+                    if (r["shape"], r["layout"], r["k"], r["scale"], r["relu"]) == key
+                    and r["provider"] == provider
+                    and r["mode"] == mode
+                ]
+                values.append(match[0][metric] if match else 0.0)
+            ax.bar([x + i * width for x in range(len(keys))], values, width, label=provider)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_ylabel(f"{mode}: {metric}")
+    axes[-1].set_xticks([x + 0.4 for x in range(len(keys))])
+    axes[-1].set_xticklabels(
+        [f"{s}\n{lay[:6]} k={k[:4]}\ns{int(sc)} r{int(re)}" for s, lay, k, sc, re in keys], fontsize=6
+    )
+    axes[0].legend(ncol=len(providers), fontsize=7)
+    axes[0].set_title(f"lm_step bandwidth vs copy, {payload['environment']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("ops", type=Path, help="ops JSON from bench.ops")
+    parser.add_argument("--models", type=Path, help="models JSON from bench.models")
+    parser.add_argument("--png", type=Path, help="write the bandwidth plot here")
+    parser.add_argument("--readme", action="store_true", help="replace the results section of README.md")
+    args = parser.parse_args(argv)
+    text = ops_table(json.loads(args.ops.read_text()))
+    if args.models:
+        text += "\n\n" + models_table(json.loads(args.models.read_text()))
+    if args.png:
+        plot(json.loads(args.ops.read_text()), args.png)
+    if args.readme:
+        readme = ROOT / "README.md"
+        content = readme.read_text()
+        start, end = content.index(BEGIN) + len(BEGIN), content.index(END)
+        readme.write_text(content[:start] + "\n" + text + "\n" + content[end:])
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

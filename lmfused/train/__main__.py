@@ -1,0 +1,5 @@
+"""``python -m lmfused.train``."""
+
+from lmfused.train.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,339 @@
+"""Training data for ``lmfused.train``: synthetic, scikit-learn digits, CIFAR-10 and image folders.
+
+Every source yields the batches of one rank for one epoch, starting at any step of it, so that a resumed run
+continues exactly. The data order is a function of (seed, epoch) only (``DistributedSampler`` with
+``set_epoch``); the in-memory sources (synthetic, digits, cifar10) draw their augmentation per batch from one
+generator whose state is checkpointed. Image folders augment per sample in loader processes (torchvision
+transforms): their order resumes exactly, their augmentation draws do not.
+
+Nothing is ever downloaded: cifar10 and imagefolder read a local directory through torchvision, which stays
+optional (a clear error names it when it is missing).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from lmfused.train.config import TrainConfig, UsageError
+
+__all__ = ["DataSource", "ImageFolderSource", "TensorSource", "build_source", "random_crop_flip"]
+
+Batch = tuple[Tensor, Tensor]
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# CIFAR augmentation: a random 32x32 crop of the image zero-padded by 4 pixels, then a flip; other sizes pad
+# by the same fraction (size / 8).
+CROP_PADDING_FRACTION = 8
+DIGITS_VAL_FRACTION, DIGITS_SPLIT_SEED = 0.2, 0  # fixed split, independent of --seed
+
+
+def random_crop_flip(x: Tensor, padding: int, generator: torch.Generator, flip: bool = True) -> Tensor:
+    """Per-sample random crop of the zero-padded batch and random horizontal flip (CIFAR augmentation).
+
+    Args:
+        x: images (N, C, H, W), any device.
+        padding: pixels of zero padding on each side; each crop is an H x W window of the padded image.
+        generator: CPU generator of the offsets and flips (its state decides the draws on any device).
+        flip: flip half of the images horizontally (off for digits: a mirrored digit is another symbol).
+
+    Returns:
+        The augmented batch (N, C, H, W), channels-last strided.
+    """
+    n, _, h, w = x.shape
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(x.device)
+    flipped = (torch.rand(n, generator=generator) < 0.5).to(x.device) if flip else None
+    rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # (N, H) rows of each window
+    cols = offsets[1, :, None] + torch.arange(w, device=x.device)  # (N, W)
+    if flipped is not None:  # flipping the crop = reading its columns backwards
+        cols = torch.where(flipped[:, None], cols.flip(1), cols)
+    padded = F.pad(x, (padding, padding, padding, padding)).permute(0, 2, 3, 1)  # (N, H+2p, W+2p, C)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def _normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype)[:, None, None]
+    std_t = torch.tensor(std, device=x.device, dtype=x.dtype)[:, None, None]
+    return (x - mean_t) / std_t
+
+
+def _epoch_indices(size: int, cfg: TrainConfig, rank: int, epoch: int) -> list[int]:
+    """This rank's sample indices for ``epoch``: a permutation seeded by seed + epoch, split across ranks."""
+    sampler = DistributedSampler(
+        range(size), num_replicas=cfg.world_size, rank=rank, shuffle=True, seed=cfg.seed, drop_last=False
+    )
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def _shard(size: int, rank: int, world_size: int) -> list[int]:
+    """Evaluation indices of one rank: every sample exactly once over all ranks (no padding duplicates)."""
+    return list(range(rank, size, world_size))
+
+
+class DataSource:
+    """Batches of one rank: ``train_batches(epoch, start_step)`` and ``val_batches()``, on the device.
+
+    Images come out normalised, float32, contiguous (the training loop chooses the memory format).
+    """
+
+    steps_per_epoch: int
+    num_classes: int
+
+    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """The training batches of ``epoch`` from step ``start_step`` on."""
+        raise NotImplementedError
+
+    def val_batches(self) -> Iterator[Batch]:
+        """The validation batches of this rank (possibly none)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Random state to checkpoint (the augmentation generator)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+class TensorSource(DataSource):
+    """In-memory images (float in [0, 1] or uint8), CIFAR augmentation drawn from a checkpointed generator.
+
+    Synthetic data is a TensorSource too, without stored images: each batch is drawn from a generator keyed by
+    (seed, split, epoch, step, rank) on the device, so it is reproducible and costs no host work.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        rank: int,
+        device: torch.device,
+        *,
+        train: Batch | None,
+        val: Batch | None,
+        mean: Sequence[float],
+        std: Sequence[float],
+        num_classes: int,
+        flip: bool = True,
+    ) -> None:
+        self.cfg, self.rank, self.device = cfg, rank, device
+        self.flip = flip
+        self.train, self.val = train, val
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.num_classes = num_classes
+        self.augment_generator = torch.Generator().manual_seed(cfg.seed + 1_000_003 * (rank + 1))
+        train_size = cfg.synthetic_size if train is None else len(train[1])
+        self.steps_per_epoch = train_size // cfg.global_batch_size
+        if self.steps_per_epoch == 0:
+            what = "--synthetic-size" if train is None else f"the {train_size} training samples"
+            raise UsageError(f"{what}: fewer than one global batch ({cfg.global_batch_size} samples)")
+
+    def _synthetic(self, split: int, epoch: int, step: int) -> Batch:
+        key = (((self.cfg.seed * 7919 + split) * 1_000_003 + epoch) * 1_000_003 + step) * 4099 + self.rank
+        gen = torch.Generator(device=self.device).manual_seed(key % (2**63))
+        size, b = self.cfg.image_size, self.cfg.batch_size
+        images = torch.rand(b, 3, size, size, generator=gen, device=self.device)
+        labels = torch.randint(0, self.num_classes, (b,), generator=gen, device=self.device)
+        return images, labels
+
+    def _prepare(self, images: Tensor, labels: Tensor, augment: bool) -> Batch:
+        images = images.to(self.device, non_blocking=True)
+        images = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+        if augment:
+            padding = max(1, images.shape[-1] // CROP_PADDING_FRACTION)
+            images = random_crop_flip(images, padding, self.augment_generator, flip=self.flip)
+        return _normalize(images, self.mean, self.std).contiguous(), labels.to(self.device, non_blocking=True)
+
+    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        b = self.cfg.batch_size
+        indices = (
+            None if self.train is None else _epoch_indices(len(self.train[1]), self.cfg, self.rank, epoch)
+        )
+        for step in range(start_step, self.steps_per_epoch):
+            if indices is None:
+                images, labels = self._synthetic(0, epoch, step)
+            else:
+                batch = torch.tensor(indices[step * b : (step + 1) * b])
+                images, labels = self.train[0][batch], self.train[1][batch]
+            yield self._prepare(images, labels, self.cfg.augment)
+
+    def val_batches(self) -> Iterator[Batch]:
+        b = self.cfg.batch_size
+        if self.val is None:  # synthetic: a fifth of an epoch, at least one batch per rank
+            for step in range(max(1, self.steps_per_epoch // 5)):
+                yield self._prepare(*self._synthetic(1, 0, step), augment=False)
+            return
+        shard = torch.tensor(_shard(len(self.val[1]), self.rank, self.cfg.world_size), dtype=torch.long)
+        for start in range(0, len(shard), b):
+            batch = shard[start : start + b]
+            yield self._prepare(self.val[0][batch], self.val[1][batch], augment=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"augment_generator": self.augment_generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.augment_generator.set_state(state["augment_generator"])
+
+
+class _ListSampler(Sampler[int]):
+    """Exactly the given indices, in order (an epoch's order, already cut to where a resumed run starts)."""
+
+    def __init__(self, indices: list[int]) -> None:
+        self.indices = indices
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class ImageFolderSource(DataSource):
+    """``DIR/train`` and ``DIR/val`` class folders (the ImageNet layout), decoded and augmented by torchvision
+    in loader processes: random-resized crop + flip for training, resize + center crop for validation."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, device: torch.device) -> None:
+        root = _data_dir(cfg)
+        tv = _import_torchvision("imagefolder")
+        for split in ("train", "val"):
+            if not (root / split).is_dir():
+                raise UsageError(f"--data-dir: {root} has no '{split}' folder (expected DIR/train, DIR/val)")
+        t = tv.transforms
+        size = cfg.image_size
+        normalize = [t.ToTensor(), t.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        train_tf = [t.RandomResizedCrop(size), t.RandomHorizontalFlip()] if cfg.augment else [t.Resize(size)]
+        # Validation: resize to size / 0.875 (256 for 224), then the central size x size crop.
+        val_tf = [t.Resize(int(math.ceil(size / 0.875))), t.CenterCrop(size)]
+        try:
+            self.train_set = tv.datasets.ImageFolder(str(root / "train"), t.Compose(train_tf + normalize))
+            self.val_set = tv.datasets.ImageFolder(str(root / "val"), t.Compose(val_tf + normalize))
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise UsageError(f"--data-dir: cannot read image folders under {root}: {exc}") from None
+        if self.val_set.classes != self.train_set.classes:
+            raise UsageError(f"--data-dir: the class folders of {root}/train and {root}/val differ")
+        self.cfg, self.rank, self.device = cfg, rank, device
+        self.num_classes = len(self.train_set.classes)
+        self.steps_per_epoch = len(self.train_set) // cfg.global_batch_size
+        if self.steps_per_epoch == 0:
+            raise UsageError(f"--data-dir: {root}/train holds fewer images than one global batch")
+
+    def _loader(self, dataset: Any, indices: list[int], seed: int, drop_last: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.cfg.batch_size,
+            sampler=_ListSampler(indices),
+            num_workers=self.cfg.workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=drop_last,
+            # Loader-process seeds follow (seed, epoch, rank), not the global generator.
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def _to_device(self, loader: DataLoader) -> Iterator[Batch]:
+        for images, labels in loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        indices = _epoch_indices(len(self.train_set), self.cfg, self.rank, epoch)
+        indices = indices[start_step * self.cfg.batch_size : self.steps_per_epoch * self.cfg.batch_size]
+        seed = (self.cfg.seed * 1_000_003 + epoch) * 4099 + self.rank
+        return self._to_device(self._loader(self.train_set, indices, seed, drop_last=True))
+
+    def val_batches(self) -> Iterator[Batch]:
+        indices = _shard(len(self.val_set), self.rank, self.cfg.world_size)
+        return self._to_device(self._loader(self.val_set, indices, self.cfg.seed, drop_last=False))
+
+
+def _import_torchvision(dataset: str) -> Any:
+    try:
+        import torchvision
+    except Exception as exc:  # ImportError, or an install that does not match this torch
+        raise UsageError(
+            f"--data {dataset}: needs the optional package torchvision, which cannot be imported "
+            f"({type(exc).__name__}: {exc}); install a torchvision built for this torch"
+        ) from None
+    return torchvision
+
+
+def _data_dir(cfg: TrainConfig) -> Path:
+    root = Path(cfg.data_dir).expanduser()
+    if not root.is_dir():
+        raise UsageError(f"--data-dir: {root} is not a directory")
+    return root
+
+
+def _resize(images: Tensor, size: int) -> Tensor:
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8) if images.dtype == torch.uint8 else out.clamp_(0, 1)
+
+
+def _digits(cfg: TrainConfig, rank: int, device: torch.device) -> TensorSource:
+    """scikit-learn's bundled 8x8 handwritten digits, upscaled (bilinear) to the image size, 3 channels, a
+    fixed 80/20 train/val split; normalised with the training split's mean and std."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise UsageError("--data digits: needs scikit-learn (pip install scikit-learn)") from None
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).float().div_(16.0).unsqueeze(1)  # pixel values 0..16
+    images = _resize(images, cfg.image_size).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.from_numpy(digits.target).long()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
+    n_val = int(len(labels) * DIGITS_VAL_FRACTION)
+    val, train = order[:n_val], order[n_val:]
+    mean, std = images[train].mean().item(), images[train].std().item()
+    return TensorSource(
+        cfg,
+        rank,
+        device,
+        train=(images[train], labels[train]),
+        val=(images[val], labels[val]),
+        mean=(mean,) * 3,
+        std=(std,) * 3,
+        num_classes=10,
+        flip=False,
+    )
+
+
+def _cifar10(cfg: TrainConfig, rank: int, device: torch.device) -> TensorSource:
+    """CIFAR-10 from DIR/cifar-10-batches-py (torchvision's reader, download=False), in memory as uint8."""
+    root = _data_dir(cfg)
+    tv = _import_torchvision("cifar10")
+    splits = []
+    for train in (True, False):
+        try:
+            dataset = tv.datasets.CIFAR10(str(root), train=train, download=False)
+        except RuntimeError as exc:
+            raise UsageError(
+                f"--data-dir: no CIFAR-10 data in {root} (expected {root}/cifar-10-batches-py, the python "
+                f"version; nothing is downloaded): {exc}"
+            ) from None
+        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) uint8
+        splits.append((_resize(images, cfg.image_size), torch.tensor(dataset.targets, dtype=torch.long)))
+    return TensorSource(
+        cfg, rank, device, train=splits[0], val=splits[1], mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=10
+    )
+
+
+def build_source(cfg: TrainConfig, rank: int, device: torch.device) -> DataSource:
+    """The data source of ``cfg.data`` for ``rank`` (UsageError when its data or packages are missing)."""
+    if cfg.data == "digits":
+        return _digits(cfg, rank, device)
+    if cfg.data == "cifar10":
+        return _cifar10(cfg, rank, device)
+    if cfg.data == "imagefolder":
+        return ImageFolderSource(cfg, rank, device)
+    mean, std = (0.5,) * 3, (0.29,) * 3  # uniform [0, 1) pixels: mean 1/2, std 1/sqrt(12)
+    return TensorSource(
+        cfg, rank, device, train=None, val=None, mean=mean, std=std, num_classes=cfg.num_classes
+    )
