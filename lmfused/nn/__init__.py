@@ -2,13 +2,20 @@
 
 * :class:`LMStep` / :class:`ResidualStep`: the fused LM update (learnable k) and the plain ResNet step, both
   with stochastic depth ("sample" or "batch" mode) and noise injection; :func:`linear_survival_schedule`,
-  :func:`seed_stochastic_depth`, :func:`make_step`.
+  :func:`seed_stochastic_depth`, :func:`stochastic_depth_generator`, :func:`make_step`.
 * :class:`LMStage`, :class:`PreActBlock`, :class:`PostActBlock`: blocks and stages that carry two states
   (u_n, u_{n-1}); the block protocol is described in :mod:`lmfused.nn.blocks`.
 """
 
 from lmfused.nn.blocks import LMBlock, LMStage, PostActBlock, PreActBlock
-from lmfused.nn.step import LMStep, ResidualStep, linear_survival_schedule, make_step, seed_stochastic_depth
+from lmfused.nn.step import (
+    LMStep,
+    ResidualStep,
+    linear_survival_schedule,
+    make_step,
+    seed_stochastic_depth,
+    stochastic_depth_generator,
+)
 
 __all__ = [
     "LMBlock",
@@ -20,4 +27,5 @@ __all__ = [
     "linear_survival_schedule",
     "make_step",
     "seed_stochastic_depth",
+    "stochastic_depth_generator",
 ]

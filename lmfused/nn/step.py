@@ -45,6 +45,7 @@ __all__ = [
     "linear_survival_schedule",
     "make_step",
     "seed_stochastic_depth",
+    "stochastic_depth_generator",
 ]
 
 MODES = ("sample", "batch")
@@ -135,6 +136,12 @@ def seed_stochastic_depth(seed: int) -> None:
     too): all ranks then drop the same blocks on the same steps without any communication.
     """
     _batch_drop_generator.manual_seed(int(seed))
+
+
+def stochastic_depth_generator() -> torch.Generator:
+    """The CPU generator behind every batch-mode drop decision, e.g. to checkpoint its state for an exact
+    resume (``get_state`` / ``set_state``)."""
+    return _batch_drop_generator
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmfused.nn import step as _step_module
+from lmfused.nn import stochastic_depth_generator
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -45,8 +45,7 @@ class CheckpointError(Exception):
 
 def sd_generator() -> torch.Generator:
     """The CPU generator behind every batch-mode stochastic-depth draw (shared by all LM modules)."""
-    # lmfused.nn exposes only seed_stochastic_depth(); resuming exactly needs the generator's full state.
-    return _step_module._batch_drop_generator
+    return stochastic_depth_generator()
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -1,0 +1,77 @@
+"""The CPU-runnable part of the benchmarks: byte counts, the op grid's rows, the report, a timed op."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+import lmfused
+from bench import ops, report
+
+ROW_KEYS = {
+    "provider",
+    "mode",
+    "shape",
+    "dtype",
+    "layout",
+    "k",
+    "scale",
+    "relu",
+    "median_ms",
+    "gbps",
+    "copy_gbps",
+}
+
+
+def test_minimum_bytes_follow_the_design():
+    """fwd: 3 reads + 1 write; bwd: g, u, u_prev (+ out with relu) read, 3 gradients written."""
+    config = ops.Config((2, 3, 4, 5), "bf16", "contiguous", "channel", True, False)
+    numel = math.prod(config.shape)
+    assert ops.min_bytes(config, "fwd", 2) == 4 * numel * 2
+    assert ops.min_bytes(config, "bwd", 2) == 6 * numel * 2
+    with_relu = dataclasses.replace(config, relu=True)
+    assert ops.min_bytes(with_relu, "fwd+bwd", 4) == (4 + 7) * numel * 4
+
+
+def test_eager_provider_matches_lm_step():
+    u, u_prev, f = (torch.randn(2, 3, 4, 5) for _ in range(3))
+    k, scale = torch.randn(3), torch.rand(2)
+    want = lmfused.lm_step(u, u_prev, f, k, scale=scale, relu=True, backend="reference")
+    torch.testing.assert_close(ops.eager_lm_step(u, u_prev, f, k, scale, True), want)
+
+
+@pytest.fixture(scope="module")
+def smoke_result():
+    return ops.run("smoke", torch.device("cpu"), only=["eager", "reference"])
+
+
+def test_op_grid_rows(smoke_result):
+    rows = smoke_result["rows"]
+    assert {r["provider"] for r in rows} == {"eager", "reference"}
+    assert {r["mode"] for r in rows} == set(ops.MODES)
+    for r in rows:
+        assert ROW_KEYS <= r.keys()
+        assert r["median_ms"] > 0 and r["gbps"] > 0 and r["copy_gbps"] > 0
+    assert {"device", "torch", "triton", "cuda", "commit"} <= smoke_result["environment"].keys()
+
+
+def test_report_table_and_plot(smoke_result, tmp_path):
+    path = tmp_path / "ops.json"
+    path.write_text(json.dumps(smoke_result))
+    table = report.ops_table(smoke_result)
+    assert table.count("\n| 8x32x16x16 |") == 2 * len(ops.MODES)  # one line per layout and mode
+    pytest.importorskip("matplotlib")
+    report.main([str(path), "--png", str(tmp_path / "ops.png")])
+    assert (tmp_path / "ops.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("backend", ["reference"])
+def test_benchmark_lm_step_cpu(benchmark, backend):
+    u, u_prev, f = (torch.randn(8, 32, 16, 16) for _ in range(3))
+    k = torch.randn(32)
+    out = benchmark(lambda: lmfused.lm_step(u, u_prev, f, k, relu=True, backend=backend))
+    assert out.shape == u.shape
