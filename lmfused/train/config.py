@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, help="data loader processes per rank for imagefolder (default 4)")
 
     g = p.add_argument_group("recipe")
-    g.add_argument("--epochs", type=int, help="epochs (default: family; synthetic 1, digits 3)")
+    g.add_argument("--epochs", type=int, help="epochs (default: family; synthetic 1, digits 2)")
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
     g.add_argument("--batch-size", type=int, help="batch size per process (default: family)")
     g.add_argument("--global-batch-size", type=int, help="batch size over all processes (alternative)")
