@@ -67,18 +67,47 @@ def median_ms(
     return statistics.median(times)
 
 
-def graph_ms(fn: Callable[[], object], device: torch.device) -> float | None:
+def graph_ms(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    stream: torch.cuda.Stream | None = None,
+    replays: int = 20,
+    repeats: int = 15,
+) -> float | None:
     """Median GPU time of ``fn`` replayed from a CUDA graph: the kernels alone, without Python and launch
-    overhead (None on CPU, or if ``fn`` cannot be captured)."""
+    overhead (None on CPU, or if ``fn`` cannot be captured).
+
+    ``fn`` is warmed up and captured on ``stream`` (a new side stream by default). A backward is replayed by
+    autograd on the stream its forward ran on, so to time only a backward, run the forward under
+    ``torch.cuda.stream(stream)`` first and pass the same stream here.
+    """
     if device.type != "cuda":
         return None
-    import triton.testing
-
+    stream = stream if stream is not None else torch.cuda.Stream()
     try:
-        fn()  # compile / autotune outside the capture
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # compile, autotune and fill the allocator outside the capture
+                fn()
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
         torch.cuda.synchronize()
-        return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(replays):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / replays)
+        del graph
+        return statistics.median(times)
     except Exception as exc:  # noqa: BLE001 - a provider that cannot be captured just has no graph time
+        torch.cuda.synchronize()
         print(f"(no CUDA-graph time: {type(exc).__name__}: {exc})")
         return None
 

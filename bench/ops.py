@@ -1,17 +1,19 @@
 """Op benchmark: lm_step against eager PyTorch, torch.compile and the copy-bandwidth roofline.
 
     python -m bench.ops                  # GPU: the ResNet-50/ResNeXt-50 grid; CPU: a small smoke grid
-    python -m bench.ops --grid headline  # only 64x256x56x56 bf16 (the tuning target), all flags
-    python -m bench.ops --out DIR        # JSON (and PNG) into DIR
+    python -m bench.ops --grid headline  # 64x256x56x56 bf16, all flags, + launch-bound rows
+    python -m bench.ops --cuda-graph     # also the kernels' own time, replayed from a CUDA graph
+    python -m bench.ops --out DIR        # JSON into DIR (ops-<gpu>[-<grid>][-graph].json)
 
 Providers: ``eager`` (the original code's composition, in the activation dtype), ``compile`` and
 ``compile-max`` (torch.compile of that composition, default mode and max-autotune-no-cudagraphs; measured on
 the bf16 configurations with scale and relu on, to keep compilation time bounded), and the
 lmfused backends (``triton``, ``cuda``; ``reference`` on CPU). Modes: fwd, bwd, fwd+bwd. Every row reports the
-median time per call as a Python loop sees it (``median_ms``, launch overhead included) and the kernels' own
-time replayed from a CUDA graph (``gpu_ms``), the bandwidth achieved counting DESIGN.md's minimum bytes and
-its fraction of a device-to-device copy measured in the same run,
-the speedup over eager and over the best compile mode, and peak memory.
+median time per call as a Python loop sees it (``median_ms``, launch overhead included), with
+``--cuda-graph`` the kernels' own time replayed from a CUDA graph (``gpu_ms``), the bandwidth achieved
+counting DESIGN.md's minimum bytes and its fraction of a device-to-device copy measured in the same run,
+the speedup over eager and over the best compile mode, and peak memory. The tiny launch-bound rows tell the
+host overhead per call (``median_ms``) from the kernels' floor (``gpu_ms``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 STAGE_SHAPES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
 HEADLINE = (64, 256, 56, 56)
 SMOKE = (8, 32, 16, 16)  # the CPU grid
+# So small that every provider is launch-bound: its wall time is the host overhead per call (Python, dispatch,
+# launches), its CUDA-graph time the kernels' floor.
+TINY = (2, 64, 8, 8)
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ def grid(name: str, device: torch.device) -> list[Config]:
     headline = [
         Config(HEADLINE, "bf16", lay, k, s, r) for lay in ("contiguous", "channels_last") for k, s, r in flags
     ]
+    headline += [Config(TINY, "bf16", lay, "channel", True, True) for lay in ("contiguous", "channels_last")]
     if name == "headline":
         return headline
     sweep = [
@@ -136,20 +142,39 @@ def measure(config: Config, provider: str, device: torch.device) -> dict[str, tu
     *tensors, scale = inputs(config, device, requires_grad=True)
     out = fn(*tensors, scale)
     grad_out = torch.randn_like(out)
-    results["bwd"] = _timed(lambda: torch.autograd.grad(out, tensors, grad_out, retain_graph=True), device)
+    results["bwd"] = _timed(
+        lambda: torch.autograd.grad(out, tensors, grad_out, retain_graph=True),
+        device,
+        graph_time=lambda: _backward_graph_ms(fn, tensors, scale, grad_out, device),
+    )
     results["fwd+bwd"] = _timed(lambda: torch.autograd.grad(fn(*tensors, scale), tensors, grad_out), device)
     return results
 
 
-def _timed(fn, device: torch.device) -> tuple[float, float | None, float | None]:
-    """Wall time per call (what a Python loop sees), peak memory, and kernel time from a CUDA graph."""
+def _backward_graph_ms(fn, tensors, scale, grad_out, device: torch.device) -> float | None:
+    """CUDA-graph time of the backward alone. Autograd replays a backward on the stream its forward ran on,
+    and a capture records only the capturing stream's work: so the forward runs on the capture stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = fn(*tensors, scale)
+    backward = lambda: torch.autograd.grad(out, tensors, grad_out, retain_graph=True)  # noqa: E731
+    return graph_ms(backward, device, stream=stream)
+
+
+def _timed(fn, device: torch.device, graph_time=None) -> tuple[float, float | None, float | None]:
+    """Wall time per call (what a Python loop sees), peak memory, and kernel time from a CUDA graph
+    (``graph_time()`` if given, else ``fn`` captured as it is)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     ms = median_ms(fn, device)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
-    return ms, peak, graph_ms(fn, device) if CUDA_GRAPH_TIMES else None
+    gpu_ms = None
+    if CUDA_GRAPH_TIMES and device.type == "cuda":
+        gpu_ms = graph_time() if graph_time is not None else graph_ms(fn, device)
+    return ms, peak, gpu_ms
 
 
 def run(grid_name: str, device: torch.device, only: list[str] | None = None) -> dict:
@@ -215,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args.grid, device, args.providers)
     env = result["environment"]
     name = "ops-" + ("".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower())
+    name += "" if args.grid == "full" else f"-{args.grid}"
+    name += "-graph" if args.cuda_graph else ""
     write_json(args.out / f"{name}.json", result)
     print(
         f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "

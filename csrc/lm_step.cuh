@@ -12,10 +12,11 @@
 //    block folds them over its rows: partial[rt*L + column].
 // Tiles depend only on the shape and the vector width (never on the grid or the SM count), and
 // every sum runs in a fixed order, which is what makes grad_k bitwise reproducible.
-// Vector path: VEC = 16 / sizeof(T) elements per 128-bit access; it needs L % VEC == 0 (so a
-// vector never crosses a row, hence never a channel or a sample) and 16-byte aligned buffers;
-// otherwise the same code runs with VEC = 1. Because of that no vector ever straddles the end of
-// a row or of the tensor, so no separate tail loop is needed.
+// Vector path: VEC elements per access, 128-bit (VEC = 16 / sizeof(T)) or else 64-bit (half of
+// that, e.g. bf16 rows of 14x14 = 196 elements); it needs L % VEC == 0 (so a vector never crosses
+// a row, hence never a channel or a sample) and buffers aligned to VEC * sizeof(T); otherwise the
+// same code runs with VEC = 1. Because of that no vector ever straddles the end of a row or of
+// the tensor, so no separate tail loop is needed.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -24,6 +25,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "lm_step.h"
@@ -447,14 +449,41 @@ __global__ void __launch_bounds__(kBlock)
 // ---------------------------------------------------------------------------------------------
 // Host launch helpers shared by the forward and backward launchers
 // ---------------------------------------------------------------------------------------------
-inline bool aligned16(const void* p) {
-  return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
-
 template <typename T>
 constexpr int max_vec() {
   return static_cast<int>(16 / sizeof(T));
 }
+
+// The vector width (elements per access) for rows of L elements: 128-bit, else 64-bit, else
+// scalar, the widest that divides L and that every given buffer (nullptr = unused) is aligned to.
+// Only these three widths are compiled, to bound the number of kernel specialisations.
+template <typename T>
+inline int vector_width(int64_t L, std::initializer_list<const void*> buffers) {
+  for (int vec = max_vec<T>(); vec >= max_vec<T>() / 2 && vec > 1; vec /= 2) {
+    bool ok = L % vec == 0;
+    for (const void* p : buffers) {
+      ok = ok && (p == nullptr || reinterpret_cast<uintptr_t>(p) % (vec * sizeof(T)) == 0);
+    }
+    if (ok) return vec;
+  }
+  return 1;
+}
+
+// Expands __VA_ARGS__ (a lambda) with NAME a constexpr int equal to WIDTH, one of the widths
+// vector_width<T> returns.
+#define LMF_VEC_SWITCH(T, WIDTH, NAME, ...)                          \
+  [&] {                                                              \
+    if ((WIDTH) == ::lmfused::detail::max_vec<T>()) {                \
+      constexpr int NAME = ::lmfused::detail::max_vec<T>();          \
+      return __VA_ARGS__();                                          \
+    } else if ((WIDTH) == ::lmfused::detail::max_vec<T>() / 2) {     \
+      constexpr int NAME = ::lmfused::detail::max_vec<T>() / 2;      \
+      return __VA_ARGS__();                                          \
+    } else {                                                         \
+      constexpr int NAME = 1;                                        \
+      return __VA_ARGS__();                                          \
+    }                                                                \
+  }()
 
 // Grid-stride launch: as many blocks as can be resident at once (SM count x occupancy), capped at
 // the number of tiles. The result does not depend on the grid, only the speed.

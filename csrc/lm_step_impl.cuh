@@ -29,11 +29,9 @@ cudaError_t forward_typed(const LMStepShape& sh, const void* u, const void* u_pr
   const bool has_scale = has_f && scale != nullptr;  // s only multiplies f
   const bool has_noise = noise_std != 0.0;
   const int64_t L = sh.channels_last ? sh.C : sh.S;
-  const bool vec = L % max_vec<T>() == 0 && aligned16(u) && aligned16(u_prev) && aligned16(f) &&
-                   aligned16(out);
+  const int width = vector_width<T>(L, {u, u_prev, f, out});
 
-  return LMF_BOOL_SWITCH(vec, USE_VEC, [&] {
-    constexpr int VEC = USE_VEC ? max_vec<T>() : 1;
+  return LMF_VEC_SWITCH(T, width, VEC, [&] {
     const Geometry g = make_geometry(sh, VEC);
     return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
       return LMF_BOOL_SWITCH(has_f, HAS_F, [&] {
@@ -68,11 +66,14 @@ inline PartialsLayout partials_layout(const Geometry& g, const LMStepShape& sh, 
 
 template <typename T>
 size_t workspace_bytes_typed(const LMStepShape& sh) {
-  const int64_t a = make_geometry(sh, 1).num_partials;
-  const int64_t b = make_geometry(sh, max_vec<T>()).num_partials;
+  int64_t partials = 0;  // the most any vector width needs
+  for (int vec = max_vec<T>(); vec >= 1; vec /= 2) {
+    const int64_t p = make_geometry(sh, vec).num_partials;
+    partials = p > partials ? p : partials;
+  }
   // Channels-last with scalar k sums columns first: room for the C column sums after the partials.
   const int64_t column_sums = sh.channels_last ? sh.C : 0;
-  return static_cast<size_t>((a > b ? a : b) + column_sums) * sizeof(acc_t<T>);
+  return static_cast<size_t>(partials + column_sums) * sizeof(acc_t<T>);
 }
 
 template <typename T>
@@ -106,13 +107,11 @@ cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const vo
   const bool has_scale = need_f && scale != nullptr;  // s only enters grad_f
   const int64_t L = sh.channels_last ? sh.C : sh.S;
   // Only the buffers the specialisation touches need to be aligned.
-  const bool vec = L % max_vec<T>() == 0 && aligned16(grad_out) &&
-                   (!relu || aligned16(out)) && (!need_k || (aligned16(u) && aligned16(u_prev))) &&
-                   aligned16(grad_u) && aligned16(grad_u_prev) && aligned16(grad_f);
+  const int width = vector_width<T>(L, {grad_out, relu ? out : nullptr, need_k ? u : nullptr,
+                                        need_k ? u_prev : nullptr, grad_u, grad_u_prev, grad_f});
 
   Geometry g{};
-  cudaError_t err = LMF_BOOL_SWITCH(vec, USE_VEC, [&] {
-    constexpr int VEC = USE_VEC ? max_vec<T>() : 1;
+  cudaError_t err = LMF_VEC_SWITCH(T, width, VEC, [&] {
     g = make_geometry(sh, VEC);
     return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
       return LMF_BOOL_SWITCH(relu, RELU, [&] {

@@ -75,3 +75,27 @@ def test_benchmark_lm_step_cpu(benchmark, backend):
     k = torch.randn(32)
     out = benchmark(lambda: lmfused.lm_step(u, u_prev, f, k, relu=True, backend=backend))
     assert out.shape == u.shape
+
+
+def test_gpu_grids_cover_the_issue_matrix():
+    """Headline: every flag combination at 64x256x56x56 bf16 in both layouts, plus launch-bound rows; the full
+    grid adds the four ResNet-50 stage shapes at batch 64 and 256, in bf16, fp16 and fp32."""
+    cuda = torch.device("cuda")
+    headline = ops.grid("headline", cuda)
+    big = [c for c in headline if c.shape == ops.HEADLINE]
+    assert len(big) == len(set(big)) == 2 * 2 * 2 * 2  # layout, k, scale, relu
+    assert {c.shape for c in headline} == {ops.HEADLINE, ops.TINY}
+    full = ops.grid("full", cuda)
+    assert set(headline) <= set(full) and len(full) == len(set(full))
+    shapes = {(c.shape, c.dtype, c.layout) for c in full}
+    for batch in (64, 256):
+        for stage in ops.STAGE_SHAPES:
+            for dtype in ops.DTYPES:
+                assert ((batch, *stage), dtype, "channels_last") in shapes
+                assert ((batch, *stage), dtype, "contiguous") in shapes
+
+
+def test_graph_timing_is_none_without_cuda():
+    from bench.common import graph_ms
+
+    assert graph_ms(lambda: None, torch.device("cpu")) is None

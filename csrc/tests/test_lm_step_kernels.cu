@@ -129,7 +129,8 @@ bool close(double got, double ref, double tol) {
 }
 
 // ----- one (dtype, shape, alignment mode): every forward and backward flag combination --------
-// mode 0: all buffers aligned; 1: every buffer shifted by one element; 2: only outputs shifted.
+// mode 0: all buffers aligned; 1: every buffer shifted by one element; 2: only outputs shifted;
+// 3: every buffer shifted by 8 bytes (64-bit vectors allowed, 128-bit not).
 template <typename T>
 void run_case(const Case& cs, int mode, std::mt19937_64& rng) {
   using A = lmfused::detail::acc_t<T>;
@@ -137,7 +138,9 @@ void run_case(const Case& cs, int mode, std::mt19937_64& rng) {
   const int64_t numel = cs.N * cs.C * cs.S;
   const size_t n = static_cast<size_t>(numel);
   const LMStepShape shape{cs.N, cs.C, cs.S, cs.cl};
-  const size_t in_shift = mode == 1 ? 1 : 0, out_shift = mode >= 1 ? 1 : 0;
+  const size_t half_vector = 8 / sizeof(T);  // elements in 8 bytes
+  const size_t in_shift = mode == 1 ? 1 : mode == 3 ? half_vector : 0;
+  const size_t out_shift = mode == 3 ? half_vector : mode >= 1 ? 1 : 0;
 
   std::uniform_real_distribution<double> uni(-1.0, 1.0);
   auto rand_vec = [&](size_t len) {
@@ -455,6 +458,9 @@ void run_dtype(std::mt19937_64& rng) {
       {4, 3, 2053, false},  // several tiles per channel, scalar path
       {4, 3, 2056, false},  // several tiles per channel, vector path
       {2, 1, 33, false},    // one channel
+      {2, 3, 196, false},   // 14x14: 64-bit vectors for half/bf16, 128-bit for float
+      {3, 2, 6, false},     // 64-bit vectors for float (and double's 128-bit), scalar for half/bf16
+      {2, 12, 5, true},     // channels-last, C = 12: 64-bit vectors for half/bf16
       {2, 264, 9, true},    // channels-last, several column tiles, partial last one
       {3, 300, 7, true},    // channels-last, C not a multiple of 8
       {4, 8, 1100, true},   // channels-last, several row tiles
@@ -462,7 +468,7 @@ void run_dtype(std::mt19937_64& rng) {
       {1, 1, 1, true},      // a single element
   };
   for (const Case& c : cases)
-    for (int mode = 0; mode < 3; ++mode) run_case<T>(c, mode, rng);
+    for (int mode = 0; mode < 4; ++mode) run_case<T>(c, mode, rng);
   std::printf("%-8s ok so far: %d failures after %d checks\n", Traits<T>::name, g_failures,
               g_checks);
 }
@@ -483,15 +489,22 @@ int main() {
   test_philox_golden();
   test_api_edges();
   test_noise_stats();
-  // LMFUSED_KERNEL_TESTS_QUICK=1 (for compute-sanitizer, which is slow) checks float and bf16 only.
+  // compute-sanitizer is slow, so the dtypes can be split over several runs:
+  // LMFUSED_KERNEL_TESTS_DTYPES=float,bf16,half,double (any subset; default all), and
+  // LMFUSED_KERNEL_TESTS_QUICK=1 is short for float,bf16.
+  const char* dtypes_env = std::getenv("LMFUSED_KERNEL_TESTS_DTYPES");
   const char* quick_env = std::getenv("LMFUSED_KERNEL_TESTS_QUICK");
-  const bool quick = quick_env != nullptr && std::strcmp(quick_env, "1") == 0;
-  run_dtype<float>(rng);
-  run_dtype<__nv_bfloat16>(rng);
-  if (!quick) {
-    run_dtype<__half>(rng);
-    run_dtype<double>(rng);
-  }
+  std::string dtypes = dtypes_env != nullptr ? dtypes_env : "float,bf16,half,double";
+  if (dtypes_env == nullptr && quick_env != nullptr && std::strcmp(quick_env, "1") == 0)
+    dtypes = "float,bf16";
+  const std::string list = "," + dtypes + ",";
+  auto wanted = [&](const char* name) {
+    return list.find(std::string(",") + name + ",") != std::string::npos;
+  };
+  if (wanted("float")) run_dtype<float>(rng);
+  if (wanted("bf16")) run_dtype<__nv_bfloat16>(rng);
+  if (wanted("half")) run_dtype<__half>(rng);
+  if (wanted("double")) run_dtype<double>(rng);
   if (g_failures) {
     std::printf("FAILED: %d failures in %d checks\n", g_failures, g_checks);
     return 1;
