@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call, on a machine with CUDA torch, Triton, nvcc (no network needed):
 # build lmfused._C ahead of time (setup.py) and just in time, GPU tests, the C++ kernel tests (ctest) and
-# compute-sanitizer over them, then benchmarks. Logs, JSON and a summary go to OUT.
+# compute-sanitizer over them, then benchmarks and profiles. Logs, JSON and a summary go to OUT.
 #   bench/device_check.sh OUT [STEP ...]
-#   steps: jit setup ctest tests sanitizer ops models train   (default: all; independent steps run in parallel)
-# Env: OPS_GRID (full|headline), MODELS_ARGS (extra bench.models flags), TORCH_CUDA_ARCH_LIST (default 9.0).
+#   steps: jit setup ctest tests sanitizer ops ops-graph train models profile ncu   (default: all;
+#          independent steps run in parallel). Every step after the builds needs `setup` (or an installed _C).
+# Env: OPS_GRID (full|headline), MODELS_ARGS (extra bench.models flags), TORCH_CUDA_ARCH_LIST (default 9.0),
+#      TESTS_TIMEOUT (s, default 420), TEST_WORKERS (default 12), RACECHECK_DTYPES (default float,bf16: racecheck
+#      takes ~2 min per dtype), LMFUSED_COMMIT (the commit measured, for the summary).
 set -uo pipefail
 OUT=${1:?usage: bench/device_check.sh OUT [STEP ...]}
 shift
-STEPS=${*:-jit setup ctest tests sanitizer ops models train}
+STEPS=${*:-jit setup ctest tests sanitizer ops ops-graph train models profile ncu}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -49,17 +52,18 @@ wants setup && run_step info 60 $PY -m lmfused.info
 
 # 2. Correctness (GPU tests in parallel workers; compute-sanitizer on the kernel tests beside them).
 if wants sanitizer; then
-  ( run_step memcheck 300 env LMFUSED_KERNEL_TESTS_QUICK=1 compute-sanitizer --tool memcheck \
-      --error-exitcode 9 "$CMAKE_DIR/lmfused_kernel_tests"
-    run_step racecheck 300 env LMFUSED_KERNEL_TESTS_QUICK=1 compute-sanitizer --tool racecheck \
-      --error-exitcode 9 "$CMAKE_DIR/lmfused_kernel_tests" ) &
+  ( run_step memcheck 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$CMAKE_DIR/lmfused_kernel_tests"
+    run_step racecheck 400 env LMFUSED_KERNEL_TESTS_DTYPES="${RACECHECK_DTYPES:-float,bf16}" \
+      compute-sanitizer --tool racecheck --error-exitcode 9 "$CMAKE_DIR/lmfused_kernel_tests" ) &
 fi
-wants tests && run_step tests 220 $PY -m pytest tests -q -p no:cacheprovider -n 8 \
-  --ignore=tests/test_train.py
+wants tests && run_step tests "${TESTS_TIMEOUT:-420}" $PY -m pytest tests -q -rfE -p no:cacheprovider \
+  -n "${TEST_WORKERS:-12}" --durations=10 --ignore=tests/test_train.py
 wait
 
 # 3. Speed (one thing at a time on the GPU).
-wants ops && run_step ops 170 $PY -m bench.ops --grid "${OPS_GRID:-full}" --out "$OUT"
+wants ops && run_step ops 240 $PY -m bench.ops --grid "${OPS_GRID:-full}" --out "$OUT"
+wants ops-graph && run_step ops-graph 200 $PY -m bench.ops --grid headline --providers eager triton cuda \
+  --cuda-graph --out "$OUT"
 if wants train; then
   for backend in triton cuda; do
     run_step "train-$backend" 100 $PY -m lmfused.train --model lm_resnext50_32x4d --data synthetic --amp bf16 \
@@ -67,8 +71,12 @@ if wants train; then
       --overwrite --no-progress && cp "/tmp/train-$backend/summary.json" "$OUT/train-$backend.json"
   done
 fi
-
-wants models && run_step models 150 $PY -m bench.models --out "$OUT" ${MODELS_ARGS:-}
+wants models && run_step models 200 $PY -m bench.models --out "$OUT" ${MODELS_ARGS:-}
+wants profile && run_step profile 200 $PY -m bench.profile --out "$OUT"
+# Nsight Compute on each lm_step kernel (clocks left alone): throughput vs peak, memory, occupancy.
+wants ncu && run_step ncu 300 ncu --clock-control none -k regex:'lm_step|reduce_partials' \
+  --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+  $PY -m bench.kernels_once
 
 tail -n 3 "$OUT"/logs/tests.log "$OUT"/logs/memcheck.log "$OUT"/logs/racecheck.log 2>/dev/null
 # Few files come back from a lent machine: one log, one summary, the JSON results.

@@ -54,8 +54,8 @@ def build(model_name: str, provider: str, device: torch.device) -> torch.nn.Modu
     return lmfused.models.create_model(MODELS[model_name], backend=backend).to(device)
 
 
-def train_throughput(model, device, batch: int, size: int, steps: int, warmup: int, compiled: bool):
-    """(median img/s, peak memory GB) of SGD training steps on synthetic data."""
+def make_train_step(model, device, batch: int, size: int, compiled: bool):
+    """One SGD training step on a fixed synthetic batch (bf16 autocast, channels_last), as a closure."""
     model = model.to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
@@ -69,6 +69,12 @@ def train_throughput(model, device, batch: int, size: int, steps: int, warmup: i
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def train_throughput(model, device, batch: int, size: int, steps: int, warmup: int, compiled: bool):
+    """(median img/s, peak memory GB) of SGD training steps on synthetic data."""
+    step = make_train_step(model, device, batch, size, compiled)
     for _ in range(warmup):
         step()
     if device.type == "cuda":

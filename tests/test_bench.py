@@ -99,3 +99,16 @@ def test_graph_timing_is_none_without_cuda():
     from bench.common import graph_ms
 
     assert graph_ms(lambda: None, torch.device("cpu")) is None
+
+
+def test_profile_categories_and_cpu_smoke():
+    from bench import profile
+
+    assert profile.category("lm_step_backward_kernel") == "lm_step"
+    assert profile.category("sm90_xmma_fprop_implicit_gemm_bf16") == "conv/gemm"
+    assert profile.category("cudnn::bn_bw_1C11_kernel_new") == "batch_norm"
+    assert profile.category("vectorized_elementwise_kernel<4, add>") == "elementwise/other"
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    result = profile.profile_fn(lambda: torch.relu(a @ b), torch.device("cpu"), 3)
+    assert result["wall_ms"] > 0 and result["device_ms"] > 0
+    assert abs(sum(result["by_category_ms"].values()) - result["device_ms"]) < 1e-9
