@@ -7,9 +7,10 @@ Every option is a ``tl.constexpr`` so each variant compiles to straight-line cod
     HAS_F, HAS_SCALE, RELU, HAS_NOISE, PER_CHANNEL_K, CHANNELS_LAST, FP64 (float64 math for gradcheck)
 
 The backward writes only the gradients asked for, and the per-program float32 partial sums of
-dL/dk = sum g * (u_prev - u) into a buffer that the launcher sums in a fixed order: no atomics, so the
-same inputs give bitwise the same gradients. Block sizes are a fixed function of the shape (no autotuning),
-so the partial-sum buffer's shape is known before launch.
+dL/dk = sum g * (u_prev - u) (one per program for a scalar k, one per program and channel otherwise) into a
+buffer that one torch reduction sums: no atomics, so the same inputs give bitwise the same gradients. Block
+sizes are a fixed function of the shape (no autotuning), so the partial-sum buffer's shape is known before
+launch.
 """
 
 from __future__ import annotations
@@ -170,7 +171,10 @@ def lm_step_backward_kernel(
         tl.store(grad_f_ptr + offs, grad_f.to(grad_f_ptr.dtype.element_ty), mask=mask)
     if NEED_K:
         d = g * (u_prev - u)
-        if CHANNELS_LAST:
+        if not PER_CHANNEL_K:
+            # One partial per program: buffer (num_programs,).
+            tl.store(partial_ptr + pid, tl.sum(tl.sum(d, axis=1), axis=0))
+        elif CHANNELS_LAST:
             # One partial per column (channel): buffer (num_m_blocks, L).
             tl.store(partial_ptr + pid_m.to(tl.int64) * L + cols, tl.sum(d, axis=0), mask=col_ok)
         else:
@@ -202,7 +206,7 @@ def _block_shape_static(channels_last: bool, rows: int, L: int) -> tuple[int, in
         # The row length is the spatial size (3136, 784, 196, 49 in a ResNet): pick the power of two
         # that wastes the fewest masked lanes, preferring longer rows on ties.
         candidates = [b for b in (32, 64, 128, 256, 512, 1024) if b <= max(32, triton.next_power_of_2(L))]
-        block_l = min(candidates, key=lambda b: (triton.cdiv(L, b) * b, -b))
+        block_l = min(candidates, key=lambda b: (_cdiv(L, b) * b, -b))
     block_m = max(1, min(triton.next_power_of_2(rows), _TILE_ELEMENTS // block_l))
     num_warps = 8 if block_m * block_l >= 4096 else 4
     return block_m, block_l, num_warps
@@ -218,9 +222,13 @@ def _launcher(kernel):
     return wrap(kernel) if wrap is not None else kernel
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # plain integers: triton.cdiv costs a JIT-function call per use on the host
+
+
 def _grid(plan: Plan, block_m: int, block_l: int) -> tuple[int, int]:
-    num_l_blocks = triton.cdiv(plan.row_len, block_l)
-    return triton.cdiv(plan.rows, block_m) * num_l_blocks, num_l_blocks
+    num_l_blocks = _cdiv(plan.row_len, block_l)
+    return _cdiv(plan.rows, block_m) * num_l_blocks, num_l_blocks
 
 
 def lm_step_forward_triton(
@@ -239,12 +247,10 @@ def lm_step_forward_triton(
     out = empty_in_layout(u.shape, plan.channels_last, dtype=u.dtype, device=u.device)
     if u.numel() == 0:
         return out
-    fp64 = u.dtype == torch.float64
-    acc_dtype = torch.float64 if fp64 else torch.float32
     u_prev = to_layout(u_prev, plan.channels_last)
     f = to_layout(f, plan.channels_last) if f is not None else None
-    k = k.reshape(-1).to(acc_dtype).contiguous()
-    scale = scale.to(acc_dtype).contiguous() if scale is not None else None
+    k = k.contiguous()  # (1,) or (C,), any float dtype: the kernel promotes it on load, as it does scale
+    scale = scale.contiguous() if scale is not None else None
     has_noise = noise_std > 0.0
     block_m, block_l, num_warps = _block_shape(plan)
     num_programs, num_l_blocks = _grid(plan, block_m, block_l)
@@ -268,7 +274,7 @@ def lm_step_forward_triton(
         HAS_NOISE=has_noise,
         PER_CHANNEL_K=k.numel() > 1,
         CHANNELS_LAST=plan.channels_last,
-        FP64=fp64,
+        FP64=u.dtype == torch.float64,
         BLOCK_M=block_m,
         BLOCK_L=block_l,
         num_warps=num_warps,
@@ -314,22 +320,27 @@ def lm_step_backward_triton(
     if need_k:
         u = to_layout(u, layout)
         u_prev = to_layout(u_prev, layout)
-        # Channels-last: one row of partials per row-block; channels-first: one per column-block.
-        partial_rows = num_programs // num_l_blocks if layout else num_l_blocks
-        partial_cols = plan.row_len if layout else plan.rows
-        partials = torch.empty((partial_rows, partial_cols), dtype=acc_dtype, device=g.device)
+        # Scalar k: one partial per program. Per channel, every row of the buffer holds one partial per
+        # channel: channels-last, one row per row-block; channels-first, (column-block, sample) rows.
+        if k.numel() == 1:
+            partial_shape = (num_programs,)
+        elif layout:
+            partial_shape = (num_programs // num_l_blocks, plan.row_len)
+        else:
+            partial_shape = (num_l_blocks, plan.rows)
+        partials = torch.empty(partial_shape, dtype=acc_dtype, device=g.device)
     else:
         partials = k
     out = to_layout(out, layout) if relu else None
-    k_acc = k.reshape(-1).to(acc_dtype).contiguous()
-    scale = scale.to(acc_dtype).contiguous() if scale is not None else None
+    k = k.contiguous()  # any float dtype: the kernel promotes k and scale on load
+    scale = scale.contiguous() if scale is not None else None
     _launcher(lm_step_backward_kernel)[(num_programs,)](
         g,
         u if need_k else g,  # unused pointers stand in for tensors a variant does not read
         u_prev if need_k else g,
         out if relu else g,
-        k_acc,
-        scale if scale is not None else k_acc,
+        k,
+        scale if scale is not None else k,
         grad_u if need_u else g,
         grad_u_prev if need_u_prev else g,
         grad_f if need_f else g,
@@ -353,12 +364,7 @@ def lm_step_backward_triton(
         num_warps=num_warps,
     )
     if need_k:
-        per_column = partials.sum(0)  # fixed-order reduction over program partials
-        if k.numel() == 1:
-            grad_k = per_column.sum().reshape(k.shape)
-        elif layout:
-            grad_k = per_column.reshape(k.shape)
-        else:
-            grad_k = per_column.reshape(-1, plan.channels).sum(0).reshape(k.shape)
-        grad_k = grad_k.to(k.dtype)
+        # One reduction over the program partials; torch's sum uses no atomics, so the order is fixed.
+        per_channel = partials.sum() if k.numel() == 1 else partials.view(-1, plan.channels).sum(0)
+        grad_k = per_channel.reshape(k.shape).to(k.dtype)
     return grad_u, grad_u_prev, grad_f, grad_k
