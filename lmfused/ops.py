@@ -84,15 +84,41 @@ def _setup_context(ctx, inputs, output) -> None:
     )
 
 
+def _input_grads(backward_op, ctx, grad_out) -> tuple:
+    """Gradients for (u, u_prev, f, k), None where not needed, from what _setup_context saved."""
+    u, u_prev, out, k, scale = ctx.saved_tensors
+    relu, need_u, need_u_prev, need_f, need_k = ctx.flags
+    grads = backward_op(grad_out, u, u_prev, out, k, scale, relu, need_u, need_u_prev, need_f, need_k)
+    needed = (need_u, need_u_prev, need_f, need_k)
+    return tuple(g if n else None for g, n in zip(grads, needed, strict=True))
+
+
 def _autograd_backward(backward_op) -> Callable:
     def backward(ctx, grad_out):
-        u, u_prev, out, k, scale = ctx.saved_tensors
-        relu, need_u, need_u_prev, need_f, need_k = ctx.flags
-        grads = backward_op(grad_out, u, u_prev, out, k, scale, relu, need_u, need_u_prev, need_f, need_k)
-        needed = (need_u, need_u_prev, need_f, need_k)
-        return tuple(g if n else None for g, n in zip(grads, needed, strict=True)) + (None,) * 4
+        return _input_grads(backward_op, ctx, grad_out) + (None,) * 4  # scale, seed, relu, noise_std
 
     return backward
+
+
+class _EagerLMStep(torch.autograd.Function):
+    """The registered autograd formula (same context, same backward op) applied directly, for eager calls.
+
+    torch.library's generic autograd wrapper rebuilds the argument list from the schema on every call, a
+    noticeable part of the host time of one lm_step; this path skips it. Under torch.compile ``lm_step`` calls
+    the registered op, whose autograd registration below is the same formula.
+    """
+
+    @staticmethod
+    def forward(ctx, u, u_prev, f, k, scale, seed, relu, noise_std, backend):
+        inputs = (u, u_prev, f, k, scale, seed, relu, noise_std)
+        out = _FORWARD_OPS[backend](*inputs)  # grad mode is off here: straight to the backend's kernel
+        _setup_context(ctx, inputs, out)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _input_grads(_BACKWARD_OPS[ctx.backend], ctx, grad_out) + (None,) * 5
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,7 +146,7 @@ def _triton_traceable() -> bool:
     return hasattr(torch.library, "triton_op") and not kernels.INTERPRETED
 
 
-def _register(backend: str, implementations: tuple[Callable, Callable] | None):
+def _register(backend: str, implementations: tuple[Callable, Callable] | None) -> tuple[Callable, Callable]:
     """Define lmfused::lm_step_<backend> and its backward, with fake and autograd registrations."""
     name, backward_name = f"lmfused::lm_step_{backend}", f"lmfused::lm_step_{backend}_backward"
     if implementations is None:  # kernels registered from C++ (TORCH_LIBRARY_IMPL(lmfused, CUDA, ...))
@@ -137,16 +163,19 @@ def _register(backend: str, implementations: tuple[Callable, Callable] | None):
     torch.library.register_fake(name, _fake_forward)
     torch.library.register_fake(backward_name, _fake_backward)
     torch.library.register_autograd(name, _autograd_backward(backward_op), setup_context=_setup_context)
-    return forward_op
+    return forward_op, backward_op
 
 
-_FORWARD_OPS: dict[str, Callable] = {
-    "reference": _register("reference", (reference_forward, reference_backward)),
-    "cuda": _register("cuda", None),
-}
+_FORWARD_OPS: dict[str, Callable] = {}
+_BACKWARD_OPS: dict[str, Callable] = {}
 _TRITON = _triton_implementations()
-if _TRITON is not None:
-    _FORWARD_OPS["triton"] = _register("triton", _TRITON)
+for _backend, _implementations in (
+    ("reference", (reference_forward, reference_backward)),
+    ("cuda", None),
+    ("triton", _TRITON),
+):
+    if _backend != "triton" or _TRITON is not None:
+        _FORWARD_OPS[_backend], _BACKWARD_OPS[_backend] = _register(_backend, _implementations)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -293,8 +322,14 @@ def lm_step(
         The updated state, same shape and dtype as ``u`` (channels-last stays channels-last).
     """
     k = _check_inputs(u, u_prev, f, k, scale, relu, noise_std)
-    op = _FORWARD_OPS[_choose_backend(backend, u.device.type)]
+    backend = _choose_backend(backend, u.device.type)
     seed = None
     if noise_std > 0:
         seed = torch.randint(0, 2**62, (1,), device=u.device, dtype=torch.int64)
-    return op(u, u_prev, f, k, scale, seed, relu, float(noise_std))
+    args = (u, u_prev, f, k, scale, seed, relu, float(noise_std))
+    needs_grad = torch.is_grad_enabled() and (
+        u.requires_grad or u_prev.requires_grad or k.requires_grad or (f is not None and f.requires_grad)
+    )
+    if needs_grad and not torch.compiler.is_compiling():
+        return _EagerLMStep.apply(*args, backend)
+    return _FORWARD_OPS[backend](*args)

@@ -87,6 +87,30 @@ def test_gradcheck_float64(backend, layout, flags):
 
 
 @pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("wants", [(1, 1, 1, 1), (1, 0, 1, 0), (0, 1, 0, 1), (0, 0, 0, 1)], ids=str)
+def test_eager_autograd_is_the_registered_formula(backend, wants):
+    """lm_step's eager autograd path and the registered op's autograd (what torch.compile traces) save the
+    same tensors and give bitwise the same gradients, for every subset of inputs that asks for one."""
+    u, u_prev, f, k, scale = make_inputs(
+        (2, 5, 3, 4), torch.float32, "channels_last", per_channel_k=True, with_f=True, with_scale=True
+    )
+    grad_out = torch.randn(u.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    grads, nodes = [], []
+    for call in (
+        lambda *t: lmfused.lm_step(*t, scale=scale, relu=True, backend=backend),
+        lambda *t: _FORWARD_OPS[backend](*t, scale, None, True, 0.0),
+    ):
+        pairs = zip((u, u_prev, f, k), wants, strict=True)
+        leaves = [x.detach().clone().requires_grad_(bool(w)) for x, w in pairs]
+        out = call(*leaves)
+        nodes.append(type(out.grad_fn).__name__)
+        grads.append(torch.autograd.grad(out, [x for x in leaves if x.requires_grad], grad_out))
+    assert "EagerLMStep" in nodes[0] and "EagerLMStep" not in nodes[1]  # two different paths were compared
+    for eager, registered in zip(*grads, strict=True):
+        assert torch.equal(eager, registered)
+
+
+@pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(backend, requires_grad):
     op = _FORWARD_OPS[backend]
