@@ -296,6 +296,40 @@ def test_more_than_2_to_the_31_elements(backend):
     torch.testing.assert_close(k.grad.double(), ref, rtol=1e-4, atol=1.0)
 
 
+# One unit in the last place of each dtype: the two kernels may contract multiply-adds differently.
+ULP = {torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_matches_triton(layout, dtype):
+    """The hand-written kernels against the Triton ones, every flag and noise included (the same seed gives
+    the same Philox stream): outputs and gradients within 2 ulp, grad_k within float32 summation slack."""
+    if not {"cuda", "triton"} <= set(backends()):
+        pytest.skip("needs both the cuda and the triton backend")
+    shape = (4, 33, 17, 19)
+    for case, (per_channel_k, with_f, with_scale, relu) in enumerate(FLAGS):
+        u, u_prev, f, k, scale = make_inputs(
+            shape, dtype, layout, per_channel_k=per_channel_k, with_f=with_f, with_scale=with_scale, seed=case
+        )
+        grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(case)).to(dtype).to(DEVICE)
+        results = []
+        for backend in ("cuda", "triton"):
+            leaves = [t.detach().clone().requires_grad_() for t in (u, u_prev, f, k) if t is not None]
+            torch.manual_seed(case)  # the noise seed lm_step draws
+            out = lmfused.lm_step(*leaves[:2], leaves[2] if with_f else None, leaves[-1], scale=scale,
+                                  relu=relu, noise_std=0.1, backend=backend)  # fmt: skip
+            results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
+        for i, (got, want) in enumerate(zip(*results, strict=True)):
+            what = f"output/gradient {i}, case {case}"
+            if i == len(results[0]) - 1:  # grad_k: float32 sums in different orders
+                slack = 1e-4 * want.abs().max().item()
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=slack, msg=what)
+            else:
+                torch.testing.assert_close(got, want, rtol=2 * ULP[dtype], atol=ATOL[dtype], msg=what)
+
+
 def _capture(fn):
     """fn() captured in a CUDA graph after a warm-up on a side stream (torch's documented recipe); returns
     (graph, fn's outputs as captured: the static tensors every replay rewrites)."""
