@@ -34,11 +34,13 @@ def ops_table(payload: dict) -> str:
                  if any(r["provider"] == p for r in rows)]  # fmt: skip
     header = ["shape", "dtype", "layout", "k", "scale", "relu", "mode"]
     header += [f"{p} ms (% copy)" for p in providers] + ["best lmfused vs eager", "vs best compile"]
+    graphed = any(r.get("gpu_frac_of_copy") is not None for r in rows)
     lines = [
         f"Op benchmark on {env['device']} (torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, "
         f"commit {env['commit']}); device-to-device copy {payload['copy_gbps']:.0f} GB/s.",
         "Median wall time per call (launch overhead included); % copy = DESIGN.md's minimum bytes over that "
-        "time, against the copy.",
+        "time, against the copy"
+        + ("; [%] = the same for the kernels alone, replayed from a CUDA graph." if graphed else "."),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -51,7 +53,10 @@ def ops_table(payload: dict) -> str:
         cells = [str(c) for c in key]
         for p in providers:
             r = by_provider.get(p)
-            cells.append("-" if r is None else f"{r['median_ms']:.3f} ({_percent(r['frac_of_copy'])})")
+            cell = "-" if r is None else f"{r['median_ms']:.3f} ({_percent(r['frac_of_copy'])})"
+            if r is not None and r.get("gpu_frac_of_copy") is not None:
+                cell += f" [{_percent(r['gpu_frac_of_copy'])}]"
+            cells.append(cell)
         fused = [by_provider[p] for p in ("triton", "cuda", "reference") if p in by_provider]
         best = min(fused, key=lambda r: r["median_ms"]) if fused else None
         cells.append(_fmt(best and best.get("speedup_vs_eager"), ".2f"))

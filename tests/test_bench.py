@@ -112,3 +112,11 @@ def test_profile_categories_and_cpu_smoke():
     result = profile.profile_fn(lambda: torch.relu(a @ b), torch.device("cpu"), 3)
     assert result["wall_ms"] > 0 and result["device_ms"] > 0
     assert abs(sum(result["by_category_ms"].values()) - result["device_ms"]) < 1e-9
+
+
+def test_report_shows_kernel_time_when_measured(smoke_result):
+    """With CUDA-graph times in the rows, every cell also gives the kernels' own fraction of copy."""
+    rows = [dict(r, gpu_ms=r["median_ms"] / 2, gpu_frac_of_copy=0.5) for r in smoke_result["rows"]]
+    table = report.ops_table(dict(smoke_result, rows=rows))
+    assert "[50]" in table and "CUDA graph" in table
+    assert "[" not in report.ops_table(smoke_result).split("\n", 3)[3]
