@@ -26,7 +26,10 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include "lm_step.h"
 
@@ -485,19 +488,39 @@ inline int vector_width(int64_t L, std::initializer_list<const void*> buffers) {
     }                                                                \
   }()
 
-// Grid-stride launch: as many blocks as can be resident at once (SM count x occupancy), capped at
-// the number of tiles. The result does not depend on the grid, only the speed.
-template <typename Args>
-inline cudaError_t launch_tiles(void (*kernel)(Args, Geometry), const Args& args,
-                                const Geometry& g, cudaStream_t stream) {
-  int device = 0, sms = 0, per_sm = 0;
+// Blocks of `kernel` that fit on the device at once (SM count x occupancy). The occupancy query
+// costs microseconds of host time and its answer is fixed per kernel and device: cached.
+inline cudaError_t resident_blocks(const void* kernel, int64_t& resident) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int64_t> cache;
+  int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(kernel, device);
+  const auto hit = cache.find(key);
+  if (hit != cache.end()) {
+    resident = hit->second;
+    return cudaSuccess;
+  }
+  int sms = 0, per_sm = 0;
   err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, 0);
   if (err != cudaSuccess) return err;
-  const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+  resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+  cache.emplace(key, resident);
+  return cudaSuccess;
+}
+
+// Grid-stride launch: as many blocks as can be resident at once, capped at the number of tiles.
+// The result does not depend on the grid, only the speed.
+template <typename Args>
+inline cudaError_t launch_tiles(void (*kernel)(Args, Geometry), const Args& args,
+                                const Geometry& g, cudaStream_t stream) {
+  int64_t resident = 0;
+  const cudaError_t err = resident_blocks(reinterpret_cast<const void*>(kernel), resident);
+  if (err != cudaSuccess) return err;
   const int64_t grid = g.num_tiles < resident ? g.num_tiles : resident;
   kernel<<<static_cast<unsigned>(grid), kBlock, 0, stream>>>(args, g);
   return cudaGetLastError();
