@@ -2,8 +2,8 @@
 // Included by lm_step_impl.cuh (the typed launchers) and by the kernel tests
 // (for the host Philox reference and the tile geometry).
 //
-// Work decomposition ("tiles"), shared by forward and backward so that the grad_k reduction
-// falls out of the same iteration:
+// Work decomposition ("tiles"), the same in forward and backward (the forward's tiles are
+// shorter, see kForwardIters), so that the grad_k reduction falls out of the iteration:
 //  * contiguous (M = N*C rows of L = S): tile = (channel c, chunk p) of channel c's N*L elements,
 //    viewed as one virtual array v = n*L + l. One tile never mixes channels, so the backward
 //    reduces a tile to one partial sum: partial[c*P + p].
@@ -37,7 +37,12 @@ namespace lmfused {
 namespace detail {
 
 constexpr int kBlock = 256;        // threads per block
-constexpr int kIters = 4;          // vectors per thread per tile
+constexpr int kIters = 4;          // vectors per thread per tile (backward: one grad_k partial each)
+// The forward has no partials, so it takes shorter tiles: the last round of a grid-stride loop
+// over whole tiles leaves most blocks idle, and shorter tiles make that round a smaller fraction
+// (64x256x56x56 contiguous on 4 x 132 resident blocks: 12.1 rounds of 4-vector tiles -> 13,
+// but 23.8 rounds of 2-vector tiles -> 24).
+constexpr int kForwardIters = 2;
 constexpr int kMaxColVecs = 32;    // channels-last: vector-columns per tile (one warp wide)
 constexpr int kMinBlocksPerSM = 4; // caps registers at 64/thread: >= 1024 threads/SM in flight
 
@@ -168,7 +173,7 @@ struct Geometry {
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-inline Geometry make_geometry(const LMStepShape& sh, int vec) {
+inline Geometry make_geometry(const LMStepShape& sh, int vec, int iters = kIters) {
   Geometry g{};
   g.N = sh.N;
   g.C = sh.C;
@@ -178,7 +183,7 @@ inline Geometry make_geometry(const LMStepShape& sh, int vec) {
     g.M = sh.N * sh.C;
     g.L = sh.S;
     g.V = sh.N * sh.S;
-    g.CH = static_cast<int64_t>(kBlock) * vec * kIters;
+    g.CH = static_cast<int64_t>(kBlock) * vec * iters;
     g.P = ceil_div(g.V, g.CH);
     g.num_tiles = sh.C * g.P;
     g.num_partials = g.num_tiles;
@@ -192,7 +197,7 @@ inline Geometry make_geometry(const LMStepShape& sh, int vec) {
     g.TX = static_cast<int>(g.LV < kMaxColVecs ? g.LV : kMaxColVecs);
     g.TY = kBlock / g.TX;
     g.CT = ceil_div(g.LV, g.TX);
-    g.RC = static_cast<int64_t>(g.TY) * kIters;
+    g.RC = static_cast<int64_t>(g.TY) * iters;
     g.RT = ceil_div(g.M, g.RC);
     g.num_tiles = g.RT * g.CT;
     g.num_partials = g.RT * g.L;

@@ -32,7 +32,7 @@ cudaError_t forward_typed(const LMStepShape& sh, const void* u, const void* u_pr
   const int width = vector_width<T>(L, {u, u_prev, f, out});
 
   return LMF_VEC_SWITCH(T, width, VEC, [&] {
-    const Geometry g = make_geometry(sh, VEC);
+    const Geometry g = make_geometry(sh, VEC, kForwardIters);
     return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
       return LMF_BOOL_SWITCH(has_f, HAS_F, [&] {
         return LMF_BOOL_SWITCH(has_scale, HAS_SCALE, [&] {
