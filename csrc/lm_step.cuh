@@ -2,8 +2,8 @@
 // Included by lm_step_impl.cuh (the typed launchers) and by the kernel tests
 // (for the host Philox reference and the tile geometry).
 //
-// Work decomposition ("tiles"), the same in forward and backward (the forward's tiles are
-// shorter, see kForwardIters), so that the grad_k reduction falls out of the iteration:
+// Work decomposition ("tiles"), the same in forward and backward so that the grad_k reduction
+// falls out of the iteration (tile lengths: tile_iters):
 //  * contiguous (M = N*C rows of L = S): tile = (channel c, chunk p) of channel c's N*L elements,
 //    viewed as one virtual array v = n*L + l. One tile never mixes channels, so the backward
 //    reduces a tile to one partial sum: partial[c*P + p].
@@ -36,13 +36,7 @@
 namespace lmfused {
 namespace detail {
 
-constexpr int kBlock = 256;        // threads per block
-constexpr int kIters = 4;          // vectors per thread per tile (backward: one grad_k partial each)
-// The forward has no partials, so it takes shorter tiles: the last round of a grid-stride loop
-// over whole tiles leaves most blocks idle, and shorter tiles make that round a smaller fraction
-// (64x256x56x56 contiguous on 4 x 132 resident blocks: 12.1 rounds of 4-vector tiles -> 13,
-// but 23.8 rounds of 2-vector tiles -> 24).
-constexpr int kForwardIters = 2;
+constexpr int kBlock = 256;        // threads per block (vectors per thread per tile: tile_iters)
 constexpr int kMaxColVecs = 32;    // channels-last: vector-columns per tile (one warp wide)
 constexpr int kMinBlocksPerSM = 4; // caps registers at 64/thread: >= 1024 threads/SM in flight
 
@@ -173,7 +167,16 @@ struct Geometry {
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-inline Geometry make_geometry(const LMStepShape& sh, int vec, int iters = kIters) {
+// Vectors per thread per tile. A grid-stride loop runs whole tiles, so its last round leaves most
+// blocks idle; shorter tiles make that round a smaller fraction of the work (64x256x56x56
+// contiguous, 528 resident blocks: 12.1 rounds of 4-vector tiles take 13, 23.8 rounds of 2-vector
+// tiles take 24). The channels-last backward keeps 4: its grad_k partials are one per column and
+// tile, so shorter tiles would double them (and its tile count already divides well).
+inline int tile_iters(const LMStepShape& sh, bool forward) {
+  return forward || !sh.channels_last ? 2 : 4;
+}
+
+inline Geometry make_geometry(const LMStepShape& sh, int vec, int iters) {
   Geometry g{};
   g.N = sh.N;
   g.C = sh.C;

@@ -32,7 +32,7 @@ cudaError_t forward_typed(const LMStepShape& sh, const void* u, const void* u_pr
   const int width = vector_width<T>(L, {u, u_prev, f, out});
 
   return LMF_VEC_SWITCH(T, width, VEC, [&] {
-    const Geometry g = make_geometry(sh, VEC, kForwardIters);
+    const Geometry g = make_geometry(sh, VEC, tile_iters(sh, /*forward=*/true));
     return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
       return LMF_BOOL_SWITCH(has_f, HAS_F, [&] {
         return LMF_BOOL_SWITCH(has_scale, HAS_SCALE, [&] {
@@ -68,7 +68,7 @@ template <typename T>
 size_t workspace_bytes_typed(const LMStepShape& sh) {
   int64_t partials = 0;  // the most any vector width needs
   for (int vec = max_vec<T>(); vec >= 1; vec /= 2) {
-    const int64_t p = make_geometry(sh, vec).num_partials;
+    const int64_t p = make_geometry(sh, vec, tile_iters(sh, /*forward=*/false)).num_partials;
     partials = p > partials ? p : partials;
   }
   // Channels-last with scalar k sums columns first: room for the C column sums after the partials.
@@ -112,7 +112,7 @@ cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const vo
 
   Geometry g{};
   cudaError_t err = LMF_VEC_SWITCH(T, width, VEC, [&] {
-    g = make_geometry(sh, VEC);
+    g = make_geometry(sh, VEC, tile_iters(sh, /*forward=*/false));
     return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
       return LMF_BOOL_SWITCH(relu, RELU, [&] {
         return LMF_BOOL_SWITCH(need_k, NEED_K, [&] {
