@@ -9,7 +9,8 @@
 //    reduces a tile to one partial sum: partial[c*P + p].
 //  * channels-last (M = N*S rows of L = C): tile = (row chunk rt, column chunk ct). A thread owns
 //    one (vector-)column for the whole tile, so it accumulates per-column sums in registers; the
-//    block folds them over its rows: partial[rt*L + column].
+//    block folds them over its rows: partial[rt*L + column]. A scalar k needs no columns: the
+//    block folds the whole tile, partial[tile], as in the contiguous case.
 // Tiles depend only on the shape and the vector width (never on the grid or the SM count), and
 // every sum runs in a fixed order, which is what makes grad_k bitwise reproducible.
 // Vector path: VEC elements per access, 128-bit (VEC = 16 / sizeof(T)) or else 64-bit (half of
@@ -302,12 +303,13 @@ __device__ __forceinline__ A block_sum(A v, A* smem) {
   return s;
 }
 
-// Writes the tile's grad_k partial sums (see the layout notes at the top). smem: kBlock*VEC.
+// Writes the tile's grad_k partial sums (see the layout notes at the top): one per tile for
+// contiguous tiles (one channel each) and for a scalar k, else one per column. smem: kBlock*VEC.
 template <bool CL, int VEC, typename A>
 __device__ __forceinline__ void store_tile_partials(const A (&acc)[VEC], const Geometry& g,
-                                                    int64_t tile, A* __restrict__ partials,
-                                                    A* smem) {
-  if constexpr (!CL) {
+                                                    int64_t tile, bool per_channel,
+                                                    A* __restrict__ partials, A* smem) {
+  if (!CL || !per_channel) {
     A t = 0;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) t += acc[j];
@@ -440,7 +442,9 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
         if constexpr (NEED_F) store_pack<T, VEC>(a.grad_f, off, gf);
       }
     }
-    if constexpr (NEED_K) store_tile_partials<CL, VEC>(acc, g, tile, a.partials, smem);
+    if constexpr (NEED_K) {
+      store_tile_partials<CL, VEC>(acc, g, tile, a.k_per_channel, a.partials, smem);
+    }
   }
 }
 
@@ -452,6 +456,8 @@ __global__ void __launch_bounds__(kBlock)
   __shared__ A smem[kBlock / 32];
   const int64_t o = blockIdx.x;
   A t = 0;
+  // Unrolled so that several loads are in flight (the adds stay in order: same result).
+#pragma unroll 8
   for (int64_t i = threadIdx.x; i < count; i += kBlock) t += partials[o * stride_o + i * stride_i];
   t = block_sum(t, smem);
   if (threadIdx.x == 0) grad_k[o] = t;

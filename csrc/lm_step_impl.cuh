@@ -59,7 +59,7 @@ struct PartialsLayout {
 };
 
 inline PartialsLayout partials_layout(const Geometry& g, const LMStepShape& sh, bool per_channel) {
-  if (!per_channel) return {1, 0, 1, g.num_partials};  // scalar k: every partial, in memory order
+  if (!per_channel) return {1, 0, 1, g.num_tiles};  // scalar k: one partial per tile, in order
   if (sh.channels_last) return {g.L, 1, g.L, g.RT};    // partial[rt*L + c]
   return {g.C, g.P, 1, g.P};                           // partial[c*P + p]
 }
@@ -71,9 +71,7 @@ size_t workspace_bytes_typed(const LMStepShape& sh) {
     const int64_t p = make_geometry(sh, vec, tile_iters(sh, /*forward=*/false)).num_partials;
     partials = p > partials ? p : partials;
   }
-  // Channels-last with scalar k sums columns first: room for the C column sums after the partials.
-  const int64_t column_sums = sh.channels_last ? sh.C : 0;
-  return static_cast<size_t>(partials + column_sums) * sizeof(acc_t<T>);
+  return static_cast<size_t>(partials) * sizeof(acc_t<T>);
 }
 
 template <typename T>
@@ -138,18 +136,6 @@ cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const vo
   if (err != cudaSuccess || !need_k) return err;
 
   const A* partials = static_cast<const A*>(workspace);
-  if (k_numel == 1 && sh.channels_last) {
-    // Scalar k, channels-last: RT x L partials are too many for one block. Sum each column in
-    // parallel (L blocks), then the L column sums: still a fixed order, still no atomics.
-    A* column_sums = static_cast<A*>(workspace) + g.num_partials;
-    reduce_partials_kernel<A><<<static_cast<unsigned>(g.L), kBlock, 0, stream>>>(
-        partials, column_sums, 1, g.L, g.RT);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    reduce_partials_kernel<A><<<1, kBlock, 0, stream>>>(column_sums, static_cast<A*>(grad_k), 0, 1,
-                                                         g.L);
-    return cudaGetLastError();
-  }
   const PartialsLayout p = partials_layout(g, sh, k_numel != 1);
   reduce_partials_kernel<A><<<static_cast<unsigned>(p.num_out), kBlock, 0, stream>>>(
       partials, static_cast<A*>(grad_k), p.stride_o, p.stride_i, p.count);
