@@ -120,3 +120,11 @@ def test_report_shows_kernel_time_when_measured(smoke_result):
     table = report.ops_table(dict(smoke_result, rows=rows))
     assert "[50]" in table and "CUDA graph" in table
     assert "[" not in report.ops_table(smoke_result).split("\n", 3)[3]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a CPU-only machine gets")
+def test_kernels_once_needs_a_gpu():
+    from bench import kernels_once
+
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        kernels_once.main([])
