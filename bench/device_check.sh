@@ -85,3 +85,7 @@ rm -r "$OUT/logs"
 cat "$OUT/environment.txt" "$OUT/summary.txt" >"$OUT/summary.tmp" && mv "$OUT/summary.tmp" "$OUT/summary.txt"
 rm "$OUT/environment.txt"
 cat "$OUT/summary.txt"
+# Last, the short table: % of copy per layout, provider and mode (CUDA-graph kernel times in brackets).
+for f in "$OUT"/ops-*.json; do
+  [ -e "$f" ] && echo "== $(basename "$f")" && $PY -m bench.report "$f" --brief | tee -a "$OUT/summary.txt"
+done

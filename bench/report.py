@@ -1,6 +1,7 @@
 """Turn benchmark JSON into the README's results table and a bandwidth plot.
 
     python -m bench.report bench/results/ops-nvidia-h100-80gb-hbm3.json [--models M.json] [--png out.png]
+    python -m bench.report OPS.json --brief     # % of copy ranges per layout, provider and mode
 
 Prints a Markdown table (paste between the RESULTS markers of README.md, or pass --readme to replace them)
 of the headline shape: every provider, mode and layout, with the fraction of copy bandwidth achieved.
@@ -62,6 +63,25 @@ def ops_table(payload: dict) -> str:
         cells.append(_fmt(best and best.get("speedup_vs_eager"), ".2f"))
         cells.append(_fmt(best and best.get("speedup_vs_compile"), ".2f"))
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def brief(payload: dict) -> str:
+    """A few lines per shape: for each layout, provider and mode, the range of % of copy over the flag
+    combinations (wall time; [kernels alone] where CUDA-graph times were measured)."""
+    ranges: dict[tuple, list] = {}
+    for r in payload["rows"]:
+        key = (r["shape"], r["dtype"], r["layout"], r["provider"], r["mode"])
+        ranges.setdefault(key, []).append(r)
+    head = ("shape", "dtype", "layout", "provider", "mode")
+    lines = [f"{head[0]:>14} {head[1]:>5} {head[2]:>13} {head[3]:>11} {head[4]:>7}  % copy (wall) [kernels]"]
+    for (shape, dtype, layout, provider, mode), rows in ranges.items():
+        wall = sorted(100 * r["frac_of_copy"] for r in rows)
+        cell = f"{wall[0]:.0f}-{wall[-1]:.0f}"
+        kernels = sorted(100 * r["gpu_frac_of_copy"] for r in rows if r.get("gpu_frac_of_copy") is not None)
+        if kernels:
+            cell += f" [{kernels[0]:.0f}-{kernels[-1]:.0f}]"
+        lines.append(f"{shape:>14} {dtype:>5} {layout:>13} {provider:>11} {mode:>7}  {cell}")
     return "\n".join(lines)
 
 
@@ -130,7 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", type=Path, help="models JSON from bench.models")
     parser.add_argument("--png", type=Path, help="write the bandwidth plot here")
     parser.add_argument("--readme", action="store_true", help="replace the results section of README.md")
+    parser.add_argument("--brief", action="store_true", help="print only the % of copy ranges per provider")
     args = parser.parse_args(argv)
+    if args.brief:
+        print(brief(json.loads(args.ops.read_text())))
+        return
     text = ops_table(json.loads(args.ops.read_text()))
     if args.models:
         text += "\n\n" + models_table(json.loads(args.models.read_text()))

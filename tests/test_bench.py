@@ -128,3 +128,9 @@ def test_kernels_once_needs_a_gpu():
 
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         kernels_once.main([])
+
+
+def test_brief_report_ranges(smoke_result):
+    lines = report.brief(smoke_result).splitlines()
+    assert len(lines) == 1 + 2 * 2 * len(ops.MODES)  # header + layout x provider x mode
+    assert all(line.split()[-1].split("-")[0].isdigit() for line in lines[1:])
