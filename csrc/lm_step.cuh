@@ -333,6 +333,38 @@ __device__ __forceinline__ void store_tile_partials(const A (&acc)[VEC], const G
   }
 }
 
+// Positions a thread takes per step of its loop. The scalar path gathers several, so that all
+// their loads are in flight before the first store: the compiler may not move a load above a
+// store through a pointer it cannot prove distinct, and one 2- or 4-byte load per thread at a
+// time leaves the memory system starved. The vector paths move 16 or 8 bytes per load already.
+template <int VEC>
+__host__ __device__ constexpr int positions_per_step() {
+  return VEC == 1 ? 4 : 1;
+}
+
+// The cursor's position and up to B - 1 following ones: memory offsets and samples. Leaves the
+// cursor on the last of them (the loop's next() moves past it) and returns how many there were.
+// With B = 1 this is just the current position.
+template <int B, typename Cur>
+__device__ __forceinline__ int gather_positions(Cur& cur, const Geometry& g, int64_t (&off)[B],
+                                                int64_t (&sample)[B]) {
+  off[0] = cur.offset(g);
+  sample[0] = cur.sample();
+  int live = 1;
+#pragma unroll
+  for (int b = 1; b < B; ++b) {
+    Cur probe = cur;
+    probe.next(g);
+    if (live == b && probe.ok()) {
+      cur = probe;
+      off[b] = cur.offset(g);
+      sample[b] = cur.sample();
+      live = b + 1;
+    }
+  }
+  return live;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kernels
 // ---------------------------------------------------------------------------------------------
@@ -364,26 +396,37 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
     if (!cur.ok()) continue;
     A kk[VEC];
     load_k(cur, a.k, a.k_per_channel, kk);
+    constexpr int B = positions_per_step<VEC>();
     for (; cur.ok(); cur.next(g)) {
-      const int64_t off = cur.offset(g);
-      const Pack<T, VEC> pu = load_pack<T, VEC>(a.u, off);
-      const Pack<T, VEC> pp = load_pack<T, VEC>(a.u_prev, off);
-      Pack<T, VEC> pf;
-      if constexpr (HAS_F) pf = load_pack<T, VEC>(a.f, off);
-      A s = A(1);
-      if constexpr (HAS_SCALE) s = a.scale[cur.sample()];
-      Pack<T, VEC> po;
+      int64_t off[B], sample[B];
+      const int live = gather_positions<B>(cur, g, off, sample);
+      Pack<T, VEC> pu[B], pp[B], pf[B];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        A x = (A(1) - kk[j]) * to_acc(pu.v[j]) + kk[j] * to_acc(pp.v[j]);
-        if constexpr (HAS_F) x += HAS_SCALE ? s * to_acc(pf.v[j]) : to_acc(pf.v[j]);
-        if constexpr (HAS_NOISE) {
-          x += a.noise_std * static_cast<A>(philox_normal(key0, key1, off + j));
+      for (int b = 0; b < B; ++b) {
+        if (b < live) {
+          pu[b] = load_pack<T, VEC>(a.u, off[b]);
+          pp[b] = load_pack<T, VEC>(a.u_prev, off[b]);
+          if constexpr (HAS_F) pf[b] = load_pack<T, VEC>(a.f, off[b]);
         }
-        if constexpr (RELU) x = x < A(0) ? A(0) : x;  // keeps NaN, like torch.relu
-        po.v[j] = from_acc<T>(x);
       }
-      store_pack<T, VEC>(a.out, off, po);
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        if (b >= live) break;
+        A s = A(1);
+        if constexpr (HAS_SCALE) s = a.scale[sample[b]];
+        Pack<T, VEC> po;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          A x = (A(1) - kk[j]) * to_acc(pu[b].v[j]) + kk[j] * to_acc(pp[b].v[j]);
+          if constexpr (HAS_F) x += HAS_SCALE ? s * to_acc(pf[b].v[j]) : to_acc(pf[b].v[j]);
+          if constexpr (HAS_NOISE) {
+            x += a.noise_std * static_cast<A>(philox_normal(key0, key1, off[b] + j));
+          }
+          if constexpr (RELU) x = x < A(0) ? A(0) : x;  // keeps NaN, like torch.relu
+          po.v[j] = from_acc<T>(x);
+        }
+        store_pack<T, VEC>(a.out, off[b], po);
+      }
     }
   }
 }
@@ -417,29 +460,41 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
     if (cur.ok()) {  // no early exit: the whole block must reach the partial-sum barrier
       A kk[VEC];
       if constexpr (NEED_U || NEED_UP) load_k(cur, a.k, a.k_per_channel, kk);
+      constexpr int B = positions_per_step<VEC>();
       for (; cur.ok(); cur.next(g)) {
-        const int64_t off = cur.offset(g);
-        const Pack<T, VEC> pg = load_pack<T, VEC>(a.grad_out, off);
-        Pack<T, VEC> po, pu, pp, gu, gup, gf;
-        if constexpr (RELU) po = load_pack<T, VEC>(a.out, off);
-        if constexpr (NEED_K) {
-          pu = load_pack<T, VEC>(a.u, off);
-          pp = load_pack<T, VEC>(a.u_prev, off);
-        }
-        A s = A(1);
-        if constexpr (NEED_F && HAS_SCALE) s = a.scale[cur.sample()];
+        int64_t off[B], sample[B];
+        const int live = gather_positions<B>(cur, g, off, sample);
+        Pack<T, VEC> pg[B], po[B], pu[B], pp[B];
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          A gj = to_acc(pg.v[j]);
-          if constexpr (RELU) gj = to_acc(po.v[j]) > A(0) ? gj : A(0);
-          if constexpr (NEED_U) gu.v[j] = from_acc<T>((A(1) - kk[j]) * gj);
-          if constexpr (NEED_UP) gup.v[j] = from_acc<T>(kk[j] * gj);
-          if constexpr (NEED_F) gf.v[j] = from_acc<T>(HAS_SCALE ? s * gj : gj);
-          if constexpr (NEED_K) acc[j] += gj * (to_acc(pp.v[j]) - to_acc(pu.v[j]));
+        for (int b = 0; b < B; ++b) {
+          if (b < live) {
+            pg[b] = load_pack<T, VEC>(a.grad_out, off[b]);
+            if constexpr (RELU) po[b] = load_pack<T, VEC>(a.out, off[b]);
+            if constexpr (NEED_K) {
+              pu[b] = load_pack<T, VEC>(a.u, off[b]);
+              pp[b] = load_pack<T, VEC>(a.u_prev, off[b]);
+            }
+          }
         }
-        if constexpr (NEED_U) store_pack<T, VEC>(a.grad_u, off, gu);
-        if constexpr (NEED_UP) store_pack<T, VEC>(a.grad_u_prev, off, gup);
-        if constexpr (NEED_F) store_pack<T, VEC>(a.grad_f, off, gf);
+#pragma unroll
+        for (int b = 0; b < B; ++b) {  // in position order: grad_k's sums keep their order
+          if (b >= live) break;
+          A s = A(1);
+          if constexpr (NEED_F && HAS_SCALE) s = a.scale[sample[b]];
+          Pack<T, VEC> gu, gup, gf;
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            A gj = to_acc(pg[b].v[j]);
+            if constexpr (RELU) gj = to_acc(po[b].v[j]) > A(0) ? gj : A(0);
+            if constexpr (NEED_U) gu.v[j] = from_acc<T>((A(1) - kk[j]) * gj);
+            if constexpr (NEED_UP) gup.v[j] = from_acc<T>(kk[j] * gj);
+            if constexpr (NEED_F) gf.v[j] = from_acc<T>(HAS_SCALE ? s * gj : gj);
+            if constexpr (NEED_K) acc[j] += gj * (to_acc(pp[b].v[j]) - to_acc(pu[b].v[j]));
+          }
+          if constexpr (NEED_U) store_pack<T, VEC>(a.grad_u, off[b], gu);
+          if constexpr (NEED_UP) store_pack<T, VEC>(a.grad_u_prev, off[b], gup);
+          if constexpr (NEED_F) store_pack<T, VEC>(a.grad_f, off[b], gf);
+        }
       }
     }
     if constexpr (NEED_K) {
