@@ -41,6 +41,12 @@ constexpr int kBlock = 256;        // threads per block (vectors per thread per 
 constexpr int kMaxColVecs = 32;    // channels-last: vector-columns per tile (one warp wide)
 constexpr int kMinBlocksPerSM = 4; // caps registers at 64/thread: >= 1024 threads/SM in flight
 
+// A kernel launch. The kernel tests' CPU emulation (csrc/tests/cuda_emulator.h) defines its own.
+#ifndef LMF_LAUNCH
+#define LMF_LAUNCH(KERNEL, GRID, BLOCK, STREAM, ...) \
+  KERNEL<<<GRID, BLOCK, 0, STREAM>>>(__VA_ARGS__)
+#endif
+
 // Expands __VA_ARGS__ (a lambda) twice, with NAME a constexpr bool: flags become template
 // parameters at launch, never branches in the inner loop.
 #define LMF_BOOL_SWITCH(COND, NAME, ...) \
@@ -591,7 +597,7 @@ inline cudaError_t launch_tiles(void (*kernel)(Args, Geometry), const Args& args
   const cudaError_t err = resident_blocks(reinterpret_cast<const void*>(kernel), resident);
   if (err != cudaSuccess) return err;
   const int64_t grid = g.num_tiles < resident ? g.num_tiles : resident;
-  kernel<<<static_cast<unsigned>(grid), kBlock, 0, stream>>>(args, g);
+  LMF_LAUNCH(kernel, static_cast<unsigned>(grid), kBlock, stream, args, g);
   return cudaGetLastError();
 }
 

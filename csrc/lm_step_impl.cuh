@@ -137,8 +137,8 @@ cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const vo
 
   const A* partials = static_cast<const A*>(workspace);
   const PartialsLayout p = partials_layout(g, sh, k_numel != 1);
-  reduce_partials_kernel<A><<<static_cast<unsigned>(p.num_out), kBlock, 0, stream>>>(
-      partials, static_cast<A*>(grad_k), p.stride_o, p.stride_i, p.count);
+  LMF_LAUNCH(reduce_partials_kernel<A>, static_cast<unsigned>(p.num_out), kBlock, stream,
+             partials, static_cast<A*>(grad_k), p.stride_o, p.stride_i, p.count);
   return cudaGetLastError();
 }
 

@@ -349,7 +349,7 @@ void test_philox_golden() {
   CUDA_OK(cudaMalloc(&di, 2 * kNumGolden * sizeof(uint32_t)));
   CUDA_OK(cudaMalloc(&dn, kNumGolden * sizeof(float)));
   CUDA_OK(cudaMemcpy(dg, kGolden, sizeof kGolden, cudaMemcpyHostToDevice));
-  philox_probe<<<1, 64>>>(dg, di, dn, kNumGolden);
+  LMF_LAUNCH(philox_probe, 1, 64, nullptr, dg, di, dn, kNumGolden);
   CUDA_OK(cudaGetLastError());
   uint32_t ints[2 * kNumGolden];
   float normals[kNumGolden];

@@ -1,0 +1,164 @@
+// CPU emulation of the CUDA execution model and of the runtime calls the kernels and their tests
+// use, so that the kernel tests run the real kernel code (csrc/lm_step.cuh) on a machine without
+// a GPU, as CI does. Force-included (-include) ahead of every source when csrc/ is compiled as
+// plain C++ with LMF_CUDA_EMULATION defined (csrc/tests/run_emulated.sh).
+//
+// * A block's threads run as fibers on one OS thread, in threadIdx order (ucontext starts them;
+//   _setjmp/_longjmp switch between them, without a system call); each runs until it reaches
+//   __syncthreads or returns. When every thread has arrived (or returned), the
+//   barrier opens. Blocks run one after the other, so a `static` array is a block's __shared__.
+// * Warp shuffles exchange values through a block-wide slot array between two barriers, which
+//   is right for code that, like block_sum, calls them with the whole block.
+// * Device memory is host memory; streams are ignored; launches complete before they return.
+// It checks indexing, reductions, tiling and flags, not timing or memory-model subtleties.
+#pragma once
+
+// Fibers switch with _setjmp/_longjmp across stacks, which glibc's fortified longjmp rejects.
+#undef _FORTIFY_SOURCE
+#define __launch_bounds__(...)
+#define __shared__ static
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <setjmp.h>
+#include <ucontext.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+namespace lmf_emu {
+
+struct Fiber {
+  ucontext_t start{};  // entered once, to run fiber_main on the fiber's own stack
+  jmp_buf resume{};    // where the fiber continues after a barrier
+  std::vector<char> stack;
+  bool started = false;
+  bool at_barrier = false;
+  bool done = false;
+};
+
+struct State {
+  uint3 thread_idx{0, 0, 0};
+  uint3 block_idx{0, 0, 0};
+  dim3 block_dim{1, 1, 1};
+  dim3 grid_dim{1, 1, 1};
+  std::vector<Fiber> fibers;
+  int current = -1;  // the running fiber, -1 on the host
+  jmp_buf scheduler{};
+  std::function<void()> body;
+  std::vector<uint64_t> shuffle_slots;
+};
+
+inline State& state() {
+  static State s;
+  return s;
+}
+
+inline void fail(const char* what) {
+  std::fprintf(stderr, "cuda emulator: %s\n", what);
+  std::abort();
+}
+
+inline void fiber_main() {
+  State& s = state();
+  s.body();
+  s.fibers[s.current].done = true;
+  _longjmp(s.scheduler, 1);  // never returns: the scheduler picks the next fiber
+}
+
+inline void sync_threads() {
+  State& s = state();
+  if (s.current < 0) fail("__syncthreads outside a kernel");
+  Fiber& f = s.fibers[s.current];
+  f.at_barrier = true;
+  if (_setjmp(f.resume) == 0) _longjmp(s.scheduler, 1);
+}
+
+// Runs thread t until its next barrier or its end.
+inline void resume_thread(unsigned t) {
+  State& s = state();
+  Fiber& f = s.fibers[t];
+  s.current = static_cast<int>(t);
+  s.thread_idx = uint3{t, 0, 0};
+  if (_setjmp(s.scheduler) != 0) return;  // back from the fiber
+  if (!f.started) {
+    f.started = true;
+    setcontext(&f.start);
+  }
+  _longjmp(f.resume, 1);
+}
+
+// Runs one block: every thread to its next barrier (or its end), then opens the barrier, until
+// all have returned.
+inline void run_block(unsigned threads) {
+  State& s = state();
+  constexpr size_t kStack = 256 * 1024;
+  if (s.fibers.size() < threads) s.fibers.resize(threads);
+  s.shuffle_slots.assign(threads, 0);
+  for (unsigned t = 0; t < threads; ++t) {
+    Fiber& f = s.fibers[t];
+    if (f.stack.size() < kStack) f.stack.resize(kStack);
+    f.started = f.at_barrier = f.done = false;
+    getcontext(&f.start);
+    f.start.uc_stack.ss_sp = f.stack.data();
+    f.start.uc_stack.ss_size = f.stack.size();
+    f.start.uc_link = nullptr;
+    makecontext(&f.start, fiber_main, 0);
+  }
+  for (;;) {
+    for (unsigned t = 0; t < threads; ++t) {
+      if (!s.fibers[t].done && !s.fibers[t].at_barrier) resume_thread(t);
+    }
+    s.current = -1;
+    bool waiting = false;
+    for (unsigned t = 0; t < threads; ++t) waiting = waiting || s.fibers[t].at_barrier;
+    if (!waiting) return;  // every thread returned
+    for (unsigned t = 0; t < threads; ++t) s.fibers[t].at_barrier = false;
+  }
+}
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
+  State& s = state();
+  if (block.y != 1 || block.z != 1 || grid.y != 1 || grid.z != 1) fail("only 1-D launches");
+  s.grid_dim = grid;
+  s.block_dim = block;
+  s.body = [&] { kernel(args...); };
+  for (unsigned b = 0; b < grid.x; ++b) {
+    s.block_idx = uint3{b, 0, 0};
+    run_block(block.x);
+  }
+  s.body = nullptr;
+}
+
+}  // namespace lmf_emu
+
+#define LMF_LAUNCH(KERNEL, GRID, BLOCK, STREAM, ...) \
+  ::lmf_emu::launch(KERNEL, dim3(GRID), dim3(BLOCK), __VA_ARGS__)
+#define threadIdx (::lmf_emu::state().thread_idx)
+#define blockIdx (::lmf_emu::state().block_idx)
+#define blockDim (::lmf_emu::state().block_dim)
+#define gridDim (::lmf_emu::state().grid_dim)
+
+inline void __syncthreads() { ::lmf_emu::sync_threads(); }
+
+template <typename T>
+T __shfl_down_sync(unsigned /*mask*/, T value, unsigned delta, int width = 32) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a type wider than 8 bytes");
+  lmf_emu::State& s = lmf_emu::state();
+  const unsigned t = static_cast<unsigned>(s.current);
+  std::memcpy(&s.shuffle_slots[t], &value, sizeof(T));
+  __syncthreads();
+  T result = value;
+  const unsigned lane = t % static_cast<unsigned>(width);
+  if (lane + delta < static_cast<unsigned>(width)) {
+    std::memcpy(&result, &s.shuffle_slots[t + delta], sizeof(T));
+  }
+  __syncthreads();
+  return result;
+}
