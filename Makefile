@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP_INSTALL = $(PYTHON) -m pip install --no-build-isolation -e ".[test,bench]"
 OUT ?= runs/bench
 
-.PHONY: install test lint pytest bench cuda-compile device-check
+.PHONY: install test lint pytest bench cuda-compile cuda-emulated device-check
 
 # Installs lmfused (editable) on top of the torch already present; never replaces torch.
 install:
@@ -31,6 +31,10 @@ bench: .install.stamp
 # Compiles the torch-free CUDA kernels and their C++ test with nvcc (no GPU needed).
 cuda-compile:
 	bash csrc/check_compile.sh build/cmake
+
+# The C++ kernel tests on the CPU emulation of CUDA (needs the CUDA headers, no GPU; ~5 min).
+cuda-emulated:
+	bash csrc/tests/run_emulated.sh build/emulated
 
 # On a GPU machine: build both ways, run GPU tests, ctest, compute-sanitizer, benchmarks (OUT=folder).
 device-check:
