@@ -6,7 +6,7 @@
 #   steps: jit setup ctest tests sanitizer ops ops-graph train models profile ncu   (default: all;
 #          independent steps run in parallel). Every step after the builds needs `setup` (or an installed _C).
 # Env: OPS_GRID (full|headline), MODELS_ARGS (extra bench.models flags), TORCH_CUDA_ARCH_LIST (default 9.0),
-#      TESTS_TIMEOUT (s, default 420), TEST_WORKERS (default 12), RACECHECK_DTYPES (default float,bf16: racecheck
+#      TESTS_TIMEOUT (s, default 420), TEST_WORKERS (default 12), RACECHECK_DTYPES (default bf16: racecheck
 #      takes ~2 min per dtype), LMFUSED_COMMIT (the commit measured, for the summary).
 set -uo pipefail
 OUT=${1:?usage: bench/device_check.sh OUT [STEP ...]}
@@ -53,7 +53,7 @@ wants setup && run_step info 60 $PY -m lmfused.info
 # 2. Correctness (GPU tests in parallel workers; compute-sanitizer on the kernel tests beside them).
 if wants sanitizer; then
   ( run_step memcheck 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$CMAKE_DIR/lmfused_kernel_tests"
-    run_step racecheck 400 env LMFUSED_KERNEL_TESTS_DTYPES="${RACECHECK_DTYPES:-float,bf16}" \
+    run_step racecheck 400 env LMFUSED_KERNEL_TESTS_DTYPES="${RACECHECK_DTYPES:-bf16}" \
       compute-sanitizer --tool racecheck --error-exitcode 9 "$CMAKE_DIR/lmfused_kernel_tests" ) &
 fi
 wants tests && run_step tests "${TESTS_TIMEOUT:-420}" $PY -m pytest tests -q -rfE -p no:cacheprovider \
