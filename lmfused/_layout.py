@@ -40,6 +40,11 @@ def _from_last(t: Tensor) -> Tensor:
 
 def is_channels_last_dense(t: Tensor) -> bool:
     """True if ``t`` is dense with the channel dim (1) fastest: NHWC, NDHWC, ... (rank >= 3)."""
+    # torch keeps this flag for ranks 4 and 5 (the same rule: size-1 dims are skipped), so no view is made.
+    if t.dim() == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return t.is_contiguous(memory_format=torch.channels_last_3d)
     return t.dim() >= 3 and _to_last(t).is_contiguous()
 
 

@@ -453,3 +453,18 @@ def test_backend_from_environment(monkeypatch):
 def test_default_backend_on_gpu_is_a_kernel():
     assert lmfused.available_backends("cuda")[0] in ("cuda", "triton")
     assert HAS_CUDA
+
+
+def test_channels_last_check_matches_the_permute_rule():
+    """The fast channels-last test (torch's stride flag for ranks 4 and 5) says what the permuted view's
+    contiguity says, for every stride order, size-1 dims and strided slices included."""
+    from lmfused._layout import _to_last, is_channels_last_dense
+
+    for rank, sizes in ((4, (1, 2, 3)), (5, (1, 2))):
+        for shape in itertools.product(sizes, repeat=rank):
+            base = torch.empty(shape)
+            for order in itertools.permutations(range(rank)):
+                t = base.permute(order).contiguous().permute([order.index(d) for d in range(rank)])
+                for view in (t, t[..., ::2]):
+                    want = _to_last(view).is_contiguous()
+                    assert is_channels_last_dense(view) == want, (shape, view.stride())
