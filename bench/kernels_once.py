@@ -14,7 +14,7 @@ import argparse
 import torch
 
 import lmfused
-from bench.ops import HEADLINE, Config, inputs
+from bench.ops import HEADLINE, Config, inputs, providers
 
 
 def run_once(backends: list[str]) -> None:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.kernels_once needs a CUDA GPU")
-    backends = args.backends or [b for b in lmfused.available_backends("cuda") if b != "reference"]
+    backends = args.backends or [p for p in providers(torch.device("cuda")) if p in ("triton", "cuda")]
     run_once(backends)
 
 

@@ -24,6 +24,7 @@ from bench.common import ROOT, environment, print_table, write_json
 from bench.models import build, eager_updates, make_train_step
 from bench.models import providers as model_providers
 from bench.ops import HEADLINE, Config, inputs, make_fn
+from bench.ops import providers as op_providers
 
 # Kernel-name fragments of each category, first match wins (cuDNN / CUTLASS / Triton / aten kernel names).
 CATEGORIES = (
@@ -89,7 +90,7 @@ def op_rows(device: torch.device, iterations: int) -> list[dict]:
     """lm_step fwd+bwd at the headline shape (a small one on CPU) for each backend."""
     shape = HEADLINE if device.type == "cuda" else (4, 16, 8, 8)
     dtype = "bf16" if device.type == "cuda" else "fp32"
-    names = ["eager"] + [b for b in torch_backends(device)]
+    names = [p for p in op_providers(device) if not p.startswith("compile")]  # eager and the backends
     rows = []
     for layout in ("channels_last", "contiguous"):
         config = Config(shape, dtype, layout, "channel", True, True)
@@ -104,13 +105,6 @@ def op_rows(device: torch.device, iterations: int) -> list[dict]:
             result = profile_fn(call, device, iterations)
             rows.append({"what": f"op {layout}", "provider": provider, **result})
     return rows
-
-
-def torch_backends(device: torch.device) -> list[str]:
-    import lmfused
-
-    backends = lmfused.available_backends(device)
-    return [b for b in backends if b != "reference"] if device.type == "cuda" else ["reference"]
 
 
 def model_rows(device: torch.device, batch: int, size: int, steps: int) -> list[dict]:

@@ -166,16 +166,14 @@ def _register(backend: str, implementations: tuple[Callable, Callable] | None) -
     return forward_op, backward_op
 
 
+_TRITON = _triton_implementations()
+_IMPLEMENTATIONS = {"reference": (reference_forward, reference_backward), "cuda": None}  # cuda: from C++
+if _TRITON is not None:
+    _IMPLEMENTATIONS["triton"] = _TRITON
 _FORWARD_OPS: dict[str, Callable] = {}
 _BACKWARD_OPS: dict[str, Callable] = {}
-_TRITON = _triton_implementations()
-for _backend, _implementations in (
-    ("reference", (reference_forward, reference_backward)),
-    ("cuda", None),
-    ("triton", _TRITON),
-):
-    if _backend != "triton" or _TRITON is not None:
-        _FORWARD_OPS[_backend], _BACKWARD_OPS[_backend] = _register(_backend, _implementations)
+for _backend, _implementations in _IMPLEMENTATIONS.items():
+    _FORWARD_OPS[_backend], _BACKWARD_OPS[_backend] = _register(_backend, _implementations)
 
 
 # ----------------------------------------------------------------------------------------------------------
