@@ -13,10 +13,12 @@ optional (a clear error names it when it is missing).
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -305,21 +307,55 @@ def _digits(cfg: TrainConfig, rank: int, device: torch.device) -> TensorSource:
     )
 
 
+CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TEST_FILE = "test_batch"
+
+
+def read_cifar_batch(path: Path) -> Batch:
+    """One CIFAR-10 python batch (a pickled dict with b"data", uint8 (N, 3072), and b"labels") as uint8 images
+    (N, 3, 32, 32) and int64 labels. No checksum: any file in that format is accepted.
+
+    Raises:
+        UsageError: naming the file when it is missing or not a batch of that format.
+    """
+    if not path.is_file():
+        raise UsageError(
+            f"--data-dir: no CIFAR-10 data: {path} is missing (expected the python version, "
+            f"cifar-10-batches-py/{{{','.join(CIFAR_TRAIN_FILES)},{CIFAR_TEST_FILE}}}; nothing is downloaded)"
+        )
+    try:
+        with path.open("rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+        data = np.asarray(entry[b"data"] if b"data" in entry else entry["data"], dtype=np.uint8)
+        labels = entry.get(b"labels", entry.get("labels"))
+        if labels is None:
+            raise KeyError("labels")
+        labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels_t) != len(data):
+            raise ValueError(f"data of shape {data.shape} with {len(labels_t)} labels, expected (N, 3072)")
+        if len(labels_t) and (labels_t.min() < 0 or labels_t.max() > 9):
+            raise ValueError("labels outside 0..9")
+    except Exception as exc:  # noqa: BLE001 - any damage is reported as one line naming the file
+        raise UsageError(
+            f"--data-dir: {path} is damaged or not a CIFAR-10 python batch ({type(exc).__name__}: {exc})"
+        ) from None
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return images, labels_t
+
+
 def _cifar10(cfg: TrainConfig, rank: int, device: torch.device) -> TensorSource:
-    """CIFAR-10 from DIR/cifar-10-batches-py (torchvision's reader, download=False), in memory as uint8."""
+    """CIFAR-10 from DIR/cifar-10-batches-py (or DIR itself holding the batches), read directly (no
+    torchvision, no checksum), in memory as uint8."""
     root = _data_dir(cfg)
-    tv = _import_torchvision("cifar10")
+    folder = root / "cifar-10-batches-py"
+    if not folder.is_dir() and (root / CIFAR_TEST_FILE).exists():
+        folder = root
     splits = []
-    for train in (True, False):
-        try:
-            dataset = tv.datasets.CIFAR10(str(root), train=train, download=False)
-        except RuntimeError as exc:
-            raise UsageError(
-                f"--data-dir: no CIFAR-10 data in {root} (expected {root}/cifar-10-batches-py, the python "
-                f"version; nothing is downloaded): {exc}"
-            ) from None
-        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) uint8
-        splits.append((_resize(images, cfg.image_size), torch.tensor(dataset.targets, dtype=torch.long)))
+    for names in (CIFAR_TRAIN_FILES, (CIFAR_TEST_FILE,)):
+        parts = [read_cifar_batch(folder / name) for name in names]
+        images = torch.cat([p[0] for p in parts])
+        labels = torch.cat([p[1] for p in parts])
+        splits.append((_resize(images, cfg.image_size), labels))
     return TensorSource(
         cfg, rank, device, train=splits[0], val=splits[1], mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=10
     )
