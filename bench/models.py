@@ -1,11 +1,19 @@
 """Model benchmark: training-step throughput of ResNet-50 / ResNeXt-50 and their LM versions.
 
     python -m bench.models [--batch 128] [--size 224] [--steps 20] [--out DIR]
+    python -m bench.models --compile-providers torchvision eager cuda --time-budget 170
 
-Rows: torchvision's plain model (``torchvision``), the LM model with the update written as separate eager
-PyTorch ops as the original code does (``eager``), and the LM model with ``lm_step`` on each lmfused backend;
-each with and without torch.compile. Synthetic data, SGD with momentum, bf16 autocast, channels_last. Reports
-the median img/s over timed steps after warm-up, and peak memory.
+Providers: torchvision's plain model (``torchvision``); the LM model with the update written as separate
+PyTorch ops, as a user without lmfused writes it (``eager``); the LM model with ``lm_step`` on each lmfused
+backend (``cuda``, ``triton``; ``reference`` on CPU). Each is measured eagerly, and compiled with
+``torch.compile`` for the providers in ``--compile-providers`` (default on a GPU: every provider, the plain
+torchvision, the plain-PyTorch LM and the fastest fused backend first). Synthetic data, SGD with momentum,
+bf16 autocast, channels_last, all rows in the same run. Reports the median img/s over timed steps after
+warm-up, the peak memory, the warm-up (compile) time, and the ratio to eager torchvision of the same model.
+
+Rows run in priority order (every eager row, then the compiled ones) and the JSON is rewritten after every
+row, so a run stopped by ``--time-budget`` or an outer timeout keeps what it measured; rows it had no time
+for are listed as skipped, never dropped.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import lmfused.nn.step
 from bench.common import ROOT, environment, print_table, write_json
 from bench.ops import eager_lm_step
 
-MODELS = {"resnet50": "lm_resnet50", "resnext50_32x4d": "lm_resnext50_32x4d"}
+MODELS = {"resnext50_32x4d": "lm_resnext50_32x4d", "resnet50": "lm_resnet50"}
 
 
 def _eager_update(u, u_prev, f, k, *, scale=None, relu=False, noise_std=0.0, backend=None):
@@ -46,6 +54,7 @@ def eager_updates():
 
 
 def build(model_name: str, provider: str, device: torch.device) -> torch.nn.Module:
+    """The model a row measures: torchvision's, or lmfused's LM version on ``provider``'s update."""
     if provider == "torchvision":
         import torchvision
 
@@ -73,13 +82,15 @@ def make_train_step(model, device, batch: int, size: int, compiled: bool):
 
 
 def train_throughput(model, device, batch: int, size: int, steps: int, warmup: int, compiled: bool):
-    """(median img/s, peak memory GB) of SGD training steps on synthetic data."""
+    """(median img/s, peak memory GB, warm-up seconds) of SGD training steps on synthetic data."""
     step = make_train_step(model, device, batch, size, compiled)
+    start = time.perf_counter()
     for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    warmup_s = time.perf_counter() - start
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -88,21 +99,60 @@ def train_throughput(model, device, batch: int, size: int, steps: int, warmup: i
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
-    return batch / statistics.median(times), peak
+    return batch / statistics.median(times), peak, warmup_s
 
 
 def providers(device: torch.device) -> list[str]:
+    """Providers runnable here: torchvision (if installed), the eager update, and the fused backends."""
     names = []
     try:
         import torchvision  # noqa: F401
 
         names.append("torchvision")
-    except ImportError:
-        print("torchvision is not installed: no plain torchvision rows")
+    except Exception as exc:  # noqa: BLE001 - a torchvision that fails to import is as good as absent
+        print(f"torchvision is not importable ({type(exc).__name__}): no plain torchvision rows")
     names.append("eager")
     if device.type != "cuda":
         return names + ["reference"]  # the Triton interpreter is far too slow for whole models
     return names + [b for b in lmfused.available_backends(device) if b != "reference"]
+
+
+def default_compile_providers(names: list[str], device: torch.device) -> list[str]:
+    """On a GPU every provider is compiled, the rows the comparison needs first (torchvision, the eager LM
+    update, the fastest fused backend); on CPU none (compiling a ResNet step there takes minutes)."""
+    if device.type != "cuda":
+        return []
+    fused = [p for p in names if p not in ("torchvision", "eager")]  # fastest first (lmfused.ops.BACKENDS)
+    return [p for p in ("torchvision", "eager") if p in names] + fused
+
+
+def plan(models: list[str], names: list[str], compile_names: list[str]) -> list[tuple[str, str, bool]]:
+    """(model, provider, compiled) in the order they run: per model, every eager row, then the compiled rows
+    in ``compile_names`` order, so a time limit cuts the least needed rows."""
+    rows = []
+    for model_name in models:
+        rows += [(model_name, p, False) for p in names]
+        rows += [(model_name, p, True) for p in compile_names if p in names]
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """``vs_torchvision``: img/s over eager torchvision's for the same model (the 3% target's measure)."""
+    base = {
+        r["model"]: r["img_per_s"]
+        for r in rows
+        if r["provider"] == "torchvision" and not r["compiled"] and r.get("img_per_s")
+    }
+    for r in rows:
+        r["vs_torchvision"] = (
+            r["img_per_s"] / base[r["model"]] if r.get("img_per_s") and r["model"] in base else None
+        )
+
+
+COLUMNS = [
+    ("model", "s"), ("provider", "s"), ("compiled", "d"), ("batch", "d"), ("img_per_s", ".1f"),
+    ("vs_torchvision", ".3f"), ("peak_mem_gb", ".2f"), ("warmup_s", ".1f"), ("status", "s"),
+]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,8 +162,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=None, help="default 128 on GPU, 4 on CPU")
     parser.add_argument("--size", type=int, default=None, help="image size; default 224 on GPU, 64 on CPU")
     parser.add_argument("--steps", type=int, default=None, help="timed steps; default 20 on GPU, 2 on CPU")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps; default 5 on GPU, 1 on CPU")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--providers", nargs="+", default=None, help="subset of providers (default: all)")
+    parser.add_argument(
+        "--compile-providers",
+        nargs="*",
+        default=None,
+        help="providers also measured under torch.compile, in this order (default: all on GPU, none on CPU)",
+    )
+    parser.add_argument("--no-compile", action="store_true", help="no torch.compile rows")
+    parser.add_argument(
+        "--time-budget", type=float, default=None, help="seconds; rows not started by then are skipped"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -121,49 +182,47 @@ def main(argv: list[str] | None = None) -> None:
     batch = args.batch or (128 if gpu else 4)
     size = args.size or (224 if gpu else 64)
     steps = args.steps or (20 if gpu else 2)
+    warmup = args.warmup or (5 if gpu else 1)
+    names = [p for p in providers(device) if args.providers is None or p in args.providers]
+    compile_names = args.compile_providers
+    if compile_names is None:
+        compile_names = default_compile_providers(names, device)
+    if args.no_compile:
+        compile_names = []
+    env = environment()
+    name = "models-" + ("".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower())
+    path = args.out / f"{name}.json"
+    started = time.perf_counter()
     rows = []
-    for model_name in args.models:
-        for provider in providers(device):
-            for compiled in (False, True) if (gpu and not args.no_compile) else (False,):
-                torch._dynamo.reset()
+    for model_name, provider, compiled in plan(args.models, names, compile_names):
+        row = {"model": model_name, "provider": provider, "compiled": compiled, "batch": batch}
+        if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
+            row["status"] = "skipped (time budget)"
+        else:
+            torch._dynamo.reset()
+            try:
                 model = build(model_name, provider, device)
                 swap = eager_updates() if provider == "eager" else contextlib.nullcontext()
                 with swap:
-                    img_s, peak = train_throughput(
-                        model, device, batch, size, steps, 5 if gpu else 1, compiled
+                    row["img_per_s"], row["peak_mem_gb"], row["warmup_s"] = train_throughput(
+                        model, device, batch, size, steps, warmup, compiled
                     )
-                rows.append(
-                    {
-                        "model": model_name,
-                        "provider": provider,
-                        "compiled": compiled,
-                        "batch": batch,
-                        "img_per_s": img_s,
-                        "peak_mem_gb": peak,
-                    }
-                )
-                print(rows[-1], flush=True)
+                row["status"] = "ok"
                 del model
-                if gpu:
-                    torch.cuda.empty_cache()
-    env = environment()
-    name = "models-" + ("".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower())
-    write_json(args.out / f"{name}.json", {"environment": env, "image_size": size, "rows": rows})
+            except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
+                row["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            if gpu:
+                torch.cuda.empty_cache()
+        rows.append(row)
+        add_ratios(rows)
+        print(row, flush=True)
+        write_json(path, {"environment": env, "image_size": size, "steps": steps, "rows": rows})
     print(
         f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "
         f"commit {env['commit']} | batch {batch} | {size}x{size} | bf16 autocast, channels_last"
     )
-    print_table(
-        rows,
-        [
-            ("model", "s"),
-            ("provider", "s"),
-            ("compiled", "d"),
-            ("batch", "d"),
-            ("img_per_s", ".1f"),
-            ("peak_mem_gb", ".2f"),
-        ],
-    )
+    print_table(rows, COLUMNS)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

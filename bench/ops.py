@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -177,9 +178,17 @@ def _timed(fn, device: torch.device, graph_time=None) -> tuple[float, float | No
     return ms, peak, gpu_ms
 
 
-def run(grid_name: str, device: torch.device, only: list[str] | None = None) -> dict:
+def run(
+    grid_name: str,
+    device: torch.device,
+    only: list[str] | None = None,
+    on_progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """Measure every configuration of the grid; ``on_progress`` gets the payload so far after each one (so a
+    run cut by a time limit keeps its rows)."""
     copy = copy_gbps(device)
     rows = []
+    payload = {"environment": environment(), "copy_gbps": copy, "rows": rows, "complete": False}
     names = [p for p in providers(device) if only is None or p in only]
     for config in grid(grid_name, device):
         itemsize = DTYPES[config.dtype].itemsize
@@ -213,7 +222,10 @@ def run(grid_name: str, device: torch.device, only: list[str] | None = None) -> 
                 }
             )
         torch._dynamo.reset()  # keep recompilation limits out of the way between shapes
-    return {"environment": environment(), "copy_gbps": copy, "rows": rows}
+        if on_progress is not None:
+            on_progress(payload)
+    payload["complete"] = True
+    return payload
 
 
 COLUMNS = [
@@ -237,11 +249,13 @@ def main(argv: list[str] | None = None) -> None:
     global CUDA_GRAPH_TIMES
     CUDA_GRAPH_TIMES = args.cuda_graph
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = run(args.grid, device, args.providers)
-    env = result["environment"]
+    env = environment()
     name = "ops-" + ("".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower())
     name += "" if args.grid == "full" else f"-{args.grid}"
     name += "-graph" if args.cuda_graph else ""
+    result = run(
+        args.grid, device, args.providers, lambda payload: write_json(args.out / f"{name}.json", payload)
+    )
     write_json(args.out / f"{name}.json", result)
     print(
         f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "

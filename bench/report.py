@@ -86,18 +86,22 @@ def brief(payload: dict) -> str:
 
 
 def models_table(payload: dict) -> str:
+    """Markdown table of the model benchmark: img/s, its ratio to eager torchvision, peak memory, and why a
+    row has no number (skipped or failed) instead of leaving it out."""
     env = payload["environment"]
     lines = [
-        f"Training step on {env['device']} (torch {env['torch']}, commit {env['commit']}), "
-        f"{payload['image_size']}px, bf16 autocast, channels_last, SGD:",
+        f"Training step on {env['device']} (torch {env['torch']}, Triton {env.get('triton')}, commit "
+        f"{env['commit']}), {payload['image_size']}px, bf16 autocast, channels_last, SGD; `eager` = the LM "
+        "update in plain PyTorch ops, `cuda`/`triton` = the fused op:",
         "",
-        "| model | provider | compiled | batch | img/s | peak GB |",
-        "|---|---|---|---|---|---|",
+        "| model | provider | compiled | batch | img/s | vs torchvision eager | peak GB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in payload["rows"]:
+        speed = _fmt(r.get("img_per_s"), ".0f") if r.get("img_per_s") else r.get("status", "-")
         lines.append(
-            f"| {r['model']} | {r['provider']} | {int(r['compiled'])} | {r['batch']} | {r['img_per_s']:.0f} "
-            f"| {_fmt(r['peak_mem_gb'], '.1f')} |"
+            f"| {r['model']} | {r['provider']} | {int(r['compiled'])} | {r['batch']} | {speed} "
+            f"| {_fmt(r.get('vs_torchvision'), '.3f')} | {_fmt(r.get('peak_mem_gb'), '.1f')} |"
         )
     return "\n".join(lines)
 
@@ -154,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.brief:
         print(brief(json.loads(args.ops.read_text())))
+        if args.models:
+            print("\n" + models_table(json.loads(args.models.read_text())))
         return
     text = ops_table(json.loads(args.ops.read_text()))
     if args.models:

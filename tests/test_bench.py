@@ -134,3 +134,71 @@ def test_brief_report_ranges(smoke_result):
     lines = report.brief(smoke_result).splitlines()
     assert len(lines) == 1 + 2 * 2 * len(ops.MODES)  # header + layout x provider x mode
     assert all(line.split()[-1].split("-")[0].isdigit() for line in lines[1:])
+
+
+def test_op_grid_reports_progress_after_each_configuration():
+    """A run cut by a time limit keeps its rows: the payload so far is handed out after each configuration."""
+    seen = []
+    result = ops.run(
+        "smoke", torch.device("cpu"), only=["eager"], on_progress=lambda p: seen.append(len(p["rows"]))
+    )
+    per_config = len(ops.MODES)
+    assert seen == [per_config * (i + 1) for i in range(len(ops.grid("smoke", torch.device("cpu"))))]
+    assert result["complete"] and len(result["rows"]) == seen[-1]
+
+
+def test_model_rows_run_eager_first_then_the_needed_compiled_rows():
+    """Every eager row first, then the compiled ones in priority order (torchvision, the plain-PyTorch LM
+    update, the fastest fused backend), so a time limit cuts only the least needed rows."""
+    from bench import models
+
+    names = ["torchvision", "eager", "cuda", "triton"]
+    compiled = models.default_compile_providers(names, torch.device("cuda"))
+    assert compiled == ["torchvision", "eager", "cuda", "triton"]
+    assert models.default_compile_providers(names, torch.device("cpu")) == []
+    rows = models.plan(["resnext50_32x4d", "resnet50"], names, compiled[:3])
+    assert rows[:4] == [("resnext50_32x4d", p, False) for p in names]
+    assert rows[4:7] == [("resnext50_32x4d", p, True) for p in ("torchvision", "eager", "cuda")]
+    assert rows[7:] == [("resnet50", p, False) for p in names] + [("resnet50", p, True) for p in compiled[:3]]
+
+
+def test_model_table_ratios_and_skipped_rows():
+    from bench import models
+
+    rows = [
+        {"model": "m", "provider": "torchvision", "compiled": False, "batch": 2, "img_per_s": 100.0},
+        {"model": "m", "provider": "cuda", "compiled": False, "batch": 2, "img_per_s": 97.0},
+        {"model": "m", "provider": "cuda", "compiled": True, "batch": 2, "status": "skipped (time budget)"},
+    ]
+    models.add_ratios(rows)
+    assert rows[0]["vs_torchvision"] == 1.0 and rows[1]["vs_torchvision"] == 0.97
+    assert rows[2]["vs_torchvision"] is None
+    env = {"device": "cpu", "torch": "x", "triton": None, "commit": "c"}
+    table = report.models_table({"environment": env, "image_size": 8, "rows": rows})
+    assert "| m | cuda | 0 | 2 | 97 | 0.970 |" in table
+    assert "skipped (time budget)" in table  # a row without a number is shown, never dropped
+
+
+def test_model_benchmark_cpu_smoke(tmp_path):
+    """One tiny eager row per provider on CPU, written to JSON with the environment stamp."""
+    from bench import models
+
+    models.main(
+        ["--models", "resnet50", "--batch", "2", "--size", "32", "--steps", "1", "--out", str(tmp_path)]
+    )
+    (path,) = tmp_path.glob("models-*.json")
+    payload = json.loads(path.read_text())
+    assert {r["status"] for r in payload["rows"]} == {"ok"}
+    assert {"eager", "reference"} <= {r["provider"] for r in payload["rows"]}
+    assert all(r["img_per_s"] > 0 for r in payload["rows"])
+
+
+def test_kernels_once_shards_cover_the_headline_grid():
+    from bench import kernels_once
+
+    everything = kernels_once.configs(all_flags=True)
+    assert everything == ops.grid("headline", torch.device("cuda"))
+    shards = [everything[i::4] for i in range(4)]
+    assert sorted(map(str, sum(shards, []))) == sorted(map(str, everything))
+    with pytest.raises(SystemExit, match="--shard"):
+        kernels_once.main(["--shard", "4/4"])
