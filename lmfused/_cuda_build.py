@@ -1,9 +1,15 @@
 """Find, build and load the hand-written CUDA backend (``lmfused._C``, sources in ``csrc/``).
 
 The kernels implement the LM step of Lu, Zhong, Li & Dong, *Beyond Finite Layer Neural Networks*
-(ICML 2018). ``lmfused._C`` is built ahead of time by ``setup.py`` when a CUDA torch and nvcc are
-present; otherwise, on a GPU machine with nvcc and a source checkout, :func:`load_cuda_extension`
-JIT-builds the same sources with ``torch.utils.cpp_extension.load`` into a per-version cache.
+(ICML 2018). ``lmfused._C`` is built ahead of time by ``setup.py`` when a CUDA torch and a CUDA toolkit
+are present; otherwise (or when that build failed), on a GPU machine with a toolkit and a source checkout,
+:func:`load_cuda_extension` JIT-builds the same sources with ``torch.utils.cpp_extension.load`` into a
+per-version cache.
+
+The toolkit is found as :func:`find_cuda_home` says: $CUDA_HOME (or $CUDA_PATH), else the folder the
+``nvcc`` on PATH really runs from (asked of nvcc itself, so a wrapper script or a symlink in ``/usr/bin``
+leads to the real toolkit, where torch's own guess takes the wrapper's parent folder), else
+``/usr/local/cuda``; a toolkit counts only if it has ``bin/nvcc`` and ``include/cuda_runtime.h``.
 
 setup.py imports this file by path before the package is installed, so at top level it imports only
 the standard library and torch.
@@ -23,20 +29,32 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+import traceback
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
 __all__ = [
+    "BUILD_FAILURE_NOTE",
     "DEFAULT_ARCH_LIST",
     "cuda_extension_sources",
+    "cuda_toolkit_problem",
     "cuda_unavailable_reason",
     "default_arch_flags",
     "extension_compile_args",
+    "find_cuda_home",
+    "install_build_failure",
     "load_cuda_extension",
+    "nvcc_toolkit_root",
+    "optional_build_extension",
 ]
 
 DEFAULT_ARCH_LIST = "8.0;9.0"  # A100, H100
@@ -53,10 +71,158 @@ _SOURCE_NAMES = (
     "lm_step_binding.cpp",
 )
 
+# Written next to the package by setup.py when the ahead-of-time build of lmfused._C failed (the install
+# itself goes on, pure Python): what failed, for `python -m lmfused.info` and the backend's reason.
+BUILD_FAILURE_NOTE = "_C_build_failure.txt"
+_NVCC_TIMEOUT_S = 30.0
+
 _lock = threading.Lock()
 _attempted = False
 _module: ModuleType | None = None
 _reason: str | None = "the CUDA extension has not been loaded yet"
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding the CUDA toolkit (shared by setup.py, the JIT build and lmfused.info)
+# --------------------------------------------------------------------------------------------------
+
+
+def cuda_toolkit_problem(cuda_home: str | os.PathLike[str]) -> str | None:
+    """Why ``cuda_home`` cannot build the extension (no ``bin/nvcc`` or no ``include/cuda_runtime.h``),
+    or None if it has both."""
+    home = Path(cuda_home)
+    if not home.is_dir():
+        return f"{home} is not a folder"
+    if not (home / "bin" / "nvcc").is_file():
+        return f"{home} has no bin/nvcc"
+    if not (home / "include" / "cuda_runtime.h").is_file():
+        return f"{home} has no include/cuda_runtime.h (the CUDA runtime headers)"
+    return None
+
+
+def nvcc_toolkit_root(nvcc: str | os.PathLike[str], timeout: float = _NVCC_TIMEOUT_S) -> str | None:
+    """The toolkit folder ``nvcc`` really runs from, or None if it cannot be told.
+
+    Asks nvcc itself: ``nvcc -v --dryrun`` prints the variables of its configuration, among them
+    ``TOP``, the toolkit root, without compiling anything. That sees through wrapper scripts that exec
+    the real nvcc, which the file's own location (torch's guess) does not. Falls back to the resolved
+    symlink's grandparent when nvcc prints no ``TOP``.
+    """
+    try:
+        with tempfile.TemporaryDirectory(prefix="lmfused-nvcc-") as scratch:
+            result = subprocess.run(
+                [str(nvcc), "-v", "--dryrun", "-c", "probe.cu", "-o", "probe.o"],
+                cwd=scratch,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        output = result.stdout + "\n" + result.stderr
+    except (OSError, subprocess.SubprocessError):
+        output = ""
+    for line in output.splitlines():
+        match = re.match(r"^#\$\s*TOP=(.+?)\s*$", line)
+        if match:
+            return os.path.normpath(match.group(1).strip().strip('"'))
+    real = Path(nvcc).resolve()
+    if real.parent.name == "bin" and output:  # it ran, but printed no TOP: trust its real location
+        return str(real.parent.parent)
+    return None
+
+
+def find_cuda_home(
+    environ: Mapping[str, str] | None = None,
+    which: Callable[[str], str | None] = shutil.which,
+    default: str = "/usr/local/cuda",
+) -> tuple[str | None, str]:
+    """The CUDA toolkit to build with: ``(folder, how it was found)``, or ``(None, why none)``.
+
+    Looked for, in this order: ``$CUDA_HOME`` (or ``$CUDA_PATH``), which is used as given (a broken one is
+    reported, not silently replaced by another toolkit); the folder the ``nvcc`` on PATH really runs from
+    (:func:`nvcc_toolkit_root`); ``default``. Each candidate must pass :func:`cuda_toolkit_problem`.
+    """
+    environ = os.environ if environ is None else environ
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        value = environ.get(variable)
+        if value:
+            problem = cuda_toolkit_problem(value)
+            if problem is not None:
+                return None, f"${variable}={value} is not a usable CUDA toolkit: {problem}"
+            return os.path.normpath(value), f"${variable}"
+    tried = []
+    nvcc = which("nvcc")
+    if nvcc is not None:
+        root = nvcc_toolkit_root(nvcc)
+        if root is None:
+            tried.append(f"nvcc at {nvcc} did not say where its toolkit is (nvcc -v --dryrun)")
+        else:
+            problem = cuda_toolkit_problem(root)
+            if problem is None:
+                return root, f"the nvcc on PATH ({nvcc})"
+            tried.append(f"the nvcc on PATH ({nvcc}) runs from {root}, but {problem}")
+    else:
+        tried.append("no nvcc on PATH")
+    if default and Path(default).exists():
+        problem = cuda_toolkit_problem(default)
+        if problem is None:
+            return os.path.normpath(default), f"the default location {default}"
+        tried.append(problem)
+    return None, "no CUDA toolkit found (set CUDA_HOME): " + "; ".join(tried)
+
+
+def install_build_failure(package_dir: str | os.PathLike[str] | None = None) -> str | None:
+    """What setup.py recorded when the ahead-of-time build of ``lmfused._C`` failed, or None."""
+    folder = Path(package_dir) if package_dir is not None else Path(__file__).resolve().parent
+    try:
+        return (folder / BUILD_FAILURE_NOTE).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def optional_build_extension(base: type, note_name: str = BUILD_FAILURE_NOTE) -> type:
+    """``base`` (a setuptools ``build_ext``, e.g. torch's ``BuildExtension``) made optional, for setup.py.
+
+    When building fails, the install goes on without the extensions (pure Python): the reason goes to stderr
+    and to ``note_name`` in the folder the extension would have gone to (read back by
+    :func:`install_build_failure`); a successful build removes a stale note.
+    """
+
+    class OptionalBuildExtension(base):
+        def run(self) -> None:
+            note = Path(self.get_ext_fullpath(self.extensions[0].name)).resolve().parent / note_name
+            try:
+                super().run()
+            except Exception as exc:  # compiler errors arrive as RuntimeError, CompileError, ...
+                detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                print(
+                    "lmfused: building the CUDA backend lmfused._C FAILED; installing pure Python "
+                    "(Triton and reference backends) instead.\n"
+                    f"lmfused:   reason: {detail} (the compiler output is above; pip shows it with -v)\n"
+                    "lmfused:   On a GPU machine the JIT build tries again on first use "
+                    "(LMFUSED_VERBOSE_BUILD=1 shows the compiler); LMFUSED_NO_CUDA_BUILD=1 skips this build.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self.extensions = []
+                try:
+                    note.parent.mkdir(parents=True, exist_ok=True)
+                    note.write_text(
+                        f"{detail} (install-time build with CUDA_HOME={os.environ.get('CUDA_HOME')}; "
+                        "pip install -v shows the compiler output)\n",
+                        encoding="utf-8",
+                    )
+                except OSError:
+                    pass
+                return
+            note.unlink(missing_ok=True)
+            print("lmfused: built the CUDA backend lmfused._C", file=sys.stderr, flush=True)
+
+        def get_outputs(self) -> list[str]:
+            return super().get_outputs() if self.extensions else []
+
+    OptionalBuildExtension.__name__ = OptionalBuildExtension.__qualname__ = f"Optional{base.__name__}"
+    return OptionalBuildExtension
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,7 +330,11 @@ def _import_prebuilt() -> tuple[ModuleType | None, str]:
     except ModuleNotFoundError as exc:
         if exc.name not in ("lmfused._C", "lmfused"):
             return None, f"lmfused._C failed to import: {exc}"
-        return None, "lmfused._C is not built (install with a CUDA torch and nvcc present)"
+        failure = install_build_failure()
+        if failure is not None:
+            first_line = failure.splitlines()[0]
+            return None, f"lmfused._C is not built: the build at install time failed ({first_line})"
+        return None, "lmfused._C is not built (install with a CUDA torch and a CUDA toolkit present)"
     except (ImportError, OSError) as exc:  # e.g. built against another torch: undefined symbols
         return None, f"lmfused._C failed to import: {exc}"
 
@@ -178,9 +348,12 @@ def _jit_build() -> tuple[ModuleType | None, str | None]:
         return None, "no CUDA device (torch.cuda.is_available() is False)"
     from torch.utils import cpp_extension  # heavy; only when a build is possible
 
-    cuda_home = cpp_extension.CUDA_HOME
-    if cuda_home is None or not (Path(cuda_home) / "bin" / "nvcc").exists():
-        return None, "nvcc not found for the JIT build (set CUDA_HOME to a CUDA toolkit)"
+    cuda_home, how = find_cuda_home()
+    if cuda_home is None:
+        return None, f"no CUDA toolkit for the JIT build: {how}"
+    if cpp_extension.CUDA_HOME != cuda_home:
+        # torch guessed from the nvcc on PATH's own folder (wrong behind a wrapper): use the real toolkit.
+        cpp_extension.CUDA_HOME = cuda_home
     if not cpp_extension.is_ninja_available():
         return None, "ninja is not installed (needed for the JIT build: pip install ninja)"
     root = _source_root()

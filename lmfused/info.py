@@ -68,6 +68,33 @@ def _available(device_type: str) -> list[str]:
         return [b for b in _BACKENDS if reason(b, device_type) is None]
 
 
+def _cuda_home_line() -> str:
+    """The CUDA toolkit lmfused builds with and how it was found (plus torch's guess when it differs)."""
+    from lmfused._cuda_build import find_cuda_home
+
+    try:
+        cuda_home, how = find_cuda_home()
+    except Exception as exc:
+        return f"unknown ({type(exc).__name__}: {exc})"
+    line = f"{cuda_home} (from {how})" if cuda_home else f"none: {how}"
+    if torch.version.cuda is not None:
+        import logging
+
+        # torch logs a warning when it guesses CUDA_HOME on a machine without a GPU; not news here.
+        cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+        level = cpp_logger.level
+        cpp_logger.setLevel(logging.ERROR)
+        try:
+            from torch.utils.cpp_extension import CUDA_HOME as torch_guess
+        except Exception:
+            torch_guess = None
+        finally:
+            cpp_logger.setLevel(level)
+        if torch_guess and cuda_home and os.path.normpath(torch_guess) != cuda_home:
+            line += f"; torch's own guess {torch_guess} is not used"
+    return line
+
+
 def collect() -> dict[str, object]:
     """Everything ``main`` prints, as a dict (for bug reports and benchmark stamps)."""
     triton_version, triton_missing = _triton_version()
@@ -84,12 +111,7 @@ def collect() -> dict[str, object]:
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)
             info["gpus"].append(f"{torch.cuda.get_device_name(i)} (sm_{major}{minor})")
-    try:
-        from torch.utils.cpp_extension import CUDA_HOME
-
-        info["cuda_home"] = CUDA_HOME
-    except Exception as exc:
-        info["cuda_home"] = f"unknown ({exc})"
+    info["cuda_home"] = _cuda_home_line()
 
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     info["available_backends"] = {d: _available(d) for d in device_types}
@@ -109,6 +131,10 @@ def collect() -> dict[str, object]:
     else:
         build = ext.build_info() if hasattr(ext, "build_info") else {}
         info["cuda_extension"] = {"module": ext.__name__, **dict(build)}
+    from lmfused._cuda_build import install_build_failure
+
+    failure = install_build_failure()
+    info["install_build_failure"] = " ".join(failure.split()) if failure else None
     return info
 
 
@@ -129,6 +155,8 @@ def main() -> None:
         print(f"{'cuda extension:':<{width}}{built}")
     else:
         print(f"{'cuda extension:':<{width}}not loaded: {info['cuda_extension_reason']}")
+    if info["install_build_failure"]:
+        print(f"{'install build:':<{width}}failed: {info['install_build_failure']}")
     for name, why in info["missing_backends"].items():  # type: ignore[union-attr]
         print(f"{'missing:':<{width}}{name}: {why}")
 
