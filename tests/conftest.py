@@ -1,9 +1,15 @@
 """Test setup: without a GPU, the Triton kernels run on CPU tensors through Triton's interpreter.
 
 TRITON_INTERPRET must be set before the kernels are decorated, i.e. before lmfused is imported.
+
+Optional libraries (torchvision, timm) are imported with :func:`import_or_skip`: a test skips when one is
+missing or fails to import (a torchvision built for another torch raises RuntimeError, not ImportError), and
+fails instead when LMFUSED_REQUIRE_LIBS (comma-separated, e.g. "torchvision,timm"; CI sets it) names it.
 """
 
+import importlib
 import os
+from types import ModuleType
 
 import pytest
 import torch
@@ -24,3 +30,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def required_libraries() -> set[str]:
+    """Top-level names in LMFUSED_REQUIRE_LIBS: libraries whose absence fails a test, not skips it."""
+    return {name.strip() for name in os.environ.get("LMFUSED_REQUIRE_LIBS", "").split(",") if name.strip()}
+
+
+def import_or_skip(name: str) -> ModuleType:
+    """``importlib.import_module(name)``, or skip the test when that fails for any reason (fail instead when
+    LMFUSED_REQUIRE_LIBS names the library)."""
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:  # ImportError, or e.g. RuntimeError from a torchvision built for another torch
+        why = f"{name} is not usable: {type(exc).__name__}: {exc}"
+        if name.split(".")[0] in required_libraries():
+            pytest.fail(f"{why} (LMFUSED_REQUIRE_LIBS requires it)", pytrace=False)
+        pytest.skip(why)

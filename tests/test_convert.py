@@ -15,6 +15,7 @@ from torch import nn
 from lmfused.convert import convert_to_lm
 from lmfused.models import create_model, lm_coefficient_keys, load_pretrained_state_dict
 from lmfused.nn import LMStage, LMStep, PostActBlock, ResidualStep, linear_survival_schedule
+from tests.conftest import import_or_skip
 
 # ----------------------------------------------------------------------------------------------------------
 # Stand-ins: torchvision's ResNet structure (with a configurable base width, to keep tests small)
@@ -385,7 +386,7 @@ def test_converted_model_runs_channels_last_and_autocast():
 
 @pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d"])
 def test_torchvision_conversion(name):
-    models = pytest.importorskip("torchvision.models")
+    models = import_or_skip("torchvision.models")
     torch.manual_seed(0)
     model = randomise(getattr(models, name)()).eval()
     x = torch.randn(1, 3, 64, 64)
@@ -396,7 +397,7 @@ def test_torchvision_conversion(name):
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "seresnext26d_32x4d"])
 def test_timm_conversion(name):
-    timm = pytest.importorskip("timm")
+    timm = import_or_skip("timm")
     torch.manual_seed(0)
     model = randomise(timm.create_model(name, pretrained=False)).eval()
     x = torch.randn(1, 3, 64, 64)

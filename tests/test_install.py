@@ -22,6 +22,7 @@ from lmfused._cuda_build import (
     install_build_failure,
     nvcc_toolkit_root,
 )
+from tests.conftest import import_or_skip
 
 needs_sh = pytest.mark.skipif(sys.platform == "win32", reason="fake nvcc scripts are shell scripts")
 
@@ -192,3 +193,29 @@ def test_the_backend_reason_names_a_failed_install_build(tmp_path, monkeypatch):
 
 def _no_c_module(name: str):
     raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optional libraries in the tests: a broken import skips (or fails where required), never errors
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_library_that_raises_at_import_skips(tmp_path, monkeypatch):
+    """A torchvision built for another torch raises RuntimeError at import: a skip, not a failure."""
+    broken = "raise RuntimeError('operator torchvision::nms does not exist')\n"
+    (tmp_path / "brokenlib_demo.py").write_text(broken)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("LMFUSED_REQUIRE_LIBS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="RuntimeError: operator torchvision::nms"):
+        import_or_skip("brokenlib_demo")
+    with pytest.raises(pytest.skip.Exception, match="ModuleNotFoundError"):
+        import_or_skip("no_such_library_demo.models")
+    assert import_or_skip("json").dumps([]) == "[]"
+
+
+def test_a_required_library_fails_instead_of_skipping(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFUSED_REQUIRE_LIBS", "torchvision, no_such_library_demo")
+    with pytest.raises(pytest.fail.Exception, match="LMFUSED_REQUIRE_LIBS"):
+        import_or_skip("no_such_library_demo.models")
+    with pytest.raises(pytest.skip.Exception):
+        import_or_skip("another_missing_library_demo")

@@ -10,6 +10,7 @@ import lmfused.models as zoo
 from lmfused.models import create_model, list_models, lm_coefficient_keys, load_pretrained_state_dict
 from lmfused.models._timm import _timm_entrypoint, register_with_timm
 from lmfused.nn import LMStage, LMStep, ResidualStep, linear_survival_schedule
+from tests.conftest import import_or_skip
 
 CIFAR = [
     "lm_resnet20",
@@ -316,7 +317,7 @@ def test_timm_entrypoint_adapts_timm_arguments():
 
 
 def test_timm_registration():
-    timm = pytest.importorskip("timm")
+    timm = import_or_skip("timm")
     register_with_timm()  # idempotent: names already known are left alone
     assert "lm_resnext50_32x4d" in timm.list_models("lm_*")
     model = timm.create_model("lm_resnext50_32x4d", num_classes=10)
@@ -328,7 +329,7 @@ def test_timm_registration():
 
 
 def test_torchvision_state_dict_loads():
-    models = pytest.importorskip("torchvision.models")
+    models = import_or_skip("torchvision.models")
     for tv, name in ((models.resnet50, "lm_resnet50"), (models.resnext50_32x4d, "lm_resnext50_32x4d")):
         reference = tv()
         plain = create_model(name, lm=False)
