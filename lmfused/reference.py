@@ -122,7 +122,8 @@ def reference_backward(
     if relu:
         if out is None:
             raise ValueError("out: the forward output is required when relu=True")
-        g = torch.where(out > 0, g, torch.zeros((), dtype=cd, device=g.device))
+        # As torch.relu's backward (threshold_backward): zero where out <= 0; a NaN output passes g on.
+        g = torch.where(out <= 0, torch.zeros((), dtype=cd, device=g.device), g)
     kc = _channel_view(k.to(cd), g)
     like = u if u is not None else grad_out
     grad_u = _in_layout((1 - kc) * g, like, grad_out.dtype) if need_u else grad_out.new_empty((0,))

@@ -113,7 +113,8 @@ def lm_step_forward_kernel(
         seed = tl.load(seed_ptr)
         acc += noise_std * tl.randn(seed, offs)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        # As torch.relu: NaN stays NaN (tl.maximum would return 0 for it and hide a diverging run).
+        acc = tl.where(acc < 0.0, 0.0, acc)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -157,7 +158,8 @@ def lm_step_backward_kernel(
         u_prev = _acc(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
     if RELU:
         out = tl.load(out_ptr + offs, mask=mask, other=0.0)
-        g = tl.where(out > 0, g, 0.0)
+        # As torch's threshold_backward: zero where out <= 0, so a NaN output passes its gradient on.
+        g = tl.where(out <= 0, 0.0, g)
     if NEED_U or NEED_U_PREV:
         k = _coefficient_k(k_ptr, rows, cols, row_ok, col_ok, C, PER_CHANNEL_K, CHANNELS_LAST, FP64)
         if NEED_U:
