@@ -40,6 +40,8 @@ cuda-emulated:
 	LMFUSED_KERNEL_TESTS_DTYPES=float,bf16 bash csrc/tests/run_emulated.sh build/emulated-ubsan
 	LMFUSED_KERNEL_TESTS_DTYPES=half,double bash csrc/tests/run_emulated.sh build/emulated
 
-# On a GPU machine: build both ways, run GPU tests, ctest, compute-sanitizer, benchmarks (OUT=folder).
+# On a GPU machine, two commands of about five minutes each (OUT=folder): PHASE=correctness (builds, ctest,
+# GPU op tests, compute-sanitizer), then PHASE=speed (op grid with CUDA-graph times, model table).
+PHASE ?= correctness
 device-check:
-	bash bench/device_check.sh $(OUT)
+	bash bench/device_check.sh $(OUT) $(PHASE)
