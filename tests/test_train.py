@@ -14,10 +14,8 @@ import socket
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -145,61 +143,6 @@ def test_progress_bar_on_a_terminal(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(sys, "stderr", terminal)
     assert main([*TINY, "--progress", "--epochs", "1", "--out", str(tmp_path)]) == 0
     assert "epoch 1/1:" in terminal.getvalue() and "img_s=" in terminal.getvalue()
-
-
-def fake_torchvision() -> types.ModuleType:
-    """Just enough of torchvision's API for the cifar10 and imagefolder sources: datasets of tiny images."""
-
-    def transform(*args, **kwargs):
-        return lambda x: x
-
-    class CIFAR10:
-        def __init__(self, root: str, train: bool, download: bool) -> None:
-            assert not download
-            n = 40 if train else 10
-            self.data = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-            self.targets = [i % 10 for i in range(n)]
-
-    class ImageFolder:
-        def __init__(self, root: str, transform) -> None:
-            self.classes = sorted(p.name for p in Path(root).iterdir())
-            self.samples = [
-                (f, c) for c, name in enumerate(self.classes) for f in (Path(root) / name).iterdir()
-            ]
-
-        def __len__(self) -> int:
-            return len(self.samples)
-
-        def __getitem__(self, index: int):
-            return torch.full((3, 16, 16), index / 10.0), self.samples[index][1]
-
-    tv = types.ModuleType("torchvision")
-    tv.datasets = types.SimpleNamespace(CIFAR10=CIFAR10, ImageFolder=ImageFolder)
-    names = (
-        "Compose",
-        "ToTensor",
-        "Normalize",
-        "RandomResizedCrop",
-        "RandomHorizontalFlip",
-        "Resize",
-        "CenterCrop",
-    )
-    tv.transforms = types.SimpleNamespace(**{name: transform for name in names})
-    return tv
-
-
-@pytest.mark.parametrize("data", ["imagefolder"])
-def test_torchvision_sources(tmp_path: Path, monkeypatch, capsys, data: str) -> None:
-    monkeypatch.setitem(sys.modules, "torchvision", fake_torchvision())
-    for split, name, count in [(s, c, 4) for s in ("train", "val") for c in ("cat", "dog")]:
-        (tmp_path / "data" / split / name).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            (tmp_path / "data" / split / name / f"{i}.jpg").touch()
-    args = ["--data", data, "--data-dir", str(tmp_path / "data"), "--batch-size", "4", "--workers", "0"]
-    rc, out, _ = run([*args, "--image-size", "16", "--epochs", "1", "--out", str(tmp_path / "out")], capsys)
-    assert rc == 0
-    classes = 10 if data == "cifar10" else 2
-    assert f"{classes} classes" in out and records(tmp_path / "out", "epoch")[0]["val_acc"] is not None
 
 
 def test_digits_run_learns(tmp_path: Path, capsys) -> None:

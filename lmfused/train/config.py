@@ -24,6 +24,8 @@ PROG = "lmfused-train"
 DATASETS = ("synthetic", "digits", "cifar10", "imagefolder")
 AMP_MODES = ("none", "bf16", "fp16")
 SCHEDULES = ("step", "cosine")
+DECODE_CHOICES = ("auto", "cpu", "pil", "gpu")
+BAD_IMAGE_CHOICES = ("skip", "error")
 
 # Recipe of Lu et al. (ICML 2018), which follows He et al. (2016): SGD with momentum 0.9, weight decay 1e-4,
 # lr 0.1 at a batch of 128 (CIFAR) or 256 (ImageNet), divided by 10 at 50% and 75% of the epochs.
@@ -48,7 +50,10 @@ DEFAULTS: dict[str, Any] = dict(
     num_classes=None,
     synthetic_size=6400,
     augment=True,
-    workers=4,
+    workers=None,
+    decode="auto",
+    prefetch=2,
+    on_bad_image="skip",
     epochs=None,
     max_steps=None,
     batch_size=None,
@@ -129,7 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-classes", type=int, help="classes of synthetic data (default: family)")
     g.add_argument("--synthetic-size", type=int, help="synthetic training samples per epoch (default 6400)")
     g.add_argument("--augment", action=bool_flag, help="training augmentation (default on)")
-    g.add_argument("--workers", type=int, help="data loader processes per rank for imagefolder (default 4)")
+    g.add_argument(
+        "--workers",
+        type=int,
+        help="loader processes per rank for imagefolder (default: the usable cores / ranks per node - 1, "
+        "at most 16; 0: in the training process)",
+    )
+    g.add_argument(
+        "--decode",
+        choices=DECODE_CHOICES,
+        help="imagefolder decoding: cpu (torchvision.io in the loader processes), pil (the PIL path), gpu "
+        "(loader processes read files, nvjpeg decodes on the device); auto: cpu",
+    )
+    g.add_argument("--prefetch", type=int, help="batches each loader process prepares ahead (default 2)")
+    g.add_argument(
+        "--on-bad-image",
+        choices=BAD_IMAGE_CHOICES,
+        help="an unreadable image: skip it, count it and name it once (default); error: stop (exit 2) "
+        "after saving the checkpoint",
+    )
 
     g = p.add_argument_group("recipe")
     g.add_argument("--epochs", type=int, help="epochs (default: family; synthetic 1, digits 2)")
@@ -188,7 +211,10 @@ class TrainConfig:
     num_classes: int
     synthetic_size: int
     augment: bool
-    workers: int
+    workers: int | None
+    decode: str
+    prefetch: int
+    on_bad_image: str
     epochs: int
     max_steps: int | None
     batch_size: int
@@ -276,8 +302,11 @@ def resolve_config(
         positive(key)
     for key in ("max_steps", "global_batch_size", "clip_grad", "stop_after_steps"):
         positive(key, allow_none=True)
+    positive("prefetch")
     for key in ("workers", "timing_warmup", "log_every", "weight_decay", "warmup_epochs", "noise_std"):
         value = merged[key]
+        if value is None and key == "workers":
+            continue
         _require(
             value >= 0 and math.isfinite(value), f"--{key.replace('_', '-')}: expected >= 0, got {value}"
         )

@@ -12,7 +12,6 @@ optional (a clear error names it when it is missing).
 
 from __future__ import annotations
 
-import math
 import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from lmfused.train.config import TrainConfig, UsageError
 __all__ = ["DataSource", "ImageFolderSource", "TensorSource", "build_source", "random_crop_flip"]
 
 Batch = tuple[Tensor, Tensor]
+Item = tuple[int, int, int]  # (split, index, augmentation key) of an image-folder sample
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # CIFAR augmentation: a random 32x32 crop of the image zero-padded by 4 pixels, then a flip; other sizes pad
@@ -104,6 +104,15 @@ class DataSource:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
+
+    def take_bad_images(self) -> list[tuple[str, str]]:
+        """(path, reason) of the unreadable images met since the last call (each path once per run)."""
+        return []
+
+    @property
+    def bad_image_count(self) -> int:
+        """Unreadable images met by this rank so far."""
+        return 0
 
 
 class TensorSource(DataSource):
@@ -185,73 +194,130 @@ class TensorSource(DataSource):
         self.augment_generator.set_state(state["augment_generator"])
 
 
-class _ListSampler(Sampler[int]):
-    """Exactly the given indices, in order (an epoch's order, already cut to where a resumed run starts)."""
+class _BatchPlan(Sampler[list[Item]]):
+    """The batches the persistent loader reads next: an epoch's training batches from a step on, or the
+    validation batches. The loader is built once; each pass sets the plan, then starts an iteration (the
+    plan is read in the training process, so a new plan reaches persistent loader processes)."""
 
-    def __init__(self, indices: list[int]) -> None:
-        self.indices = indices
+    def __init__(self) -> None:
+        self.batches: list[list[Item]] = []
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
+    def __iter__(self) -> Iterator[list[Item]]:
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.batches)
+
+
+class BadImageError(UsageError):
+    """An unreadable image under ``--on-bad-image error``."""
 
 
 class ImageFolderSource(DataSource):
-    """``DIR/train`` and ``DIR/val`` class folders (the ImageNet layout), decoded and augmented by torchvision
-    in loader processes: random-resized crop + flip for training, resize + center crop for validation."""
+    """``DIR/train`` and ``DIR/val`` class folders (the ImageNet layout): random-resized crop + flip for
+    training, resize + center crop for validation (see :mod:`lmfused.train.images`).
+
+    One DataLoader serves the whole run (persistent loader processes, ``--prefetch`` batches each), for
+    training and validation; it returns uint8 batches that :class:`~lmfused.train.images.DevicePrefetcher`
+    flips, converts and normalises on the device. The data order is DistributedSampler's (seed, epoch); each
+    sample's augmentation is seeded by (seed, epoch, index), so a resumed run repeats it exactly.
+    """
 
     def __init__(self, cfg: TrainConfig, rank: int, device: torch.device) -> None:
         root = _data_dir(cfg)
-        tv = _import_torchvision("imagefolder")
+        _import_torchvision("imagefolder")
+        from lmfused.train import images as im
+
+        self._im = im
+        splits, classes = [], []
         for split in ("train", "val"):
             if not (root / split).is_dir():
                 raise UsageError(f"--data-dir: {root} has no '{split}' folder (expected DIR/train, DIR/val)")
-        t = tv.transforms
-        size = cfg.image_size
-        normalize = [t.ToTensor(), t.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        train_tf = [t.RandomResizedCrop(size), t.RandomHorizontalFlip()] if cfg.augment else [t.Resize(size)]
-        # Validation: resize to size / 0.875 (256 for 224), then the central size x size crop.
-        val_tf = [t.Resize(int(math.ceil(size / 0.875))), t.CenterCrop(size)]
-        try:
-            self.train_set = tv.datasets.ImageFolder(str(root / "train"), t.Compose(train_tf + normalize))
-            self.val_set = tv.datasets.ImageFolder(str(root / "val"), t.Compose(val_tf + normalize))
-        except (FileNotFoundError, RuntimeError) as exc:
-            raise UsageError(f"--data-dir: cannot read image folders under {root}: {exc}") from None
-        if self.val_set.classes != self.train_set.classes:
+            try:
+                names, samples = im.list_images(str(root / split))
+            except OSError as exc:
+                raise UsageError(f"--data-dir: cannot read image folders under {root}: {exc}") from None
+            splits.append(samples)
+            classes.append(names)
+        if not splits[0]:
+            raise UsageError(f"--data-dir: {root}/train holds no images in class folders")
+        if classes[1] != classes[0]:
             raise UsageError(f"--data-dir: the class folders of {root}/train and {root}/val differ")
         self.cfg, self.rank, self.device = cfg, rank, device
-        self.num_classes = len(self.train_set.classes)
-        self.steps_per_epoch = len(self.train_set) // cfg.global_batch_size
+        self.num_classes = len(classes[0])
+        self.steps_per_epoch = len(splits[0]) // cfg.global_batch_size
         if self.steps_per_epoch == 0:
             raise UsageError(f"--data-dir: {root}/train holds fewer images than one global batch")
-
-    def _loader(self, dataset: Any, indices: list[int], seed: int, drop_last: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.cfg.batch_size,
-            sampler=_ListSampler(indices),
-            num_workers=self.cfg.workers,
-            pin_memory=self.device.type == "cuda",
-            drop_last=drop_last,
-            # Loader-process seeds follow (seed, epoch, rank), not the global generator.
-            generator=torch.Generator().manual_seed(seed),
+        self.decoder = "cpu" if cfg.decode == "auto" else cfg.decode
+        self.dataset = im.ImageFolderDataset(splits, cfg.image_size, self.decoder, cfg.augment)
+        self.workers = im.default_workers() if cfg.workers is None else cfg.workers
+        self.plan = _BatchPlan()
+        self.loader = DataLoader(
+            self.dataset,
+            batch_sampler=self.plan,
+            num_workers=self.workers,
+            collate_fn=im.collate,
+            pin_memory=device.type == "cuda",
+            persistent_workers=self.workers > 0,
+            prefetch_factor=cfg.prefetch if self.workers > 0 else None,
         )
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp, torch.float32)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.bad_images: dict[str, str] = {}  # path -> reason, every unreadable image met by this rank
+        self._new_bad: list[tuple[str, str]] = []
 
-    def _to_device(self, loader: DataLoader) -> Iterator[Batch]:
-        for images, labels in loader:
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+    def _report(self, bad: list[str]) -> None:
+        for entry in bad:
+            path, _, reason = entry.partition(": ")
+            if self.cfg.on_bad_image == "error":
+                raise BadImageError(f"--on-bad-image error: unreadable image {path} ({reason})")
+            if path not in self.bad_images:
+                self.bad_images[path] = reason
+                self._new_bad.append((path, reason))
+
+    def take_bad_images(self) -> list[tuple[str, str]]:
+        new, self._new_bad = self._new_bad, []
+        return new
+
+    @property
+    def bad_image_count(self) -> int:
+        return len(self.bad_images)
+
+    def _prepare(self, batch: Any) -> Batch:
+        """A host batch -> normalised images and labels on the device (on the prefetcher's stream)."""
+        if batch.images is not None:
+            images, labels, flips = batch.images.to(self.device, non_blocking=True), batch.labels, batch.flips
+        else:
+            images, labels, flips, bad = self._im.decode_on_device(batch, self.device, self.cfg.image_size)
+            self._report(bad)
+        images = self._im.normalize_batch(
+            images, flips, IMAGENET_MEAN, IMAGENET_STD, self.dtype, self.memory_format
+        )
+        return images, labels.to(self.device, non_blocking=True)
+
+    def _checked(self) -> Iterator[Any]:
+        for batch in self.loader:
+            self._report(batch.bad)
+            yield batch
+
+    def _run(self, batches: list[list[Item]]) -> Iterator[Batch]:
+        self.plan.batches = batches
+        return iter(self._im.DevicePrefetcher(self._checked(), self._prepare, self.device))
 
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        indices = _epoch_indices(len(self.train_set), self.cfg, self.rank, epoch)
-        indices = indices[start_step * self.cfg.batch_size : self.steps_per_epoch * self.cfg.batch_size]
-        seed = (self.cfg.seed * 1_000_003 + epoch) * 4099 + self.rank
-        return self._to_device(self._loader(self.train_set, indices, seed, drop_last=True))
+        b = self.cfg.batch_size
+        indices = _epoch_indices(len(self.dataset), self.cfg, self.rank, epoch)
+        key = self._im.sample_key
+        batches = [
+            [(0, i, key(self.cfg.seed, epoch, i)) for i in indices[step * b : (step + 1) * b]]
+            for step in range(start_step, self.steps_per_epoch)
+        ]
+        return self._run(batches)
 
     def val_batches(self) -> Iterator[Batch]:
-        indices = _shard(len(self.val_set), self.rank, self.cfg.world_size)
-        return self._to_device(self._loader(self.val_set, indices, self.cfg.seed, drop_last=False))
+        shard = _shard(len(self.dataset.splits[1]), self.rank, self.cfg.world_size)
+        b = self.cfg.batch_size
+        return self._run([[(1, i, 0) for i in shard[s : s + b]] for s in range(0, len(shard), b)])
 
 
 def _import_torchvision(dataset: str) -> Any:

@@ -49,7 +49,7 @@ from lmfused.train.checkpoint import (
     sd_generator,
 )
 from lmfused.train.config import MODEL_KEYS, TrainConfig, UsageError
-from lmfused.train.data import DataSource, build_source
+from lmfused.train.data import BadImageError, DataSource, build_source
 from lmfused.train.distributed import DistInfo, gather_objects
 
 __all__ = ["Trainer", "lr_factor", "step_milestones"]
@@ -443,6 +443,7 @@ class Trainer:
                 record.update(loss=loss_sum / count, lr=lr, img_per_s=img_per_s)
                 if metrics is not None:
                     metrics.write(record)
+                self._log_bad_images(metrics)
                 loss_avg, acc = pos.sums[0] / pos.sums[2], 100 * pos.sums[1] / pos.sums[2]
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_avg:.4f}", acc=f"{acc:.1f}%", img_s=f"{img_per_s:.0f}")
@@ -463,11 +464,26 @@ class Trainer:
             self._epoch_time = time.perf_counter() - start
         return None
 
+    def _log_bad_images(self, metrics: MetricsLog | None) -> None:
+        """Name each unreadable image once: a log line (every rank, with its rank under DDP) and a
+        ``{"type": "bad_image"}`` record (rank 0's)."""
+        for path, reason in self.source.take_bad_images():
+            where = f"[rank {self.info.rank}] " if self.info.distributed else ""
+            count = self.source.bad_image_count
+            print(f"{where}skipped unreadable image {path} ({reason}); {count} so far", flush=True)
+            if metrics is not None:
+                record = {"type": "bad_image", "step": self.pos.global_step, "path": path, "reason": reason}
+                metrics.write({**record, "rank": self.info.rank, "count": count})
+
     def _end_epoch(self, metrics: MetricsLog | None) -> None:
         cfg, pos = self.cfg, self.pos
         loss_sum, correct, count = pos.sums
         train_loss, train_acc = loss_sum / count, correct / count
         val_loss, val_acc = self.evaluate()
+        self._log_bad_images(metrics)
+        (bad_images,) = self._all_reduce(
+            torch.tensor([float(self.source.bad_image_count)], dtype=torch.float64, device=self.device)
+        )
         record = {
             "type": "epoch",
             "epoch": pos.epoch + 1,
@@ -476,6 +492,7 @@ class Trainer:
             "val_loss": val_loss,
             "val_acc": val_acc,
             "k": self.k_values(),
+            "bad_images": int(bad_images),
         }
         if metrics is not None:
             metrics.write(record)
@@ -530,6 +547,12 @@ class Trainer:
                         break
                 if self._checkpoint_at != self.pos.global_step:
                     self.save_checkpoint()
+        except BadImageError as exc:
+            # --on-bad-image error: keep what was trained (one process: the position is exact; under DDP the
+            # other ranks cannot join the save, and the last checkpoint stands).
+            if not info.distributed and self.pos.global_step > 0:
+                exc.args = (f"{exc}; checkpoint saved to {self.save_checkpoint()}",)
+            raise
         finally:
             if metrics is not None:
                 metrics.close()
