@@ -1,30 +1,58 @@
 # lmfused: `make test` (lint + tests, CPU-only is fine) and `make bench` (benchmarks; GPU for real numbers).
+# Both first install what is missing into $(PYTHON)'s environment (see the stamp rule below).
 PYTHON ?= python3
-PIP_INSTALL = $(PYTHON) -m pip install --no-build-isolation -e ".[test,bench]"
+PIP = $(PYTHON) -m pip
 OUT ?= runs/bench
+# One stamp per Python environment (two virtual environments on one checkout each get their install).
+ENV_ID := $(shell $(PYTHON) -c "import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:10])" 2>/dev/null || echo none)
+STAMP = build/install-$(ENV_ID).stamp
+TORCH_PIN = build/torch-pin-$(ENV_ID).txt
 
 .PHONY: install test lint pytest bench cuda-compile cuda-emulated device-check
 
-# Installs lmfused (editable) on top of the torch already present; never replaces torch.
+# Installs lmfused (editable) with its test and bench extras and what they need. An installed torch is never
+# replaced (every pip call is constrained to its exact version); only when torch is missing does it install
+# the current torch with the torchvision and timm that match it. timm is added beside an installed
+# torchvision; a missing torchvision beside an installed torch is reported, not installed (the one that
+# matches a given torch build is the user's choice), and the tests that need it skip.
 install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "lmfused needs PyTorch: pip install torch first"; exit 1; }
-	$(PIP_INSTALL)
+	@rm -f $(STAMP)
+	@$(MAKE) --no-print-directory $(STAMP)
 
-.install.stamp: setup.py pyproject.toml
-	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "lmfused needs PyTorch: pip install torch first"; exit 1; }
-	$(PIP_INSTALL) -q
+$(STAMP): setup.py pyproject.toml
+	@mkdir -p build
+	@if ! $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  echo "== torch is not installed: installing torch, torchvision and timm"; \
+	  $(PIP) install torch torchvision timm || exit 1; \
+	fi
+	@$(PYTHON) -c "import torch; print('torch==' + torch.__version__)" > $(TORCH_PIN)
+	@echo "== keeping $$(cat $(TORCH_PIN))"
+	$(PIP) install -q -c $(TORCH_PIN) "setuptools>=64" wheel ninja
+	$(PIP) install -q -c $(TORCH_PIN) --no-build-isolation -e ".[test,bench]"
+	@if $(PYTHON) -c "import torchvision" 2>/dev/null; then \
+	  $(PYTHON) -c "import timm" 2>/dev/null || { \
+	    $(PYTHON) -c "import torchvision; print('torchvision==' + torchvision.__version__)" >> $(TORCH_PIN); \
+	    $(PIP) install -q -c $(TORCH_PIN) timm \
+	      || echo "== timm could not be installed beside $$(tr '\n' ' ' < $(TORCH_PIN)); its tests skip"; }; \
+	else \
+	  echo "== torchvision is not importable beside $$(cat $(TORCH_PIN)): the torchvision/timm tests skip" \
+	       "(pip install the torchvision built for this torch to run them)"; \
+	fi
+	@$(PYTHON) -c "import importlib.util as u; from lmfused._cuda_build import install_build_failure as f; \
+	  print('== lmfused._C (CUDA backend):', 'built' if u.find_spec('lmfused._C') else \
+	  'build failed, pure Python: ' + ' '.join(f().split()) if f() else 'not built, pure Python (python -m lmfused.info says why)')"
 	@touch $@
 
-lint: .install.stamp
+lint: $(STAMP)
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
-pytest: .install.stamp
+pytest: $(STAMP)
 	$(PYTHON) -m pytest -q
 
 test: lint pytest
 
-bench: .install.stamp
+bench: $(STAMP)
 	$(PYTHON) -m bench.ops --out $(OUT)
 	$(PYTHON) -m bench.models --out $(OUT)
 
