@@ -3,11 +3,11 @@
 Every source yields the batches of one rank for one epoch, starting at any step of it, so that a resumed run
 continues exactly. The data order is a function of (seed, epoch) only (``DistributedSampler`` with
 ``set_epoch``); the in-memory sources (synthetic, digits, cifar10) draw their augmentation per batch from one
-generator whose state is checkpointed. Image folders augment per sample in loader processes (torchvision
-transforms): their order resumes exactly, their augmentation draws do not.
+generator whose state is checkpointed; image folders seed each sample's augmentation by (seed, epoch, index)
+(see :mod:`lmfused.train.images`), so both resume exactly.
 
-Nothing is ever downloaded: cifar10 and imagefolder read a local directory through torchvision, which stays
-optional (a clear error names it when it is missing).
+Nothing is ever downloaded: cifar10 reads the python batches of a local directory directly (no checksum);
+imagefolder needs torchvision, which stays optional (a clear error names it when it is missing).
 """
 
 from __future__ import annotations
