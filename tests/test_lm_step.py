@@ -160,6 +160,56 @@ def test_backward_is_deterministic(backend):
             assert torch.equal(a, b)
 
 
+def _at_storage_offset(t, offset: int):
+    """The values of ``t`` in the same layout, in a fresh buffer at ``offset`` elements from its start (so
+    the data pointer is misaligned for every vector width when offset is odd)."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # outermost dim first
+    dense = t.permute(order).contiguous()
+    buf = torch.empty(offset + t.numel(), dtype=t.dtype, device=t.device)
+    buf[offset:] = dense.flatten()
+    view = buf[offset:].view(dense.shape).permute([order.index(d) for d in range(t.dim())])
+    assert view.stride() == t.stride() and torch.equal(view, t)
+    return view
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bits_do_not_depend_on_alignment(backend, layout, dtype):
+    """The same values at a misaligned storage offset give bitwise the same output and gradients, grad_k
+    included: tiling and summation order depend on shape, layout and flags only."""
+    for per_channel_k in (True, False):
+        u, u_prev, f, k, scale = make_inputs(
+            (4, 33, 17, 19), dtype, layout, per_channel_k=per_channel_k, with_f=True, with_scale=True
+        )
+        grad_out = torch.randn(u.shape, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
+        results = []
+        for offset in (0, 1, 3):
+            tensors = [
+                _at_storage_offset(t, offset) if offset else t.clone() for t in (u, u_prev, f, grad_out)
+            ]
+            leaves = [t.requires_grad_() for t in tensors[:3]] + [k.detach().clone().requires_grad_()]
+            out = lmfused.lm_step(*leaves, scale=scale, relu=True, backend=backend)
+            results.append((out, *torch.autograd.grad(out, leaves, tensors[3])))
+        for other in results[1:]:
+            for i, (a, b) in enumerate(zip(results[0], other, strict=True)):
+                assert torch.equal(a, b), f"output/gradient {i} (per_channel_k={per_channel_k})"
+
+
+def test_triton_backward_reads_aligned_data():
+    """The Triton launcher copies misaligned views before the grad_k reduction (Triton compiles another
+    variant, with another register layout and so another summation order, for a misaligned pointer)."""
+    kernels = pytest.importorskip("lmfused.triton_kernels.lm_step")
+    t = torch.randn(2, 3, 4, 5, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    assert kernels._aligned(t) is t
+    for offset in (1, 3, 4):  # 2, 6 and 8 bytes
+        view = _at_storage_offset(t, offset)
+        copy = kernels._aligned(view)
+        assert copy is not view and copy.storage_offset() == 0 and copy.stride() == t.stride()
+        assert torch.equal(copy, t)
+    assert kernels._aligned(_at_storage_offset(t, 8)).storage_offset() == 8  # 16 bytes: kept as is
+
+
 @pytest.mark.parametrize("backend", backends())
 def test_only_needed_gradients(backend):
     """Inputs without requires_grad get no gradient; the others still match the oracle."""
@@ -275,12 +325,14 @@ def test_empty_tensors(backend, shape):
 
 @pytest.mark.gpu
 @pytest.mark.slow
+@pytest.mark.parametrize("rows", [2**29 + 7, 2**29 + 8], ids=["scalar_path", "vector_path"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_more_than_2_to_the_31_elements(backend):
-    """64-bit indexing: the elements past 2^31 are computed and their gradients reduced."""
+def test_more_than_2_to_the_31_elements(backend, rows):
+    """64-bit indexing: the elements past 2^31 are computed and their gradients reduced, with an odd row
+    length (the CUDA scalar path) and one divisible by 8 (its 128-bit path)."""
     if backend not in backends():
         pytest.skip(f"{backend} unavailable")
-    shape = (2, 2, 2**29 + 7, 1)  # 2^31 + 28 elements in bf16
+    shape = (2, 2, rows, 1)  # 2^31 + 28 (or + 32) elements in bf16
     torch.manual_seed(0)
     u, u_prev, f = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     k = torch.tensor([0.25, -0.5], device="cuda", requires_grad=True)
@@ -301,14 +353,16 @@ ULP = {torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4, 33, 17, 19), (4, 64, 28, 28), (4, 36, 14, 14)], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_matches_triton(layout, dtype):
-    """The hand-written kernels against the Triton ones, every flag and noise included (the same seed gives
-    the same Philox stream): outputs and gradients within 2 ulp, grad_k within float32 summation slack."""
+def test_cuda_matches_triton(layout, dtype, shape):
+    """The hand-written kernels against the Triton ones, every flag, on the CUDA scalar, 128-bit and 64-bit
+    paths (the shapes in that order, for 16-bit dtypes): outputs and gradients within 2 ulp, grad_k within
+    float32 summation slack. The noise is compared in distribution (DESIGN.md 1c): both draw Philox integers,
+    but build the normals with different maths and groupings, so the values differ."""
     if not {"cuda", "triton"} <= set(backends()):
         pytest.skip("needs both the cuda and the triton backend")
-    shape = (4, 33, 17, 19)
     for case, (per_channel_k, with_f, with_scale, relu) in enumerate(FLAGS):
         u, u_prev, f, k, scale = make_inputs(
             shape, dtype, layout, per_channel_k=per_channel_k, with_f=with_f, with_scale=with_scale, seed=case
@@ -317,9 +371,8 @@ def test_cuda_matches_triton(layout, dtype):
         results = []
         for backend in ("cuda", "triton"):
             leaves = [t.detach().clone().requires_grad_() for t in (u, u_prev, f, k) if t is not None]
-            torch.manual_seed(case)  # the noise seed lm_step draws
             out = lmfused.lm_step(*leaves[:2], leaves[2] if with_f else None, leaves[-1], scale=scale,
-                                  relu=relu, noise_std=0.1, backend=backend)  # fmt: skip
+                                  relu=relu, backend=backend)  # fmt: skip
             results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
         for i, (got, want) in enumerate(zip(*results, strict=True)):
             what = f"output/gradient {i}, case {case}"
@@ -328,6 +381,22 @@ def test_cuda_matches_triton(layout, dtype):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=slack, msg=what)
             else:
                 torch.testing.assert_close(got, want, rtol=2 * ULP[dtype], atol=ATOL[dtype], msg=what)
+    # Noise: the same law on both (two-sample Kolmogorov-Smirnov at the 0.1% level, and the moments).
+    zeros = make_inputs(shape, dtype, layout, per_channel_k=False, with_f=False, with_scale=False)[0].zero_()
+    k0 = torch.zeros(1, device=DEVICE)
+    draws = []
+    for backend in ("cuda", "triton"):
+        torch.manual_seed(1)
+        xi = lmfused.lm_step(zeros, zeros, None, k0, noise_std=1.0, backend=backend)
+        draws.append(xi.double().flatten())
+    a, b = (x.sort().values for x in draws)
+    n = a.numel()
+    grid = torch.cat([a, b])
+    cdf = [torch.searchsorted(x, grid, right=True).double() / n for x in (a, b)]
+    assert (cdf[0] - cdf[1]).abs().max().item() < 1.95 * math.sqrt(2 / n)
+    for x in (a, b):
+        assert abs(x.mean().item()) < 5 / math.sqrt(n) + 2**-8
+        assert abs(x.std().item() - 1) < 5 * math.sqrt(2 / n) + 2**-6
 
 
 def _capture(fn):

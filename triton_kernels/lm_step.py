@@ -228,6 +228,20 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)  # plain integers: triton.cdiv costs a JIT-function call per use on the host
 
 
+_ALIGNMENT = 16  # bytes: Triton specialises pointer arguments on this divisibility
+
+
+def _aligned(t: Tensor) -> Tensor:
+    """``t``, or a copy in the same layout when its data does not start on a 16-byte boundary.
+
+    Allocations are aligned (CUDA's caching allocator to 512 bytes), so a misaligned pointer means a view at
+    a storage offset; the offset is read instead of the pointer, which traced (fake) tensors do not have.
+    """
+    if (t.storage_offset() * t.element_size()) % _ALIGNMENT == 0:
+        return t
+    return t.clone()  # preserve_format: dense strides are kept
+
+
 def _grid(plan: Plan, block_m: int, block_l: int) -> tuple[int, int]:
     num_l_blocks = _cdiv(plan.row_len, block_l)
     return _cdiv(plan.rows, block_m) * num_l_blocks, num_l_blocks
@@ -320,8 +334,12 @@ def lm_step_backward_triton(
     block_m, block_l, num_warps = _block_shape(plan)
     num_programs, num_l_blocks = _grid(plan, block_m, block_l)
     if need_k:
-        u = to_layout(u, layout)
-        u_prev = to_layout(u_prev, layout)
+        # Triton compiles a variant per pointer alignment, and the variant's register layout sets the order
+        # of the in-program sums: grad_k's bits would depend on where the data sits. Misaligned views (rare)
+        # are copied so that the same values always take the same variant.
+        g = _aligned(g)
+        u = _aligned(to_layout(u, layout))
+        u_prev = _aligned(to_layout(u_prev, layout))
         # Scalar k: one partial per program. Per channel, every row of the buffer holds one partial per
         # channel: channels-last, one row per row-block; channels-first, (column-block, sample) rows.
         if k.numel() == 1:
@@ -333,7 +351,7 @@ def lm_step_backward_triton(
         partials = torch.empty(partial_shape, dtype=acc_dtype, device=g.device)
     else:
         partials = k
-    out = to_layout(out, layout) if relu else None
+    out = (_aligned(to_layout(out, layout)) if need_k else to_layout(out, layout)) if relu else None
     k = k.contiguous()  # any float dtype: the kernel promotes k and scale on load
     scale = scale.contiguous() if scale is not None else None
     _launcher(lm_step_backward_kernel)[(num_programs,)](
