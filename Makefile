@@ -25,13 +25,14 @@ $(STAMP): setup.py pyproject.toml
 	  echo "== torch is not installed: installing torch, torchvision and timm"; \
 	  $(PIP) install torch torchvision timm || exit 1; \
 	fi
-	@$(PYTHON) -c "import torch; print('torch==' + torch.__version__)" > $(TORCH_PIN)
+	@$(PYTHON) -c "from importlib.metadata import version; print('torch==' + version('torch'))" > $(TORCH_PIN)
 	@echo "== keeping $$(cat $(TORCH_PIN))"
 	$(PIP) install -q -c $(TORCH_PIN) "setuptools>=64" wheel ninja
 	$(PIP) install -q -c $(TORCH_PIN) --no-build-isolation -e ".[test,bench]"
 	@if $(PYTHON) -c "import torchvision" 2>/dev/null; then \
 	  $(PYTHON) -c "import timm" 2>/dev/null || { \
-	    $(PYTHON) -c "import torchvision; print('torchvision==' + torchvision.__version__)" >> $(TORCH_PIN); \
+	    $(PYTHON) -c "from importlib.metadata import version as v; print('torchvision==' + v('torchvision'))" \
+	      >> $(TORCH_PIN); \
 	    $(PIP) install -q -c $(TORCH_PIN) timm \
 	      || echo "== timm could not be installed beside $$(tr '\n' ' ' < $(TORCH_PIN)); its tests skip"; }; \
 	else \
