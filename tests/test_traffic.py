@@ -1,0 +1,69 @@
+"""The byte counter (bench.traffic, DESIGN.md 1d) on ops whose traffic is known, and on whole networks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmfused
+from bench import traffic
+
+SHAPE = (2, 8, 5, 7)
+
+
+def _count(fn, *args):
+    counter = traffic.TrafficCounter()
+    with counter:
+        fn(*args)
+    return counter.records
+
+
+def _x(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_known_op_traffic(dtype):
+    """relu reads and writes X (2 X), add reads 2 X and writes X (3 X), a view moves nothing."""
+    a, b = torch.randn(SHAPE, dtype=dtype), torch.randn(SHAPE, dtype=dtype)
+    x = _x(a)
+    (relu,) = _count(torch.relu, a)
+    assert (relu.read, relu.written, relu.category) == (x, x, "elementwise")
+    (add,) = _count(torch.add, a, b)
+    assert (add.read, add.written) == (2 * x, x)
+    assert _count(lambda t: t.view(-1).transpose(0, 0), a) == []
+
+
+def test_lm_step_forward_is_four_tensors():
+    """lm_step forward: reads u, u_prev, f and writes out (4 X), plus the k vector; one op in the junction."""
+    u, u_prev, f = (torch.randn(SHAPE) for _ in range(3))
+    k = torch.randn(SHAPE[1])
+    (op,) = _count(lambda: lmfused.lm_step(u, u_prev, f, k, backend="reference"))
+    assert op.category == "lm_junction"
+    assert (op.read, op.written) == (3 * _x(u) + _x(k), _x(u))
+
+
+def test_backward_additions_are_gradient_accumulation():
+    """A tensor used twice gets its gradients summed by autograd: an add in the backward phase."""
+    assert traffic.category("aten.add", "backward") == "grad_accumulation"
+    assert traffic.category("aten.add", "forward") == "elementwise"
+    assert traffic.category("aten.native_batch_norm_backward", "backward") == "batch_norm"
+    assert traffic.category("aten.convolution_backward", "backward") == "convolution"
+    assert traffic.category("aten._to_copy", "forward") == "copy"
+
+
+def test_lm_and_plain_junction_of_inner_bottleneck_blocks():
+    """The hand count of bench/NOTES.md: an inner post-activation bottleneck block's junction moves 11 X in
+    torchvision's ResNeXt-50 and 17 X in the LM one with the lm_step op; the whole training step is counted
+    with fake tensors (no memory), at the benchmark's batch and image size."""
+    pytest.importorskip("torchvision")
+    result = traffic.compare("lm_resnext50_32x4d", batch=64, size=224)
+    assert result["counterpart"] == "torchvision resnext50_32x4d"
+    lm = {b["block"]: b["junction_x"] for b in result["lm"]["blocks"]}
+    plain = {b["block"]: b["junction_x"] for b in result["plain"]["blocks"]}
+    assert len(lm) == len(plain) == 16
+    assert plain["layer3.2"] == pytest.approx(11.0) and lm["layer3.2"] == pytest.approx(17.0)
+    # Convolutions and batch norms move the same bytes in both networks; the difference is the junction.
+    for name in ("convolution", "batch_norm", "copy"):
+        assert result["lm"]["by_category"][name] == result["plain"]["by_category"][name]
+    assert 1.0 < result["ratio"] < 1.15
