@@ -110,16 +110,36 @@ def make_folder(root: Path, per_class: int = 6, val: int = 2, png: bool = False)
 
 
 @needs_torchvision
-def test_crop_draws_equal_torchvision_get_params() -> None:
+@pytest.mark.parametrize(
+    "height, width", [(375, 500), (500, 333), (20, 200)], ids=["wide", "tall", "fallback"]
+)
+def test_crop_draws_follow_torchvision_get_params(height: int, width: int) -> None:
+    """The same distribution of crops as RandomResizedCrop.get_params: area fraction, aspect ratio, position,
+    and how often the fallback (central crop) is taken."""
     from torchvision import transforms as T
 
-    for seed in range(200):
-        height, width = (40, 30) if seed % 3 else (10, 200)  # very wide images take the fallback
-        torch.manual_seed(seed)
-        expected = T.RandomResizedCrop.get_params(
-            torch.empty(3, height, width), list(RRC_SCALE), list(RRC_RATIO)
-        )
-        assert im.rrc_params(height, width, torch.Generator().manual_seed(seed)) == expected
+    n = 3000
+    torch.manual_seed(0)
+    ours = np.array([im.rrc_params(height, width, im.sample_generator(k)) for k in range(n)], dtype=float)
+    ref = np.array(
+        [T.RandomResizedCrop.get_params(torch.empty(3, height, width), list(RRC_SCALE), list(RRC_RATIO))
+         for _ in range(n)],
+        dtype=float,
+    )  # fmt: skip
+
+    def features(p: np.ndarray) -> np.ndarray:
+        top, left, h, w = p.T
+        centre_y = (top + h / 2) / height
+        centre_x = (left + w / 2) / width
+        return np.stack([h * w / (height * width), np.log(w / h), centre_y, centre_x], 1)
+
+    a, b = features(ours), features(ref)
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9):  # quantiles within sampling noise (a few % of the range)
+        np.testing.assert_allclose(np.quantile(a, q, 0), np.quantile(b, q, 0), atol=0.03)
+    np.testing.assert_allclose(a.mean(0), b.mean(0), atol=0.015)
+    fallback = [(np.abs(p[:, 2] - p[:, 2].max()) < 1).mean() for p in (ours, ref)]
+    assert abs(fallback[0] - fallback[1]) < 0.03
+    assert (ours[:, 2] <= height).all() and (ours[:, 3] <= width).all() and (ours >= 0).all()
 
 
 @needs_torchvision

@@ -13,11 +13,11 @@ Three decoders share one crop geometry (``--decode``):
 
 Every sample's crop and flip are drawn from a generator seeded by (seed, epoch, index): the same image gets
 the same crop on every decoder, with any number of loader processes, and a resumed run repeats the
-augmentation of the uninterrupted one. The draws follow torchvision's ``RandomResizedCrop.get_params``
-exactly (scale (0.08, 1), ratio (3/4, 4/3)). The flip and the conversion to the training dtype, the
-normalisation and the memory format happen on the device (:func:`normalize_batch`), on a side stream that
-overlaps the previous step on CUDA (:class:`DevicePrefetcher`): the host moves a quarter of the bytes of
-float32 batches.
+augmentation of the uninterrupted one. The crops follow torchvision's ``RandomResizedCrop.get_params``
+algorithm (scale (0.08, 1), ratio (3/4, 4/3)), drawn from Python's generator (microseconds a sample). The
+flip and the conversion to the training dtype, the normalisation and the memory format happen on the
+device (:func:`normalize_batch`), on a side stream that overlaps the previous step on CUDA
+(:class:`DevicePrefetcher`): the host moves a quarter of the bytes of float32 batches.
 
 Unreadable images (truncated, not an image, unreadable file) are reported with their path; a loader process
 replaces such a sample by the next readable image of the folder, so that batches keep their size (a changing
@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -79,9 +80,9 @@ def default_workers(local_world_size: int | None = None) -> int:
     return max(1, min(16, cores // max(1, ranks) - 1))
 
 
-def sample_generator(key: int) -> torch.Generator:
-    """The CPU generator of one sample's augmentation draws."""
-    return torch.Generator().manual_seed(key % (2**63))
+def sample_generator(key: int) -> random.Random:
+    """The generator of one sample's augmentation draws (Python's: seeding and drawing cost microseconds)."""
+    return random.Random(key)
 
 
 def sample_key(seed: int, epoch: int, index: int) -> int:
@@ -92,24 +93,23 @@ def sample_key(seed: int, epoch: int, index: int) -> int:
 def rrc_params(
     height: int,
     width: int,
-    generator: torch.Generator,
+    rng: random.Random,
     scale: Sequence[float] = RRC_SCALE,
     ratio: Sequence[float] = RRC_RATIO,
 ) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a random-resized crop: ``RandomResizedCrop.get_params``'s algorithm and
-    draws, from ``generator`` instead of the global generator (so seeded alike, both give the same crop)."""
+    """(top, left, height, width) of a random-resized crop: ``RandomResizedCrop.get_params``'s algorithm (area
+    fraction uniform in ``scale``, aspect ratio log-uniform in ``ratio``, 10 tries, then the central crop of
+    the nearest allowed ratio), drawing from ``rng`` instead of torch's global generator."""
     area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            i = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
-            j = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
-            return i, j, h, w
-    in_ratio = width / height  # fallback: the central crop of the nearest allowed ratio
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height
     if in_ratio < min(ratio):
         w, h = width, int(round(width / min(ratio)))
     elif in_ratio > max(ratio):
@@ -133,9 +133,9 @@ def geometry(height: int, width: int, size: int, train: bool, key: int) -> tuple
     """The crop (top, left, height, width) and the flip of one sample."""
     if not train:
         return center_params(height, width, size), False
-    gen = sample_generator(key)
-    params = rrc_params(height, width, gen)
-    return params, bool(torch.rand(1, generator=gen).item() < 0.5)
+    rng = sample_generator(key)
+    params = rrc_params(height, width, rng)
+    return params, rng.random() < 0.5
 
 
 def list_images(root: str) -> tuple[list[str], list[tuple[str, int]]]:
