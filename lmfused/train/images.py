@@ -332,6 +332,10 @@ def decode_on_device(
     bad: list[str] = []
     if encoded:
         data = [batch.payload[i] for i in encoded]
+        if device.type == "cuda":
+            # nvJPEG's hardware decoder may write its outputs before work already queued on the stream has
+            # run, into blocks the caching allocator recycled from that work: start it on an idle stream.
+            torch.cuda.current_stream(device).synchronize()
         try:
             images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
             decoded.update(zip(encoded, images, strict=True))
@@ -414,7 +418,8 @@ class DevicePrefetcher:
         stream = torch.cuda.Stream(device=self.device)
         pending: tuple[Tensor, Tensor] | None = None
         for batch in self.batches:
-            stream.wait_stream(torch.cuda.current_stream(self.device))
+            # The side stream does not wait for the training stream (its inputs come from the host), so that
+            # a device decode's synchronisation of it never waits for a training step.
             with torch.cuda.stream(stream):
                 ready = self.prepare(batch)
             if pending is not None:
