@@ -18,8 +18,8 @@ Each row: img/s of the loader (host batches ready, after a warm-up pass; for ``g
 img/s per loader process, and the CPU time per image of the loader's own work (one process, measured
 in-process: the cost a loader process pays per image). A second table splits the per-image time of one
 process into stages (read, decode, crop/resize, flip, to-float/normalise, collate). With ``--model`` (default
-on a GPU) the training step rate on synthetic data is measured beside it, and one pass of training fed by the
-fastest path, so the loader can be held to the step rate.
+on a GPU) the training rate on synthetic data is measured beside it, and the training rate fed by the ``cpu``
+and ``gpu`` paths through the prefetcher (the most ``--workers``), so the loader is held to the step rate.
 """
 
 from __future__ import annotations
@@ -230,35 +230,91 @@ def stage_times(samples: list, size: int, batch: int) -> list[dict]:
     return rows
 
 
-def step_rate(model_name: str, batch: int, size: int, device: torch.device, steps: int) -> float:
-    """Training img/s of ``model_name`` on synthetic data (bf16 autocast and channels-last on CUDA)."""
+def _prepare(path: str, device: torch.device, size: int, fmt: torch.memory_format) -> Callable:
+    """Host batch -> (images, labels) on the device, as the training source does for ``path``."""
+    from lmfused.train import images as im
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def prepare(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if path == "pil-float":  # already normalised float32 on the host
+            x, y = batch
+            return x.to(device, non_blocking=True).to(dtype, memory_format=fmt), y.to(
+                device, non_blocking=True
+            )
+        if path == "gpu":
+            images, labels, flips, _ = im.decode_on_device(batch, device, size)
+        else:
+            images, labels, flips = batch.images.to(device, non_blocking=True), batch.labels, batch.flips
+        x = im.normalize_batch(images, flips, MEAN, STD, dtype, fmt)
+        return x, labels.to(device, non_blocking=True)
+
+    return prepare
+
+
+def _cycle(loader: Any, count: int) -> Any:
+    """``count`` batches of ``loader``, passing over it as often as needed."""
+    while count > 0:
+        for batch in loader:
+            yield batch
+            count -= 1
+            if count == 0:
+                return
+
+
+def train_rates(
+    model_name: str,
+    batch: int,
+    size: int,
+    device: torch.device,
+    steps: int,
+    samples: list,
+    paths: list[str],
+    workers: int,
+) -> list[dict]:
+    """Training img/s of ``model_name`` (bf16 autocast and channels-last on CUDA) on synthetic batches
+    already on the device, and fed by each loader path through the prefetcher (``workers`` processes), in
+    the same process: the loader keeps up when the fed rate matches the synthetic one."""
     from lmfused.models import create_model
+    from lmfused.train import images as im
 
     model = create_model(model_name, num_classes=1000).to(device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, 1000, (batch,), device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def step() -> None:
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
         with amp:
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss = torch.nn.functional.cross_entropy(model(x), y % 1000)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    for _ in range(3):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - start)
+    def timed(batches: Any) -> float:
+        it = iter(batches)
+        for _ in range(3):
+            step(*next(it))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(*next(it))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return batch * steps / (time.perf_counter() - start)
+
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    rows = [dict(data="synthetic", workers=0, img_per_s=timed(iter(lambda: (x, y), None)))]
+    for path in paths:
+        loader = _loader(path, samples, size, batch, workers, device.type == "cuda")
+        fed = im.DevicePrefetcher(_cycle(loader, steps + 3), _prepare(path, device, size, fmt), device)
+        rows.append(dict(data=path, workers=workers, img_per_s=timed(fed)))
+        del loader
+    for r in rows:
+        r["vs_synthetic"] = r["img_per_s"] / rows[0]["img_per_s"]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -310,37 +366,51 @@ def main(argv: list[str] | None = None) -> None:
         # The GPU path's loader side (reading the files) runs anywhere: its CPU time per image.
         gpu_loader_ms = cpu_ms.get("gpu") or cpu_time_per_image("gpu", samples, args.size, args.batch_size)
         stages = stage_times(samples, args.size, args.batch_size)
-    base = {r["workers"]: r["img_per_s_per_worker"] for r in rows if r["path"] == "pil-float"}
-    for r in rows:
-        r["cpu_ms_per_img"] = cpu_ms[r["path"]]
-        r["vs_pil_float"] = r["img_per_s_per_worker"] / base[r["workers"]] if r["workers"] in base else None
-    print("\nloader throughput (best of the timed passes; per_worker: per loader process, 0 workers = 1)")
-    print_table(
-        rows,
-        [
-            ("path", "s"),
-            ("workers", "d"),
-            ("img_per_s", ".0f"),
-            ("img_per_s_per_worker", ".0f"),
-            ("median_img_per_s", ".0f"),
-            ("vs_pil_float", ".2f"),
-            ("cpu_ms_per_img", ".2f"),
-        ],
-    )
-    print(f"gpu path, loader side (reads files; the device decodes): {gpu_loader_ms:.3f} CPU ms per image")
-    print("\nCPU ms per image by stage, one process (pil: the previous pipeline; tv: torchvision.io path)")
-    print_table(stages, [("stage", "s"), ("pil", ".2f"), ("tv", ".2f")])
-    model = args.model or ("lm_resnext50_32x4d" if device.type == "cuda" else None)
-    train_rate = None
-    if model:
-        train_rate = step_rate(model, args.batch_size, args.size, device, args.steps)
-        best = max(rows, key=lambda r: r["img_per_s"])
-        print(
-            f"\n{model} trains at {train_rate:.0f} img/s on {device.type} (synthetic data, batch "
-            f"{args.batch_size}); the fastest loader here ({best['path']}, {best['workers']} workers) gives "
-            f"{best['img_per_s']:.0f} img/s: {best['img_per_s_per_worker']:.0f} per worker, so "
-            f"{train_rate / best['img_per_s_per_worker']:.1f} workers keep up"
+        base = {r["workers"]: r["img_per_s_per_worker"] for r in rows if r["path"] == "pil-float"}
+        for r in rows:
+            r["cpu_ms_per_img"] = cpu_ms[r["path"]]
+            r["vs_pil_float"] = (
+                r["img_per_s_per_worker"] / base[r["workers"]] if r["workers"] in base else None
+            )
+        print("\nloader throughput (best of the timed passes; per_worker: per loader process, 0 workers = 1)")
+        print_table(
+            rows,
+            [
+                ("path", "s"),
+                ("workers", "d"),
+                ("img_per_s", ".0f"),
+                ("img_per_s_per_worker", ".0f"),
+                ("median_img_per_s", ".0f"),
+                ("vs_pil_float", ".2f"),
+                ("cpu_ms_per_img", ".2f"),
+            ],
         )
+        print(
+            f"gpu path, loader side (reads files; the device decodes): {gpu_loader_ms:.3f} CPU ms per image"
+        )
+        print(
+            "\nCPU ms per image by stage, one process (pil: the previous pipeline; tv: torchvision.io path)"
+        )
+        print_table(stages, [("stage", "s"), ("pil", ".2f"), ("tv", ".2f")])
+        model = args.model or ("lm_resnext50_32x4d" if device.type == "cuda" else None)
+        train_rows = None
+        if model:
+            fed_workers = max(workers)
+            fed_paths = [x for x in paths if x in ("cpu", "gpu")]
+            train_rows = train_rates(
+                model, args.batch_size, args.size, device, args.steps, samples, fed_paths, fed_workers
+            )
+            print(f"\n{model} training on {device.type}, batch {args.batch_size}: synthetic vs loader data")
+            print_table(
+                train_rows, [("data", "s"), ("workers", "d"), ("img_per_s", ".0f"), ("vs_synthetic", ".3f")]
+            )
+            need = train_rows[0]["img_per_s"]
+            for r in rows:
+                if r["workers"] == fed_workers:
+                    print(
+                        f"{r['path']}: {need / r['img_per_s_per_worker']:.1f} loader processes keep up with "
+                        f"{need:.0f} img/s"
+                    )
     env = environment()
     payload = dict(
         benchmark="data",
@@ -354,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
         stages_ms=stages,
         gpu_loader_cpu_ms_per_img=gpu_loader_ms,
         model=model,
-        train_img_per_s=train_rate,
+        train=train_rows,
     )
     if args.out is not None:
         name = "gpu" if device.type == "cuda" else "cpu"

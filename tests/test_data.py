@@ -338,3 +338,14 @@ def test_device_decode_on_cuda_matches_the_cpu(tmp_path: Path) -> None:
     prefetched = list(im.DevicePrefetcher([b for b, _ in host], lambda b: (cuda.float(), labels.cuda()),
                                           torch.device("cuda")))  # fmt: skip
     assert len(prefetched) == 3 and all(x.is_cuda for x, _ in prefetched)
+
+
+@needs_torchvision
+def test_a_folder_of_unreadable_images_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
+    root = make_folder(tmp_path / "data", per_class=2)
+    for path in (root / "train").rglob("*.jpg"):
+        path.write_text("not an image")
+    rc = main([*imagefolder_args(root, "--workers", "1", "--epochs", "1"), "--out", str(tmp_path / "out")])
+    _, err = capsys.readouterr()
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "--data-dir: no readable image among 4 files from" in err

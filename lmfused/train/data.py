@@ -298,6 +298,8 @@ class ImageFolderSource(DataSource):
     def _checked(self) -> Iterator[Any]:
         for batch in self.loader:
             self._report(batch.bad)
+            if batch.fatal is not None:
+                raise UsageError(f"--data-dir: {batch.fatal}")
             yield batch
 
     def _run(self, batches: list[list[Item]]) -> Iterator[Batch]:

@@ -60,7 +60,7 @@ MAX_SUBSTITUTES = 64  # readable images tried in place of an unreadable one befo
 JPEG_MAGIC = b"\xff\xd8"
 
 Item = tuple[int, int, int]  # (split: 0 train / 1 val, index in the split, generator key)
-Sample = tuple[Tensor, int, bool, int, str, list[str], bool]
+Sample = tuple[Tensor | None, int, bool, int, str, list[str], bool]  # image None: path says why
 
 
 def _reason(exc: BaseException) -> str:
@@ -223,7 +223,8 @@ class HostBatch:
     ``images`` (N, 3, S, S) uint8, channels-last, when the host decoded; with device decoding ``payload``
     holds per sample either the file's bytes (1-D uint8, decoded on the device) or an image the host
     already cropped (3, S, S). ``flips`` are applied on the device. ``bad`` names the unreadable images met
-    while building the batch ("path: reason").
+    while building the batch ("path: reason"); ``fatal`` says why a sample has no image at all (every
+    substitute unreadable too).
     """
 
     labels: Tensor
@@ -234,6 +235,7 @@ class HostBatch:
     paths: list[str] = field(default_factory=list)
     train: bool = True
     bad: list[str] = field(default_factory=list)
+    fatal: str | None = None
 
     def pin_memory(self) -> HostBatch:
         """Page-locked copies of the tensors (DataLoader's pin_memory thread calls this)."""
@@ -289,7 +291,8 @@ class ImageFolderDataset:
                 return image, label, flip, key, path, bad, train
             except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, not fatal here
                 bad.append(f"{path}: {type(exc).__name__}: {_reason(exc)}")
-        raise RuntimeError(f"no readable image among {len(bad)} files from {samples[index][0]} on: {bad[0]}")
+        fatal = f"no readable image among {len(bad)} files from {samples[index][0]} on (first: {bad[0]})"
+        return None, samples[index][1], False, key, fatal, bad, train
 
 
 def collate(samples: list[Sample]) -> HostBatch:
@@ -303,6 +306,9 @@ def collate(samples: list[Sample]) -> HostBatch:
         train=bool(train[0]),
         bad=[b for sample_bad in bad for b in sample_bad],
     )
+    if any(img is None for img in images):  # a run of unreadable files: nothing to put in its place
+        batch.fatal = next(p for img, p in zip(images, paths, strict=True) if img is None)
+        return batch
     if all(img.dim() == 3 for img in images) and len({img.shape for img in images}) == 1:
         # (N, H, W, C) stacked from HWC views: one contiguous copy, read as channels-last NCHW.
         batch.images = torch.stack([img.permute(1, 2, 0) for img in images]).permute(0, 3, 1, 2)
