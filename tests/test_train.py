@@ -228,6 +228,10 @@ BAD_ARGUMENTS = {
     "missing-data-dir": (["--data", "imagefolder", "--data-dir", "/nonexistent/x"], "is not a directory"),
     "unavailable-backend": (["--backend", "cuda", "--device", "cpu"], "--backend cuda:"),
     "missing-checkpoint": (["--resume", "/nonexistent/ckpt.pt"], "no checkpoint file at"),
+    "zero-prefetch": (["--prefetch", "0"], "--prefetch: expected > 0"),
+    "negative-workers": (["--workers", "-1"], "--workers: expected >= 0"),
+    "bad-decode": (["--decode", "nvjpeg"], "invalid choice: 'nvjpeg'"),
+    "bad-on-bad-image": (["--on-bad-image", "ignore"], "invalid choice: 'ignore'"),
 }
 
 
