@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -294,12 +295,14 @@ def test_imagefolder_resume_repeats_the_uninterrupted_run(tmp_path: Path, capsys
 
 
 @needs_torchvision
-def test_bad_image_is_skipped_and_named_once(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("decode", ["cpu", "gpu"], ids=["host-decode", "device-decode"])  # not "gpu": a mark
+def test_bad_image_is_skipped_and_named_once(tmp_path: Path, capsys, decode: str) -> None:
     root = make_folder(tmp_path / "data")
     bad = root / "train" / "a" / "truncated.jpg"
     bad.write_bytes((root / "train" / "a" / "1.jpg").read_bytes()[:300])
     (root / "train" / "b" / "notanimage.jpg").write_text("hello")
-    rc = main([*imagefolder_args(root, "--workers", "1", "--epochs", "2"), "--out", str(tmp_path / "out")])
+    args = imagefolder_args(root, "--workers", "1", "--epochs", "2", "--decode", decode)
+    rc = main([*args, "--out", str(tmp_path / "out")])
     out, err = capsys.readouterr()
     assert rc == 0 and "Traceback" not in err
     assert out.count(f"skipped unreadable image {bad} (") == 1  # two epochs, named once
@@ -349,3 +352,33 @@ def test_a_folder_of_unreadable_images_is_one_line_exit_2(tmp_path: Path, capsys
     _, err = capsys.readouterr()
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "--data-dir: no readable image among 4 files from" in err
+
+
+def test_threaded_prefetcher_yields_in_order_raises_and_stops() -> None:
+    batches = [torch.full((2,), float(i)) for i in range(5)]
+    device = torch.device("cpu")
+    prepare = lambda b: (b * 2, b.long())  # noqa: E731
+    inline = list(im.DevicePrefetcher(batches, prepare, device))
+    threaded = list(im.DevicePrefetcher(batches, prepare, device, thread=True, depth=2))
+    assert (
+        [x.tolist() for x, _ in threaded]
+        == [x.tolist() for x, _ in inline]
+        == [[2.0 * i] * 2 for i in range(5)]
+    )
+
+    def failing(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if b[0] == 2:
+            raise ValueError("batch 2")
+        return prepare(b)
+
+    seen = []
+    with pytest.raises(ValueError, match="batch 2"):
+        for x, _ in im.DevicePrefetcher(batches, failing, device, thread=True):
+            seen.append(x[0].item())
+    assert seen == [0.0, 2.0]
+    it = iter(im.DevicePrefetcher(iter(batches), prepare, device, thread=True, depth=1))
+    next(it)
+    threads = [t for t in threading.enumerate() if t.name == "lmfused-device-decode"]
+    assert threads and threads[0].is_alive()
+    it.close()  # an abandoned pass: the thread stops
+    assert not threads[0].is_alive()

@@ -13,6 +13,7 @@ imagefolder needs torchvision, which stays optional (a clear error names it when
 from __future__ import annotations
 
 import pickle
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -265,18 +266,23 @@ class ImageFolderSource(DataSource):
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.bad_images: dict[str, str] = {}  # path -> reason, every unreadable image met by this rank
         self._new_bad: list[tuple[str, str]] = []
+        self._active: Any = None  # the iterator of the pass in progress
+        self._lock = threading.Lock()
 
     def _report(self, bad: list[str]) -> None:
+        """Record unreadable images (the device-decode thread too), or stop under --on-bad-image error."""
         for entry in bad:
             path, _, reason = entry.partition(": ")
             if self.cfg.on_bad_image == "error":
                 raise BadImageError(f"--on-bad-image error: unreadable image {path} ({reason})")
-            if path not in self.bad_images:
-                self.bad_images[path] = reason
-                self._new_bad.append((path, reason))
+            with self._lock:
+                if path not in self.bad_images:
+                    self.bad_images[path] = reason
+                    self._new_bad.append((path, reason))
 
     def take_bad_images(self) -> list[tuple[str, str]]:
-        new, self._new_bad = self._new_bad, []
+        with self._lock:
+            new, self._new_bad = self._new_bad, []
         return new
 
     @property
@@ -303,8 +309,14 @@ class ImageFolderSource(DataSource):
             yield batch
 
     def _run(self, batches: list[list[Item]]) -> Iterator[Batch]:
+        if self._active is not None:  # an abandoned pass (max-steps, interruption): stop its thread first
+            self._active.close()
         self.plan.batches = batches
-        return iter(self._im.DevicePrefetcher(self._checked(), self._prepare, self.device))
+        prefetcher = self._im.DevicePrefetcher(
+            self._checked(), self._prepare, self.device, thread=self.decoder == "gpu"
+        )
+        self._active = iter(prefetcher)
+        return self._active
 
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         b = self.cfg.batch_size

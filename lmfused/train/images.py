@@ -26,11 +26,14 @@ batch size would recompile a compiled model and unbalance DDP). torchvision is i
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
+import queue
 import random
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -395,6 +398,9 @@ def normalize_batch(
     return out.to(dtype=dtype, memory_format=memory_format)
 
 
+_END = object()
+
+
 class DevicePrefetcher:
     """Wraps an iterable of :class:`HostBatch` and yields (images, labels) ready on the device.
 
@@ -402,10 +408,17 @@ class DevicePrefetcher:
     stream while the previous batch trains; the consumer's stream waits for it before use (timm's prefetcher
     pattern). Elsewhere the same work runs synchronously.
 
+    With ``thread=True`` (device decoding) ``prepare`` runs in a background thread, ``depth`` batches ahead,
+    on its own stream: nvJPEG decoding blocks its calling thread until the batch is decoded, and the training
+    thread goes on launching steps meanwhile. Exceptions of the thread are raised in the consumer; closing
+    the iterator (or abandoning it) stops and joins the thread.
+
     Args:
         batches: host batches.
         prepare: host batch -> (images, labels) on the device; called under the side stream on CUDA.
         device: the training device.
+        thread: prepare in a background thread.
+        depth: batches the thread prepares ahead.
     """
 
     def __init__(
@@ -413,10 +426,19 @@ class DevicePrefetcher:
         batches: Iterable[HostBatch],
         prepare: Callable[[HostBatch], tuple[Tensor, Tensor]],
         device: torch.device,
+        *,
+        thread: bool = False,
+        depth: int = 2,
     ) -> None:
         self.batches, self.prepare, self.device = batches, prepare, device
+        self.thread, self.depth = thread, depth
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.thread:
+            return self._threaded()
+        return self._inline()
+
+    def _inline(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self.device.type != "cuda":
             for batch in self.batches:
                 yield self.prepare(batch)
@@ -436,3 +458,55 @@ class DevicePrefetcher:
             pending = ready
         if pending is not None:
             yield pending
+
+    def _threaded(self) -> Iterator[tuple[Tensor, Tensor]]:
+        cuda = self.device.type == "cuda"
+        results: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    results.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            try:
+                if cuda:
+                    torch.cuda.set_device(self.device)
+                stream = torch.cuda.Stream(device=self.device) if cuda else None
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    for batch in self.batches:
+                        ready = self.prepare(batch)
+                        event = None
+                        if stream is not None:
+                            event = torch.cuda.Event()
+                            event.record(stream)
+                        if not put((ready, event)):
+                            return
+                put(_END)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+                put(exc)
+
+        worker = threading.Thread(target=work, name="lmfused-device-decode", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = results.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                ready, event = item
+                if event is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(event)
+                    for t in ready:
+                        t.record_stream(current)
+                yield ready
+        finally:
+            stop.set()
+            worker.join()
