@@ -334,7 +334,9 @@ def main(argv: list[str] | None = None) -> None:
         "--model", help="also time training steps of this model (default on CUDA: lm_resnext50_32x4d)"
     )
     p.add_argument("--steps", type=int, default=20, help="timed training steps with --model")
-    p.add_argument("--out", type=Path, help="write data-<device>.json into this directory")
+    p.add_argument("--out", type=Path, help="write data-<device>[-<tag>].json into this directory")
+    p.add_argument("--tag", help="suffix of the JSON file name (e.g. the machine)")
+    p.add_argument("--note", help="free text stored in the JSON (e.g. what else ran on the machine)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -415,6 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     payload = dict(
         benchmark="data",
         env=env,
+        note=args.note,
         source=source,
         images=len(samples),
         mean_kbytes=kbytes,
@@ -427,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
         train=train_rows,
     )
     if args.out is not None:
-        name = "gpu" if device.type == "cuda" else "cpu"
+        name = ("gpu" if device.type == "cuda" else "cpu") + (f"-{args.tag}" if args.tag else "")
         path = args.out / f"data-{name}.json"
         write_json(path, payload)
         print(f"\nwrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
