@@ -5,6 +5,7 @@
     python -m bench.data --folder DATA/imagenet/train --images 4096
     python -m bench.data --model lm_resnext50_32x4d   # beside it: the training step rate (GPU: default on)
     python -m bench.data --out bench/results      # JSON into DIR (data-<device>.json)
+    python -m bench.data --synthetic 8192 --keep DIR  # and keep the JPEGs: DIR/train, DIR/val
 
 Paths, all on the same images in one run, measured in turns (so a busy machine slows each alike):
 
@@ -325,6 +326,9 @@ def main(argv: list[str] | None = None) -> None:
         "--synthetic", type=int, default=512, help="generated JPEGs when no --folder (default 512)"
     )
     p.add_argument("--images", type=int, help="use at most this many images of --folder")
+    p.add_argument(
+        "--keep", type=Path, help="write the generated JPEGs to DIR/train and DIR/val (--data imagefolder)"
+    )
     p.add_argument("--workers", default="1,2", help="comma-separated loader process counts (default 1,2)")
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
     p.add_argument("--batch-size", type=int, default=64)
@@ -353,7 +357,10 @@ def main(argv: list[str] | None = None) -> None:
             root, source = args.folder, str(args.folder)
         else:
             print(f"generating {args.synthetic} JPEGs ...", flush=True)
-            root, source = generate_jpegs(Path(tmp), args.synthetic), f"synthetic {args.synthetic}"
+            base = args.keep if args.keep is not None else Path(tmp)
+            root, source = generate_jpegs(base / "train", args.synthetic), f"synthetic {args.synthetic}"
+            if args.keep is not None:  # a folder lmfused.train reads: DIR/train, DIR/val
+                generate_jpegs(base / "val", max(64, args.synthetic // 16), seed=1)
         _, samples = im.list_images(str(root))
         if args.images:
             samples = samples[:: max(1, len(samples) // args.images)][: args.images]

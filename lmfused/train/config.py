@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         help="loader processes per rank for imagefolder (default: the usable cores / ranks per node - 1, "
-        "at most 16; 0: in the training process)",
+        "at most 16, or 4 with --decode gpu; 0: in the training process)",
     )
     g.add_argument(
         "--decode",
