@@ -382,3 +382,25 @@ def test_threaded_prefetcher_yields_in_order_raises_and_stops() -> None:
     assert threads and threads[0].is_alive()
     it.close()  # an abandoned pass: the thread stops
     assert not threads[0].is_alive()
+
+
+@needs_torchvision
+def test_cmyk_and_grayscale_jpegs_decode_on_every_path(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    samples = []
+    for i, mode in enumerate(("CMYK", "L", "RGB")):
+        path = tmp_path / f"{i}.jpg"
+        smooth_image(rng, 40, 50).convert(mode).save(path, quality=95)
+        samples.append((str(path), 0))
+    for decoder in ("cpu", "pil", "gpu"):
+        dataset = im.ImageFolderDataset([samples, samples], SIZE, decoder, augment=True)
+        batch = im.collate([dataset[(0, i, i)] for i in range(3)])
+        assert not batch.bad, batch.bad
+        if decoder == "gpu":
+            images, _, _, bad = im.decode_on_device(batch, torch.device("cpu"), SIZE)
+            assert not bad
+        else:
+            images = batch.images
+        assert images.shape == (3, 3, SIZE, SIZE)
+        gray = images[1].float()
+        assert (gray[0] - gray[1]).abs().max() <= 2  # a grayscale image stays gray in RGB

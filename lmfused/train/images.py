@@ -352,8 +352,11 @@ def decode_on_device(
             for i in encoded:
                 try:
                     decoded[i] = decode_jpeg(batch.payload[i], mode=ImageReadMode.RGB, device=device)
-                except RuntimeError as exc:
-                    bad.append(f"{batch.paths[i]}: RuntimeError: {_reason(exc)}")
+                except RuntimeError:
+                    try:  # what nvJPEG does not read (CMYK, ...), the host may
+                        decoded[i] = decode_cpu(batch.payload[i].numpy().tobytes()).to(device)
+                    except Exception as exc:  # noqa: BLE001 - reported, its place taken by another image
+                        bad.append(f"{batch.paths[i]}: {type(exc).__name__}: {_reason(exc)}")
     out: list[Tensor | None] = []
     flips = batch.flips.clone()
     for i, p in enumerate(batch.payload):
