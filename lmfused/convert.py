@@ -8,11 +8,14 @@ computes exactly what the original did; the k then train with the rest of the ne
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterator
 
 from torch import nn
 
 from lmfused.nn import LMStage, PostActBlock, linear_survival_schedule, make_step
+from lmfused.nn.blocks import _refuse_batch_mode
+from lmfused.nn.blocks import set_grad_checkpointing as _set_stage_checkpointing
 from lmfused.nn.step import check_k_init, check_mode, check_noise_std, check_survival_prob
 
 __all__ = ["convert_to_lm"]
@@ -37,6 +40,29 @@ def _stages(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         index += 1
 
 
+def _branch_channels(block: nn.Module, depth: int, where: str) -> int:
+    """Output channels of the branch: its last norm's (BatchNorm ``num_features``, GroupNorm
+    ``num_channels``), else its last conv's ``out_channels``."""
+    norm, conv = getattr(block, f"bn{depth}"), getattr(block, f"conv{depth}")
+    for owner, attribute in ((norm, "num_features"), (norm, "num_channels"), (conv, "out_channels")):
+        value = getattr(owner, attribute, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    raise TypeError(
+        f"model: {where} ({type(block).__name__}): cannot tell the branch's channels from bn{depth} "
+        f"({type(norm).__name__}) or conv{depth} ({type(conv).__name__}); expected a BatchNorm/GroupNorm "
+        "or a convolution"
+    )
+
+
+def _set_grad_checkpointing(self: nn.Module, enable: bool = True) -> None:
+    """Activation checkpointing of every block, done inside the LM stages (timm's own runs the blocks one by
+    one, which two-state blocks cannot do): see :func:`lmfused.nn.blocks.set_grad_checkpointing`."""
+    _set_stage_checkpointing(self, enable)
+    if hasattr(self, "grad_checkpointing"):
+        self.grad_checkpointing = False  # timm's forward then calls the stages, which checkpoint
+
+
 def _wrap_block(block: nn.Module, where: str, step_args: dict, *, first: bool, survival_prob: float):
     """A :class:`PostActBlock` reusing ``block``'s modules (same names), with the LM update."""
     unknown = sorted(set(dict(block.named_children())) - _KNOWN_CHILDREN)
@@ -55,11 +81,10 @@ def _wrap_block(block: nn.Module, where: str, step_args: dict, *, first: bool, s
             + ("; no activation modules (relu or act1..)" if any(act is None for act in acts) else "")
         )
     downsample = getattr(block, "downsample", None)
-    bn_last = getattr(block, f"bn{depth}")
     parameter = next(block.parameters(), None)
     step = make_step(
         lm=not first and downsample is None,
-        channels=bn_last.num_features,
+        channels=_branch_channels(block, depth, where),
         survival_prob=survival_prob,
         relu=type(acts[-1]) is nn.ReLU,
         **step_args,
@@ -113,11 +138,15 @@ def convert_to_lm(
         backend: the lm_step backend (None: automatic).
 
     Returns:
-        ``model`` itself. timm's ``set_grad_checkpointing`` must stay off: it runs blocks one by one.
+        ``model`` itself. Its ``set_grad_checkpointing(enable=True)`` (timm's name; added to torchvision
+        models too) checkpoints every block inside the LM stages; a timm model converted with grad
+        checkpointing on keeps it that way. timm's own mechanism (``grad_checkpointing = True``) runs blocks
+        one by one, which the two-state blocks refuse with a TypeError saying so.
 
     Raises:
         TypeError: ``model`` has no layer1 or its blocks are not torchvision/timm residual blocks.
-        ValueError: ``model`` was already converted, or an option is out of range.
+        ValueError: ``model`` was already converted, an option is out of range, or grad checkpointing is on
+            with batch-mode stochastic depth (recomputing a block would draw again).
     """
     check_k_init(k_init)
     check_survival_prob(survival_prob)
@@ -136,10 +165,7 @@ def convert_to_lm(
             raise ValueError(f"model: {name} is already an LMStage (model already converted)")
         if not isinstance(stage, nn.Sequential) or len(stage) == 0:
             raise TypeError(f"model: {name} is not a non-empty nn.Sequential of residual blocks")
-    if getattr(model, "grad_checkpointing", False):
-        raise ValueError(
-            "model: disable timm's grad checkpointing (it runs blocks one by one) before converting"
-        )
+    checkpointing = bool(getattr(model, "grad_checkpointing", False))
     survival = iter(linear_survival_schedule(sum(len(stage) for _, stage in stages), survival_prob))
     new_stages = {}
     for name, stage in stages:
@@ -150,6 +176,13 @@ def convert_to_lm(
         new_stage = LMStage(*blocks)
         new_stage.training = stage.training
         new_stages[name] = new_stage
+    if checkpointing:
+        _refuse_batch_mode(m for stage in new_stages.values() for m in stage)
     for name, new_stage in new_stages.items():  # only once every block converted: no half-converted model
         setattr(model, name, new_stage)
+    # An instance attribute, so that timm's method (which turns on its block-by-block checkpointing) is not
+    # the one called; pickling the whole model keeps the class's method, state_dicts are unaffected.
+    model.set_grad_checkpointing = types.MethodType(_set_grad_checkpointing, model)
+    if checkpointing:
+        model.set_grad_checkpointing(True)
     return model

@@ -351,10 +351,6 @@ def test_conversion_rejects_what_it_cannot_convert():
         convert_to_lm(TINY["tv_basic"](), sd_mode="layer")
     with pytest.raises(ValueError, match="survival_prob"):
         convert_to_lm(TINY["tv_basic"](), survival_prob=0.0)
-    checkpointed = TINY["timm_resnext"]()
-    checkpointed.grad_checkpointing = True
-    with pytest.raises(ValueError, match="checkpointing"):
-        convert_to_lm(checkpointed)
 
 
 def test_stand_in_matches_the_zoo_layout():
@@ -384,23 +380,169 @@ def test_converted_model_runs_channels_last_and_autocast():
     assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d"])
+# ----------------------------------------------------------------------------------------------------------
+# Norms other than BatchNorm, grad checkpointing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def group_norm_resnet() -> nn.Module:
+    """The torchvision stand-in with GroupNorm everywhere (timm's resnet50_gn layout)."""
+    model = TVResNet(TVBottleneck, [2, 1, 1, 1], base=8)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(parent, name, nn.GroupNorm(4, child.num_features))
+    return model
+
+
+def test_group_norm_blocks_convert_exactly():
+    """GroupNorm has no num_features (timm resnet50_gn used to fail with a bare AttributeError)."""
+    torch.manual_seed(0)
+    model = group_norm_resnet().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        converted = convert_to_lm(model, per_channel_k=True)
+        torch.testing.assert_close(converted(x), expected, rtol=1e-5, atol=1e-5)
+    assert converted.layer1[1].step.k.shape == (32,)  # channels from GroupNorm.num_channels
+
+
+def test_a_block_whose_channels_cannot_be_told_is_a_type_error():
+    class Wrapped(nn.Module):  # neither a norm with channels nor a conv
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    odd = TINY["tv_basic"]()
+    odd.layer3[1].bn2 = nn.Identity()
+    odd.layer3[1].conv2 = Wrapped(odd.layer3[1].conv2)
+    with pytest.raises(TypeError, match=r"layer3\.1.*channels"):
+        convert_to_lm(odd, per_channel_k=True)
+
+
+def gradients(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    model(x).square().mean().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_grad_checkpointing_of_a_converted_model_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = convert_to_lm(randomise(TINY["timm_resnext"]()), (-0.1, 0.0), noise_std=0.1, survival_prob=0.7)
+    model.train()
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    expected = gradients(model, x)
+    model.set_grad_checkpointing(True)
+    assert model.layer1.grad_checkpointing and not model.grad_checkpointing  # timm's own path stays off
+    torch.manual_seed(1)  # same masks and noise: the recomputation replays torch's random state
+    got = gradients(model, x)
+    assert got.keys() == expected.keys() and any(".step.k" in name for name in got)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    model.set_grad_checkpointing(False)
+    assert not model.layer4.grad_checkpointing
+    with pytest.raises(TypeError, match="enable"):
+        model.set_grad_checkpointing("yes")
+
+
+def test_a_model_converted_with_grad_checkpointing_on_keeps_it():
+    model = TINY["timm_resnext"]()
+    model.grad_checkpointing = True
+    convert_to_lm(model)
+    assert not model.grad_checkpointing
+    assert all(getattr(model, f"layer{i}").grad_checkpointing for i in (1, 2, 3, 4))
+    checkpointed = TINY["timm_resnext"]()
+    checkpointed.grad_checkpointing = True
+    with pytest.raises(ValueError, match="batch-mode"):
+        convert_to_lm(checkpointed, sd_mode="batch", survival_prob=0.5)
+    assert not isinstance(checkpointed.layer1, LMStage)  # nothing converted
+    model = convert_to_lm(TINY["tv_basic"](), sd_mode="batch", survival_prob=0.5)
+    with pytest.raises(ValueError, match="batch-mode"):
+        model.set_grad_checkpointing(True)
+
+
+def test_blocks_run_one_by_one_say_how_to_checkpoint():
+    """timm's own checkpointing feeds each block the previous block's output: a clear TypeError."""
+    model = convert_to_lm(TINY["tv_basic"]())
+    first, second = model.layer1[0], model.layer1[1]
+    with pytest.raises(TypeError, match="set_grad_checkpointing"):
+        second(first(torch.randn(1, 8, 8, 8)))
+
+
+def test_converted_model_compiles_without_graph_breaks():
+    """fullgraph=True traces the whole converted model, training step included (aot_eager: the trace and the
+    autograd graph, without Inductor's minutes of CPU code generation)."""
+    torch.manual_seed(0)
+    model = convert_to_lm(randomise(TINY["tv_basic"]()), (-0.1, 0.0)).train()
+    x = torch.randn(2, 3, 32, 32)
+    expected = gradients(model, x)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = {name.removeprefix("_orig_mod."): grad for name, grad in gradients(compiled, x).items()}
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The real libraries (CI installs them and requires them: LMFUSED_REQUIRE_LIBS)
+# ----------------------------------------------------------------------------------------------------------
+
+TORCHVISION_MODELS = ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2"]
+TIMM_MODELS = [
+    "resnet18",
+    "resnet50",
+    "resnext50_32x4d",
+    "seresnext26d_32x4d",
+    "resnet26d",
+    "ecaresnet26t",
+    "resnet50d",
+    "resnetrs50",
+    "seresnet50",
+    "resnet50_gn",
+]
+
+
+def check_exact_conversion(model: nn.Module, size: int = 64) -> nn.Module:
+    torch.manual_seed(0)
+    model = randomise(model).eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        expected = model(x)
+        converted = convert_to_lm(model)
+        torch.testing.assert_close(converted(x), expected, rtol=1e-5, atol=1e-5)
+    return converted
+
+
+@pytest.mark.parametrize("name", TORCHVISION_MODELS)
 def test_torchvision_conversion(name):
     models = import_or_skip("torchvision.models")
-    torch.manual_seed(0)
-    model = randomise(getattr(models, name)()).eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        expected = model(x)
-        torch.testing.assert_close(convert_to_lm(model)(x), expected, rtol=1e-5, atol=1e-5)
+    check_exact_conversion(getattr(models, name)())
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "seresnext26d_32x4d"])
+@pytest.mark.parametrize("name", TIMM_MODELS)
 def test_timm_conversion(name):
     timm = import_or_skip("timm")
+    check_exact_conversion(timm.create_model(name, pretrained=False))
+
+
+def test_timm_converted_model_trains_with_timm_grad_checkpointing():
+    """What timm's training script does: set_grad_checkpointing(enable=True), then train; the gradients are
+    those of the model without checkpointing."""
+    timm = import_or_skip("timm")
     torch.manual_seed(0)
-    model = randomise(timm.create_model(name, pretrained=False)).eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        expected = model(x)
-        torch.testing.assert_close(convert_to_lm(model)(x), expected, rtol=1e-5, atol=1e-5)
+    model = convert_to_lm(timm.create_model("resnet26d", num_classes=10), (-0.1, 0.0)).train()
+    x = torch.randn(2, 3, 64, 64)
+    expected = gradients(model, x)
+    model.set_grad_checkpointing(enable=True)
+    got = gradients(model, x)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    features = model.forward_intermediates(x, intermediates_only=True)  # timm's method, stages checkpointed
+    assert [f.shape[1] for f in features] == [64, 256, 512, 1024, 2048]
+    model.grad_checkpointing = True  # timm's own block-by-block path: refused with a message that says why
+    with pytest.raises(TypeError, match="set_grad_checkpointing"):
+        model(x)

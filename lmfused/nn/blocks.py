@@ -23,15 +23,17 @@ Two block families, both with ``step`` (the update module) as their last child:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
+import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lmfused.nn.step import LMStep, ResidualStep
 
-__all__ = ["LMBlock", "LMStage", "PostActBlock", "PreActBlock"]
+__all__ = ["LMBlock", "LMStage", "PostActBlock", "PreActBlock", "set_grad_checkpointing"]
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -85,6 +87,13 @@ class LMBlock(nn.Module):
 
     def forward(self, u: Tensor, u_prev: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One step: ``(u_next, u_shortcut)``; ``u_shortcut`` becomes the next block's ``u_prev``."""
+        if isinstance(u, tuple):
+            raise TypeError(
+                f"u: {type(self).__name__} got another block's (u_next, u_shortcut) output as its input: "
+                "two-state blocks run inside an LMStage, not one by one (as timm's own grad checkpointing, "
+                "model.grad_checkpointing = True, runs them); use the model's set_grad_checkpointing(True) "
+                "or lmfused.nn.blocks.set_grad_checkpointing(model, True), which checkpoint inside the stages"
+            )
         shortcut, f = self.shortcut_and_branch(u, self.step.keep_branch())
         if isinstance(self.step, LMStep):
             out = self.step(shortcut, u_prev, f)
@@ -293,10 +302,52 @@ class LMStage(nn.Sequential):
     """
 
     is_lm_stage: ClassVar[bool] = True
+    grad_checkpointing: bool = False  # set by set_grad_checkpointing: recompute each block in the backward
 
     def forward(self, u: Tensor) -> Tensor:
         """Run the blocks on ``u``; returns the stage's output state."""
         u_prev: Tensor | None = None
+        checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self:
-            u, u_prev = block(u, u_prev)
+            if checkpoint:
+                u, u_prev = torch.utils.checkpoint.checkpoint(block, u, u_prev, use_reentrant=False)
+            else:
+                u, u_prev = block(u, u_prev)
         return u
+
+
+def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> list[LMStage]:
+    """Turn activation checkpointing of the blocks in every LMStage of ``model`` on or off.
+
+    Each block's activations are recomputed in the backward instead of stored (timm's
+    ``set_grad_checkpointing``, done inside the stages, where the two states (u_n, u_{n-1}) travel). The
+    recomputation replays torch's random state, so sample-mode stochastic depth and noise draw the same
+    values; batch-mode stochastic depth draws from its own generator and is refused.
+
+    Returns:
+        The stages changed.
+
+    Raises:
+        TypeError: ``enable`` is not a bool.
+        ValueError: ``enable`` with a batch-mode stochastic-depth step, or ``model`` has no LMStage.
+    """
+    if not isinstance(enable, bool):
+        raise TypeError(f"enable: expected a bool, got {type(enable).__name__}")
+    stages = [m for m in model.modules() if getattr(m, "is_lm_stage", False)]
+    if not stages:
+        raise ValueError(f"model: {type(model).__name__} has no LMStage to checkpoint")
+    if enable:
+        _refuse_batch_mode(m for stage in stages for m in stage.modules())
+    for stage in stages:
+        stage.grad_checkpointing = enable
+    return stages
+
+
+def _refuse_batch_mode(modules: Iterable[nn.Module]) -> None:
+    for m in modules:
+        if isinstance(getattr(m, "step", None), nn.Module) and getattr(m.step, "mode", None) == "batch":
+            if m.step.survival_prob < 1.0:
+                raise ValueError(
+                    "enable: grad checkpointing recomputes each block, and batch-mode stochastic depth would "
+                    "draw again (another branch dropped); use sd_mode='sample' or survival_prob=1.0"
+                )
