@@ -26,6 +26,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <map>
 #include <mutex>
@@ -102,9 +103,44 @@ template <typename T, int VEC>
 __device__ __forceinline__ Pack<T, VEC> load_pack(const T* __restrict__ p, int64_t off) {
   return *reinterpret_cast<const Pack<T, VEC>*>(p + off);
 }
+
+// The 32-bit words of a 64- or 128-bit access.
+template <int BYTES>
+using RawWords = std::conditional_t<BYTES == 16, uint4, uint2>;
+
+// One global store of a whole 128- or 64-bit vector. Copying the Pack struct instead lets the
+// compiler split the store per element or per pair (16- and 32-bit stores: four to eight times
+// the store instructions and L2 write requests of the 128-bit loads); csrc/check_sass.py checks
+// the SASS for it. The words are stored with one PTX st.global.v4/v2.b32, which the compiler
+// cannot split; the CPU emulation stores the same words with a plain copy.
+__device__ __forceinline__ void store_words(uint4* p, const uint4& w) {
+#ifdef __CUDA_ARCH__
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w.x), "r"(w.y), "r"(w.z),
+               "r"(w.w)
+               : "memory");
+#else
+  *p = w;
+#endif
+}
+__device__ __forceinline__ void store_words(uint2* p, const uint2& w) {
+#ifdef __CUDA_ARCH__
+  asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(w.x), "r"(w.y) : "memory");
+#else
+  *p = w;
+#endif
+}
+
 template <typename T, int VEC>
 __device__ __forceinline__ void store_pack(T* __restrict__ p, int64_t off, const Pack<T, VEC>& x) {
-  *reinterpret_cast<Pack<T, VEC>*>(p + off) = x;
+  constexpr int kBytes = static_cast<int>(sizeof(T)) * VEC;
+  if constexpr (kBytes == 16 || kBytes == 8) {
+    RawWords<kBytes> w;
+    static_assert(sizeof(w) == sizeof(x), "a vector is 8 or 16 bytes");
+    memcpy(&w, &x, sizeof(w));  // a bit copy (register moves): packs 16-bit elements in pairs
+    store_words(reinterpret_cast<RawWords<kBytes>*>(p + off), w);
+  } else {
+    *reinterpret_cast<Pack<T, VEC>*>(p + off) = x;  // the scalar path: one element
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
