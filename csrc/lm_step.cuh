@@ -560,6 +560,45 @@ __global__ void __launch_bounds__(kBlock)
   if (threadIdx.x == 0) grad_k[o] = t;
 }
 
+// Channels-last, per-channel k: the partials form an (RT rows x L columns) row-major array, one
+// row per row tile. Reading a column with one thread per row (reduce_partials_kernel) makes every
+// warp load touch 32 sectors for 4 bytes each. Here a block sums kColGroup adjacent columns over
+// one segment of kSegRows rows: lane tx takes column tx, warp ty the rows ty, ty + 8, ... of the
+// segment, so each warp load is 32 adjacent values (one 128-byte line); the 8 warp sums are then
+// added in warp order. One segment per block keeps the grid wide (at 64x256x56x56: 25 segments x
+// 8 column groups); out[seg * L + c] holds the segment sums, which reduce_partials_kernel adds in
+// segment order (or out is grad_k itself when there is one segment). Fixed order throughout, and
+// the segments depend only on the shape: deterministic.
+constexpr int kColGroup = 32;
+constexpr int64_t kSegRows = 256;
+
+inline int64_t column_segments(int64_t rows) { return ceil_div(rows, kSegRows); }
+
+template <typename A>
+__global__ void __launch_bounds__(kBlock)
+    reduce_columns_kernel(const A* __restrict__ partials, A* __restrict__ out, int64_t L,
+                          int64_t rows) {
+  __shared__ A smem[kBlock];
+  const int64_t groups = ceil_div(L, kColGroup);
+  const int64_t seg = blockIdx.x / groups;
+  const int tx = static_cast<int>(threadIdx.x) % kColGroup;
+  const int ty = static_cast<int>(threadIdx.x) / kColGroup;
+  const int64_t c = (blockIdx.x - seg * groups) * kColGroup + tx;
+  const int64_t end = seg * kSegRows + kSegRows < rows ? seg * kSegRows + kSegRows : rows;
+  A t = 0;
+  if (c < L) {
+#pragma unroll 8
+    for (int64_t r = seg * kSegRows + ty; r < end; r += kBlock / kColGroup) t += partials[r * L + c];
+  }
+  smem[threadIdx.x] = t;
+  __syncthreads();
+  if (ty == 0 && c < L) {
+    A s = 0;
+    for (int w = 0; w < kBlock / kColGroup; ++w) s += smem[w * kColGroup + tx];
+    out[seg * L + c] = s;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host launch helpers shared by the forward and backward launchers
 // ---------------------------------------------------------------------------------------------

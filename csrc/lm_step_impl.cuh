@@ -58,20 +58,28 @@ struct PartialsLayout {
   int64_t num_out, stride_o, stride_i, count;
 };
 
-inline PartialsLayout partials_layout(const Geometry& g, const LMStepShape& sh, bool per_channel) {
+inline PartialsLayout partials_layout(const Geometry& g, bool per_channel) {
   if (!per_channel) return {1, 0, 1, g.num_tiles};  // scalar k: one partial per tile, in order
-  if (sh.channels_last) return {g.L, 1, g.L, g.RT};    // partial[rt*L + c]
-  return {g.C, g.P, 1, g.P};                           // partial[c*P + p]
+  return {g.C, g.P, 1, g.P};  // contiguous: partial[c*P + p]; channels-last: reduce_columns_kernel
+}
+
+// Channels-last, per-channel k: the segment sums of reduce_columns_kernel, after the partials
+// (none when one segment covers every row tile: it writes grad_k directly).
+inline int64_t column_segment_values(const Geometry& g, const LMStepShape& sh) {
+  if (!sh.channels_last) return 0;
+  const int64_t segs = column_segments(g.RT);
+  return segs > 1 ? segs * g.L : 0;
 }
 
 template <typename T>
 size_t workspace_bytes_typed(const LMStepShape& sh) {
-  int64_t partials = 0;  // the most any vector width needs
+  int64_t values = 0;  // the most any vector width needs
   for (int vec = max_vec<T>(); vec >= 1; vec /= 2) {
-    const int64_t p = make_geometry(sh, vec, tile_iters(sh, /*forward=*/false)).num_partials;
-    partials = p > partials ? p : partials;
+    const Geometry g = make_geometry(sh, vec, tile_iters(sh, /*forward=*/false));
+    const int64_t v = g.num_partials + column_segment_values(g, sh);
+    values = v > values ? v : values;
   }
-  return static_cast<size_t>(partials) * sizeof(acc_t<T>);
+  return static_cast<size_t>(values) * sizeof(acc_t<T>);
 }
 
 template <typename T>
@@ -135,10 +143,22 @@ cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const vo
   });
   if (err != cudaSuccess || !need_k) return err;
 
-  const A* partials = static_cast<const A*>(workspace);
-  const PartialsLayout p = partials_layout(g, sh, k_numel != 1);
+  A* partials = static_cast<A*>(workspace);
+  if (sh.channels_last && k_numel != 1) {  // coalesced column sums (see reduce_columns_kernel)
+    const int64_t segs = column_segments(g.RT);
+    A* sums = segs > 1 ? partials + g.num_partials : static_cast<A*>(grad_k);
+    LMF_LAUNCH(reduce_columns_kernel<A>, static_cast<unsigned>(segs * ceil_div(g.L, kColGroup)),
+               kBlock, stream, static_cast<const A*>(partials), sums, g.L, g.RT);
+    err = cudaGetLastError();
+    if (err != cudaSuccess || segs == 1) return err;
+    LMF_LAUNCH(reduce_partials_kernel<A>, static_cast<unsigned>(g.L), kBlock, stream,
+               static_cast<const A*>(sums), static_cast<A*>(grad_k), int64_t{1}, g.L, segs);
+    return cudaGetLastError();
+  }
+  const PartialsLayout p = partials_layout(g, k_numel != 1);
   LMF_LAUNCH(reduce_partials_kernel<A>, static_cast<unsigned>(p.num_out), kBlock, stream,
-             partials, static_cast<A*>(grad_k), p.stride_o, p.stride_i, p.count);
+             static_cast<const A*>(partials), static_cast<A*>(grad_k), p.stride_o, p.stride_i,
+             p.count);
   return cudaGetLastError();
 }
 

@@ -418,6 +418,69 @@ void test_noise_stats() {
   cudaFree(seed);
 }
 
+// ----- channels-last grad_k over many row tiles (reduce_columns_kernel with several segments), and
+// what its bits depend on: the same values at another address of the same alignment class (here
+// 16 bytes further) give the same bits; a vector width change (8-byte shift) may change them ------
+template <typename T>
+void test_many_row_tiles(int64_t C, std::mt19937_64& rng) {
+  using A = lmfused::detail::acc_t<T>;
+  using Tr = Traits<T>;
+  const LMStepShape shape{2, C, 4200, true};  // 8400 rows of C: > 256 row tiles
+  const size_t n = static_cast<size_t>(2 * C * 4200);
+  std::uniform_real_distribution<double> uni(-1.0, 1.0);
+  std::vector<T> hu(n), hp(n), hg(n);
+  for (size_t i = 0; i < n; ++i) {
+    hu[i] = Tr::make(uni(rng));
+    hp[i] = Tr::make(uni(rng));
+    hg[i] = Tr::make(uni(rng));
+  }
+  std::vector<A> hk(static_cast<size_t>(C), A(0.25));
+  A *dk = nullptr, *dgk = nullptr;
+  CUDA_OK(cudaMalloc(&dk, C * sizeof(A)));
+  CUDA_OK(cudaMalloc(&dgk, C * sizeof(A)));
+  CUDA_OK(cudaMemcpy(dk, hk.data(), C * sizeof(A), cudaMemcpyHostToDevice));
+  const size_t ws_bytes = lmfused::lm_step_backward_workspace_bytes(Tr::dtype, shape);
+  void* dws = nullptr;
+  CUDA_OK(cudaMalloc(&dws, ws_bytes));
+  std::vector<double> ref(static_cast<size_t>(C), 0.0), mag(ref.size(), 0.0);
+  for (size_t i = 0; i < n; ++i) {
+    const double t = Tr::val(hg[i]) * (Tr::val(hp[i]) - Tr::val(hu[i]));
+    ref[i % C] += t;
+    mag[i % C] += std::fabs(t);
+  }
+  std::vector<std::vector<A>> bits;
+  const size_t elems16 = 16 / sizeof(T);
+  for (size_t shift : {size_t{0}, elems16, elems16 / 2}) {  // aligned, +16 bytes, +8 bytes
+    DevBuf<T> du(n, shift), dp(n, shift), dg(n, shift);
+    du.upload(hu);
+    dp.upload(hp);
+    dg.upload(hg);
+    CUDA_OK(lmfused::launch_lm_step_backward(Tr::dtype, shape, dg.data(), du.data(), dp.data(),
+                                             nullptr, dk, C, nullptr, false, nullptr, nullptr,
+                                             nullptr, dgk, dws, ws_bytes, nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    std::vector<A> got(static_cast<size_t>(C));
+    CUDA_OK(cudaMemcpy(got.data(), dgk, C * sizeof(A), cudaMemcpyDeviceToHost));
+    ++g_checks;
+    for (size_t c = 0; c < got.size(); ++c) {
+      if (!(std::fabs(got[c] - ref[c]) <= 1e-5 * (mag[c] + 1.0))) {
+        char what[160];
+        std::snprintf(what, sizeof what, "many row tiles, C=%lld shift=%zu: grad_k[%zu] %.9g want %.9g",
+                      static_cast<long long>(C), shift, c, static_cast<double>(got[c]), ref[c]);
+        fail(std::string(Tr::name) + " " + what);
+        break;
+      }
+    }
+    bits.push_back(got);
+  }
+  ++g_checks;
+  if (std::memcmp(bits[0].data(), bits[1].data(), C * sizeof(A)) != 0)
+    fail(std::string(Tr::name) + " many row tiles: grad_k bits changed with a 16-byte shift");
+  cudaFree(dk);
+  cudaFree(dgk);
+  cudaFree(dws);
+}
+
 // ----- argument validation and empty tensors ---------------------------------------------------
 void test_api_edges() {
   ++g_checks;
@@ -501,7 +564,11 @@ int main() {
   auto wanted = [&](const char* name) {
     return list.find(std::string(",") + name + ",") != std::string::npos;
   };
-  if (wanted("float")) run_dtype<float>(rng);
+  if (wanted("float")) {
+    test_many_row_tiles<float>(128, rng);  // 128-bit vectors, 263 row tiles: 2 segments
+    test_many_row_tiles<float>(33, rng);   // scalar path, 263 row tiles
+    run_dtype<float>(rng);
+  }
   if (wanted("bf16")) run_dtype<__nv_bfloat16>(rng);
   if (wanted("half")) run_dtype<__half>(rng);
   if (wanted("double")) run_dtype<double>(rng);
