@@ -144,9 +144,14 @@ __device__ __forceinline__ void store_pack(T* __restrict__ p, int64_t off, const
 }
 
 // ---------------------------------------------------------------------------------------------
-// Philox4x32-10 normal noise, bit-compatible with triton.language.random (randint4x + randn):
-// key = (seed_lo, seed_hi), counter = (idx_lo, idx_hi, 0, 0), idx = the element's memory offset.
-// __host__ too, so the kernel tests can build the reference.
+// Philox4x32-10 normal noise: key = (seed_lo, seed_hi), counter = (q_lo, q_hi, 0, 0) for the group
+// q = idx / 4 of four consecutive memory offsets. One Philox call gives the group's four normals:
+// Box-Muller on (c0, c1) and on (c2, c3), cos and sin of each (the structure of triton's randn4x);
+// element idx takes normal idx % 4. The integers are Philox4x32-10 bit for bit (the kernel tests
+// check them against triton.language.random); the normals use the GPU's fast sin/cos and an
+// approximate square root, so the values are not bitwise those of another backend: the backends
+// agree in distribution, and each reproduces its own noise from the seed (DESIGN.md 1c).
+// __host__ too, so the kernel tests can build the reference (with the host's maths library).
 // ---------------------------------------------------------------------------------------------
 constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
 constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
@@ -161,10 +166,11 @@ __host__ __device__ __forceinline__ uint32_t umulhi32(uint32_t a, uint32_t b) {
 #endif
 }
 
-// Returns the first two outputs (c0, c1) of Philox4x32-10; mirrors triton's philox_impl round.
-__host__ __device__ __forceinline__ void philox_2x(uint32_t k0, uint32_t k1, uint64_t idx,
-                                                  uint32_t& out0, uint32_t& out1) {
-  uint32_t c0 = static_cast<uint32_t>(idx), c1 = static_cast<uint32_t>(idx >> 32), c2 = 0, c3 = 0;
+// The four outputs of Philox4x32-10 for the counter (ctr_lo, ctr_hi, 0, 0); mirrors triton's
+// philox_impl round.
+__host__ __device__ __forceinline__ void philox_4x(uint32_t k0, uint32_t k1, uint64_t ctr,
+                                                  uint32_t (&c)[4]) {
+  uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32), c2 = 0, c3 = 0;
 #pragma unroll
   for (int round = 0; round < 10; ++round) {
     const uint32_t a0 = c0, a2 = c2;
@@ -175,24 +181,73 @@ __host__ __device__ __forceinline__ void philox_2x(uint32_t k0, uint32_t k1, uin
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  out0 = c0;
-  out1 = c1;
+  c[0] = c0;
+  c[1] = c1;
+  c[2] = c2;
+  c[3] = c3;
 }
 
-// triton's uint_to_uniform_float for 32-bit inputs: [0, 1).
+// triton's uint_to_uniform_float for 32-bit inputs: [0, 1].
 __host__ __device__ __forceinline__ float philox_uniform(uint32_t x) {
   int32_t i = static_cast<int32_t>(x);
   if (i < 0) i = ~i;  // == -i - 1, keeps the map symmetric without overflow
   return static_cast<float>(i) * 4.6566127342e-10f;
 }
 
-// Box-Muller, first output, float32 as in triton's pair_uniform_to_normal.
+// Box-Muller on one pair of integers: two independent N(0, 1) values. The angle is taken in
+// [-pi, pi) (the same circle, so the same distribution), where the fast __sincosf is accurate
+// (absolute error ~2^-21.4) and has no slow path; r = t * rsqrt(t) is exact at t = 0.
+__host__ __device__ __forceinline__ void box_muller(uint32_t a, uint32_t b, float& n0, float& n1) {
+  const float u1 = fmaxf(1.0e-7f, philox_uniform(a));
+  const float theta = 6.283185307179586f * philox_uniform(b) - 3.141592653589793f;
+  const float t = -2.0f * logf(u1);  // >= 0: u1 <= 1
+  float s, c;
+#ifdef __CUDA_ARCH__
+  const float r = t * rsqrtf(fmaxf(t, 1.0e-30f));
+  __sincosf(theta, &s, &c);
+#else
+  const float r = sqrtf(t);
+  s = sinf(theta);
+  c = cosf(theta);
+#endif
+  n0 = r * c;
+  n1 = r * s;
+}
+
+// The normals of the V consecutive memory offsets idx, ..., idx + V - 1 (V = 1, 2 or a multiple of
+// 4, idx a multiple of V): one Philox call per group of four, one Box-Muller per pair needed.
+template <int V>
+__host__ __device__ __forceinline__ void philox_normals(uint32_t k0, uint32_t k1, uint64_t idx,
+                                                       float (&n)[V]) {
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int q = 0; q < V / 4; ++q) {
+      uint32_t c[4];
+      philox_4x(k0, k1, (idx >> 2) + q, c);
+      box_muller(c[0], c[1], n[4 * q], n[4 * q + 1]);
+      box_muller(c[2], c[3], n[4 * q + 2], n[4 * q + 3]);
+    }
+  } else {
+    static_assert(V == 1 || V == 2, "V: 1, 2 or a multiple of 4");
+    uint32_t c[4];
+    philox_4x(k0, k1, idx >> 2, c);
+    const bool high = (idx & 2) != 0;  // normals 2, 3 of the group: the second pair
+    float a, b;
+    box_muller(high ? c[2] : c[0], high ? c[3] : c[1], a, b);
+    if constexpr (V == 2) {
+      n[0] = a;
+      n[1] = b;
+    } else {
+      n[0] = (idx & 1) != 0 ? b : a;
+    }
+  }
+}
+
+// The normal of memory offset idx (the kernel tests' reference).
 __host__ __device__ __forceinline__ float philox_normal(uint32_t k0, uint32_t k1, uint64_t idx) {
-  uint32_t i1, i2;
-  philox_2x(k0, k1, idx, i1, i2);
-  const float u1 = fmaxf(1.0e-7f, philox_uniform(i1));
-  const float u2 = philox_uniform(i2);
-  return sqrtf(-2.0f * logf(u1)) * cosf(6.283185307179586f * u2);
+  float n[1];
+  philox_normals<1>(k0, k1, idx, n);
+  return n[0];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -457,13 +512,13 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
         A s = A(1);
         if constexpr (HAS_SCALE) s = a.scale[sample[b]];
         Pack<T, VEC> po;
+        float xi[VEC];
+        if constexpr (HAS_NOISE) philox_normals<VEC>(key0, key1, static_cast<uint64_t>(off[b]), xi);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           A x = (A(1) - kk[j]) * to_acc(pu[b].v[j]) + kk[j] * to_acc(pp[b].v[j]);
           if constexpr (HAS_F) x += HAS_SCALE ? s * to_acc(pf[b].v[j]) : to_acc(pf[b].v[j]);
-          if constexpr (HAS_NOISE) {
-            x += a.noise_std * static_cast<A>(philox_normal(key0, key1, off[b] + j));
-          }
+          if constexpr (HAS_NOISE) x += a.noise_std * static_cast<A>(xi[j]);
           if constexpr (RELU) x = x < A(0) ? A(0) : x;  // keeps NaN, like torch.relu
           po.v[j] = from_acc<T>(x);
         }
