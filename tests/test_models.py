@@ -337,3 +337,133 @@ def test_torchvision_state_dict_loads():
         assert {k: v.shape for k, v in reference.state_dict().items()} == {k: v.shape for k, v in own.items()}
         lm = create_model(name)
         assert load_pretrained_state_dict(lm, reference.state_dict()) == lm_coefficient_keys(lm)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# timm's model API: global_pool, forward_intermediates, features_only, set_grad_checkpointing
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pool", ["avg", "max", "avgmax", "catavgmax"])
+def test_global_pool(pool):
+    torch.manual_seed(0)
+    model = create_model("lm_resnet20", global_pool=pool).eval()
+    x = images(2, 16)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        pooled = model.forward_head(features, pre_logits=True)
+        mean, high = features.mean((2, 3)), features.amax((2, 3))
+        both = torch.cat((mean, high), 1)
+        expected = {"avg": mean, "max": high, "avgmax": (mean + high) / 2, "catavgmax": both}
+        torch.testing.assert_close(pooled, expected[pool])
+        assert model(x).shape == (2, 10) and model.fc.in_features == pooled.shape[1] == model.head_hidden_size
+
+
+def test_global_pool_and_classifier_errors_name_the_argument():
+    with pytest.raises(ValueError, match="global_pool"):
+        create_model("lm_resnet20", global_pool="sum")
+    model = create_model("lm_resnet20")
+    model.reset_classifier(5, "catavgmax")
+    assert model.fc.in_features == 128 and model(images(1, 16)).shape == (1, 5)
+    model.reset_classifier(0)
+    assert model(images(1, 16)).shape == (1, 128)
+    with pytest.raises(ValueError, match="num_classes"):
+        model.reset_classifier(-1)
+
+
+@pytest.mark.parametrize("name, size, channels, reductions", [
+    ("lm_resnet20", 16, [16, 16, 32, 64], [1, 1, 2, 4]),
+    ("lm_resnet50", 64, [64, 256, 512, 1024, 2048], [2, 4, 8, 16, 32]),
+])  # fmt: skip
+def test_forward_intermediates(name, size, channels, reductions):
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    assert [i["num_chs"] for i in model.feature_info] == channels
+    assert [i["reduction"] for i in model.feature_info] == reductions
+    x = images(1, size)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        assert [m.shape[1] for m in maps] == channels
+        assert [size // m.shape[-1] for m in maps] == reductions
+        torch.testing.assert_close(final, model.forward_features(x))
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        assert [m.shape[1] for m in last_two] == channels[-2:]
+        torch.testing.assert_close(last_two[-1], maps[-1])
+        early, firsts = model.forward_intermediates(x, indices=[0, 1 - len(channels)], stop_early=True)
+        assert [m.shape[1] for m in firsts] == channels[:2]  # a negative index counts from the end
+        torch.testing.assert_close(early, maps[1])
+    for bad in (0, len(channels) + 1, [len(channels)], [], ["1"]):
+        with pytest.raises(ValueError, match="indices"):
+            model.forward_intermediates(x, indices=bad)
+    with pytest.raises(ValueError, match="output_fmt"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+
+def test_cifar_intermediates_norm_applies_the_closing_bn_relu():
+    model = create_model("lm_resnet20").eval()
+    x = images(1, 16)
+    with torch.no_grad():
+        raw = model.forward_intermediates(x, indices=1, intermediates_only=True)[0]
+        normed = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)[0]
+        torch.testing.assert_close(normed, model.forward_features(x))
+        assert not torch.equal(raw, normed)
+
+
+def test_prune_intermediate_layers():
+    model = create_model("lm_resnet50").eval()
+    assert model.prune_intermediate_layers([1, 2]) == [1, 2]
+    assert len(model.layer3) == len(model.layer4) == 0 and model.num_classes == 0
+    assert model.num_features == 512
+    with torch.no_grad():
+        assert model(images(1, 64)).shape == (1, 512)
+
+
+def test_zoo_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = create_model("lm_resnet20", survival_prob=0.8, noise_std=0.05).train()
+    x = images(4, 16)
+
+    def grads():
+        model.zero_grad()
+        model(x).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    torch.manual_seed(1)
+    expected = grads()
+    model.set_grad_checkpointing(True)
+    assert model.grad_checkpointing and all(stage.grad_checkpointing for stage in model.lm_stages())
+    torch.manual_seed(1)
+    got = grads()
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    model.set_grad_checkpointing(False)
+    assert not any(stage.grad_checkpointing for stage in model.lm_stages())
+    with pytest.raises(ValueError, match="batch-mode"):
+        create_model("lm_resnet20", survival_prob=0.8, sd_mode="batch").set_grad_checkpointing(True)
+    assert model.group_matcher()["blocks"] == r"^layer(\d+)\.(\d+)"
+
+
+def test_timm_entrypoint_global_pool_and_refusals():
+    entrypoint = _timm_entrypoint("lm_resnet20", zoo.lm_resnet20)
+    model = entrypoint(global_pool="max", drop_block_rate=0.0)
+    assert model.global_pool == "max"
+    with pytest.raises(ValueError, match="drop_block_rate"):
+        entrypoint(drop_block_rate=0.1)
+    with pytest.raises(ValueError, match="output_stride"):
+        entrypoint(output_stride=2)
+    with pytest.raises(ValueError, match="feature_cls"):
+        entrypoint(features_only=True, feature_cls="hook")
+    assert entrypoint(output_stride=4).feature_info[-1]["reduction"] == 4
+
+
+def test_timm_features_only_and_training_api():
+    timm = import_or_skip("timm")
+    features = timm.create_model("lm_resnet50", features_only=True, out_indices=(1, 2, 3, 4))
+    assert features.feature_info.channels() == [256, 512, 1024, 2048]
+    maps = features(images(1, 64))
+    assert [m.shape[1] for m in maps] == [256, 512, 1024, 2048] and maps[-1].shape[-1] == 2
+    model = timm.create_model("lm_resnet20", global_pool="avgmax", drop_path_rate=0.1, num_classes=3)
+    model.set_grad_checkpointing(enable=True)  # what timm's train.py does with --grad-checkpointing
+    model.train()(images(2, 16)).sum().backward()
+    assert all(m.k.grad is not None for m in model.modules() if isinstance(m, LMStep))

@@ -3,8 +3,13 @@
 Done on ``import lmfused.models`` when timm is installed; names timm already knows are left alone. Each timm
 entrypoint adapts timm's keyword arguments: ``pretrained=True`` is refused (there are no LM weights to fetch;
 load plain ResNet weights with ``load_pretrained_state_dict`` or convert a pretrained model with
-``lmfused.convert_to_lm``), ``drop_path_rate`` becomes ``survival_prob = 1 - drop_path_rate``, and the
-pretrained-weight arguments (pretrained_cfg, pretrained_cfg_overlay, cache_dir) are dropped.
+``lmfused.convert_to_lm``), ``drop_path_rate`` becomes ``survival_prob = 1 - drop_path_rate``,
+``global_pool`` ("avg", "max", "avgmax", "catavgmax") goes to the model, ``features_only=True`` (with
+``out_indices``, default all five maps for ImageNet models, all four for CIFAR ones) returns timm's
+``FeatureGetterNet`` around the model's ``forward_intermediates``, and the pretrained-weight arguments
+(pretrained_cfg, pretrained_cfg_overlay, cache_dir) are dropped. What the models cannot do is a ValueError
+naming the argument (``drop_block_rate`` > 0, ``output_stride`` other than the network's, a
+``feature_cls`` other than "getter").
 """
 
 from __future__ import annotations
@@ -57,12 +62,25 @@ def _timm_entrypoint(name: str, builder: Callable[..., nn.Module]) -> Callable[.
         drop_path_rate = kwargs.pop("drop_path_rate", None)
         if drop_path_rate is not None and "survival_prob" not in kwargs:
             kwargs["survival_prob"] = 1.0 - drop_path_rate
-        if kwargs.get("drop_block_rate", 0.0) == 0.0:
-            kwargs.pop("drop_block_rate", None)
-        if kwargs.get("global_pool", "avg") == "avg":
-            kwargs.pop("global_pool", None)
+        drop_block_rate = kwargs.pop("drop_block_rate", None)
+        if drop_block_rate:
+            raise ValueError(f"drop_block_rate: {name} has no DropBlock, got {drop_block_rate!r}")
+        features_only = kwargs.pop("features_only", False)
+        out_indices = kwargs.pop("out_indices", None)
+        feature_cls = kwargs.pop("feature_cls", None)
+        output_stride = kwargs.pop("output_stride", None)
+        if feature_cls not in (None, "getter"):
+            raise ValueError(f"feature_cls: {name} offers only 'getter' features, got {feature_cls!r}")
         model = builder(**kwargs)
+        native_stride = model.feature_info[-1]["reduction"]
+        if output_stride not in (None, native_stride):
+            raise ValueError(f"output_stride: {name} has no dilated variant; only {native_stride} is offered")
         model.pretrained_cfg = model.default_cfg = _data_config(name, model)
+        if features_only:
+            from timm.models._features import FeatureGetterNet
+
+            indices = tuple(range(len(model.feature_info))) if out_indices is None else out_indices
+            return FeatureGetterNet(model, out_indices=indices)
         return model
 
     entrypoint.__name__ = entrypoint.__qualname__ = name

@@ -64,13 +64,27 @@ class LMCifarResNet(LMNet):
         self.conv1 = conv3x3(self.in_chans, stem_channels)
         self._make_stages(depths, channels, stem_channels, block, relu=False)
         self.bn_final = nn.BatchNorm2d(channels[-1])
+        self.feature_info = [dict(num_chs=stem_channels, reduction=1, module="conv1")] + [
+            dict(num_chs=c, reduction=2**i, module=f"layer{i + 1}") for i, c in enumerate(channels)
+        ]
         self._init_weights()
 
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """The 3x3 stem conv (pre-activation: no norm or activation after it)."""
+        return self.conv1(x)
+
+    def forward_final_norm(self, x: Tensor) -> Tensor:
+        """The pre-activation network's closing BatchNorm and ReLU (none once pruned)."""
+        return F.relu(self.bn_final(x)) if self.bn_final is not None else x
+
+    def _prune_final_norm(self) -> None:
+        self.bn_final = None
+
     def forward_features(self, x: Tensor) -> Tensor:
-        x = self.conv1(x)
+        x = self.forward_stem(x)
         for stage in self.lm_stages():
             x = stage(x)
-        return F.relu(self.bn_final(x))
+        return self.forward_final_norm(x)
 
 
 def _cifar_resnet(depth: int, **kwargs: Any) -> LMCifarResNet:

@@ -4,15 +4,20 @@ and loading plain ResNet/ResNeXt weights into an LM model."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmfused.nn import LMStage, LMStep, ResidualStep, linear_survival_schedule, make_step
+from lmfused.nn.blocks import set_grad_checkpointing as _set_stage_checkpointing
 from lmfused.nn.step import DEFAULT_K_INIT, check_k_init, check_mode, check_noise_std, check_survival_prob
 
-__all__ = ["LMNet", "load_pretrained_state_dict", "lm_coefficient_keys"]
+__all__ = ["GLOBAL_POOLS", "LMNet", "load_pretrained_state_dict", "lm_coefficient_keys"]
+
+# timm's names: average, max, their mean, their concatenation (doubles the classifier's input).
+GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax")
 
 # (in_channels, stage index, block index in stage, stride, step) -> block
 BlockFactory = Callable[[int, int, int, int, ResidualStep], nn.Module]
@@ -38,7 +43,15 @@ class LMNet(nn.Module):
         backend: the lm_step backend (None: automatic).
         zero_init_residual: zero each block's last BatchNorm weight, so every branch starts at f = 0.
         drop_rate: dropout before the classifier.
+        global_pool: the pooling before the classifier: "avg" (default), "max", "avgmax" (their mean) or
+            "catavgmax" (their concatenation, doubling the classifier's input), as in timm.
+
+    timm's model API is there too: ``forward_features``/``forward_head``, ``forward_intermediates`` (with
+    ``feature_info``; ``timm.create_model(..., features_only=True)`` uses both), ``set_grad_checkpointing``,
+    ``prune_intermediate_layers``, ``group_matcher``, ``get_classifier``/``reset_classifier``.
     """
+
+    feature_info: list[dict[str, Any]]
 
     def __init__(
         self,
@@ -54,6 +67,7 @@ class LMNet(nn.Module):
         backend: str | None = None,
         zero_init_residual: bool = False,
         drop_rate: float = 0.0,
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
         for name, value in (("lm", lm), ("per_channel_k", per_channel_k)):
@@ -67,7 +81,9 @@ class LMNet(nn.Module):
         self.lm = lm
         self.survival_prob = check_survival_prob(survival_prob)
         self.drop_rate = float(drop_rate)
+        self.global_pool = _check_global_pool(global_pool)
         self.zero_init_residual = zero_init_residual
+        self.grad_checkpointing = False
         self._step_config = dict(
             per_channel_k=per_channel_k,
             k_init=k_init,
@@ -106,7 +122,13 @@ class LMNet(nn.Module):
                 in_channels = channels
             self.add_module(f"layer{stage + 1}", LMStage(*blocks))
         self.num_features = in_channels
-        self.fc = nn.Linear(in_channels, self.num_classes) if self.num_classes > 0 else nn.Identity()
+        self._make_head()
+
+    def _make_head(self) -> None:
+        """The classifier for ``num_classes`` over the pooled features (identity when 0)."""
+        self.head_hidden_size = self.num_features * (2 if self.global_pool == "catavgmax" else 1)
+        classes = self.num_classes
+        self.fc = nn.Linear(self.head_hidden_size, classes) if classes > 0 else nn.Identity()
 
     def _init_weights(self) -> None:
         """He (fan-out) initialisation of convs, BatchNorm at (1, 0); LMStep keeps its k_init draw."""
@@ -129,9 +151,102 @@ class LMNet(nn.Module):
         """Stem and stages: the final feature map (N, num_features, H, W)."""
         raise NotImplementedError
 
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """The stem: images (N, in_chans, H, W) to the first stage's input (feature_info[0])."""
+        raise NotImplementedError
+
+    def forward_pre_stages(self, x: Tensor) -> Tensor:
+        """What runs between the stem's map and the first stage (identity unless the family pools there)."""
+        return x
+
+    def forward_final_norm(self, x: Tensor) -> Tensor:
+        """What follows the last stage in :meth:`forward_features` (identity unless the family has a norm)."""
+        return x
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """The feature maps of the stem and of each stage (timm's API; ``feature_info`` describes them).
+
+        Args:
+            x: images (N, in_chans, H, W).
+            indices: which of the ``len(feature_info)`` maps (0 = stem, i = stage i): None for all, an int n
+                for the last n, or a sequence of indices (negative ones count from the end).
+            norm: apply the final norm of a pre-activation network (CIFAR models) to the last stage's map.
+            stop_early: stop after the last map asked for (then the final features are that map).
+            output_fmt: "NCHW" (the only layout offered).
+            intermediates_only: return only the list of maps.
+
+        Returns:
+            The maps, or ``(final features, maps)``; the final features are what ``forward_features`` gives.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt: only 'NCHW' is supported, got {output_fmt!r}")
+        take, last = self._take_indices(indices)
+        intermediates = []
+        x = self.forward_stem(x)
+        if 0 in take:
+            intermediates.append(x)
+        x = self.forward_pre_stages(x)
+        stages = self.lm_stages()
+        for index, stage in enumerate(stages[:last] if stop_early else stages, start=1):
+            x = stage(x)
+            if index in take:
+                intermediates.append(self.forward_final_norm(x) if norm and index == len(stages) else x)
+        if intermediates_only:
+            return intermediates
+        if not stop_early or last == len(stages):  # every stage ran: the features forward_features gives
+            x = self.forward_final_norm(x)
+        return x, intermediates
+
+    def _take_indices(self, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+        """timm's feature_take_indices: the sorted indices asked for and the largest one."""
+        count = len(self.feature_info)
+        if indices is None:
+            take = list(range(count))
+        elif isinstance(indices, int) and not isinstance(indices, bool):
+            if not 0 < indices <= count:
+                raise ValueError(f"indices: expected 1..{count} maps (the last n), got {indices}")
+            take = list(range(count - indices, count))
+        else:
+            take = []
+            for i in indices:
+                if isinstance(i, bool) or not isinstance(i, int) or not -count <= i < count:
+                    raise ValueError(f"indices: expected indices in [-{count}, {count}), got {list(indices)}")
+                take.append(i % count)
+            if not take:
+                raise ValueError("indices: expected at least one index")
+        return sorted(set(take)), max(take)
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last map in ``indices`` (and the head); returns the indices kept
+        (timm's API, used by ``features_only=True``)."""
+        take, last = self._take_indices(indices)
+        stages = self.lm_stages()
+        for index in range(last + 1, len(stages) + 1):
+            setattr(self, f"layer{index}", LMStage())  # empty: returns its input
+        if prune_norm or last < len(stages):
+            self._prune_final_norm()
+        if last < len(stages):
+            self.num_features = self.feature_info[last]["num_chs"]
+        if prune_head or last < len(stages):
+            self.reset_classifier(0)
+        return take
+
+    def _prune_final_norm(self) -> None:
+        """Remove the norm :meth:`forward_final_norm` applies (nothing to remove by default)."""
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Global average pooling, dropout and the classifier (skipped with ``pre_logits``)."""
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        """Global pooling (``global_pool``), dropout and the classifier (skipped with ``pre_logits``)."""
+        x = _pool(x, self.global_pool)
         if self.drop_rate > 0.0:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x if pre_logits else self.fc(x)
@@ -144,10 +259,46 @@ class LMNet(nn.Module):
         """The final linear layer (timm API)."""
         return self.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier by a fresh one with ``num_classes`` outputs (0: none; timm API)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier by a fresh one with ``num_classes`` outputs (0: none) and, if given, the
+        pooling (timm API)."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes: expected an int >= 0, got {num_classes!r}")
+        if global_pool is not None:
+            self.global_pool = _check_global_pool(global_pool)
         self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        device = next((p.device for p in self.parameters()), None)
+        self._make_head()
+        if device is not None:
+            self.fc.to(device)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block's activations in the backward instead of storing them (timm API; see
+        :func:`lmfused.nn.blocks.set_grad_checkpointing`, which refuses batch-mode stochastic depth)."""
+        _set_stage_checkpointing(self, enable)
+        self.grad_checkpointing = enable
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """Parameter groups for layer-wise learning rates (timm API): the stem, then stages or blocks."""
+        blocks = r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)"
+        return {"stem": r"^conv1|^bn1|^maxpool", "blocks": blocks}
+
+
+def _check_global_pool(value: object) -> str:
+    if value not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool: expected one of {', '.join(map(repr, GLOBAL_POOLS))}, got {value!r}")
+    return str(value)
+
+
+def _pool(x: Tensor, kind: str) -> Tensor:
+    """Global pooling of (N, C, H, W) to (N, C) (or (N, 2C) for "catavgmax")."""
+    if kind == "avg":
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+    high = torch.flatten(F.adaptive_max_pool2d(x, 1), 1)
+    if kind == "max":
+        return high
+    mean = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+    return 0.5 * (mean + high) if kind == "avgmax" else torch.cat((mean, high), dim=1)
 
 
 def lm_coefficient_keys(model: nn.Module) -> list[str]:

@@ -59,10 +59,22 @@ class LMResNet(LMNet):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self._make_stages(layers, [p * EXPANSION for p in planes], 64, block, relu=True)
+        self.feature_info = [dict(num_chs=64, reduction=2, module="relu")] + [
+            dict(num_chs=p * EXPANSION, reduction=4 * 2**i, module=f"layer{i + 1}")
+            for i, p in enumerate(planes)
+        ]
         self._init_weights()
 
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """7x7 conv, BatchNorm, ReLU (feature_info[0], before the max pool)."""
+        return self.relu(self.bn1(self.conv1(x)))
+
+    def forward_pre_stages(self, x: Tensor) -> Tensor:
+        """The 3x3 max pool between the stem's map and the first stage."""
+        return self.maxpool(x)
+
     def forward_features(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.forward_stem(x))
         for stage in self.lm_stages():
             x = stage(x)
         return x
