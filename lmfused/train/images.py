@@ -22,8 +22,9 @@ device (:func:`normalize_batch`), on a side stream that overlaps the previous st
 Where the host time goes (``python -m bench.data`` prints it by stage): for ImageNet-like JPEGs (about
 500x375, 85 KB) decoding is about two thirds of the torchvision.io path; crop and resize on the uint8 tensor
 take half the PIL time, and the flip, float conversion and normalisation leave the host. Decoding at reduced
-size (JPEG DCT scaling, PIL's ``draft``) is not used: for such images a 224 crop spans more than half the
-short side, so a 1/2-scale decode would have to be upsampled again and the model would see blurrier crops.
+size (JPEG DCT scaling, PIL's ``draft``) is not used: a 1/2-scale decode loses nothing only where the crop is
+at least 2 x 224 pixels on both sides, which a 375-pixel short side never allows; elsewhere the model would
+see blurrier crops.
 
 Unreadable images (truncated, not an image, unreadable file) are reported with their path; a loader process
 replaces such a sample by the next readable image of the folder, so that batches keep their size (a changing
