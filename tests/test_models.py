@@ -467,3 +467,15 @@ def test_timm_features_only_and_training_api():
     model.set_grad_checkpointing(enable=True)  # what timm's train.py does with --grad-checkpointing
     model.train()(images(2, 16)).sum().backward()
     assert all(m.k.grad is not None for m in model.modules() if isinstance(m, LMStep))
+
+
+def test_survival_schedule_is_huang_et_al_not_the_authors_code():
+    """Ours can drop the first block; the LM-ResNet authors' code never does (their d_l = l / (L-1) (1 - p_L),
+    l = 0..L-1). The docstring must not claim ours is theirs."""
+    from lmfused.nn import step
+
+    ours = linear_survival_schedule(9, 0.5)
+    authors = [1.0 - index / 8 * 0.5 for index in range(9)]
+    assert ours[0] == pytest.approx(1 - 0.5 / 9) and authors[0] == 1.0 and ours[-1] == authors[-1] == 0.5
+    doc = " ".join(step.linear_survival_schedule.__doc__.split())
+    assert "never dropped" in doc and "not theirs" in doc

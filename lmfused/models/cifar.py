@@ -3,6 +3,14 @@
 Depth 6n + 2 with basic blocks (LM-ResNet20..110), 9n + 2 with bottlenecks (LM-ResNet164; LM-ResNeXt29 with
 grouped 3x3 convs, widths of Xie et al., 2017). Stage i (i = 0, 1, 2) halves the resolution at its start
 (except i = 0); the first block of each stage takes the plain ResNet step, the others the LM step.
+
+Against the authors' code (2prime/LM-ResNet, MResNet.py), these networks compute the same function to float32
+round-off but for three documented choices: (1) the projection shortcut is a 1x1 conv of the block's own
+pre-activated input relu(bn1(u)), sharing bn1 with the branch, where theirs has its own BatchNorm-ReLU-conv;
+(2) stochastic depth follows :func:`~lmfused.nn.linear_survival_schedule` (Huang et al.: the first block can
+be dropped too), where theirs never drops the first block; (3) noise injection is Gaussian, drawn inside the
+fused update of every block, where theirs is uniform, U(0, noise_level), added after whole blocks. Their
+coefficient multiplies u_n (theirs is 1 - k in eq. 5's notation, drawn from U(1, 1.1)); ours is the paper's k.
 """
 
 from __future__ import annotations

@@ -120,8 +120,11 @@ def _check_bool(value: object, name: str) -> bool:
 def linear_survival_schedule(num_blocks: int, final_survival_prob: float) -> list[float]:
     """Linearly decaying survival probabilities p_l = 1 - l / L * (1 - p_L), l = 1..L.
 
-    The "linear decay rule" of stochastic depth (Huang et al., 2016), used for the stochastic LM-ResNet of
-    Lu et al. (ICML 2018, section 3.2): the first block is almost always kept, the last one with p_L.
+    The "linear decay rule" of stochastic depth as Huang et al. (2016) write it: the first block is dropped
+    with probability (1 - p_L) / L, the last one kept with p_L. The stochastic LM-ResNet of Lu et al. (ICML
+    2018, section 3.2) follows the same rule in spirit, but the authors' code (2prime/LM-ResNet, MResNet.py)
+    spaces the drop rates over l = 0..L-1, d_l = l / (L - 1) * (1 - p_L), so that their first block is never
+    dropped; this schedule is Huang et al.'s, not theirs.
     """
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, Integral) or num_blocks < 0:
         raise ValueError(f"num_blocks: expected an int >= 0, got {num_blocks!r}")
