@@ -404,3 +404,27 @@ def test_cmyk_and_grayscale_jpegs_decode_on_every_path(tmp_path: Path) -> None:
         assert images.shape == (3, 3, SIZE, SIZE)
         gray = images[1].float()
         assert (gray[0] - gray[1]).abs().max() <= 2  # a grayscale image stays gray in RGB
+
+
+@needs_torchvision
+def test_imagefolder_ranks_split_each_epoch_afresh(tmp_path: Path) -> None:
+    """Under DDP every rank reads its DistributedSampler share of (seed, epoch), also with persistent
+    loader processes: the shares are disjoint, cover the epoch, and change from epoch to epoch."""
+    from lmfused.train.config import resolve_config
+    from lmfused.train.data import ImageFolderSource
+
+    root = make_folder(tmp_path / "data", per_class=8)
+    explicit = {"data": "imagefolder", "data_dir": str(root), "image_size": SIZE, "batch_size": 4}
+    explicit["workers"] = 0
+    cfg = resolve_config(explicit, world_size=2)
+    sources = [ImageFolderSource(cfg, rank, torch.device("cpu")) for rank in (0, 1)]
+    orders = []
+    for epoch in (0, 1):
+        shares = []
+        for source in sources:
+            list(source.train_batches(epoch))
+            shares.append([index for batch in source.plan.batches for _, index, _ in batch])
+        assert len(shares[0]) == len(shares[1]) == 8 and not set(shares[0]) & set(shares[1])
+        assert sorted(shares[0] + shares[1]) == list(range(16))
+        orders.append(shares[0])
+    assert orders[0] != orders[1]
