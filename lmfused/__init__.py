@@ -7,8 +7,17 @@ injection and an optional ReLU, into one kernel forward and one backward.
 """
 
 from lmfused import models, nn
+from lmfused.batch_norm_step import batch_norm_lm_step
 from lmfused.convert import convert_to_lm
 from lmfused.ops import available_backends, lm_step
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "available_backends", "convert_to_lm", "lm_step", "models", "nn"]
+__all__ = [
+    "__version__",
+    "available_backends",
+    "batch_norm_lm_step",
+    "convert_to_lm",
+    "lm_step",
+    "models",
+    "nn",
+]

@@ -1,0 +1,341 @@
+"""batch_norm_lm_step (DESIGN.md 1b) against F.batch_norm + the LM step in float64, on every backend, layout,
+dtype and flag; running statistics; gradcheck; opcheck; determinism; errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmfused.batch_norm_step import _OPS, batch_norm_lm_step
+from lmfused.reference import lm_step_eager
+from tests.conftest import DEVICE
+from tests.helpers import DTYPES, LAYOUTS, in_layout
+
+SHAPES = [(3, 5, 7, 9), (2, 3), (2, 4, 3, 5, 6), (4, 17, 5, 3)]
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+FLAGS = list(itertools.product([False, True], repeat=4))  # training, per_channel_k, with_scale, relu
+GRAD_NAMES = ("x", "weight", "bias", "u", "u_prev", "k")
+
+
+def backends() -> list[str]:
+    import lmfused
+
+    return [b for b in lmfused.available_backends(DEVICE) if b in _OPS]
+
+
+def make_case(
+    shape, dtype, layout, *, per_channel_k: bool, with_scale: bool, affine: bool = True, seed: int = 0
+):
+    """Fresh random inputs (never zeros); x has a non-zero mean so the statistics matter."""
+    gen = torch.Generator().manual_seed(seed)
+    channels = shape[1]
+
+    def rand(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float32)
+
+    x = in_layout((2 * rand(*shape) + 0.5).to(dtype).to(DEVICE), layout)
+    u, u_prev = (in_layout(rand(*shape).to(dtype).to(DEVICE), layout) for _ in range(2))
+    weight = (1 + 0.5 * rand(channels)).to(DEVICE) if affine else None
+    bias = (0.5 * rand(channels)).to(DEVICE) if affine else None
+    k = (0.5 * rand(channels if per_channel_k else 1)).to(DEVICE)
+    scale = (torch.rand(shape[0], generator=gen) < 0.7).float().div(0.7).to(DEVICE) if with_scale else None
+    running_mean = (0.3 * rand(channels)).to(DEVICE)
+    running_var = (0.5 + torch.rand(channels, generator=gen)).to(DEVICE)
+    return x, running_mean, running_var, weight, bias, u, u_prev, k, scale
+
+
+def oracle(case, training, relu, grad_out, momentum=0.1, eps=1e-5):
+    """F.batch_norm then the eager LM step in float64: output, gradients (GRAD_NAMES), running statistics."""
+    x, running_mean, running_var, weight, bias, u, u_prev, k, scale = case
+    leaves = {
+        name: t.detach().double().requires_grad_()
+        for name, t in zip(GRAD_NAMES, (x, weight, bias, u, u_prev, k), strict=True)
+        if t is not None
+    }
+    rm, rv = running_mean.double(), running_var.double()
+    f = F.batch_norm(leaves["x"], rm, rv, leaves.get("weight"), leaves.get("bias"), training, momentum, eps)
+    s = scale.double() if scale is not None else None
+    out = lm_step_eager(leaves["u"], leaves["u_prev"], f, leaves["k"], scale=s, relu=relu)
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out.double())
+    by_name = dict(zip(leaves, grads, strict=True))
+    return out.detach(), [by_name.get(n) for n in GRAD_NAMES], rm, rv
+
+
+def _max_err(x, ref):
+    return (x.double() - ref).abs().max().item() if x.numel() else 0.0
+
+
+def _run(case, backend, training, relu, grad_out, **kwargs):
+    """batch_norm_lm_step on fresh leaves (running statistics cloned): output, gradients, running stats."""
+    x, running_mean, running_var, weight, bias, u, u_prev, k, scale = case
+    leaves = [
+        t.detach().clone().requires_grad_() if t is not None else None
+        for t in (x, weight, bias, u, u_prev, k)
+    ]
+    rm, rv = running_mean.clone(), running_var.clone()
+    lx, lw, lb, lu, lup, lk = leaves
+    out = batch_norm_lm_step(
+        lx, rm, rv, lw, lb, lu, lup, lk, training=training, scale=scale, relu=relu, backend=backend, **kwargs
+    )
+    present = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(out, present, grad_out))
+    return out, [next(grads) if t is not None else None for t in leaves], rm, rv
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_float64_oracle(backend, shape, layout, dtype):
+    """Output and the six gradients within 2x the rounding of the float64 result to the dtype (+ atol growing
+    with the number of summed terms), running statistics as F.batch_norm updates them."""
+    for index, (training, per_channel_k, with_scale, relu) in enumerate(FLAGS):
+        case = make_case(shape, dtype, layout, per_channel_k=per_channel_k, with_scale=with_scale, seed=index)
+        gen = torch.Generator().manual_seed(100 + index)
+        grad_out = torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
+        out, grads, rm, rv = _run(case, backend, training, relu, grad_out)
+        ref_out, ref_grads, ref_rm, ref_rv = oracle(case, training, relu, grad_out)
+        flags = dict(training=training, per_channel_k=per_channel_k, scale=with_scale, relu=relu)
+        assert out.shape == shape and out.dtype == dtype
+        count = math.prod(shape) // shape[1]
+        for name, got, ref in zip(("out", *GRAD_NAMES), (out, *grads), (ref_out, *ref_grads), strict=True):
+            assert got is not None and got.shape == ref.shape, name
+            assert torch.isfinite(got).all(), (name, flags)
+            low = got.dtype if got.dtype != torch.float64 else dtype
+            rounding = _max_err(ref.to(low), ref)
+            terms = {"weight": count, "bias": count, "k": math.prod(shape) // case[7].numel()}.get(name, 1)
+            # grad_x in training subtracts two per-channel means of count terms each.
+            terms = count if (name == "x" and training) else terms
+            bound = 2 * rounding + ATOL[dtype] * math.sqrt(terms) * max(1.0, ref.abs().max().item() / 4)
+            err = _max_err(got, ref)
+            assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} ({flags})"
+        torch.testing.assert_close(rm.double(), ref_rm, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rv.double(), ref_rv, rtol=1e-5, atol=1e-5)
+        if layout == "channels_last" and len(shape) == 4:
+            assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("training", [False, True])
+def test_without_affine_or_running_statistics(backend, training):
+    """weight/bias None (affine=False); in training, running statistics None (track_running_stats=False)."""
+    case = make_case(
+        (3, 4, 5, 6), torch.float32, "contiguous", per_channel_k=True, with_scale=True, affine=False
+    )
+    grad_out = torch.randn(3, 4, 5, 6, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    out, grads, _, _ = _run(case, backend, training, True, grad_out)
+    ref_out, ref_grads, _, _ = oracle(case, training, True, grad_out)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    for name, got, ref in zip(GRAD_NAMES, grads, ref_grads, strict=True):
+        assert (got is None) == (ref is None), name
+        if ref is not None:
+            torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+    if training:
+        x, _, _, _, _, u, u_prev, k, scale = case
+        out = batch_norm_lm_step(x, None, None, None, None, u, u_prev, k, training=True, backend=backend)
+        f = F.batch_norm(x.double(), None, None, None, None, True)
+        want = lm_step_eager(u.double(), u_prev.double(), f, k.double())
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_running_statistics_momentum_and_eps(backend):
+    case = make_case((4, 6, 3, 5), torch.float32, "channels_last", per_channel_k=False, with_scale=False)
+    grad_out = torch.randn(4, 6, 3, 5).to(DEVICE)
+    for momentum, eps in ((0.1, 1e-5), (0.5, 1e-3), (1.0, 0.1)):
+        out, _, rm, rv = _run(case, backend, True, False, grad_out, momentum=momentum, eps=eps)
+        ref_out, _, ref_rm, ref_rv = oracle(case, True, False, grad_out, momentum=momentum, eps=eps)
+        torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rm.double(), ref_rm, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rv.double(), ref_rv, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_statistics_of_a_large_mean(backend):
+    """A channel whose mean dwarfs its spread (1000 +- 0.01): the variance keeps its digits."""
+    x = (1000 + 0.01 * torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))).to(DEVICE)
+    mean, var = _OPS[backend][0](x)
+    want = x.double().var(dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(var.double(), want, rtol=1e-3, atol=0)
+    torch.testing.assert_close(mean.double(), x.double().mean(dim=(0, 2, 3)), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "t{}k{}s{}r{}".format(*map(int, f)))
+def test_gradcheck_float64(backend, layout, flags):
+    training, per_channel_k, with_scale, relu = flags
+    case = make_case((2, 3, 2, 3), torch.float64, layout, per_channel_k=per_channel_k, with_scale=with_scale)
+    x, running_mean, running_var, weight, bias, u, u_prev, k, scale = case
+    inputs = [t.detach().double().clone().requires_grad_() for t in (x, weight, bias, u, u_prev, k)]
+
+    def fn(x, weight, bias, u, u_prev, k):
+        # Fresh copies of the running statistics per call: gradcheck calls many times.
+        rm, rv = running_mean.double().clone(), running_var.double().clone()
+        return batch_norm_lm_step(
+            x, rm, rv, weight, bias, u, u_prev, k, training=training, scale=scale, relu=relu, backend=backend
+        )
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_backward_is_deterministic(backend):
+    case = make_case((4, 8, 6, 5), torch.bfloat16, "channels_last", per_channel_k=True, with_scale=True)
+    grad_out = torch.randn(4, 8, 6, 5).to(torch.bfloat16).to(DEVICE)
+    first = _run(case, backend, True, True, grad_out)
+    second = _run(case, backend, True, True, grad_out)
+    assert torch.equal(first[0], second[0])
+    for a, b in zip(first[1], second[1], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(backend, requires_grad):
+    stats_op, forward_op, backward_op = _OPS[backend]
+    samples = []
+    for layout, training, relu, affine in (
+        ("contiguous", True, True, True),
+        ("channels_last", False, False, True),
+        ("permuted", True, False, False),
+    ):
+        case = make_case(
+            (2, 3, 4, 5), torch.float32, layout, per_channel_k=training, with_scale=relu, affine=affine
+        )
+        x, running_mean, running_var, weight, bias, u, u_prev, k, scale = case
+        mean, var = stats_op(x)
+        invstd = torch.rsqrt(var + 1e-5)
+        tensors = [
+            t.requires_grad_(requires_grad) if t is not None else None
+            for t in (x, weight, bias, u, u_prev, k)
+        ]
+        x, weight, bias, u, u_prev, k = tensors
+        samples.append((x, mean, invstd, weight, bias, u, u_prev, k, scale, None, training, relu, 0.0))
+    for args in samples:
+        torch.library.opcheck(forward_op, args)
+        torch.library.opcheck(stats_op, (args[0].detach(),))
+        x, mean, invstd, weight, bias, u, u_prev, k, scale, _, training, relu, _ = args
+        out = forward_op(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+        grad_out = torch.randn_like(out)
+        needs = [True, weight is not None, bias is not None, True, True, True]
+        detached = [t.detach() if t is not None else None for t in (x, weight, u, u_prev, k)]
+        x, weight, u, u_prev, k = detached
+        backward_args = (grad_out, x, mean, invstd, weight, u, u_prev, out, k, scale, training, relu, needs)
+        torch.library.opcheck(backward_op, backward_args)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_empty_batch(backend):
+    """As F.batch_norm: an empty batch gives an empty result and leaves the running statistics alone."""
+    case = make_case((2, 3, 4, 4), torch.float32, "contiguous", per_channel_k=True, with_scale=False)
+    x, running_mean, running_var, weight, bias, u, u_prev, k, _ = case
+    before = running_mean.clone(), running_var.clone()
+    empty = [t[:0] for t in (x, u, u_prev)]
+    out = batch_norm_lm_step(
+        empty[0],
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        empty[1],
+        empty[2],
+        k,
+        training=True,
+        backend=backend,
+    )
+    assert out.shape == (0, 3, 4, 4)
+    assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1])
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_noise_is_reproducible_from_torch_seed(backend):
+    case = make_case((2, 3, 4, 4), torch.float32, "contiguous", per_channel_k=False, with_scale=False)
+    x, running_mean, running_var, weight, bias, u, u_prev, k, _ = case
+    outs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        outs.append(
+            batch_norm_lm_step(
+                x, None, None, weight, bias, u, u_prev, k, training=True, noise_std=0.5, backend=backend
+            )
+        )
+    quiet = batch_norm_lm_step(x, None, None, weight, bias, u, u_prev, k, training=True, backend=backend)
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    noise = (outs[0] - quiet).double()
+    assert 0.3 < noise.std().item() < 0.7
+
+
+def test_torch_compile_fullgraph():
+    """The reference op traces without graph breaks, running-statistics update included."""
+    case = make_case((2, 3, 4, 5), torch.float32, "channels_last", per_channel_k=True, with_scale=True)
+    x, running_mean, running_var, weight, bias, u, u_prev, k, scale = case
+
+    def step(x, rm, rv, weight, bias, u, u_prev, k):
+        return batch_norm_lm_step(
+            x, rm, rv, weight, bias, u, u_prev, k, training=True, scale=scale, relu=True, backend="reference"
+        )
+
+    rm_eager, rv_eager = running_mean.clone(), running_var.clone()
+    want = step(x, rm_eager, rv_eager, weight, bias, u, u_prev, k)
+    rm, rv = running_mean.clone(), running_var.clone()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(x, rm, rv, weight, bias, u, u_prev, k)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(rm, rm_eager)
+    torch.testing.assert_close(rv, rv_eager)
+
+
+def _error_case():
+    return list(make_case((2, 3, 4, 5), torch.float32, "contiguous", per_channel_k=True, with_scale=False))
+
+
+@pytest.mark.parametrize(
+    ("change", "kwargs", "error", "match"),
+    [
+        (lambda c: c.__setitem__(0, c[0][:, :2]), {}, ValueError, "x: expected shape"),
+        (lambda c: c.__setitem__(0, c[0].double()), {}, TypeError, "x: expected dtype"),
+        (lambda c: c.__setitem__(1, c[1][:2]), {}, ValueError, "running_mean: expected shape"),
+        (lambda c: c.__setitem__(2, None), {}, ValueError, "running_mean, running_var"),
+        (lambda c: c.__setitem__(3, c[3][:2]), {}, ValueError, "weight: expected shape"),
+        (lambda c: c.__setitem__(4, c[4].long()), {}, TypeError, "bias: expected a floating-point"),
+        (lambda c: c.__setitem__(7, c[7][:2]), {}, ValueError, "k: expected shape"),
+        (lambda c: None, {"momentum": True}, TypeError, "momentum"),
+        (lambda c: None, {"eps": 0.0}, ValueError, "eps"),
+        (lambda c: None, {"training": 1}, TypeError, "training"),
+        (lambda c: None, {"scale": torch.ones(3)}, ValueError, "scale: expected shape"),
+    ],
+)
+def test_bad_input_names_the_argument(change, kwargs, error, match):
+    case = _error_case()
+    change(case)
+    x, running_mean, running_var, weight, bias, u, u_prev, k, _ = case
+    options = {"training": True, **kwargs}
+    with pytest.raises(error, match=match):
+        batch_norm_lm_step(
+            x, running_mean, running_var, weight, bias, u, u_prev, k, backend="reference", **options
+        )
+
+
+def test_evaluation_needs_running_statistics_and_training_more_than_one_value():
+    x, _, _, weight, bias, u, u_prev, k, _ = _error_case()
+    with pytest.raises(ValueError, match="running_mean: required in evaluation"):
+        batch_norm_lm_step(x, None, None, weight, bias, u, u_prev, k, training=False, backend="reference")
+    one = [t[:1, :, :1, :1] for t in (x, u, u_prev)]
+    with pytest.raises(ValueError, match="x: expected more than 1 value per channel"):
+        batch_norm_lm_step(
+            one[0], None, None, weight, bias, one[1], one[2], k, training=True, backend="reference"
+        )
+
+
+def test_unknown_backend_for_this_op_says_which_it_has():
+    x, running_mean, running_var, weight, bias, u, u_prev, k, _ = _error_case()
+    if DEVICE.type != "cpu":
+        pytest.skip("checks the CPU message")
+    with pytest.raises(RuntimeError, match="backend"):
+        batch_norm_lm_step(
+            x, running_mean, running_var, weight, bias, u, u_prev, k, training=True, backend="cuda"
+        )

@@ -1,0 +1,547 @@
+"""Triton kernels of the batch-norm-fused LM step (DESIGN.md 1b) and their launchers.
+
+Three kernels over the same [BLOCK_M, BLOCK_L] tiles of ``lmfused._layout``'s 2-D view as the LM step's:
+
+* ``batch_norm_stats_kernel``: per-channel partial sums of (x - c) and (x - c)^2, c = the channel's first
+  element (a shift that keeps the variance free of cancellation when the mean is large);
+* ``batch_norm_lm_step_forward_kernel``: out = act((1 - k) u + k u_prev + s ((x - mean) gain + bias) + noise);
+* ``batch_norm_lm_step_backward_reduce_kernel``: per-channel partial sums of dy, dy * xhat and
+  g * (u_prev - u), where g is the output gradient masked by the ReLU and dy = s g;
+* ``batch_norm_lm_step_backward_kernel``: grad_x, grad_u and grad_u_prev from those sums.
+
+Partial sums are written per tile and channel (channels-first: one per row and column block; channels-last:
+one per row block and column) and summed by one torch reduction in a fixed order: no atomics, the same inputs
+give bitwise the same results. The tile shape is the LM step's, a fixed function of the shape.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from lmfused.triton_kernels.lm_step import _acc, _cdiv, _launcher
+from torch import Tensor
+
+from lmfused._layout import Plan, empty_in_layout, plan_layout, to_layout
+
+__all__ = [
+    "batch_norm_lm_step_backward_triton",
+    "batch_norm_lm_step_forward_triton",
+    "batch_norm_stats_triton",
+]
+
+
+@triton.jit
+def _tile(pid, M, L, num_l_blocks, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Block indices, rows, columns, element offsets (int64) and bounds masks of this program's tile."""
+    pid_m = pid // num_l_blocks
+    pid_l = pid % num_l_blocks
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_l.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    row_ok = rows < M
+    col_ok = cols < L
+    offs = rows[:, None] * L + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    return pid_m, pid_l, rows, cols, row_ok, col_ok, offs, mask
+
+
+@triton.jit
+def _per_channel(ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST: tl.constexpr, FP64: tl.constexpr):
+    """A (C,) vector broadcast to the tile: along the columns (channels-last) or the rows (row m is channel
+    m % C)."""
+    if CHANNELS_LAST:
+        return _acc(tl.load(ptr + cols, mask=col_ok, other=0.0), FP64)[None, :]
+    else:
+        return _acc(tl.load(ptr + rows % C, mask=row_ok, other=0.0), FP64)[:, None]
+
+
+@triton.jit
+def _coefficient_k(
+    k_ptr, rows, cols, row_ok, col_ok, C, PER_CHANNEL_K: tl.constexpr, CHANNELS_LAST: tl.constexpr, FP64
+):
+    """k broadcastable to the tile: one scalar, or one per channel."""
+    if PER_CHANNEL_K:
+        return _per_channel(k_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
+    else:
+        return _acc(tl.load(k_ptr), FP64)
+
+
+@triton.jit
+def _sample_scale(scale_ptr, rows, row_ok, rows_per_sample, FP64: tl.constexpr):
+    """The stochastic-depth multiplier of each row's sample, as a column vector."""
+    return _acc(tl.load(scale_ptr + rows // rows_per_sample, mask=row_ok, other=0.0), FP64)[:, None]
+
+
+@triton.jit
+def _store_channel_partial(
+    partial_ptr, value, pid_m, pid_l, rows, cols, row_ok, col_ok, M, L, CHANNELS_LAST: tl.constexpr
+):
+    """Sum ``value`` over the tile's positions of each channel; store one partial per channel in the tile."""
+    if CHANNELS_LAST:
+        tl.store(partial_ptr + pid_m.to(tl.int64) * L + cols, tl.sum(value, axis=0), mask=col_ok)
+    else:
+        tl.store(partial_ptr + pid_l.to(tl.int64) * M + rows, tl.sum(value, axis=1), mask=row_ok)
+
+
+@triton.jit
+def batch_norm_stats_kernel(
+    x_ptr,
+    shift_ptr,
+    sum_ptr,
+    sumsq_ptr,
+    M,
+    L,
+    C,
+    num_l_blocks,
+    CHANNELS_LAST: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """Per-channel partial sums of x - shift and (x - shift)^2 on one tile."""
+    pid = tl.program_id(0)
+    pid_m, pid_l, rows, cols, row_ok, col_ok, offs, mask = _tile(pid, M, L, num_l_blocks, BLOCK_M, BLOCK_L)
+    shift = _per_channel(shift_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
+    x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0), FP64)
+    centred = tl.where(mask, x - shift, 0.0)
+    _store_channel_partial(sum_ptr, centred, pid_m, pid_l, rows, cols, row_ok, col_ok, M, L, CHANNELS_LAST)
+    _store_channel_partial(
+        sumsq_ptr, centred * centred, pid_m, pid_l, rows, cols, row_ok, col_ok, M, L, CHANNELS_LAST
+    )
+
+
+@triton.jit
+def batch_norm_lm_step_forward_kernel(
+    x_ptr,
+    mean_ptr,
+    gain_ptr,
+    bias_ptr,
+    u_ptr,
+    u_prev_ptr,
+    k_ptr,
+    scale_ptr,
+    seed_ptr,
+    out_ptr,
+    M,
+    L,
+    C,
+    rows_per_sample,
+    num_l_blocks,
+    noise_std,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    RELU: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    PER_CHANNEL_K: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """out = act((1 - k) u + k u_prev + s ((x - mean) gain + bias) + noise_std xi) on one tile."""
+    pid = tl.program_id(0)
+    _, _, rows, cols, row_ok, col_ok, offs, mask = _tile(pid, M, L, num_l_blocks, BLOCK_M, BLOCK_L)
+    k = _coefficient_k(k_ptr, rows, cols, row_ok, col_ok, C, PER_CHANNEL_K, CHANNELS_LAST, FP64)
+    mean = _per_channel(mean_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
+    gain = _per_channel(gain_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
+    x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0), FP64)
+    u = _acc(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
+    u_prev = _acc(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
+    f = (x - mean) * gain
+    if HAS_BIAS:
+        f += _per_channel(bias_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
+    if HAS_SCALE:
+        f = f * _sample_scale(scale_ptr, rows, row_ok, rows_per_sample, FP64)
+    acc = (1.0 - k) * u + k * u_prev + f
+    if HAS_NOISE:
+        seed = tl.load(seed_ptr)
+        acc += noise_std * tl.randn(seed, offs)
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as in torch.relu
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _masked_gradient(g_ptr, out_ptr, offs, mask, RELU: tl.constexpr, FP64: tl.constexpr):
+    """The output gradient through the ReLU, as torch.relu's backward: 0 where out <= 0 (NaN passes)."""
+    g = _acc(tl.load(g_ptr + offs, mask=mask, other=0.0), FP64)
+    if RELU:
+        out = tl.load(out_ptr + offs, mask=mask, other=0.0)
+        g = tl.where(out <= 0.0, 0.0, g)
+    return g
+
+
+@triton.jit
+def batch_norm_lm_step_backward_reduce_kernel(
+    g_ptr,
+    out_ptr,
+    x_ptr,
+    u_ptr,
+    u_prev_ptr,
+    mean_ptr,
+    invstd_ptr,
+    scale_ptr,
+    sum_dy_ptr,
+    sum_dy_xhat_ptr,
+    grad_k_ptr,
+    M,
+    L,
+    C,
+    rows_per_sample,
+    num_l_blocks,
+    HAS_SCALE: tl.constexpr,
+    RELU: tl.constexpr,
+    NEED_K: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """Per-channel partial sums of dy, dy * xhat and (NEED_K) g * (u_prev - u) on one tile."""
+    pid = tl.program_id(0)
+    pid_m, pid_l, rows, cols, row_ok, col_ok, offs, mask = _tile(pid, M, L, num_l_blocks, BLOCK_M, BLOCK_L)
+    g = _masked_gradient(g_ptr, out_ptr, offs, mask, RELU, FP64)
+    if NEED_K:
+        u = _acc(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
+        u_prev = _acc(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
+    x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0), FP64)
+    mean = _per_channel(mean_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
+    invstd = _per_channel(invstd_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
+    dy = g
+    if HAS_SCALE:
+        dy = g * _sample_scale(scale_ptr, rows, row_ok, rows_per_sample, FP64)
+    xhat = (x - mean) * invstd
+    _store_channel_partial(sum_dy_ptr, dy, pid_m, pid_l, rows, cols, row_ok, col_ok, M, L, CHANNELS_LAST)
+    _store_channel_partial(
+        sum_dy_xhat_ptr, dy * xhat, pid_m, pid_l, rows, cols, row_ok, col_ok, M, L, CHANNELS_LAST
+    )
+    if NEED_K:
+        _store_channel_partial(
+            grad_k_ptr, g * (u_prev - u), pid_m, pid_l, rows, cols, row_ok, col_ok, M, L, CHANNELS_LAST
+        )
+
+
+@triton.jit
+def batch_norm_lm_step_backward_kernel(
+    g_ptr,
+    out_ptr,
+    x_ptr,
+    mean_ptr,
+    invstd_ptr,
+    gain_ptr,
+    mean_dy_ptr,
+    mean_dy_xhat_ptr,
+    k_ptr,
+    scale_ptr,
+    grad_x_ptr,
+    grad_u_ptr,
+    grad_u_prev_ptr,
+    M,
+    L,
+    C,
+    rows_per_sample,
+    num_l_blocks,
+    HAS_SCALE: tl.constexpr,
+    RELU: tl.constexpr,
+    TRAINING: tl.constexpr,
+    PER_CHANNEL_K: tl.constexpr,
+    NEED_X: tl.constexpr,
+    NEED_U: tl.constexpr,
+    NEED_U_PREV: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """grad_x = gain (dy - mean(dy) - xhat mean(dy xhat)) (training; gain dy in evaluation),
+    grad_u = (1 - k) g, grad_u_prev = k g, on one tile."""
+    pid = tl.program_id(0)
+    _, _, rows, cols, row_ok, col_ok, offs, mask = _tile(pid, M, L, num_l_blocks, BLOCK_M, BLOCK_L)
+    g = _masked_gradient(g_ptr, out_ptr, offs, mask, RELU, FP64)
+    if NEED_X:
+        dy = g
+        if HAS_SCALE:
+            dy = g * _sample_scale(scale_ptr, rows, row_ok, rows_per_sample, FP64)
+        gain = _per_channel(gain_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
+        if TRAINING:
+            x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0), FP64)
+            mean = _per_channel(mean_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
+            invstd = _per_channel(invstd_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
+            mean_dy = _per_channel(mean_dy_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
+            mean_dy_xhat = _per_channel(mean_dy_xhat_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
+            dy = dy - mean_dy - (x - mean) * invstd * mean_dy_xhat
+        tl.store(grad_x_ptr + offs, (gain * dy).to(grad_x_ptr.dtype.element_ty), mask=mask)
+    if NEED_U or NEED_U_PREV:
+        k = _coefficient_k(k_ptr, rows, cols, row_ok, col_ok, C, PER_CHANNEL_K, CHANNELS_LAST, FP64)
+        if NEED_U:
+            tl.store(grad_u_ptr + offs, ((1.0 - k) * g).to(grad_u_ptr.dtype.element_ty), mask=mask)
+        if NEED_U_PREV:
+            tl.store(grad_u_prev_ptr + offs, (k * g).to(grad_u_prev_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------
+
+
+_TILE_ELEMENTS = 4096  # elements per program: 8 KiB of bf16 per tensor keeps enough bytes in flight
+
+
+@functools.lru_cache(maxsize=256)
+def _block_shape(channels_last: bool, rows: int, L: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_L, num_warps): a fixed function of the shape, so partial buffers are known up front."""
+    if channels_last:
+        block_l = min(triton.next_power_of_2(L), _TILE_ELEMENTS)
+    else:
+        # Rows are spatial planes (3136, 784, 196, 49 in a ResNet): the power of two that wastes the fewest
+        # masked lanes, longer rows on ties.
+        candidates = [b for b in (32, 64, 128, 256, 512, 1024) if b <= max(32, triton.next_power_of_2(L))]
+        block_l = min(candidates, key=lambda b: (_cdiv(L, b) * b, -b))
+    block_m = max(1, min(triton.next_power_of_2(rows), _TILE_ELEMENTS // block_l))
+    return block_m, block_l, 8 if block_m * block_l >= 4096 else 4
+
+
+def _tiling(plan: Plan) -> tuple[int, int, int, int, int]:
+    """(num_programs, num_l_blocks, BLOCK_M, BLOCK_L, num_warps) of a plan; shapes are specialised."""
+    block_m, block_l, num_warps = _block_shape(plan.channels_last, int(plan.rows), int(plan.row_len))
+    num_l_blocks = _cdiv(int(plan.row_len), block_l)
+    return _cdiv(int(plan.rows), block_m) * num_l_blocks, num_l_blocks, block_m, block_l, num_warps
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _partials(plan: Plan, count: int, like: Tensor) -> list[Tensor]:
+    """``count`` partial-sum buffers, one value per channel and tile; ``_channel_totals`` sums them."""
+    num_programs, num_l_blocks, *_ = _tiling(plan)
+    rows = num_programs // num_l_blocks if plan.channels_last else num_l_blocks
+    shape = (rows, plan.row_len) if plan.channels_last else (rows, plan.rows)
+    return [torch.empty(shape, dtype=_acc_dtype(like), device=like.device) for _ in range(count)]
+
+
+def _channel_totals(partial: Tensor, channels: int) -> Tensor:
+    """The per-channel totals of a partial buffer: every row holds channel-major runs of C partials."""
+    return partial.reshape(-1, channels).sum(0)
+
+
+def _channel_first_elements(x: Tensor) -> Tensor:
+    """x[0, c, 0, ..., 0] for every channel c, in the accumulation dtype: the statistics' shift."""
+    return x[(0, slice(None)) + (0,) * (x.dim() - 2)].to(_acc_dtype(x))
+
+
+def batch_norm_stats_triton(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x`` (float32; float64 for float64 x)."""
+    plan = plan_layout(x)
+    x = to_layout(x, plan.channels_last)
+    shift = _channel_first_elements(x).contiguous()
+    num_programs, num_l_blocks, block_m, block_l, num_warps = _tiling(plan)
+    sums, sumsqs = _partials(plan, 2, x)
+    _launcher(batch_norm_stats_kernel)[(num_programs,)](
+        x,
+        shift,
+        sums,
+        sumsqs,
+        plan.rows,
+        plan.row_len,
+        plan.channels,
+        num_l_blocks,
+        CHANNELS_LAST=plan.channels_last,
+        FP64=x.dtype == torch.float64,
+        BLOCK_M=block_m,
+        BLOCK_L=block_l,
+        num_warps=num_warps,
+    )
+    count = x.numel() // plan.channels
+    centred_mean = _channel_totals(sums, plan.channels) / count
+    var = (_channel_totals(sumsqs, plan.channels) / count - centred_mean.square()).clamp_min(0.0)
+    return shift + centred_mean, var
+
+
+def _gain(invstd: Tensor, weight: Tensor | None) -> Tensor:
+    return invstd if weight is None else invstd * weight.to(invstd.dtype)
+
+
+def batch_norm_lm_step_forward_triton(
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    u: Tensor,
+    u_prev: Tensor,
+    k: Tensor,
+    scale: Tensor | None,
+    seed: Tensor | None,
+    training: bool,
+    relu: bool,
+    noise_std: float,
+) -> Tensor:
+    """Launch the forward kernel; inputs are validated by lmfused.batch_norm_step."""
+    plan = plan_layout(u)
+    u = to_layout(u, plan.channels_last)
+    out = empty_in_layout(u.shape, plan.channels_last, dtype=u.dtype, device=u.device)
+    if u.numel() == 0:
+        return out
+    x, u_prev = to_layout(x, plan.channels_last), to_layout(u_prev, plan.channels_last)
+    mean, gain = mean.contiguous(), _gain(invstd, weight).contiguous()
+    k = k.contiguous()
+    has_noise = noise_std > 0.0
+    num_programs, num_l_blocks, block_m, block_l, num_warps = _tiling(plan)
+    _launcher(batch_norm_lm_step_forward_kernel)[(num_programs,)](
+        x,
+        mean,
+        gain,
+        bias.contiguous() if bias is not None else mean,  # unused pointer when HAS_BIAS is off
+        u,
+        u_prev,
+        k,
+        scale.contiguous() if scale is not None else k,
+        seed if has_noise else k,
+        out,
+        plan.rows,
+        plan.row_len,
+        plan.channels,
+        plan.rows_per_sample,
+        num_l_blocks,
+        float(noise_std),
+        HAS_BIAS=bias is not None,
+        HAS_SCALE=scale is not None,
+        RELU=relu,
+        HAS_NOISE=has_noise,
+        PER_CHANNEL_K=k.numel() > 1,
+        CHANNELS_LAST=plan.channels_last,
+        FP64=u.dtype == torch.float64,
+        BLOCK_M=block_m,
+        BLOCK_L=block_l,
+        num_warps=num_warps,
+    )
+    return out
+
+
+def batch_norm_lm_step_backward_triton(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    u: Tensor | None,
+    u_prev: Tensor | None,
+    out: Tensor | None,
+    k: Tensor,
+    scale: Tensor | None,
+    training: bool,
+    relu: bool,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Launch the reduction kernel, sum its partials in a fixed order, then launch the gradient kernel."""
+    need_x, need_weight, need_bias, need_u, need_u_prev, need_k = needs
+    plan = plan_layout(x)
+    layout = plan.channels_last
+    g = to_layout(grad_out, layout)
+    x = to_layout(x, layout)
+
+    def nothing() -> Tensor:  # an unneeded gradient: a fresh empty tensor (outputs must not alias)
+        return g.new_empty((0,))
+
+    def activation_grad(needed: bool) -> Tensor:
+        return empty_in_layout(g.shape, layout, dtype=g.dtype, device=g.device) if needed else nothing()
+
+    grad_x, grad_u, grad_u_prev = (
+        activation_grad(need_x),
+        activation_grad(need_u),
+        activation_grad(need_u_prev),
+    )
+    affine_dtype = weight.dtype if weight is not None else torch.float32
+    channels = plan.channels
+    if g.numel() == 0:
+        zeros = g.new_zeros((channels,), dtype=affine_dtype)
+        return (
+            grad_x,
+            zeros.clone() if need_weight else nothing(),
+            zeros.clone() if need_bias else nothing(),
+            grad_u,
+            grad_u_prev,
+            torch.zeros_like(k) if need_k else k.new_empty((0,)),
+        )
+    num_programs, num_l_blocks, block_m, block_l, num_warps = _tiling(plan)
+    out = to_layout(out, layout) if relu else g
+    if need_k:
+        u, u_prev = to_layout(u, layout), to_layout(u_prev, layout)
+    mean, invstd = mean.contiguous(), invstd.contiguous()
+    scale = scale.contiguous() if scale is not None else None
+    k = k.contiguous()
+    sum_dy, sum_dy_xhat, grad_k_partial = _partials(plan, 3, g)
+    common = dict(
+        HAS_SCALE=scale is not None,
+        RELU=relu,
+        CHANNELS_LAST=layout,
+        FP64=g.dtype == torch.float64,
+        BLOCK_M=block_m,
+        BLOCK_L=block_l,
+        num_warps=num_warps,
+    )
+    _launcher(batch_norm_lm_step_backward_reduce_kernel)[(num_programs,)](
+        g,
+        out,
+        x,
+        u if need_k else g,  # unused pointers stand in for tensors a variant does not read
+        u_prev if need_k else g,
+        mean,
+        invstd,
+        scale if scale is not None else mean,
+        sum_dy,
+        sum_dy_xhat,
+        grad_k_partial,
+        plan.rows,
+        plan.row_len,
+        channels,
+        plan.rows_per_sample,
+        num_l_blocks,
+        NEED_K=need_k,
+        **common,
+    )
+    total_dy = _channel_totals(sum_dy, channels)
+    total_dy_xhat = _channel_totals(sum_dy_xhat, channels)
+    if need_x or need_u or need_u_prev:
+        count = x.numel() // channels
+        _launcher(batch_norm_lm_step_backward_kernel)[(num_programs,)](
+            g,
+            out,
+            x,
+            mean,
+            invstd,
+            _gain(invstd, weight).contiguous(),
+            total_dy / count,
+            total_dy_xhat / count,
+            k,
+            scale if scale is not None else mean,
+            grad_x if need_x else g,
+            grad_u if need_u else g,
+            grad_u_prev if need_u_prev else g,
+            plan.rows,
+            plan.row_len,
+            channels,
+            plan.rows_per_sample,
+            num_l_blocks,
+            TRAINING=training,
+            PER_CHANNEL_K=k.numel() > 1,
+            NEED_X=need_x,
+            NEED_U=need_u,
+            NEED_U_PREV=need_u_prev,
+            **common,
+        )
+    grad_k = k.new_empty((0,))
+    if need_k:
+        per_channel = _channel_totals(grad_k_partial, channels)
+        grad_k = (per_channel.sum() if k.numel() == 1 else per_channel).reshape(k.shape).to(k.dtype)
+    return (
+        grad_x,
+        total_dy_xhat.to(affine_dtype) if need_weight else nothing(),
+        total_dy.to(affine_dtype) if need_bias else nothing(),
+        grad_u,
+        grad_u_prev,
+        grad_k,
+    )
