@@ -337,10 +337,18 @@ def test_device_decode_on_cuda_matches_the_cpu(tmp_path: Path) -> None:
     cuda, labels, flips, bad = im.decode_on_device(batch.pin_memory(), torch.device("cuda"), SIZE)
     assert not bad and torch.equal(flips.cpu(), cpu_flips) and labels.tolist() == [c for _, c in samples]
     assert (cuda.cpu().float() - cpu.float()).abs().mean() < 3.0  # nvjpeg's IDCT differs from libjpeg's
-    host = [(batch, (cpu.float(), labels))] * 3
-    prefetched = list(im.DevicePrefetcher([b for b, _ in host], lambda b: (cuda.float(), labels.cuda()),
-                                          torch.device("cuda")))  # fmt: skip
-    assert len(prefetched) == 3 and all(x.is_cuda for x, _ in prefetched)
+    device = torch.device("cuda")
+
+    def prepare(b: im.HostBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels, flips, _ = im.decode_on_device(b, device, SIZE)
+        return im.normalize_batch(images, flips, (0.5,) * 3, (0.25,) * 3), labels.to(device)
+
+    expected = prepare(batch)
+    for thread in (False, True):  # the side stream, and the decode thread with its own stream
+        out = list(im.DevicePrefetcher([batch] * 4, prepare, device, thread=thread))
+        assert len(out) == 4
+        for x, y in out:
+            assert x.is_cuda and torch.equal(x, expected[0]) and torch.equal(y, expected[1])
 
 
 @needs_torchvision
