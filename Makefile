@@ -49,7 +49,7 @@ lint: $(STAMP)
 	$(PYTHON) -m ruff format --check .
 
 pytest: $(STAMP)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -rs
 
 test: lint pytest
 
