@@ -29,7 +29,11 @@ def _max_err(x, ref):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_float64_oracle(backend, shape, layout, dtype):
     """Forward and all four gradients within 2x the eager same-precision error (+ small atol)."""
-    for case, (per_channel_k, with_f, with_scale, relu) in enumerate(FLAGS):
+    _check_against_oracle(backend, shape, layout, dtype, FLAGS)
+
+
+def _check_against_oracle(backend, shape, layout, dtype, flag_cases):
+    for case, (per_channel_k, with_f, with_scale, relu) in enumerate(flag_cases):
         u, u_prev, f, k, scale = make_inputs(
             shape, dtype, layout, per_channel_k=per_channel_k, with_f=with_f, with_scale=with_scale, seed=case
         )
@@ -63,6 +67,22 @@ def test_matches_float64_oracle(backend, shape, layout, dtype):
             memory_format = torch.channels_last if layout == "channels_last" and u.dim() == 4 else None
             if memory_format is not None:
                 assert out.is_contiguous(memory_format=memory_format)
+
+
+# Rows of 14x14 and 4x4 (vectors of 4 and 8 in the Triton channel walk), rows and samples longer than a
+# Triton tile (4096: the compare-and-subtract row index), more channels than a tile.
+WALK_SHAPES = [(2, 3, 14, 14), (3, 5, 4, 4), (2, 3, 70, 70), (1, 4100, 1, 2), (2, 5000)]
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("shape", WALK_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_tiling_edges_match_float64_oracle(backend, shape, layout):
+    """The oracle check on shapes that take the other branches of the kernels' index arithmetic (bf16; a
+    per-channel and a scalar k, every input and the scale on: each walk of the Triton backward)."""
+    _check_against_oracle(
+        backend, shape, layout, torch.bfloat16, [(True, True, True, True), (False, True, True, False)]
+    )
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -285,8 +305,19 @@ def test_noise_statistics(backend, layout):
     assert abs(xi.std().item() - 1) < 5 * math.sqrt(2 / n)
     # Fourth moment of a normal is 3 (variance of x^4 is 96): catches a uniform or otherwise wrong law.
     assert abs((xi**4).mean().item() - 3) < 5 * math.sqrt(96 / n)
-    # Independent across elements: neighbours are uncorrelated.
-    assert abs(torch.corrcoef(torch.stack([xi[:-1], xi[1:]]))[0, 1].item()) < 5 / math.sqrt(n)
+    # Independent across elements: neighbours, and elements 2, 3 and 4 apart in memory (one Philox call
+    # gives four normals, two Box-Muller pairs that share a radius each), are uncorrelated, and so are
+    # their squares (which a shared radius would correlate).
+    memory_order = xi.reshape(noisy.shape).permute(*_memory_dims(noisy)).flatten()
+    for lag in (1, 2, 3, 4):
+        for x in (memory_order, memory_order**2):
+            corr = torch.corrcoef(torch.stack([x[:-lag], x[lag:]]))[0, 1].item()
+            assert abs(corr) < 5 / math.sqrt(n), (lag, corr)
+
+
+def _memory_dims(t):
+    """The dims of ``t`` from outermost to innermost in memory."""
+    return sorted(range(t.dim()), key=lambda d: -t.stride(d))
 
 
 @pytest.mark.parametrize("backend", backends())

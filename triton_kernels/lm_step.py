@@ -1,16 +1,29 @@
 """Triton kernels for the fused LM step (Lu et al., ICML 2018, LM-architecture) and their launchers.
 
-One forward and one backward kernel. Both walk the activation as the 2-D matrix of ``lmfused._layout``
-(M rows of L contiguous elements) in [BLOCK_M, BLOCK_L] tiles over a 1-D grid, with 64-bit offsets.
-Every option is a ``tl.constexpr`` so each variant compiles to straight-line code:
+The activation is the 2-D matrix of ``lmfused._layout`` (M rows of L contiguous elements; a row is one
+channel of one sample (channels-first) or one position (channels-last)). Three walks over it, all with 64-bit
+offsets and every option a ``tl.constexpr`` (so each variant compiles to straight-line code):
 
-    HAS_F, HAS_SCALE, RELU, HAS_NOISE, PER_CHANNEL_K, CHANNELS_LAST, FP64 (float64 math for gradcheck)
+    HAS_F, HAS_SCALE, RELU, HAS_NOISE, PER_CHANNEL_K, CHANNELS_LAST, NEED_*, FP64 (float64 math, gradcheck)
 
-The backward writes only the gradients asked for, and the per-program float32 partial sums of
-dL/dk = sum g * (u_prev - u) (one per program for a scalar k, one per program and channel otherwise) into a
-buffer that one torch reduction sums: no atomics, so the same inputs give bitwise the same gradients. Block
-sizes are a fixed function of the shape (no autotuning), so the partial-sum buffer's shape is known before
-launch.
+* flat (the forward; the backward unless k is per channel and its gradient is needed): tiles of BLOCK
+  consecutive elements in memory, whatever the row length, so loads and stores are full-width vectors and no
+  lane idles at row ends. An element's row (for a per-channel k and the per-sample scale) is offset // L,
+  computed from the tile's start with one multiply-shift per element (no division in the loop).
+* channel (channels-first backward with a per-channel grad_k): each tile holds BLOCK elements of one channel,
+  the channel's N runs of L elements walked in order (the CUDA kernels' contiguous cursor); one partial sum
+  per tile. Runs of L elements vectorise by the largest power of two dividing L.
+* columns (channels-last backward with a per-channel grad_k): [BLOCK_M, BLOCK_L] tiles, ROW_ITERS of them
+  down the rows per program, each program keeping one partial per column (channel).
+
+The backward writes only the gradients asked for and float32 partial sums of dL/dk = sum g (u_prev - u) that
+one torch reduction sums: no atomics, so the same inputs give bitwise the same gradients. Tile sizes are a
+fixed function of the shape (no autotuning), so partial buffers are known before launch, and the launcher
+copies misaligned views so that the compiled variant (whose register layout sets the order of the
+in-program sums) does not depend on where the data sits.
+
+Noise: one Philox4x32-10 call gives four normals (``tl.randn4x``): the element at memory offset o (in the
+planned layout) takes lane o % 4 of ``randn4x(seed, o // 4)``.
 """
 
 from __future__ import annotations
@@ -37,38 +50,51 @@ def _acc(x, FP64: tl.constexpr):
 
 
 @triton.jit
-def _tile(pid, M, L, num_l_blocks, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Rows, columns, element offsets (int64) and bounds mask of this program's tile."""
-    pid_m = pid // num_l_blocks
-    pid_l = pid % num_l_blocks
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_l.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
-    row_ok = rows < M
-    col_ok = cols < L
-    offs = rows[:, None] * L + cols[None, :]
-    mask = row_ok[:, None] & col_ok[None, :]
-    return pid_m, pid_l, rows, cols, row_ok, col_ok, offs, mask
+def _divmod_near(x0, inc, d, magic, shift, SMALL: tl.constexpr):
+    """(q, r) with x0 + inc = q * d + r and 0 <= r < d, for a scalar 0 <= x0 < d and 0 <= inc < BLOCK.
 
-
-@triton.jit
-def _coefficient_k(
-    k_ptr, rows, cols, row_ok, col_ok, C, PER_CHANNEL_K: tl.constexpr, CHANNELS_LAST: tl.constexpr, FP64
-):
-    """k broadcastable to the tile: one scalar, or per channel along columns / rows."""
-    if PER_CHANNEL_K:
-        if CHANNELS_LAST:
-            k = _acc(tl.load(k_ptr + cols, mask=col_ok, other=0.0), FP64)[None, :]
-        else:
-            k = _acc(tl.load(k_ptr + rows % C, mask=row_ok, other=0.0), FP64)[:, None]
+    SMALL (d < BLOCK): x0 + inc < 2 * BLOCK, and q = ((x0 + inc) * magic) >> shift in int32 is exact there
+    (magic, shift from ``_magic`` on the host). Otherwise x0 + inc < 2 d, so q is 0 or 1 (int64 offsets).
+    """
+    if SMALL:
+        t = x0.to(tl.int32) + inc
+        q = (t * magic) >> shift
+        r = t - q * d
     else:
-        k = _acc(tl.load(k_ptr), FP64)
-    return k
+        t = x0.to(tl.int64) + inc
+        q = (t >= d).to(tl.int32)
+        r = t - q.to(tl.int64) * d
+    return q, r
 
 
 @triton.jit
-def _sample_scale(scale_ptr, rows, row_ok, rows_per_sample, FP64: tl.constexpr):
-    """The stochastic-depth multiplier of each row's sample, as a column vector."""
-    return _acc(tl.load(scale_ptr + rows // rows_per_sample, mask=row_ok, other=0.0), FP64)[:, None]
+def _flat_coefficients(
+    k_ptr, scale_ptr, start, idx, mask, L, R, magic_l, shift_l, magic_r, shift_r,
+    NEED_K_VALUE: tl.constexpr, NEED_SCALE: tl.constexpr, PER_CHANNEL_K: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, SMALL_L: tl.constexpr, SMALL_R: tl.constexpr, FP64: tl.constexpr,
+):  # fmt: skip
+    """k and the sample's scale for each element start + idx of a flat tile.
+
+    Row = offset // L, as (start // L) + q1; channel = row % R (channels-first, R = C) or offset % L
+    (channels-last, L = C); sample = row // R (R = rows per sample).
+    """
+    k = 1.0
+    s = 1.0
+    if NEED_K_VALUE:
+        if not PER_CHANNEL_K:
+            k = _acc(tl.load(k_ptr), FP64)
+    if (NEED_K_VALUE and PER_CHANNEL_K) or NEED_SCALE:
+        q1, r1 = _divmod_near(start % L, idx, L, magic_l, shift_l, SMALL_L)
+        if NEED_K_VALUE and PER_CHANNEL_K and CHANNELS_LAST:
+            k = _acc(tl.load(k_ptr + r1), FP64)
+        if (NEED_K_VALUE and PER_CHANNEL_K and not CHANNELS_LAST) or NEED_SCALE:
+            row0 = start // L
+            q2, r2 = _divmod_near(row0 % R, q1, R, magic_r, shift_r, SMALL_R)
+            if NEED_K_VALUE and PER_CHANNEL_K and not CHANNELS_LAST:
+                k = _acc(tl.load(k_ptr + r2), FP64)
+            if NEED_SCALE:
+                s = _acc(tl.load(scale_ptr + (row0 // R + q2), mask=mask, other=0.0), FP64)
+    return k, s
 
 
 @triton.jit
@@ -80,11 +106,13 @@ def lm_step_forward_kernel(
     scale_ptr,
     seed_ptr,
     out_ptr,
-    M,
+    numel,
     L,
-    C,
-    rows_per_sample,
-    num_l_blocks,
+    R,
+    magic_l,
+    shift_l,
+    magic_r,
+    shift_r,
     noise_std,
     HAS_F: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -93,29 +121,70 @@ def lm_step_forward_kernel(
     PER_CHANNEL_K: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     FP64: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+    SMALL_L: tl.constexpr,
+    SMALL_R: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """out = act((1 - k) u + k u_prev + s f + noise_std xi) on one tile."""
+    """out = act((1 - k) u + k u_prev + s f + noise_std xi) on one flat tile."""
     pid = tl.program_id(0)
-    _, _, rows, cols, row_ok, col_ok, offs, mask = _tile(pid, M, L, num_l_blocks, BLOCK_M, BLOCK_L)
-    k = _coefficient_k(k_ptr, rows, cols, row_ok, col_ok, C, PER_CHANNEL_K, CHANNELS_LAST, FP64)
+    start = pid.to(tl.int64) * BLOCK
+    idx = tl.arange(0, BLOCK)
+    offs = start + idx
+    mask = offs < numel
+    k, s = _flat_coefficients(
+        k_ptr, scale_ptr, start, idx, mask, L, R, magic_l, shift_l, magic_r, shift_r,
+        True, HAS_F and HAS_SCALE, PER_CHANNEL_K, CHANNELS_LAST, SMALL_L, SMALL_R, FP64,
+    )  # fmt: skip
     u = _acc(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
     u_prev = _acc(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
     acc = (1.0 - k) * u + k * u_prev
     if HAS_F:
         f = _acc(tl.load(f_ptr + offs, mask=mask, other=0.0), FP64)
         if HAS_SCALE:
-            f = f * _sample_scale(scale_ptr, rows, row_ok, rows_per_sample, FP64)
+            f = f * s
         acc += f
     if HAS_NOISE:
-        # Philox counter = the element's memory offset: reproducible from the seed alone, no host sync.
+        # One Philox call per 4 elements: counter = offset // 4, lane = offset % 4 (BLOCK is a multiple
+        # of 4). Reproducible from the seed alone, no host sync.
         seed = tl.load(seed_ptr)
-        acc += noise_std * tl.randn(seed, offs)
+        n0, n1, n2, n3 = tl.randn4x(seed, pid.to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4))
+        acc += noise_std * tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK])
     if RELU:
         # As torch.relu: NaN stays NaN (tl.maximum would return 0 for it and hide a diverging run).
         acc = tl.where(acc < 0.0, 0.0, acc)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gradients(
+    g_ptr, u_ptr, u_prev_ptr, out_ptr, grad_u_ptr, grad_u_prev_ptr, grad_f_ptr, offs, mask, k, s,
+    HAS_SCALE: tl.constexpr, RELU: tl.constexpr, NEED_U: tl.constexpr, NEED_U_PREV: tl.constexpr,
+    NEED_F: tl.constexpr, NEED_K: tl.constexpr, FP64: tl.constexpr,
+):  # fmt: skip
+    """Store grad_u = (1-k) g, grad_u_prev = k g, grad_f = s g for one tile; return g (u_prev - u) (or g)."""
+    # Every load before the first store: Triton must assume the pointers may alias, so a load after a
+    # store could not be hoisted, and fewer bytes would be in flight.
+    g = _acc(tl.load(g_ptr + offs, mask=mask, other=0.0), FP64)
+    if NEED_K:
+        u = _acc(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
+        u_prev = _acc(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
+    if RELU:
+        out = tl.load(out_ptr + offs, mask=mask, other=0.0)
+        # As torch's threshold_backward: zero where out <= 0, so a NaN output passes its gradient on.
+        g = tl.where(out <= 0, 0.0, g)
+    if NEED_U:
+        tl.store(grad_u_ptr + offs, ((1.0 - k) * g).to(grad_u_ptr.dtype.element_ty), mask=mask)
+    if NEED_U_PREV:
+        tl.store(grad_u_prev_ptr + offs, (k * g).to(grad_u_prev_ptr.dtype.element_ty), mask=mask)
+    if NEED_F:
+        grad_f = g
+        if HAS_SCALE:
+            grad_f = g * s
+        tl.store(grad_f_ptr + offs, grad_f.to(grad_f_ptr.dtype.element_ty), mask=mask)
+    if NEED_K:
+        return g * (u_prev - u)
+    else:
+        return g
 
 
 @triton.jit
@@ -130,11 +199,13 @@ def lm_step_backward_kernel(
     grad_u_prev_ptr,
     grad_f_ptr,
     partial_ptr,
-    M,
+    numel,
     L,
-    C,
-    rows_per_sample,
-    num_l_blocks,
+    R,
+    magic_l,
+    shift_l,
+    magic_r,
+    shift_r,
     HAS_SCALE: tl.constexpr,
     RELU: tl.constexpr,
     PER_CHANNEL_K: tl.constexpr,
@@ -144,44 +215,128 @@ def lm_step_backward_kernel(
     NEED_F: tl.constexpr,
     NEED_K: tl.constexpr,
     FP64: tl.constexpr,
+    SMALL_L: tl.constexpr,
+    SMALL_R: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Flat walk: the elementwise gradients, and one partial of g (u_prev - u) per program (scalar k only:
+    a per-channel grad_k takes the channel or columns walk)."""
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * BLOCK
+    idx = tl.arange(0, BLOCK)
+    offs = start + idx
+    mask = offs < numel
+    k, s = _flat_coefficients(
+        k_ptr, scale_ptr, start, idx, mask, L, R, magic_l, shift_l, magic_r, shift_r,
+        NEED_U or NEED_U_PREV, NEED_F and HAS_SCALE, PER_CHANNEL_K, CHANNELS_LAST, SMALL_L, SMALL_R, FP64,
+    )  # fmt: skip
+    d = _gradients(
+        g_ptr, u_ptr, u_prev_ptr, out_ptr, grad_u_ptr, grad_u_prev_ptr, grad_f_ptr, offs, mask, k, s,
+        HAS_SCALE, RELU, NEED_U, NEED_U_PREV, NEED_F, NEED_K, FP64,
+    )  # fmt: skip
+    if NEED_K:
+        tl.store(partial_ptr + pid, tl.sum(d, axis=0))
+
+
+@triton.jit
+def lm_step_backward_channel_kernel(
+    g_ptr,
+    u_ptr,
+    u_prev_ptr,
+    out_ptr,
+    k_ptr,
+    scale_ptr,
+    grad_u_ptr,
+    grad_u_prev_ptr,
+    grad_f_ptr,
+    partial_ptr,
+    per_channel,
+    L,
+    sample_stride,
+    tiles_per_channel,
+    magic_l,
+    shift_l,
+    HAS_SCALE: tl.constexpr,
+    RELU: tl.constexpr,
+    NEED_U: tl.constexpr,
+    NEED_U_PREV: tl.constexpr,
+    NEED_F: tl.constexpr,
+    FP64: tl.constexpr,
+    SMALL_L: tl.constexpr,
+    VEC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Channel walk (channels-first, per-channel grad_k): BLOCK elements v of one channel c, element v at
+    offset (v // L) * C L + c L + v % L; one partial of g (u_prev - u) per program."""
+    pid = tl.program_id(0)
+    c = pid // tiles_per_channel
+    v0 = (pid % tiles_per_channel).to(tl.int64) * BLOCK
+    idx = tl.arange(0, BLOCK)
+    q, r = _divmod_near(v0 % L, idx, L, magic_l, shift_l, SMALL_L)
+    n = v0 // L + q
+    offs = n * sample_stride + c.to(tl.int64) * L + r
+    # Runs of L elements: VEC (a power of two dividing L and BLOCK) consecutive elements stay in one run.
+    offs = tl.max_contiguous(tl.multiple_of(offs, VEC), VEC)
+    mask = tl.max_constancy((v0 + idx) < per_channel, VEC)
+    k = _acc(tl.load(k_ptr + c), FP64)
+    s = 1.0
+    if NEED_F and HAS_SCALE:
+        s = _acc(tl.load(scale_ptr + n, mask=mask, other=0.0), FP64)
+    d = _gradients(
+        g_ptr, u_ptr, u_prev_ptr, out_ptr, grad_u_ptr, grad_u_prev_ptr, grad_f_ptr, offs, mask, k, s,
+        HAS_SCALE, RELU, NEED_U, NEED_U_PREV, NEED_F, True, FP64,
+    )  # fmt: skip
+    tl.store(partial_ptr + pid, tl.sum(d, axis=0))
+
+
+@triton.jit
+def lm_step_backward_columns_kernel(
+    g_ptr,
+    u_ptr,
+    u_prev_ptr,
+    out_ptr,
+    k_ptr,
+    scale_ptr,
+    grad_u_ptr,
+    grad_u_prev_ptr,
+    grad_f_ptr,
+    partial_ptr,
+    M,
+    L,
+    rows_per_sample,
+    num_l_blocks,
+    HAS_SCALE: tl.constexpr,
+    RELU: tl.constexpr,
+    NEED_U: tl.constexpr,
+    NEED_U_PREV: tl.constexpr,
+    NEED_F: tl.constexpr,
+    FP64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    ROW_ITERS: tl.constexpr,
 ):
-    """grad_u = (1-k) g, grad_u_prev = k g, grad_f = s g and partial sums of g (u_prev - u) on one tile."""
+    """Columns walk (channels-last, per-channel grad_k): ROW_ITERS [BLOCK_M, BLOCK_L] tiles down the rows,
+    one partial per column (channel) per program: buffer (M / (BLOCK_M ROW_ITERS), L)."""
     pid = tl.program_id(0)
-    pid_m, pid_l, rows, cols, row_ok, col_ok, offs, mask = _tile(pid, M, L, num_l_blocks, BLOCK_M, BLOCK_L)
-    # Every load before the first store: Triton must assume the pointers may alias, so a load after a
-    # store could not be hoisted, and fewer bytes would be in flight.
-    g = _acc(tl.load(g_ptr + offs, mask=mask, other=0.0), FP64)
-    if NEED_K:
-        u = _acc(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
-        u_prev = _acc(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
-    if RELU:
-        out = tl.load(out_ptr + offs, mask=mask, other=0.0)
-        # As torch's threshold_backward: zero where out <= 0, so a NaN output passes its gradient on.
-        g = tl.where(out <= 0, 0.0, g)
-    if NEED_U or NEED_U_PREV:
-        k = _coefficient_k(k_ptr, rows, cols, row_ok, col_ok, C, PER_CHANNEL_K, CHANNELS_LAST, FP64)
-        if NEED_U:
-            tl.store(grad_u_ptr + offs, ((1.0 - k) * g).to(grad_u_ptr.dtype.element_ty), mask=mask)
-        if NEED_U_PREV:
-            tl.store(grad_u_prev_ptr + offs, (k * g).to(grad_u_prev_ptr.dtype.element_ty), mask=mask)
-    if NEED_F:
-        grad_f = g
-        if HAS_SCALE:
-            grad_f = g * _sample_scale(scale_ptr, rows, row_ok, rows_per_sample, FP64)
-        tl.store(grad_f_ptr + offs, grad_f.to(grad_f_ptr.dtype.element_ty), mask=mask)
-    if NEED_K:
-        d = g * (u_prev - u)
-        if not PER_CHANNEL_K:
-            # One partial per program: buffer (num_programs,).
-            tl.store(partial_ptr + pid, tl.sum(tl.sum(d, axis=1), axis=0))
-        elif CHANNELS_LAST:
-            # One partial per column (channel): buffer (num_m_blocks, L).
-            tl.store(partial_ptr + pid_m.to(tl.int64) * L + cols, tl.sum(d, axis=0), mask=col_ok)
-        else:
-            # One partial per row (sample, channel): buffer (num_l_blocks, M).
-            tl.store(partial_ptr + pid_l.to(tl.int64) * M + rows, tl.sum(d, axis=1), mask=row_ok)
+    pid_m = pid // num_l_blocks
+    cols = (pid % num_l_blocks).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    col_ok = cols < L
+    k = _acc(tl.load(k_ptr + cols, mask=col_ok, other=0.0), FP64)[None, :]
+    acc = tl.zeros([BLOCK_L], dtype=tl.float64 if FP64 else tl.float32)
+    for it in range(ROW_ITERS):
+        rows = (pid_m.to(tl.int64) * ROW_ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        offs = rows[:, None] * L + cols[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        s = 1.0
+        if NEED_F and HAS_SCALE:
+            s = _acc(tl.load(scale_ptr + rows // rows_per_sample, mask=row_ok, other=0.0), FP64)[:, None]
+        d = _gradients(
+            g_ptr, u_ptr, u_prev_ptr, out_ptr, grad_u_ptr, grad_u_prev_ptr, grad_f_ptr, offs, mask, k, s,
+            HAS_SCALE, RELU, NEED_U, NEED_U_PREV, NEED_F, True, FP64,
+        )  # fmt: skip
+        acc += tl.sum(d, axis=0)
+    tl.store(partial_ptr + pid_m.to(tl.int64) * L + cols, acc, mask=col_ok)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -189,29 +344,67 @@ def lm_step_backward_kernel(
 # --------------------------------------------------------------------------------------------------------
 
 _TILE_ELEMENTS = 4096  # elements per program: 8 KiB of bf16 per tensor keeps enough bytes in flight
+_MIN_PROGRAMS = 2048  # the columns walk stacks row blocks per program while this many programs remain
 
 
-def _block_shape(plan: Plan) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_L, num_warps): a fixed function of the shape, so partial buffers are known up front.
+def _magic(d: int, block: int) -> tuple[int, int, bool]:
+    """(magic, shift, small) for ``_divmod_near`` by ``d`` in tiles of ``block`` elements.
 
-    Block sizes are compile-time constants, so a symbolic shape (torch.compile with dynamic shapes) is
-    specialised here.
+    For d < block, x < 2 block: x // d == (x * magic) >> shift with magic = ceil(2^shift / d) and
+    shift = bits(2 block - 1) + ceil(log2 d): the error x (magic d - 2^shift) / (d 2^shift) stays below
+    1 / d, and x * magic < 2^29 fits in int32.
     """
-    return _block_shape_static(plan.channels_last, int(plan.rows), int(plan.row_len))
+    if d >= block:
+        return 0, 0, False
+    shift = (2 * block - 1).bit_length() + (d - 1).bit_length()
+    return -(-(1 << shift) // d), shift, True
 
 
-@functools.lru_cache(maxsize=256)
-def _block_shape_static(channels_last: bool, rows: int, L: int) -> tuple[int, int, int]:
-    if channels_last:
-        block_l = min(triton.next_power_of_2(L), _TILE_ELEMENTS)
-    else:
-        # The row length is the spatial size (3136, 784, 196, 49 in a ResNet): pick the power of two
-        # that wastes the fewest masked lanes, preferring longer rows on ties.
-        candidates = [b for b in (32, 64, 128, 256, 512, 1024) if b <= max(32, triton.next_power_of_2(L))]
-        block_l = min(candidates, key=lambda b: (_cdiv(L, b) * b, -b))
-    block_m = max(1, min(triton.next_power_of_2(rows), _TILE_ELEMENTS // block_l))
+def _flat_block(numel: int) -> tuple[int, int]:
+    block = max(64, min(_TILE_ELEMENTS, triton.next_power_of_2(numel)))
+    return block, 8 if block >= 4096 else 4
+
+
+@functools.lru_cache(maxsize=512)
+def _flat_plan(numel: int, L: int, R: int) -> tuple:
+    """Grid and arguments of a flat walk: (num_programs, block, num_warps, magic_l, shift_l, small_l,
+    magic_r, shift_r, small_r)."""
+    block, num_warps = _flat_block(numel)
+    magic_l, shift_l, small_l = _magic(L, block)
+    magic_r, shift_r, small_r = _magic(R, block)
+    return (_cdiv(numel, block), block, num_warps, magic_l, shift_l, small_l, magic_r, shift_r, small_r)
+
+
+@functools.lru_cache(maxsize=512)
+def _channel_plan(N: int, C: int, L: int, element_size: int) -> tuple:
+    """(num_programs, tiles_per_channel, block, num_warps, vec, magic_l, shift_l, small_l) of the channel
+    walk: the tile length wasting the fewest masked lanes at the end of each channel's N L elements."""
+    per_channel = N * L
+    cap = min(_TILE_ELEMENTS, max(64, triton.next_power_of_2(per_channel)))
+    candidates = [b for b in (64, 128, 256, 512, 1024, 2048, 4096) if b <= cap and b >= cap // 4]
+    block = min(candidates, key=lambda b: (_cdiv(per_channel, b) * b, -b))
+    vec = 1
+    while vec * element_size < 16 and L % (2 * vec) == 0:  # up to 16-byte vectors
+        vec *= 2
+    tiles = _cdiv(per_channel, block)
+    magic_l, shift_l, small_l = _magic(L, block)
+    return C * tiles, tiles, block, 8 if block >= 4096 else 4, vec, magic_l, shift_l, small_l
+
+
+@functools.lru_cache(maxsize=512)
+def _columns_plan(M: int, L: int) -> tuple:
+    """(num_programs, num_m_programs, num_l_blocks, block_m, block_l, row_iters, num_warps) of the
+    columns walk: row blocks are stacked per program (fewer partials) while enough programs remain."""
+    block_l = min(triton.next_power_of_2(L), _TILE_ELEMENTS)
+    block_m = max(1, min(triton.next_power_of_2(M), _TILE_ELEMENTS // block_l))
+    num_l_blocks = _cdiv(L, block_l)
+    row_blocks = _cdiv(M, block_m)
+    row_iters = 1
+    while row_iters < 8 and _cdiv(row_blocks, 2 * row_iters) * num_l_blocks >= _MIN_PROGRAMS:
+        row_iters *= 2
+    num_m = _cdiv(row_blocks, row_iters)
     num_warps = 8 if block_m * block_l >= 4096 else 4
-    return block_m, block_l, num_warps
+    return num_m * num_l_blocks, num_m, num_l_blocks, block_m, block_l, row_iters, num_warps
 
 
 # Under TRITON_INTERPRET=1 the kernels run through Triton's CPU interpreter, which torch cannot trace into.
@@ -242,9 +435,9 @@ def _aligned(t: Tensor) -> Tensor:
     return t.clone()  # preserve_format: dense strides are kept
 
 
-def _grid(plan: Plan, block_m: int, block_l: int) -> tuple[int, int]:
-    num_l_blocks = _cdiv(plan.row_len, block_l)
-    return _cdiv(plan.rows, block_m) * num_l_blocks, num_l_blocks
+def _flat_args(plan: Plan) -> tuple:
+    """_flat_plan for a layout plan; shapes are specialised (block sizes are compile-time constants)."""
+    return _flat_plan(int(plan.rows) * int(plan.row_len), int(plan.row_len), int(plan.rows_per_sample))
 
 
 def lm_step_forward_triton(
@@ -268,8 +461,7 @@ def lm_step_forward_triton(
     k = k.contiguous()  # (1,) or (C,), any float dtype: the kernel promotes it on load, as it does scale
     scale = scale.contiguous() if scale is not None else None
     has_noise = noise_std > 0.0
-    block_m, block_l, num_warps = _block_shape(plan)
-    num_programs, num_l_blocks = _grid(plan, block_m, block_l)
+    num_programs, block, num_warps, magic_l, shift_l, small_l, magic_r, shift_r, small_r = _flat_args(plan)
     _launcher(lm_step_forward_kernel)[(num_programs,)](
         u,
         u_prev,
@@ -278,11 +470,13 @@ def lm_step_forward_triton(
         scale if scale is not None else k,
         seed if has_noise else k,
         out,
-        plan.rows,
+        u.numel(),
         plan.row_len,
-        plan.channels,
         plan.rows_per_sample,
-        num_l_blocks,
+        magic_l,
+        shift_l,
+        magic_r,
+        shift_r,
         float(noise_std),
         HAS_F=f is not None,
         HAS_SCALE=scale is not None and f is not None,
@@ -291,8 +485,9 @@ def lm_step_forward_triton(
         PER_CHANNEL_K=k.numel() > 1,
         CHANNELS_LAST=plan.channels_last,
         FP64=u.dtype == torch.float64,
-        BLOCK_M=block_m,
-        BLOCK_L=block_l,
+        SMALL_L=small_l,
+        SMALL_R=small_r,
+        BLOCK=block,
         num_warps=num_warps,
     )
     return out
@@ -311,7 +506,8 @@ def lm_step_backward_triton(
     need_f: bool,
     need_k: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Launch the backward kernel, then sum the grad_k partials in a fixed order."""
+    """Launch the backward kernel of the walk the flags call for, then sum the grad_k partials in a fixed
+    order."""
     plan = plan_layout(u if u is not None else grad_out)
     layout = plan.channels_last
     g = to_layout(grad_out, layout)
@@ -331,8 +527,6 @@ def lm_step_backward_triton(
     if g.numel() == 0:
         return grad_u, grad_u_prev, grad_f, grad_k
 
-    block_m, block_l, num_warps = _block_shape(plan)
-    num_programs, num_l_blocks = _grid(plan, block_m, block_l)
     if need_k:
         # Triton compiles a variant per pointer alignment, and the variant's register layout sets the order
         # of the in-program sums: grad_k's bits would depend on where the data sits. Misaligned views (rare)
@@ -340,21 +534,11 @@ def lm_step_backward_triton(
         g = _aligned(g)
         u = _aligned(to_layout(u, layout))
         u_prev = _aligned(to_layout(u_prev, layout))
-        # Scalar k: one partial per program. Per channel, every row of the buffer holds one partial per
-        # channel: channels-last, one row per row-block; channels-first, (column-block, sample) rows.
-        if k.numel() == 1:
-            partial_shape = (num_programs,)
-        elif layout:
-            partial_shape = (num_programs // num_l_blocks, plan.row_len)
-        else:
-            partial_shape = (num_l_blocks, plan.rows)
-        partials = torch.empty(partial_shape, dtype=acc_dtype, device=g.device)
-    else:
-        partials = k
     out = (_aligned(to_layout(out, layout)) if need_k else to_layout(out, layout)) if relu else None
-    k = k.contiguous()  # any float dtype: the kernel promotes k and scale on load
+    per_channel = k.numel() > 1
+    k = k.contiguous()  # any float dtype: the kernels promote k and scale on load
     scale = scale.contiguous() if scale is not None else None
-    _launcher(lm_step_backward_kernel)[(num_programs,)](
+    pointers = (
         g,
         u if need_k else g,  # unused pointers stand in for tensors a variant does not read
         u_prev if need_k else g,
@@ -364,27 +548,42 @@ def lm_step_backward_triton(
         grad_u if need_u else g,
         grad_u_prev if need_u_prev else g,
         grad_f if need_f else g,
-        partials,
-        plan.rows,
-        plan.row_len,
-        plan.channels,
-        plan.rows_per_sample,
-        num_l_blocks,
-        HAS_SCALE=scale is not None,
-        RELU=relu,
-        PER_CHANNEL_K=k.numel() > 1,
-        CHANNELS_LAST=layout,
-        NEED_U=need_u,
-        NEED_U_PREV=need_u_prev,
-        NEED_F=need_f,
-        NEED_K=need_k,
-        FP64=fp64,
-        BLOCK_M=block_m,
-        BLOCK_L=block_l,
-        num_warps=num_warps,
     )
+    flags = dict(HAS_SCALE=scale is not None, RELU=relu, NEED_U=need_u, NEED_U_PREV=need_u_prev)
+    if need_k and per_channel and not layout:
+        rows, L = int(plan.rows), int(plan.row_len)
+        num_programs, tiles, block, num_warps, vec, magic_l, shift_l, small_l = _channel_plan(
+            rows // plan.channels, plan.channels, L, g.element_size()
+        )
+        partials = torch.empty((plan.channels, tiles), dtype=acc_dtype, device=g.device)
+        _launcher(lm_step_backward_channel_kernel)[(num_programs,)](
+            *pointers, partials, (rows // plan.channels) * L, L, plan.channels * L, tiles, magic_l, shift_l,
+            **flags, NEED_F=need_f, FP64=fp64, SMALL_L=small_l, VEC=vec, BLOCK=block, num_warps=num_warps,
+        )  # fmt: skip
+        per_channel_sum = partials.sum(1)
+    elif need_k and per_channel:
+        num_programs, num_m, num_l_blocks, block_m, block_l, row_iters, num_warps = _columns_plan(
+            int(plan.rows), int(plan.row_len)
+        )
+        partials = torch.empty((num_m, plan.row_len), dtype=acc_dtype, device=g.device)
+        _launcher(lm_step_backward_columns_kernel)[(num_programs,)](
+            *pointers, partials, plan.rows, plan.row_len, plan.rows_per_sample, num_l_blocks,
+            **flags, NEED_F=need_f, FP64=fp64, BLOCK_M=block_m, BLOCK_L=block_l, ROW_ITERS=row_iters,
+            num_warps=num_warps,
+        )  # fmt: skip
+        per_channel_sum = partials.sum(0)
+    else:
+        flat = _flat_args(plan)
+        num_programs, block, num_warps, magic_l, shift_l, small_l, magic_r, shift_r, small_r = flat
+        # Scalar k: one partial per program.
+        partials = torch.empty((num_programs,), dtype=acc_dtype, device=g.device) if need_k else k
+        _launcher(lm_step_backward_kernel)[(num_programs,)](
+            *pointers, partials, g.numel(), plan.row_len, plan.rows_per_sample, magic_l, shift_l, magic_r,
+            shift_r, **flags, NEED_F=need_f, PER_CHANNEL_K=per_channel, CHANNELS_LAST=layout, NEED_K=need_k,
+            FP64=fp64, SMALL_L=small_l, SMALL_R=small_r, BLOCK=block, num_warps=num_warps,
+        )  # fmt: skip
+        per_channel_sum = partials.sum() if need_k else None
     if need_k:
-        # One reduction over the program partials; torch's sum uses no atomics, so the order is fixed.
-        per_channel = partials.sum() if k.numel() == 1 else partials.view(-1, plan.channels).sum(0)
-        grad_k = per_channel.reshape(k.shape).to(k.dtype)
+        # torch's sums use no atomics, so the order is fixed.
+        grad_k = per_channel_sum.reshape(k.shape).to(k.dtype)
     return grad_u, grad_u_prev, grad_f, grad_k
