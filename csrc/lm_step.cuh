@@ -512,13 +512,16 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
         A s = A(1);
         if constexpr (HAS_SCALE) s = a.scale[sample[b]];
         Pack<T, VEC> po;
-        float xi[VEC];
-        if constexpr (HAS_NOISE) philox_normals<VEC>(key0, key1, static_cast<uint64_t>(off[b]), xi);
+        constexpr int G = VEC % 4 == 0 ? 4 : VEC;  // normals per Philox call used here
+        float xi[G];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           A x = (A(1) - kk[j]) * to_acc(pu[b].v[j]) + kk[j] * to_acc(pp[b].v[j]);
           if constexpr (HAS_F) x += HAS_SCALE ? s * to_acc(pf[b].v[j]) : to_acc(pf[b].v[j]);
-          if constexpr (HAS_NOISE) x += a.noise_std * static_cast<A>(xi[j]);
+          if constexpr (HAS_NOISE) {
+            if (j % G == 0) philox_normals<G>(key0, key1, static_cast<uint64_t>(off[b] + j), xi);
+            x += a.noise_std * static_cast<A>(xi[j % G]);
+          }
           if constexpr (RELU) x = x < A(0) ? A(0) : x;  // keeps NaN, like torch.relu
           po.v[j] = from_acc<T>(x);
         }
