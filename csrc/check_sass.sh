@@ -7,7 +7,8 @@
 # BUILD_DIR (device code only, a few minutes on 2 cores).
 # Needs nvcc (PATH or CUDA_HOME) and cuobjdump: PATH, $CUDA_HOME/bin, or
 #   pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
-# Env: SASS_VERBOSE=1 prints one row per kernel; PYTHON (python3).
+# Env: SASS_VERBOSE=1 prints one row per kernel; SASS_NVCC_FLAGS (extra nvcc flags, e.g.
+#      "-Xptxas -v" for register and spill counts); PYTHON (python3).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,10 +42,17 @@ if [ "${#inputs[@]}" -ne "${#dtypes[@]}" ]; then
     "$nvcc_bin" -cubin -arch=sm_90 -O3 -std=c++17 \
       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
       -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
-      -I"$root/csrc" "$root/csrc/lm_step_$d.cu" -o "$cubin" &
+      ${SASS_NVCC_FLAGS:-} -I"$root/csrc" "$root/csrc/lm_step_$d.cu" -o "$cubin" \
+      2> "$build_dir/lm_step_$d.nvcc.log" &
     pids+=($!)
   done
-  for pid in "${pids[@]}"; do wait "$pid"; done
+  status=0
+  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+  if [ "$status" -ne 0 ]; then
+    cat "$build_dir"/lm_step_*.nvcc.log >&2
+    echo "check_sass: nvcc failed" >&2
+    exit 2
+  fi
 fi
 
 verbose=()
