@@ -85,6 +85,23 @@ def test_tiling_edges_match_float64_oracle(backend, shape, layout):
     )
 
 
+def test_triton_channels_last_grad_k_stacks_row_blocks(monkeypatch):
+    """The Triton channels-last per-channel grad_k with several row blocks per program (taken at large
+    shapes only, here forced), the last program running past the rows."""
+    if "triton" not in backends():
+        pytest.skip("triton unavailable")
+    kernels = pytest.importorskip("lmfused.triton_kernels.lm_step")
+    monkeypatch.setattr(kernels, "_MIN_PROGRAMS", 1)
+    kernels._columns_plan.cache_clear()
+    try:
+        assert kernels._columns_plan(4 * 17 * 19, 33)[5] == 8  # row_iters
+        _check_against_oracle(
+            "triton", (4, 33, 17, 19), "channels_last", torch.float32, [(True, True, True, True)]
+        )
+    finally:
+        kernels._columns_plan.cache_clear()
+
+
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "k{}f{}s{}r{}".format(*map(int, f)))

@@ -551,13 +551,14 @@ def lm_step_backward_triton(
     )
     flags = dict(HAS_SCALE=scale is not None, RELU=relu, NEED_U=need_u, NEED_U_PREV=need_u_prev)
     if need_k and per_channel and not layout:
-        rows, L = int(plan.rows), int(plan.row_len)
+        C, L = int(plan.channels), int(plan.row_len)
+        N = int(plan.rows) // C
         num_programs, tiles, block, num_warps, vec, magic_l, shift_l, small_l = _channel_plan(
-            rows // plan.channels, plan.channels, L, g.element_size()
+            N, C, L, g.element_size()
         )
-        partials = torch.empty((plan.channels, tiles), dtype=acc_dtype, device=g.device)
+        partials = torch.empty((C, tiles), dtype=acc_dtype, device=g.device)
         _launcher(lm_step_backward_channel_kernel)[(num_programs,)](
-            *pointers, partials, (rows // plan.channels) * L, L, plan.channels * L, tiles, magic_l, shift_l,
+            *pointers, partials, N * L, L, C * L, tiles, magic_l, shift_l,
             **flags, NEED_F=need_f, FP64=fp64, SMALL_L=small_l, VEC=vec, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
         per_channel_sum = partials.sum(1)
