@@ -10,8 +10,8 @@ activation store must be one VEC * sizeof(T)-byte access. The only narrower stor
 grad_k partial sums of a NEED_K backward (accumulator width: 4 bytes, 8 for double), at most
 MAX_PARTIAL_STORES store instructions. -v prints every kernel.
 
-The disassembler is cuobjdump (-sass), found on PATH, in $CUDA_HOME/bin, or in the bin/ folder of the
-nvidia-cuda-cuobjdump wheel (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm).
+The disassembler is cuobjdump -sass, which runs nvdisasm; both are found on PATH, in $CUDA_HOME/bin, or
+in the bin/ folder of their wheels (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm).
 """
 
 from __future__ import annotations
@@ -125,11 +125,18 @@ def main() -> int:
     parser.add_argument("--arch", default="sm_90")
     args = parser.parse_args()
     cuobjdump = find_tool("cuobjdump")
+    # cuobjdump -sass runs nvdisasm, which it looks for on PATH (the wheels do not put it there).
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(find_tool("nvdisasm")) + os.pathsep + env.get("PATH", "")
 
     kernels: dict[str, collections.Counter] = {}
     for path in args.files:
         result = subprocess.run(
-            [cuobjdump, "-sass", "-arch", args.arch, path], capture_output=True, text=True, check=False
+            [cuobjdump, "-sass", "-arch", args.arch, path],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=env,
         )
         if result.returncode != 0:
             sys.exit(f"check_sass: cuobjdump failed on {path}: {result.stderr.strip()}")
