@@ -68,33 +68,22 @@ def _divmod_near(x0, inc, d, magic, shift, SMALL: tl.constexpr):
 
 
 @triton.jit
-def _flat_coefficients(
-    k_ptr, scale_ptr, start, idx, mask, L, R, magic_l, shift_l, magic_r, shift_r,
-    NEED_K_VALUE: tl.constexpr, NEED_SCALE: tl.constexpr, PER_CHANNEL_K: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, SMALL_L: tl.constexpr, SMALL_R: tl.constexpr, FP64: tl.constexpr,
+def _flat_rows(
+    start, idx, L, R, magic_l, shift_l, magic_r, shift_r,
+    SECOND: tl.constexpr, SMALL_L: tl.constexpr, SMALL_R: tl.constexpr,
 ):  # fmt: skip
-    """k and the sample's scale for each element start + idx of a flat tile.
+    """For the elements start + idx of a flat tile: (offset % L, row % R, row // R), row = offset // L.
 
-    Row = offset // L, as (start // L) + q1; channel = row % R (channels-first, R = C) or offset % L
-    (channels-last, L = C); sample = row // R (R = rows per sample).
+    row = (start // L) + q1 with q1 from the first division; the second (by R, for row % R and row // R) only
+    if SECOND, else the first result stands in for the two others.
     """
-    k = 1.0
-    s = 1.0
-    if NEED_K_VALUE:
-        if not PER_CHANNEL_K:
-            k = _acc(tl.load(k_ptr), FP64)
-    if (NEED_K_VALUE and PER_CHANNEL_K) or NEED_SCALE:
-        q1, r1 = _divmod_near(start % L, idx, L, magic_l, shift_l, SMALL_L)
-        if NEED_K_VALUE and PER_CHANNEL_K and CHANNELS_LAST:
-            k = _acc(tl.load(k_ptr + r1), FP64)
-        if (NEED_K_VALUE and PER_CHANNEL_K and not CHANNELS_LAST) or NEED_SCALE:
-            row0 = start // L
-            q2, r2 = _divmod_near(row0 % R, q1, R, magic_r, shift_r, SMALL_R)
-            if NEED_K_VALUE and PER_CHANNEL_K and not CHANNELS_LAST:
-                k = _acc(tl.load(k_ptr + r2), FP64)
-            if NEED_SCALE:
-                s = _acc(tl.load(scale_ptr + (row0 // R + q2), mask=mask, other=0.0), FP64)
-    return k, s
+    q1, r1 = _divmod_near(start % L, idx, L, magic_l, shift_l, SMALL_L)
+    if SECOND:
+        row0 = start // L
+        q2, r2 = _divmod_near(row0 % R, q1, R, magic_r, shift_r, SMALL_R)
+        return r1, r2, row0 // R + q2
+    else:
+        return r1, r1, r1
 
 
 @triton.jit
@@ -131,17 +120,27 @@ def lm_step_forward_kernel(
     idx = tl.arange(0, BLOCK)
     offs = start + idx
     mask = offs < numel
-    k, s = _flat_coefficients(
-        k_ptr, scale_ptr, start, idx, mask, L, R, magic_l, shift_l, magic_r, shift_r,
-        True, HAS_F and HAS_SCALE, PER_CHANNEL_K, CHANNELS_LAST, SMALL_L, SMALL_R, FP64,
-    )  # fmt: skip
+    # k and the sample's scale per element: channel = row % C (channels-first, R = C) or offset % C
+    # (channels-last, L = C), sample = row // R (R = rows per sample).
+    if PER_CHANNEL_K or (HAS_F and HAS_SCALE):
+        r1, r2, sample = _flat_rows(
+            start, idx, L, R, magic_l, shift_l, magic_r, shift_r,
+            (HAS_F and HAS_SCALE) or not CHANNELS_LAST, SMALL_L, SMALL_R,
+        )  # fmt: skip
+    if PER_CHANNEL_K:
+        if CHANNELS_LAST:
+            k = _acc(tl.load(k_ptr + r1), FP64)
+        else:
+            k = _acc(tl.load(k_ptr + r2), FP64)
+    else:
+        k = _acc(tl.load(k_ptr), FP64)
     u = _acc(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
     u_prev = _acc(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
     acc = (1.0 - k) * u + k * u_prev
     if HAS_F:
         f = _acc(tl.load(f_ptr + offs, mask=mask, other=0.0), FP64)
         if HAS_SCALE:
-            f = f * s
+            f = f * _acc(tl.load(scale_ptr + sample, mask=mask, other=0.0), FP64)
         acc += f
     if HAS_NOISE:
         # One Philox call per 4 elements: counter = offset // 4, lane = offset % 4 (BLOCK is a multiple
@@ -226,10 +225,22 @@ def lm_step_backward_kernel(
     idx = tl.arange(0, BLOCK)
     offs = start + idx
     mask = offs < numel
-    k, s = _flat_coefficients(
-        k_ptr, scale_ptr, start, idx, mask, L, R, magic_l, shift_l, magic_r, shift_r,
-        NEED_U or NEED_U_PREV, NEED_F and HAS_SCALE, PER_CHANNEL_K, CHANNELS_LAST, SMALL_L, SMALL_R, FP64,
-    )  # fmt: skip
+    k = 1.0  # placeholders for what a variant does not read
+    s = 1.0
+    if (PER_CHANNEL_K and (NEED_U or NEED_U_PREV)) or (NEED_F and HAS_SCALE):
+        r1, r2, sample = _flat_rows(
+            start, idx, L, R, magic_l, shift_l, magic_r, shift_r,
+            (NEED_F and HAS_SCALE) or not CHANNELS_LAST, SMALL_L, SMALL_R,
+        )  # fmt: skip
+        if NEED_F and HAS_SCALE:
+            s = _acc(tl.load(scale_ptr + sample, mask=mask, other=0.0), FP64)
+    if NEED_U or NEED_U_PREV:
+        if not PER_CHANNEL_K:
+            k = _acc(tl.load(k_ptr), FP64)
+        elif CHANNELS_LAST:
+            k = _acc(tl.load(k_ptr + r1), FP64)
+        else:
+            k = _acc(tl.load(k_ptr + r2), FP64)
     d = _gradients(
         g_ptr, u_ptr, u_prev_ptr, out_ptr, grad_u_ptr, grad_u_prev_ptr, grad_f_ptr, offs, mask, k, s,
         HAS_SCALE, RELU, NEED_U, NEED_U_PREV, NEED_F, NEED_K, FP64,
