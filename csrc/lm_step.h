@@ -44,8 +44,15 @@ size_t lm_step_backward_workspace_bytes(DType dtype, const LMStepShape& shape);
 // Outputs are requested by passing non-null pointers: grad_u, grad_u_prev, grad_f (activation
 // dtype, same layout) and grad_k (accumulator type, k_numel values). grad_k needs `workspace`
 // of at least lm_step_backward_workspace_bytes(); it is reduced deterministically: per-tile
-// partial sums, then a fixed-order second kernel (no atomics), so identical inputs on the same
-// device give bitwise identical grad_k.
+// partial sums, then fixed-order reduction kernels (no atomics), so identical inputs on the same
+// device give bitwise identical grad_k. What its bits depend on, exactly: the values, the shape,
+// the layout, k_numel, relu, and the vector width, because the tiles (hence the summation
+// order) are sized in vectors. The width is the widest of 128-bit, 64-bit and scalar that
+// divides the row length and that every buffer touched (grad_out, out if relu, u, u_prev, and
+// the requested gradients) is aligned to. The same values at other addresses of the same
+// alignment (16-byte aligned, or 8-byte aligned, or neither) give the same bits; across
+// alignments they may differ in the last bits. The torch binding copies a misaligned operand of
+// a grad_k backward to an aligned buffer, so through torch the alignment never matters.
 cudaError_t launch_lm_step_backward(DType dtype, const LMStepShape& shape, const void* grad_out,
                                     const void* u, const void* u_prev, const void* out,
                                     const void* k, int64_t k_numel, const void* scale, bool relu,

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -120,8 +121,10 @@ void check_like(const Tensor& t, const char* op, const char* name, const Tensor&
 }
 
 void check_k(const Tensor& k, const char* op, int64_t C, const Tensor& ref) {
-  TORCH_CHECK_TYPE(k.scalar_type() == at::kFloat || k.scalar_type() == at::kDouble, op,
-                   ": k must be float32 or float64, got ", k.scalar_type());
+  // Any float k (after model.half() or model.bfloat16() k follows the model's dtype): the kernels
+  // read it in the compute type, and grad_k comes back in k's dtype, as on the other backends.
+  TORCH_CHECK_TYPE(at::isFloatingType(k.scalar_type()), op,
+                   ": k must be a floating tensor, got ", k.scalar_type());
   TORCH_CHECK_VALUE(k.numel() == 1 || k.numel() == C, op,
                     ": k must have 1 or C = ", C, " elements, got shape ", k.sizes());
   TORCH_CHECK_VALUE(k.device() == ref.device(), op, ": k must be on ", ref.device(), ", got ",
@@ -138,6 +141,20 @@ void check_scale(const std::optional<Tensor>& scale, const char* op, int64_t N,
                     ",), got ", s.sizes());
   TORCH_CHECK_VALUE(s.device() == ref.device(), op, ": scale must be on ", ref.device(),
                     ", got ", s.device());
+}
+
+// grad_k's summation order follows the tiles, whose size follows the vector width, which the
+// launcher picks from the row length and the alignment of every buffer (lm_step.h). So that
+// through torch grad_k's bits depend on the values, shape, layout and flags only, a grad_k
+// backward copies an operand whose data pointer is not 16-byte aligned (a view at a storage
+// offset; fresh tensors are always aligned) to a fresh buffer when its rows could take a vector
+// path: one extra pass over that tensor, in a rare case.
+Tensor aligned_for_grad_k(const Tensor& t, bool need_k, int64_t row_length) {
+  if (!need_k || !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0) return t;
+  const int64_t elem = static_cast<int64_t>(t.element_size());
+  const int64_t narrowest_vector = elem == 8 ? 2 : 8 / elem;  // 64-bit (128-bit for double)
+  if (row_length % narrowest_vector != 0) return t;            // the scalar path in any case
+  return t.clone();  // preserve_format: a dense tensor keeps its strides
 }
 
 void check_launch(cudaError_t err, const char* op) {
@@ -214,7 +231,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lm_step_cuda_backward(
   const c10::cuda::CUDAGuard guard(grad_out.device());
   // Gradients take u's normalised layout (grad_out's when u is not passed), as the fake impl does.
   const Layout layout = choose_layout(need_k ? *u : grad_out);
-  const Tensor g_n = normalise(grad_out, layout);
+  const int64_t row_length = layout.channels_last_view ? C : S;
+  const Tensor g_n = aligned_for_grad_k(normalise(grad_out, layout), need_k, row_length);
   const at::ScalarType acc = acc_type(grad_out.scalar_type());
   // Placeholders for gradients not asked for: distinct (non-aliasing) empty tensors.
   auto grad_like = [&](bool needed) {
@@ -227,9 +245,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lm_step_cuda_backward(
     return {grad_u, grad_up, grad_f, grad_k};
   }
 
-  const Tensor u_n = need_k ? normalise(*u, layout) : Tensor();
-  const Tensor up_n = need_k ? normalise(*u_prev, layout) : Tensor();
-  const Tensor out_n = relu ? normalise(*out, layout) : Tensor();
+  const Tensor u_n =
+      need_k ? aligned_for_grad_k(normalise(*u, layout), true, row_length) : Tensor();
+  const Tensor up_n =
+      need_k ? aligned_for_grad_k(normalise(*u_prev, layout), true, row_length) : Tensor();
+  const Tensor out_n =
+      relu ? aligned_for_grad_k(normalise(*out, layout), need_k, row_length) : Tensor();
   const Tensor k_acc = k.reshape({-1}).to(acc).contiguous();
   const Tensor s_acc = scale.has_value() && need_f ? scale->to(acc).contiguous() : Tensor();
   // grad_k is reduced in the compute type into a flat buffer, then copied if k differs in either.
