@@ -646,7 +646,9 @@ __global__ void __launch_bounds__(kBlock)
   A t = 0;
   if (c < L) {
 #pragma unroll 8
-    for (int64_t r = seg * kSegRows + ty; r < end; r += kBlock / kColGroup) t += partials[r * L + c];
+    for (int64_t r = seg * kSegRows + ty; r < end; r += kBlock / kColGroup) {
+      t += partials[r * L + c];
+    }
   }
   smem[threadIdx.x] = t;
   __syncthreads();

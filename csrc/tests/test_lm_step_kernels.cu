@@ -436,8 +436,9 @@ void test_noise_stats() {
     for (int d = 1; d <= 4; ++d) lag[d - 1] += (a[i] - mean) * (a[i + d] - mean);
   for (float x : a) m4 += std::pow((x - mean) / sd, 4);
   m4 /= n;
-  std::printf("noise: lag-1..4 correlation %.5f %.5f %.5f %.5f, kurtosis %.4f\n", lag[0] / n / (sd * sd),
-              lag[1] / n / (sd * sd), lag[2] / n / (sd * sd), lag[3] / n / (sd * sd), m4);
+  const double var = sd * sd;
+  std::printf("noise: lag-1..4 correlation %.5f %.5f %.5f %.5f, kurtosis %.4f\n", lag[0] / n / var,
+              lag[1] / n / var, lag[2] / n / var, lag[3] / n / var, m4);
   for (double l : lag)
     if (std::fabs(l / n / (sd * sd)) > 0.005) fail("noise: neighbouring values are correlated");
   if (std::fabs(m4 - 3.0) > 0.03) fail("noise: 4th moment is not that of a normal");
@@ -500,7 +501,8 @@ void test_many_row_tiles(int64_t C, std::mt19937_64& rng) {
     for (size_t c = 0; c < got.size(); ++c) {
       if (!(std::fabs(got[c] - ref[c]) <= 1e-5 * (mag[c] + 1.0))) {
         char what[160];
-        std::snprintf(what, sizeof what, "many row tiles, C=%lld shift=%zu: grad_k[%zu] %.9g want %.9g",
+        std::snprintf(what, sizeof what,
+                      "many row tiles, C=%lld shift=%zu: grad_k[%zu] %.9g want %.9g",
                       static_cast<long long>(C), shift, c, static_cast<double>(got[c]), ref[c]);
         fail(std::string(Tr::name) + " " + what);
         break;
