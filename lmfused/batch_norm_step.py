@@ -12,13 +12,16 @@ in evaluation the running statistics are folded into a per-channel affine. The b
 per-channel sums of the BN gradient and grad_k in one pass over g, out, x (and u, u_prev for grad_k), then
 writes grad_x, grad_u and grad_u_prev in a second.
 
-Each backend is a pair of ops in the ``lmfused`` namespace (statistics, forward, backward)::
+Each backend is four ops in the ``lmfused`` namespace, one kernel pass each::
 
     lmfused::batch_norm_stats_<backend>(x) -> (mean, var)                    biased variance, compute dtype
     lmfused::batch_norm_lm_step_<backend>(x, mean, invstd, weight?, bias?, u, u_prev, k, scale?, seed?,
                                           training, relu, noise_std) -> out
-    lmfused::batch_norm_lm_step_<backend>_backward(grad_out, x, mean, invstd, weight?, u?, u_prev?, out?, k,
-                                          scale?, training, relu, needs[6]) -> 6 gradients
+    lmfused::batch_norm_lm_step_<backend>_backward_reduce(grad_out, x, mean, invstd, u?, u_prev?, out?,
+                                          scale?, relu, need_k) -> (sum dy, sum dy xhat, grad_k per channel)
+    lmfused::batch_norm_lm_step_<backend>_backward(grad_out, x, mean, invstd, weight?, mean_dy, mean_dy_xhat,
+                                          out?, k, scale?, training, relu, need_x, need_u, need_u_prev)
+                                          -> (grad_x, grad_u, grad_u_prev)
 
 ``mean`` and ``invstd`` are constants to autograd: in training they are x's own batch statistics, and the
 backward's grad_x includes their dependence on x (the full batch-norm gradient).
@@ -45,17 +48,21 @@ from lmfused.ops import (
 )
 from lmfused.reference import _channel_view, _in_layout, _noise, compute_dtype, lm_step_eager
 
-__all__ = ["batch_norm_lm_step"]
+__all__ = ["batch_norm_lm_step", "has_backend"]
 
 STATS_SCHEMA = "(Tensor x) -> (Tensor, Tensor)"
 FORWARD_SCHEMA = (
     "(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor u, Tensor u_prev, Tensor k, "
     "Tensor? scale, Tensor? seed, bool training, bool relu, float noise_std) -> Tensor"
 )
+REDUCE_SCHEMA = (
+    "(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? u, Tensor? u_prev, Tensor? out, "
+    "Tensor? scale, bool relu, bool need_k) -> (Tensor, Tensor, Tensor)"
+)
 BACKWARD_SCHEMA = (
-    "(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? u, Tensor? u_prev, "
-    "Tensor? out, Tensor k, Tensor? scale, bool training, bool relu, bool[6] needs) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor mean_dy, "
+    "Tensor mean_dy_xhat, Tensor? out, Tensor k, Tensor? scale, bool training, bool relu, bool need_x, "
+    "bool need_u, bool need_u_prev) -> (Tensor, Tensor, Tensor)"
 )
 GRADIENTS = ("x", "weight", "bias", "u", "u_prev", "k")  # the order of ``needs`` and of the gradients
 
@@ -125,64 +132,83 @@ def _channel_sum(t: Tensor) -> Tensor:
     return t.sum(_reduce_dims(t))
 
 
+def _masked_gradient(grad_out: Tensor, out: Tensor | None, relu: bool, cd: torch.dtype) -> Tensor:
+    """The output gradient through the ReLU, as torch.relu's backward: 0 where out <= 0 (NaN passes)."""
+    g = grad_out.to(cd)
+    if not relu:
+        return g
+    if out is None:
+        raise ValueError("out: the forward output is required when relu=True")
+    return torch.where(out <= 0, torch.zeros((), dtype=cd, device=g.device), g)
+
+
+def _branch_gradient(g: Tensor, scale: Tensor | None) -> Tensor:
+    """dy = s * g: the gradient of the batch norm's output."""
+    return g if scale is None else scale.to(g.dtype).reshape((-1,) + (1,) * (g.dim() - 1)) * g
+
+
+def reference_backward_reduce(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    u: Tensor | None,
+    u_prev: Tensor | None,
+    out: Tensor | None,
+    scale: Tensor | None,
+    relu: bool,
+    need_k: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """First backward pass: per-channel sums of dy, dy * xhat and (``need_k``) g * (u_prev - u), where g is
+    the output gradient through the ReLU, dy = s * g and xhat = (x - mean) * invstd (compute dtype)."""
+    cd = compute_dtype(grad_out.dtype)
+    g = _masked_gradient(grad_out, out, relu, cd)
+    dy = _branch_gradient(g, scale)
+    sum_dy_xhat = _channel_sum(dy * _normalized(x, mean, invstd, cd))
+    grad_k = g.new_empty((0,))
+    if need_k:
+        if u is None or u_prev is None:
+            raise ValueError("u, u_prev: required when the gradient of k is needed")
+        grad_k = _channel_sum(g * (u_prev.to(cd) - u.to(cd)))
+    return _channel_sum(dy), sum_dy_xhat, grad_k
+
+
 def reference_backward(
     grad_out: Tensor,
     x: Tensor,
     mean: Tensor,
     invstd: Tensor,
     weight: Tensor | None,
-    u: Tensor | None,
-    u_prev: Tensor | None,
+    mean_dy: Tensor,
+    mean_dy_xhat: Tensor,
     out: Tensor | None,
     k: Tensor,
     scale: Tensor | None,
     training: bool,
     relu: bool,
-    needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward of the ``reference`` backend; gradients in ``GRADIENTS`` order, unneeded ones empty.
-
-    With g the output gradient (masked by the ReLU as torch.relu's backward masks it), dy = s * g and
-    xhat = (x - mean) * invstd: grad_weight = sum dy * xhat, grad_bias = sum dy, and grad_x = w * invstd * dy
-    in evaluation, w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)) in training (the batch statistics'
-    own gradient included); grad_u = (1 - k) g, grad_u_prev = k g, grad_k = sum g * (u_prev - u).
-    """
-    need_x, need_weight, need_bias, need_u, need_u_prev, need_k = needs
+    need_x: bool,
+    need_u: bool,
+    need_u_prev: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Second backward pass: grad_x = w invstd (dy - mean(dy) - xhat mean(dy xhat)) in training (the batch
+    statistics' own gradient included), w invstd dy in evaluation; grad_u = (1 - k) g, grad_u_prev = k g.
+    Unneeded gradients come back empty."""
     cd = compute_dtype(grad_out.dtype)
-    g = grad_out.to(cd)
-    if relu:
-        if out is None:
-            raise ValueError("out: the forward output is required when relu=True")
-        g = torch.where(out <= 0, torch.zeros((), dtype=cd, device=g.device), g)
-
-    def nothing() -> Tensor:  # an unneeded gradient: a fresh empty tensor (outputs must not alias)
-        return grad_out.new_empty((0,))
-
-    dy = g if scale is None else scale.to(cd).reshape((-1,) + (1,) * (g.dim() - 1)) * g
-    xhat = _normalized(x, mean, invstd, cd)
-    sum_dy = _channel_sum(dy)
-    sum_dy_xhat = _channel_sum(dy * xhat)
-    grad_weight = sum_dy_xhat.to(weight.dtype) if need_weight and weight is not None else nothing()
-    grad_bias = sum_dy.to(weight.dtype if weight is not None else torch.float32) if need_bias else nothing()
-    grad_x = nothing()
+    g = _masked_gradient(grad_out, out, relu, cd)
+    grad_x = grad_u = grad_u_prev = None
     if need_x:
-        gain = invstd.to(cd) * (weight.to(cd) if weight is not None else 1.0)
+        dy = _branch_gradient(g, scale)
         if training:
-            count = x.numel() // x.shape[1]
-            dy = dy - _channel_view(sum_dy / count, dy) - xhat * _channel_view(sum_dy_xhat / count, dy)
+            xhat = _normalized(x, mean, invstd, cd)
+            dy = dy - _channel_view(mean_dy.to(cd), dy) - xhat * _channel_view(mean_dy_xhat.to(cd), dy)
+        gain = invstd.to(cd) * (weight.to(cd) if weight is not None else 1.0)
         grad_x = _in_layout(dy * _channel_view(gain, dy), x, x.dtype)
     kc = _channel_view(k.to(cd), g)
-    grad_u = _in_layout((1 - kc) * g, x, grad_out.dtype) if need_u else nothing()
-    grad_u_prev = _in_layout(kc * g, x, grad_out.dtype) if need_u_prev else nothing()
-    grad_k = k.new_empty((0,))
-    if need_k:
-        if u is None or u_prev is None:
-            raise ValueError("u, u_prev: required when the gradient of k is needed")
-        prod = g * (u_prev.to(cd) - u.to(cd))
-        grad_k = (
-            (prod.sum() if k.numel() == 1 else _channel_sum(prod)).reshape(k.shape).to(k.dtype, copy=True)
-        )
-    return grad_x, grad_weight, grad_bias, grad_u, grad_u_prev, grad_k
+    if need_u:
+        grad_u = _in_layout((1 - kc) * g, x, grad_out.dtype)
+    if need_u_prev:
+        grad_u_prev = _in_layout(kc * g, x, grad_out.dtype)
+    return tuple(t if t is not None else grad_out.new_empty((0,)) for t in (grad_x, grad_u, grad_u_prev))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,25 +226,25 @@ def _fake_forward(x, mean, invstd, weight, bias, u, u_prev, k, scale, seed, trai
     return empty_in_layout(u.shape, plan_layout(u).channels_last, dtype=u.dtype, device=u.device)
 
 
-def _fake_backward(grad_out, x, mean, invstd, weight, u, u_prev, out, k, scale, training, relu, needs):
+def _fake_reduce(grad_out, x, mean, invstd, u, u_prev, out, scale, relu, need_k):
+    cd = compute_dtype(grad_out.dtype)
+    channels = (x.shape[1],)
+    grad_k = x.new_empty(channels if need_k else (0,), dtype=cd)
+    return x.new_empty(channels, dtype=cd), x.new_empty(channels, dtype=cd), grad_k
+
+
+def _fake_backward(
+    grad_out, x, mean, invstd, weight, mean_dy, mean_dy_xhat, out, k, scale, training, relu, need_x, need_u,
+    need_u_prev,
+):  # fmt: skip
     layout = plan_layout(x).channels_last
 
-    def nothing() -> Tensor:  # an unneeded gradient: a fresh empty tensor (outputs must not alias)
-        return grad_out.new_empty((0,))
+    def grad(needed: bool) -> Tensor:  # unneeded: a fresh empty tensor each (outputs must not alias)
+        if not needed:
+            return grad_out.new_empty((0,))
+        return empty_in_layout(x.shape, layout, dtype=grad_out.dtype, device=x.device)
 
-    def activation(needed: bool, dtype: torch.dtype) -> Tensor:
-        return empty_in_layout(x.shape, layout, dtype=dtype, device=x.device) if needed else nothing()
-
-    need_x, need_weight, need_bias, need_u, need_u_prev, need_k = needs
-    affine_dtype = weight.dtype if weight is not None else torch.float32
-    return (
-        activation(need_x, x.dtype),
-        weight.new_empty(weight.shape) if need_weight and weight is not None else nothing(),
-        grad_out.new_empty((x.shape[1],), dtype=affine_dtype) if need_bias else nothing(),
-        activation(need_u, grad_out.dtype),
-        activation(need_u_prev, grad_out.dtype),
-        torch.empty_like(k) if need_k else k.new_empty((0,)),
-    )
+    return grad(need_x), grad(need_u), grad(need_u_prev)
 
 
 _INPUT_POSITIONS = {"x": 0, "weight": 3, "bias": 4, "u": 5, "u_prev": 6, "k": 7}
@@ -229,36 +255,38 @@ def _setup_context(ctx, inputs, output) -> None:
     needs = [bool(ctx.needs_input_grad[_INPUT_POSITIONS[name]]) for name in GRADIENTS]
     needs[1] = needs[1] and weight is not None
     needs[2] = needs[2] and bias is not None
-    ctx.flags = (training, relu, needs)
+    ctx.flags = (training, relu, needs, bias.dtype if bias is not None else None)
     ctx.save_for_backward(
         x, mean, invstd, weight, u if needs[5] else None, u_prev if needs[5] else None,
         output if relu else None, k, scale,
     )  # fmt: skip
 
 
-def _input_grads(backward_op, ctx, grad_out) -> tuple:
-    """Gradients for every input of the forward op, None where not needed."""
+def _input_grads(reduce_op, backward_op, ctx, grad_out) -> tuple:
+    """Gradients for every input of the forward op (None where not needed): the reduction pass when a sum
+    is needed, then the pass that writes the activation gradients."""
     x, mean, invstd, weight, u, u_prev, out, k, scale = ctx.saved_tensors
-    training, relu, needs = ctx.flags
-    grads = backward_op(grad_out, x, mean, invstd, weight, u, u_prev, out, k, scale, training, relu, needs)
-    grads = [g if needed else None for g, needed in zip(grads, needs, strict=True)]
-    grad_x, grad_weight, grad_bias, grad_u, grad_u_prev, grad_k = grads
-    # x, mean, invstd, weight, bias, u, u_prev, k, scale, seed, training, relu, noise_std
-    return (
-        grad_x,
-        None,
-        None,
-        grad_weight,
-        grad_bias,
-        grad_u,
-        grad_u_prev,
-        grad_k,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    training, relu, needs, bias_dtype = ctx.flags
+    need_x, need_weight, need_bias, need_u, need_u_prev, need_k = needs
+    grad_weight = grad_bias = grad_k = None
+    mean_dy = mean_dy_xhat = mean
+    if need_weight or need_bias or need_k or (need_x and training):
+        sum_dy, sum_dy_xhat, per_channel_k = reduce_op(grad_out, x, mean, invstd, u, u_prev, out, scale, relu,
+                                                       need_k)  # fmt: skip
+        count = x.numel() // x.shape[1]
+        mean_dy, mean_dy_xhat = sum_dy / count, sum_dy_xhat / count
+        grad_weight = sum_dy_xhat.to(weight.dtype) if need_weight else None
+        grad_bias = sum_dy.to(bias_dtype) if need_bias else None
+        if need_k:
+            grad_k = (per_channel_k.sum() if k.numel() == 1 else per_channel_k).reshape(k.shape).to(k.dtype)
+    grad_x = grad_u = grad_u_prev = None
+    if need_x or need_u or need_u_prev:
+        grads = backward_op(grad_out, x, mean, invstd, weight, mean_dy, mean_dy_xhat, out, k, scale, training,
+                            relu, need_x, need_u, need_u_prev)  # fmt: skip
+        wanted = (need_x, need_u, need_u_prev)
+        grad_x, grad_u, grad_u_prev = (g if n else None for g, n in zip(grads, wanted, strict=True))
+    constants = (None,) * 5  # scale, seed, training, relu, noise_std
+    return (grad_x, None, None, grad_weight, grad_bias, grad_u, grad_u_prev, grad_k) + constants
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -266,30 +294,30 @@ def _input_grads(backward_op, ctx, grad_out) -> tuple:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _register(backend: str, stats: Callable, forward: Callable, backward: Callable) -> tuple[Callable, ...]:
-    """Define lmfused::batch_norm_stats_<backend>, lmfused::batch_norm_lm_step_<backend> and its backward."""
+def _register(backend: str, implementations: tuple[Callable, ...]) -> tuple[Callable, ...]:
+    """Define the four ops of ``backend`` (statistics, forward, backward reduction, backward) with their
+    fake implementations, and the forward's autograd."""
     make = torch.library.custom_op
     if backend == "triton" and _triton_traceable():
         make = torch.library.triton_op
+    step = f"batch_norm_lm_step_{backend}"
+    names = (f"batch_norm_stats_{backend}", step, f"{step}_backward_reduce", f"{step}_backward")
+    schemas = (STATS_SCHEMA, FORWARD_SCHEMA, REDUCE_SCHEMA, BACKWARD_SCHEMA)
+    fakes = (_fake_stats, _fake_forward, _fake_reduce, _fake_backward)
     ops = []
-    for name, schema, impl, fake in (
-        (f"lmfused::batch_norm_stats_{backend}", STATS_SCHEMA, stats, _fake_stats),
-        (f"lmfused::batch_norm_lm_step_{backend}", FORWARD_SCHEMA, forward, _fake_forward),
-        (f"lmfused::batch_norm_lm_step_{backend}_backward", BACKWARD_SCHEMA, backward, _fake_backward),
-    ):
-        op = make(name, mutates_args=(), schema=schema)(impl)
-        torch.library.register_fake(name, fake)
-        ops.append(op)
-    stats_op, forward_op, backward_op = ops
+    for name, schema, impl, fake in zip(names, schemas, implementations, fakes, strict=True):
+        ops.append(make(f"lmfused::{name}", mutates_args=(), schema=schema)(impl))
+        torch.library.register_fake(f"lmfused::{name}", fake)
+    _, _, reduce_op, backward_op = ops
     torch.library.register_autograd(
-        f"lmfused::batch_norm_lm_step_{backend}",
-        lambda ctx, grad_out: _input_grads(backward_op, ctx, grad_out),
+        f"lmfused::{names[1]}",
+        lambda ctx, grad_out: _input_grads(reduce_op, backward_op, ctx, grad_out),
         setup_context=_setup_context,
     )
-    return stats_op, forward_op, backward_op
+    return tuple(ops)
 
 
-def _triton_implementations() -> tuple[Callable, Callable, Callable] | None:
+def _triton_implementations() -> tuple[Callable, ...] | None:
     if _lm_step_ops._TRITON is None:  # triton missing: lm_step's registration recorded why
         return None
     from lmfused.triton_kernels import batch_norm_lm_step as kernels
@@ -297,27 +325,40 @@ def _triton_implementations() -> tuple[Callable, Callable, Callable] | None:
     return (
         kernels.batch_norm_stats_triton,
         kernels.batch_norm_lm_step_forward_triton,
+        kernels.batch_norm_lm_step_backward_reduce_triton,
         kernels.batch_norm_lm_step_backward_triton,
     )
 
 
-_IMPLEMENTATIONS = {"reference": (reference_stats, reference_forward, reference_backward)}
+_IMPLEMENTATIONS = {
+    "reference": (reference_stats, reference_forward, reference_backward_reduce, reference_backward)
+}
 if (_TRITON := _triton_implementations()) is not None:
     _IMPLEMENTATIONS["triton"] = _TRITON
 _OPS: dict[str, tuple[Callable, ...]] = {
-    name: _register(name, *impl) for name, impl in _IMPLEMENTATIONS.items()
+    name: _register(name, impl) for name, impl in _IMPLEMENTATIONS.items()
 }
 
 
 def _backend(backend: str | None, device_type: str) -> str:
-    """lm_step's choice (argument, $LMFUSED_BACKEND, fastest available); by default only among the backends
-    this op has, asked for by name an error that says which it has."""
+    """lm_step's choice (the argument, $LMFUSED_BACKEND, else the fastest for the device: reference on CPU);
+    a default this op lacks (cuda) falls to the next available; one asked for by name is an error that
+    says which backends it has."""
+    chosen = _choose_backend(backend, device_type)
+    if chosen in _OPS:
+        return chosen
     if backend is None and not os.environ.get("LMFUSED_BACKEND"):
         return next(b for b in available_backends(device_type) if b in _OPS)
-    chosen = _choose_backend(backend, device_type)
-    if chosen not in _OPS:
-        raise RuntimeError(f"backend: batch_norm_lm_step has no {chosen!r} backend (it has {list(_OPS)})")
-    return chosen
+    raise RuntimeError(f"backend: batch_norm_lm_step has no {chosen!r} backend (it has {list(_OPS)})")
+
+
+def has_backend(backend: str | None, device_type: str) -> bool:
+    """Whether batch_norm_lm_step runs on ``device_type`` with ``backend`` (None: the default choice)."""
+    try:
+        _backend(backend, device_type)
+    except (RuntimeError, ValueError, StopIteration):
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -403,7 +444,7 @@ def batch_norm_lm_step(
     k = _check_inputs(u, u_prev, None, k, scale, relu, noise_std)
     _check_batch_norm_args(x, running_mean, running_var, weight, bias, u, training, momentum, eps)
     backend = _backend(backend, u.device.type)
-    stats_op, forward_op, _ = _OPS[backend]
+    stats_op, forward_op, *_ = _OPS[backend]
     cd = compute_dtype(x.dtype)
     if training and x.numel() == 0:  # as F.batch_norm: an empty result, running statistics untouched
         mean, var = x.new_zeros((x.shape[1],), dtype=cd), x.new_ones((x.shape[1],), dtype=cd)

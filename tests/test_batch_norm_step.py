@@ -197,7 +197,7 @@ def test_backward_is_deterministic(backend):
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(backend, requires_grad):
-    stats_op, forward_op, backward_op = _OPS[backend]
+    stats_op, forward_op, reduce_op, backward_op = _OPS[backend]
     samples = []
     for layout, training, relu, affine in (
         ("contiguous", True, True, True),
@@ -222,11 +222,15 @@ def test_opcheck(backend, requires_grad):
         x, mean, invstd, weight, bias, u, u_prev, k, scale, _, training, relu, _ = args
         out = forward_op(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
         grad_out = torch.randn_like(out)
-        needs = [True, weight is not None, bias is not None, True, True, True]
-        detached = [t.detach() if t is not None else None for t in (x, weight, u, u_prev, k)]
-        x, weight, u, u_prev, k = detached
-        backward_args = (grad_out, x, mean, invstd, weight, u, u_prev, out, k, scale, training, relu, needs)
-        torch.library.opcheck(backward_op, backward_args)
+        x, weight, u, u_prev, k = (t.detach() if t is not None else None for t in (x, weight, u, u_prev, k))
+        reduce_args = (grad_out, x, mean, invstd, u, u_prev, out, scale, relu, True)
+        torch.library.opcheck(reduce_op, reduce_args)
+        sum_dy, sum_dy_xhat, _ = reduce_op(*reduce_args)
+        count = x.numel() // x.shape[1]
+        for needs in ((True, True, True), (True, False, True), (False, True, False)):
+            backward_args = (grad_out, x, mean, invstd, weight, sum_dy / count, sum_dy_xhat / count, out, k,
+                             scale, training, relu, *needs)  # fmt: skip
+            torch.library.opcheck(backward_op, backward_args)
 
 
 @pytest.mark.parametrize("backend", backends())

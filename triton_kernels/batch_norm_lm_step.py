@@ -1,6 +1,6 @@
 """Triton kernels of the batch-norm-fused LM step (DESIGN.md 1b) and their launchers.
 
-Three kernels over the same [BLOCK_M, BLOCK_L] tiles of ``lmfused._layout``'s 2-D view as the LM step's:
+Four kernels over the same [BLOCK_M, BLOCK_L] tiles of ``lmfused._layout``'s 2-D view as the LM step's:
 
 * ``batch_norm_stats_kernel``: per-channel partial sums of (x - c) and (x - c)^2, c = the channel's first
   element (a shift that keeps the variance free of cancellation when the mean is large);
@@ -27,6 +27,7 @@ from torch import Tensor
 from lmfused._layout import Plan, empty_in_layout, plan_layout, to_layout
 
 __all__ = [
+    "batch_norm_lm_step_backward_reduce_triton",
     "batch_norm_lm_step_backward_triton",
     "batch_norm_lm_step_forward_triton",
     "batch_norm_stats_triton",
@@ -421,127 +422,129 @@ def batch_norm_lm_step_forward_triton(
     return out
 
 
-def batch_norm_lm_step_backward_triton(
+def batch_norm_lm_step_backward_reduce_triton(
     grad_out: Tensor,
     x: Tensor,
     mean: Tensor,
     invstd: Tensor,
-    weight: Tensor | None,
     u: Tensor | None,
     u_prev: Tensor | None,
     out: Tensor | None,
-    k: Tensor,
     scale: Tensor | None,
-    training: bool,
     relu: bool,
-    needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Launch the reduction kernel, sum its partials in a fixed order, then launch the gradient kernel."""
-    need_x, need_weight, need_bias, need_u, need_u_prev, need_k = needs
+    need_k: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the reduction kernel and sum its partials in a fixed order: per-channel sum of dy, of dy * xhat
+    and (``need_k``) of g * (u_prev - u)."""
     plan = plan_layout(x)
-    layout = plan.channels_last
+    layout, channels = plan.channels_last, plan.channels
     g = to_layout(grad_out, layout)
-    x = to_layout(x, layout)
-
-    def nothing() -> Tensor:  # an unneeded gradient: a fresh empty tensor (outputs must not alias)
-        return g.new_empty((0,))
-
-    def activation_grad(needed: bool) -> Tensor:
-        return empty_in_layout(g.shape, layout, dtype=g.dtype, device=g.device) if needed else nothing()
-
-    grad_x, grad_u, grad_u_prev = (
-        activation_grad(need_x),
-        activation_grad(need_u),
-        activation_grad(need_u_prev),
-    )
-    affine_dtype = weight.dtype if weight is not None else torch.float32
-    channels = plan.channels
+    acc = _acc_dtype(g)
     if g.numel() == 0:
-        zeros = g.new_zeros((channels,), dtype=affine_dtype)
-        return (
-            grad_x,
-            zeros.clone() if need_weight else nothing(),
-            zeros.clone() if need_bias else nothing(),
-            grad_u,
-            grad_u_prev,
-            torch.zeros_like(k) if need_k else k.new_empty((0,)),
-        )
-    num_programs, num_l_blocks, block_m, block_l, num_warps = _tiling(plan)
+        zeros = [g.new_zeros((channels,), dtype=acc) for _ in range(3)]
+        return zeros[0], zeros[1], zeros[2] if need_k else g.new_empty((0,), dtype=acc)
+    x = to_layout(x, layout)
     out = to_layout(out, layout) if relu else g
     if need_k:
         u, u_prev = to_layout(u, layout), to_layout(u_prev, layout)
-    mean, invstd = mean.contiguous(), invstd.contiguous()
     scale = scale.contiguous() if scale is not None else None
-    k = k.contiguous()
-    sum_dy, sum_dy_xhat, grad_k_partial = _partials(plan, 3, g)
-    common = dict(
-        HAS_SCALE=scale is not None,
-        RELU=relu,
-        CHANNELS_LAST=layout,
-        FP64=g.dtype == torch.float64,
-        BLOCK_M=block_m,
-        BLOCK_L=block_l,
-        num_warps=num_warps,
-    )
+    num_programs, num_l_blocks, block_m, block_l, num_warps = _tiling(plan)
+    sum_dy, sum_dy_xhat, grad_k = _partials(plan, 3, g)
     _launcher(batch_norm_lm_step_backward_reduce_kernel)[(num_programs,)](
         g,
         out,
         x,
         u if need_k else g,  # unused pointers stand in for tensors a variant does not read
         u_prev if need_k else g,
-        mean,
-        invstd,
+        mean.contiguous(),
+        invstd.contiguous(),
         scale if scale is not None else mean,
         sum_dy,
         sum_dy_xhat,
-        grad_k_partial,
+        grad_k,
         plan.rows,
         plan.row_len,
         channels,
         plan.rows_per_sample,
         num_l_blocks,
+        HAS_SCALE=scale is not None,
+        RELU=relu,
         NEED_K=need_k,
-        **common,
+        CHANNELS_LAST=layout,
+        FP64=g.dtype == torch.float64,
+        BLOCK_M=block_m,
+        BLOCK_L=block_l,
+        num_warps=num_warps,
     )
-    total_dy = _channel_totals(sum_dy, channels)
-    total_dy_xhat = _channel_totals(sum_dy_xhat, channels)
-    if need_x or need_u or need_u_prev:
-        count = x.numel() // channels
-        _launcher(batch_norm_lm_step_backward_kernel)[(num_programs,)](
-            g,
-            out,
-            x,
-            mean,
-            invstd,
-            _gain(invstd, weight).contiguous(),
-            total_dy / count,
-            total_dy_xhat / count,
-            k,
-            scale if scale is not None else mean,
-            grad_x if need_x else g,
-            grad_u if need_u else g,
-            grad_u_prev if need_u_prev else g,
-            plan.rows,
-            plan.row_len,
-            channels,
-            plan.rows_per_sample,
-            num_l_blocks,
-            TRAINING=training,
-            PER_CHANNEL_K=k.numel() > 1,
-            NEED_X=need_x,
-            NEED_U=need_u,
-            NEED_U_PREV=need_u_prev,
-            **common,
+    totals = [_channel_totals(partial, channels) for partial in (sum_dy, sum_dy_xhat)]
+    return totals[0], totals[1], _channel_totals(grad_k, channels) if need_k else g.new_empty((0,), dtype=acc)
+
+
+def batch_norm_lm_step_backward_triton(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    mean_dy: Tensor,
+    mean_dy_xhat: Tensor,
+    out: Tensor | None,
+    k: Tensor,
+    scale: Tensor | None,
+    training: bool,
+    relu: bool,
+    need_x: bool,
+    need_u: bool,
+    need_u_prev: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the kernel that writes grad_x, grad_u and grad_u_prev (the needed ones; others empty)."""
+    plan = plan_layout(x)
+    layout = plan.channels_last
+    g = to_layout(grad_out, layout)
+
+    def grad(needed: bool) -> Tensor:  # unneeded: a fresh empty tensor each (outputs must not alias)
+        return (
+            empty_in_layout(g.shape, layout, dtype=g.dtype, device=g.device) if needed else g.new_empty((0,))
         )
-    grad_k = k.new_empty((0,))
-    if need_k:
-        per_channel = _channel_totals(grad_k_partial, channels)
-        grad_k = (per_channel.sum() if k.numel() == 1 else per_channel).reshape(k.shape).to(k.dtype)
-    return (
-        grad_x,
-        total_dy_xhat.to(affine_dtype) if need_weight else nothing(),
-        total_dy.to(affine_dtype) if need_bias else nothing(),
-        grad_u,
-        grad_u_prev,
-        grad_k,
+
+    grad_x, grad_u, grad_u_prev = grad(need_x), grad(need_u), grad(need_u_prev)
+    if g.numel() == 0:
+        return grad_x, grad_u, grad_u_prev
+    x = to_layout(x, layout)
+    out = to_layout(out, layout) if relu else g
+    scale = scale.contiguous() if scale is not None else None
+    k = k.contiguous()
+    num_programs, num_l_blocks, block_m, block_l, num_warps = _tiling(plan)
+    _launcher(batch_norm_lm_step_backward_kernel)[(num_programs,)](
+        g,
+        out,
+        x,
+        mean.contiguous(),
+        invstd.contiguous(),
+        _gain(invstd, weight).contiguous(),
+        mean_dy.contiguous(),
+        mean_dy_xhat.contiguous(),
+        k,
+        scale if scale is not None else k,
+        grad_x if need_x else g,  # unused pointers stand in for gradients a variant does not write
+        grad_u if need_u else g,
+        grad_u_prev if need_u_prev else g,
+        plan.rows,
+        plan.row_len,
+        plan.channels,
+        plan.rows_per_sample,
+        num_l_blocks,
+        HAS_SCALE=scale is not None,
+        RELU=relu,
+        TRAINING=training,
+        PER_CHANNEL_K=k.numel() > 1,
+        NEED_X=need_x,
+        NEED_U=need_u,
+        NEED_U_PREV=need_u_prev,
+        CHANNELS_LAST=layout,
+        FP64=g.dtype == torch.float64,
+        BLOCK_M=block_m,
+        BLOCK_L=block_l,
+        num_warps=num_warps,
     )
+    return grad_x, grad_u, grad_u_prev
