@@ -12,10 +12,18 @@ copies, other) and by block, for a zoo model and its plain counterpart (torchvis
 name, or the zoo's ``lm=False`` network), in bf16 autocast and channels_last as the model benchmark runs.
 The optimizer step is not counted (it is the same for both).
 
-Per block, ``junction_x`` is the traffic of the junction (the LM op, the residual addition, the ReLU after
-it, their backward and the gradient accumulation of the block input) in units of X, the bytes of the block's
-output: an op counts there when it is elementwise, LM or accumulation and its largest tensor has the output's
-size (exact for bottleneck blocks, whose inner tensors are narrower; a basic block's inner ReLU counts too).
+Per block, ``junction_x`` is the traffic of the junction, everything from the last convolution's output to
+the block's output and back (the last batch norm, the LM op or the residual addition and the ReLU after it,
+their backward and the gradient accumulation of the block input), in units of X, the bytes of the block's
+output: an op counts there when it is a batch norm, elementwise, LM or accumulation op and its largest tensor
+has the output's size (exact for bottleneck blocks, whose inner tensors are narrower; a basic block's inner
+ReLU and batch norm count too, as does a projection shortcut's batch norm). The batch norm stays inside the
+junction so that the unfused and the batch-norm-fused LM step (lmfused.batch_norm_lm_step) compare alike.
+
+Convention: an op is one pass. A batch norm in training really reads x twice forward (statistics, then
+normalisation) and its inputs twice backward (per-channel sums, then grad_x) unless they fit in cache; the
+fused op's passes are separate ops here (statistics, forward, backward reduction, backward), so the count is
+exact for lmfused and optimistic for an unfused batch norm.
 """
 
 from __future__ import annotations
@@ -60,8 +68,8 @@ _NO_TRAFFIC = (
     "new_empty_strided",
     "lift_fresh",
 )
-# Ops of the junction (together with the LM ops), when they run on tensors of the block output's size.
-_JUNCTION_CATEGORIES = ("lm_junction", "elementwise", "grad_accumulation")
+# Ops of the junction, when they run on tensors of the block output's size.
+_JUNCTION_CATEGORIES = ("batch_norm", "lm_junction", "elementwise", "grad_accumulation")
 
 
 def category(op_name: str, phase: str) -> str:

@@ -72,8 +72,11 @@ class LMBlock(nn.Module):
         """The LM coefficient k of this block, or None for a plain (ResNet-step) block."""
         return self.step.k if isinstance(self.step, LMStep) else None
 
-    def shortcut_and_branch(self, u: Tensor, keep: bool) -> tuple[Tensor, Tensor | None]:
-        """The shortcut (u or its projection) and f(u), or None for f when ``keep`` is False."""
+    def shortcut_and_branch(
+        self, u: Tensor, keep: bool, apply_last_norm: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """The shortcut (u or its projection) and f(u), or None for f when ``keep`` is False; with
+        ``apply_last_norm=False``, f without :meth:`last_norm` applied (the update applies it)."""
         raise NotImplementedError
 
     def activate(self, out: Tensor) -> Tensor:
@@ -94,12 +97,20 @@ class LMBlock(nn.Module):
                 "model.grad_checkpointing = True, runs them); use the model's set_grad_checkpointing(True) "
                 "or lmfused.nn.blocks.set_grad_checkpointing(model, True), which checkpoint inside the stages"
             )
-        shortcut, f = self.shortcut_and_branch(u, self.step.keep_branch())
-        if isinstance(self.step, LMStep):
-            out = self.step(shortcut, u_prev, f)
+        keep = self.step.keep_branch()
+        norm = self.last_norm() if keep else None
+        if norm is not None and self.step.fuses_batch_norm(norm, u):
+            shortcut, x = self.shortcut_and_branch(u, keep, apply_last_norm=False)
+            out = self.step.batch_norm_update(shortcut, u_prev, x, norm)
         else:
-            out = self.step(shortcut, f)
+            shortcut, f = self.shortcut_and_branch(u, keep)
+            out = self.step(shortcut, u_prev, f) if isinstance(self.step, LMStep) else self.step(shortcut, f)
         return self.activate(out), shortcut
+
+    def last_norm(self) -> nn.Module | None:
+        """The norm whose output feeds the update directly, which the update may run itself (see
+        :meth:`ResidualStep.fuses_batch_norm`); None when something sits between them (default)."""
+        return None
 
 
 class PreActBlock(LMBlock):
@@ -171,7 +182,9 @@ class PreActBlock(LMBlock):
             step,
         )
 
-    def shortcut_and_branch(self, u: Tensor, keep: bool) -> tuple[Tensor, Tensor | None]:
+    def shortcut_and_branch(
+        self, u: Tensor, keep: bool, apply_last_norm: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
         if not keep and self.downsample is None:
             return u, None  # dropped: not even the pre-activation is computed
         h = F.relu(self.bn1(u))
@@ -267,16 +280,26 @@ class PostActBlock(LMBlock):
             step=step,
         )
 
-    def shortcut_and_branch(self, u: Tensor, keep: bool) -> tuple[Tensor, Tensor | None]:
+    def last_norm(self) -> nn.Module | None:
+        """bn{depth}, whose output is the update's f, unless timm's ``se`` or ``drop_path`` come between."""
+        if self.se is not None or self.drop_path is not None:
+            return None
+        return getattr(self, f"bn{self.depth}")
+
+    def shortcut_and_branch(
+        self, u: Tensor, keep: bool, apply_last_norm: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
         shortcut = u if self.downsample is None else self.downsample(u)
         if not keep:
             return shortcut, None
         x = u
         strided = self.depth - 2  # index of the 3x3 conv, where timm puts drop_block and aa
         for i in range(self.depth):
-            x = getattr(self, f"bn{i + 1}")(getattr(self, f"conv{i + 1}")(x))
+            x = getattr(self, f"conv{i + 1}")(x)
             if i == self.depth - 1:
+                x = getattr(self, f"bn{i + 1}")(x) if apply_last_norm else x
                 break
+            x = getattr(self, f"bn{i + 1}")(x)
             if i == strided and self.drop_block is not None:
                 x = self.drop_block(x)
             x = getattr(self, f"act{i + 1}")(x)

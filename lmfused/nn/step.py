@@ -31,12 +31,14 @@ same network up to that reparametrisation of f.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from numbers import Integral, Real
 
 import torch
 from torch import Tensor, nn
 
+from lmfused.batch_norm_step import batch_norm_lm_step, has_backend
 from lmfused.ops import lm_step
 
 __all__ = [
@@ -147,6 +149,32 @@ def stochastic_depth_generator() -> torch.Generator:
     return _batch_drop_generator
 
 
+def batch_norm_call(norm: nn.BatchNorm2d) -> tuple[Tensor | None, Tensor | None, bool, float]:
+    """(running_mean, running_var, training, momentum) as ``nn.BatchNorm2d.forward`` passes them to
+    F.batch_norm, advancing ``num_batches_tracked`` as it does (momentum None: the cumulative average)."""
+    momentum = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:
+            momentum = 1.0 / float(norm.num_batches_tracked)
+    batch_statistics = norm.training or (norm.running_mean is None and norm.running_var is None)
+    tracked = not norm.training or norm.track_running_stats
+    running_mean = norm.running_mean if tracked else None
+    running_var = norm.running_var if tracked else None
+    return running_mean, running_var, batch_statistics, momentum
+
+
+def fuses_batch_norm(norm: nn.Module, backend: str | None, device_type: str) -> bool:
+    """Whether a block's last norm can run inside the update (``lmfused.batch_norm_lm_step``): a plain
+    ``nn.BatchNorm2d`` (not SyncBatchNorm, GroupNorm or a subclass), a backend of that op for the device,
+    and ``LMFUSED_FUSE_BN`` not set to 0."""
+    return (
+        type(norm) is nn.BatchNorm2d
+        and os.environ.get("LMFUSED_FUSE_BN", "1") != "0"
+        and has_backend(backend, device_type)
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------------------
@@ -232,6 +260,39 @@ class ResidualStep(nn.Module):
             backend=self.backend,
         )
 
+    def _batch_norm_update(
+        self, u: Tensor, u_prev: Tensor, x: Tensor, norm: nn.BatchNorm2d, k: Tensor
+    ) -> Tensor:
+        """The update with f = norm(x) computed inside it (DESIGN.md 1b); the states take x's dtype."""
+        u, u_prev = u.to(x.dtype), u_prev.to(x.dtype)
+        running_mean, running_var, training, momentum = batch_norm_call(norm)
+        return batch_norm_lm_step(
+            x,
+            running_mean,
+            running_var,
+            norm.weight,
+            norm.bias,
+            u,
+            u_prev,
+            k,
+            training=training,
+            momentum=momentum,
+            eps=norm.eps,
+            scale=self._scale(u, x),
+            relu=self.relu,
+            noise_std=self.noise_std if self.training else 0.0,
+            backend=self.backend,
+        )
+
+    def fuses_batch_norm(self, norm: nn.Module, x: Tensor) -> bool:
+        """Whether :meth:`batch_norm_update` can run ``norm`` on ``x`` inside the update."""
+        return fuses_batch_norm(norm, self.backend, x.device.type)
+
+    def batch_norm_update(self, u: Tensor, u_prev: Tensor | None, x: Tensor, norm: nn.BatchNorm2d) -> Tensor:
+        """``act(u + s * norm(x) + noise)`` with the branch's last BatchNorm fused in: its output f and f's
+        gradient are never written. ``u_prev`` is not used by the ResNet step (same signature as LMStep's)."""
+        return self._batch_norm_update(u, u.detach(), x, norm, self.zero_k)
+
     def residual_update(self, u: Tensor, f: Tensor | None) -> Tensor:
         """``act(u + s * f + noise)``: the ResNet step (``f=None``: the branch was dropped)."""
         # u_prev = u.detach() contributes k * u_prev = 0 and, being detached, asks for no extra gradient.
@@ -300,6 +361,13 @@ class LMStep(ResidualStep):
         if u_prev is None:
             return self.residual_update(u, f)
         return self._update(u, u_prev, f, self.k)
+
+    def batch_norm_update(self, u: Tensor, u_prev: Tensor | None, x: Tensor, norm: nn.BatchNorm2d) -> Tensor:
+        """The LM update with f = norm(x), the branch's last BatchNorm, fused in (``u_prev=None``: the
+        ResNet step)."""
+        if u_prev is None:
+            return super().batch_norm_update(u, None, x, norm)
+        return self._batch_norm_update(u, u_prev, x, norm, self.k)
 
     def extra_repr(self) -> str:
         low, high = self.k_init

@@ -1,0 +1,139 @@
+"""Post-activation blocks run their last BatchNorm inside the update (lmfused.batch_norm_lm_step): the same
+network as the unfused one (outputs, gradients, running statistics, state_dict), and the fallbacks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lmfused
+import lmfused.nn.step as step_module
+from lmfused.nn.blocks import PostActBlock
+from lmfused.nn.step import LMStep, fuses_batch_norm
+from tests.conftest import DEVICE
+from tests.helpers import backends
+
+
+def _fused_calls(monkeypatch) -> list[int]:
+    """Count the calls of the fused op made by the modules."""
+    calls = []
+    original = step_module.batch_norm_lm_step
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(step_module, "batch_norm_lm_step", counting)
+    return calls
+
+
+def _run(model, x, fuse: str, monkeypatch, seed: int = 1):
+    monkeypatch.setenv("LMFUSED_FUSE_BN", fuse)
+    torch.manual_seed(seed)
+    out = model(x)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+    grads = torch.autograd.grad(out, list(model.parameters()), grad_out.to(out.device), allow_unused=True)
+    return out, grads
+
+
+@pytest.mark.parametrize("lm", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_zoo_model_fused_equals_unfused(monkeypatch, lm, training):
+    """In float64, the fused network is the unfused one to round-off: output, every parameter gradient, the
+    running statistics and num_batches_tracked; sample-mode stochastic depth draws the same masks."""
+    torch.manual_seed(0)
+    fused = lmfused.models.create_model(
+        "lm_resnet50", lm=lm, survival_prob=0.8, per_channel_k=True, backend="reference"
+    ).double()
+    fused.train(training)
+    unfused = copy.deepcopy(fused)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)  # layer4 at 2x2: 8 values per channel
+    calls = _fused_calls(monkeypatch)
+    out, grads = _run(fused, x, "1", monkeypatch)
+    assert len(calls) == 16  # every bottleneck block
+    want, want_grads = _run(unfused, x, "0", monkeypatch)
+    assert len(calls) == 16  # the unfused run made no call
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-10)
+    for (name, _), got, ref in zip(fused.named_parameters(), grads, want_grads, strict=True):
+        assert (got is None) == (ref is None), name
+        if ref is not None:
+            torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-9, msg=name)
+    for (name, got), (_, ref) in zip(fused.named_buffers(), unfused.named_buffers(), strict=True):
+        assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12), name
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_block_fused_on_every_backend(monkeypatch, backend):
+    """A small LM bottleneck with per-channel k, channels_last, through each backend's fused op."""
+    torch.manual_seed(0)
+    block = PostActBlock.bottleneck(16, 4, step=LMStep(16, relu=True, backend=backend)).to(DEVICE)
+    unfused = copy.deepcopy(block)
+    u, u_prev = (
+        torch.randn(2, 16, 5, 7, device=DEVICE).contiguous(memory_format=torch.channels_last) for _ in "ab"
+    )
+    calls = _fused_calls(monkeypatch)
+    monkeypatch.setenv("LMFUSED_FUSE_BN", "1")
+    out, shortcut = block(u, u_prev)
+    monkeypatch.setenv("LMFUSED_FUSE_BN", "0")
+    want, _ = unfused(u, u_prev)
+    assert len(calls) == 1 and shortcut is u
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(block.bn3.running_var, unfused.bn3.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_momentum_none_and_untracked_statistics(monkeypatch):
+    """BatchNorm2d(momentum=None) (cumulative average) and track_running_stats=False (batch statistics in
+    evaluation too) behave as nn.BatchNorm2d does."""
+    for norm_kwargs in ({"momentum": None}, {"track_running_stats": False}):
+        torch.manual_seed(0)
+        block = PostActBlock.bottleneck(8, 2, step=LMStep(relu=True, backend="reference")).double()
+        block.bn3 = nn.BatchNorm2d(8, **norm_kwargs).double()
+        unfused = copy.deepcopy(block)
+        for training in (True, True, False):
+            block.train(training)
+            unfused.train(training)
+            u, u_prev = (
+                torch.randn(3, 8, 4, 4, dtype=torch.float64),
+                torch.randn(3, 8, 4, 4, dtype=torch.float64),
+            )
+            monkeypatch.setenv("LMFUSED_FUSE_BN", "1")
+            out, _ = block(u, u_prev)
+            monkeypatch.setenv("LMFUSED_FUSE_BN", "0")
+            want, _ = unfused(u, u_prev)
+            torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+        for (name, got), (_, ref) in zip(block.bn3.named_buffers(), unfused.bn3.named_buffers(), strict=True):
+            torch.testing.assert_close(got, ref, msg=name)
+
+
+def test_fallbacks(monkeypatch):
+    """Fused only for a plain BatchNorm2d with a backend for the device; SyncBatchNorm, GroupNorm, a
+    BatchNorm2d subclass, LMFUSED_FUSE_BN=0 and timm's se/drop_path after the norm take the unfused path."""
+    monkeypatch.setenv("LMFUSED_FUSE_BN", "1")
+    assert fuses_batch_norm(nn.BatchNorm2d(4), None, "cpu")
+    assert fuses_batch_norm(nn.BatchNorm2d(4), "reference", "cpu")
+    assert not fuses_batch_norm(nn.SyncBatchNorm(4), None, "cpu")
+    assert not fuses_batch_norm(nn.GroupNorm(2, 4), None, "cpu")
+    assert not fuses_batch_norm(type("MyNorm", (nn.BatchNorm2d,), {})(4), None, "cpu")
+    assert not fuses_batch_norm(nn.BatchNorm2d(4), "cuda", "cpu")  # no such backend on CPU tensors
+    monkeypatch.setenv("LMFUSED_FUSE_BN", "0")
+    assert not fuses_batch_norm(nn.BatchNorm2d(4), None, "cpu")
+    monkeypatch.setenv("LMFUSED_FUSE_BN", "1")
+    block = PostActBlock.bottleneck(8, 2, step=LMStep(relu=True, backend="reference"))
+    assert block.last_norm() is block.bn3
+    block.se = nn.Identity()
+    assert block.last_norm() is None
+    calls = _fused_calls(monkeypatch)
+    block(torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3))
+    assert calls == []
+
+
+def test_state_dict_names_do_not_change():
+    """bn3.weight, bn3.running_mean, ... stay where torchvision has them: loading works both ways."""
+    model = lmfused.models.create_model("lm_resnet50")
+    keys = set(model.state_dict())
+    assert {"layer1.1.bn3.weight", "layer1.1.bn3.running_mean", "layer1.1.bn3.num_batches_tracked"} <= keys
+    copy.deepcopy(model).load_state_dict(model.state_dict())
