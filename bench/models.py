@@ -5,7 +5,9 @@
 
 Providers: torchvision's plain model (``torchvision``); the LM model with the update written as separate
 PyTorch ops, as a user without lmfused writes it (``eager``); the LM model with ``lm_step`` on each lmfused
-backend (``cuda``, ``triton``; ``reference`` on CPU). Each is measured eagerly, and compiled with
+backend (``cuda``, ``triton``; ``reference`` on CPU), the fastest of them also with the blocks' last
+BatchNorm outside the update (``+unfused-bn``) and, compiled, with the junction decomposed into plain ops
+for Inductor (``+decomposed``). Each is measured eagerly, and compiled with
 ``torch.compile`` for the providers in ``--compile-providers`` (default on a GPU: every provider, the plain
 torchvision, the plain-PyTorch LM and the fastest fused backend first). Synthetic data, SGD with momentum,
 bf16 autocast, channels_last, all rows in the same run. Reports the median img/s over timed steps after
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +38,30 @@ from bench.ops import eager_lm_step
 MODELS = {"resnext50_32x4d": "lm_resnext50_32x4d", "resnet50": "lm_resnet50"}
 
 
+# Variants of a fused provider ("cuda+decomposed"): the environment a row runs under.
+VARIANTS = {
+    "decomposed": {"LMFUSED_COMPILE_JUNCTION": "decompose"},  # compiled: the junction as plain ops
+    "unfused-bn": {"LMFUSED_FUSE_BN": "0"},  # the blocks' last BatchNorm outside the update
+}
+
+
+@contextlib.contextmanager
+def variant_environment(provider: str):
+    """Set the environment of ``provider``'s variant (if any) for the duration of its row."""
+    _, _, variant = provider.partition("+")
+    settings = VARIANTS[variant] if variant else {}
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
+
+
 def _eager_update(u, u_prev, f, k, *, scale=None, relu=False, noise_std=0.0, backend=None):
     """The update as separate PyTorch ops (what LM-ResNet code without lmfused runs)."""
     if f is None:
@@ -44,17 +71,20 @@ def _eager_update(u, u_prev, f, k, *, scale=None, relu=False, noise_std=0.0, bac
 
 @contextlib.contextmanager
 def eager_updates():
-    """Swap the fused op in lmfused's modules for the eager composition."""
+    """Swap the fused op in lmfused's modules for the eager composition (the blocks' last BatchNorm runs as
+    nn.BatchNorm2d, outside the update)."""
     fused = lmfused.nn.step.lm_step
     lmfused.nn.step.lm_step = _eager_update
     try:
-        yield
+        with variant_environment("eager+unfused-bn"):
+            yield
     finally:
         lmfused.nn.step.lm_step = fused
 
 
 def build(model_name: str, provider: str, device: torch.device) -> torch.nn.Module:
     """The model a row measures: torchvision's, or lmfused's LM version on ``provider``'s update."""
+    provider = provider.partition("+")[0]
     if provider == "torchvision":
         import torchvision
 
@@ -117,22 +147,31 @@ def providers(device: torch.device) -> list[str]:
     return names + [b for b in lmfused.available_backends(device) if b != "reference"]
 
 
+def _fused(names: list[str]) -> list[str]:
+    return [p for p in names if p not in ("torchvision", "eager")]  # fastest first (lmfused.ops.BACKENDS)
+
+
 def default_compile_providers(names: list[str], device: torch.device) -> list[str]:
     """On a GPU every provider is compiled, the rows the comparison needs first (torchvision, the eager LM
-    update, the fastest fused backend); on CPU none (compiling a ResNet step there takes minutes)."""
+    update, the fastest fused backend with the registered ops, then with the junction decomposed for
+    Inductor); on CPU none (compiling a ResNet step there takes minutes)."""
     if device.type != "cuda":
         return []
-    fused = [p for p in names if p not in ("torchvision", "eager")]  # fastest first (lmfused.ops.BACKENDS)
-    return [p for p in ("torchvision", "eager") if p in names] + fused
+    fused = _fused(names)
+    best = [fused[0], f"{fused[0]}+decomposed"] if fused else []
+    return [p for p in ("torchvision", "eager") if p in names] + best + fused[1:]
 
 
 def plan(models: list[str], names: list[str], compile_names: list[str]) -> list[tuple[str, str, bool]]:
-    """(model, provider, compiled) in the order they run: per model, every eager row, then the compiled rows
-    in ``compile_names`` order, so a time limit cuts the least needed rows."""
+    """(model, provider, compiled) in the order they run: per model, every eager row (and the fastest fused
+    backend with the blocks' last BatchNorm unfused), then the compiled rows in ``compile_names`` order, so a
+    time limit cuts the least needed rows."""
+    fused = _fused(names)
+    eager_names = names + ([f"{fused[0]}+unfused-bn"] if fused else [])
     rows = []
     for model_name in models:
-        rows += [(model_name, p, False) for p in names]
-        rows += [(model_name, p, True) for p in compile_names if p in names]
+        rows += [(model_name, p, False) for p in eager_names]
+        rows += [(model_name, p, True) for p in compile_names if p.partition("+")[0] in names]
     return rows
 
 
@@ -203,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 model = build(model_name, provider, device)
                 swap = eager_updates() if provider == "eager" else contextlib.nullcontext()
-                with swap:
+                with swap, variant_environment(provider):
                     row["img_per_s"], row["peak_mem_gb"], row["warmup_s"] = train_throughput(
                         model, device, batch, size, steps, warmup, compiled
                     )

@@ -137,3 +137,28 @@ def test_state_dict_names_do_not_change():
     keys = set(model.state_dict())
     assert {"layer1.1.bn3.weight", "layer1.1.bn3.running_mean", "layer1.1.bn3.num_batches_tracked"} <= keys
     copy.deepcopy(model).load_state_dict(model.state_dict())
+
+
+@pytest.mark.parametrize("mode", ["op", "decompose"])
+def test_compile_traces_the_op_or_its_decomposition(monkeypatch, mode):
+    """Under torch.compile, LMFUSED_COMPILE_JUNCTION=op traces the registered lmfused ops and =decompose the
+    plain PyTorch ops Inductor can fuse; both give the eager result, running statistics included."""
+    monkeypatch.setenv("LMFUSED_COMPILE_JUNCTION", mode)
+    monkeypatch.setenv("LMFUSED_FUSE_BN", "1")
+    torch.manual_seed(0)
+    block = PostActBlock.bottleneck(8, 2, step=LMStep(8, relu=True, backend="reference")).double()
+    eager = copy.deepcopy(block)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    u, u_prev = torch.randn(3, 8, 4, 4, dtype=torch.float64), torch.randn(3, 8, 4, 4, dtype=torch.float64)
+    out, _ = torch.compile(block, fullgraph=True, backend=capture)(u, u_prev)
+    want, _ = eager(u, u_prev)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(block.bn3.running_var, eager.bn3.running_var, rtol=1e-12, atol=1e-12)
+    traced_ops = "lmfused.batch_norm_lm_step" in graphs[0]
+    assert traced_ops == (mode == "op")
+    assert ("batch_norm" in graphs[0]) and (mode == "op" or "lmfused" not in graphs[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -148,18 +149,33 @@ def test_op_grid_reports_progress_after_each_configuration():
 
 
 def test_model_rows_run_eager_first_then_the_needed_compiled_rows():
-    """Every eager row first, then the compiled ones in priority order (torchvision, the plain-PyTorch LM
-    update, the fastest fused backend), so a time limit cuts only the least needed rows."""
+    """Every eager row first (plus the fastest backend with its BatchNorm unfused), then the compiled ones in
+    priority order (torchvision, the plain-PyTorch LM update, the fastest fused backend with the registered
+    ops, then decomposed for Inductor), so a time limit cuts only the least needed rows."""
     from bench import models
 
     names = ["torchvision", "eager", "cuda", "triton"]
     compiled = models.default_compile_providers(names, torch.device("cuda"))
-    assert compiled == ["torchvision", "eager", "cuda", "triton"]
+    assert compiled == ["torchvision", "eager", "cuda", "cuda+decomposed", "triton"]
     assert models.default_compile_providers(names, torch.device("cpu")) == []
-    rows = models.plan(["resnext50_32x4d", "resnet50"], names, compiled[:3])
-    assert rows[:4] == [("resnext50_32x4d", p, False) for p in names]
-    assert rows[4:7] == [("resnext50_32x4d", p, True) for p in ("torchvision", "eager", "cuda")]
-    assert rows[7:] == [("resnet50", p, False) for p in names] + [("resnet50", p, True) for p in compiled[:3]]
+    rows = models.plan(["resnext50_32x4d", "resnet50"], names, compiled[:4])
+    eager = [*names, "cuda+unfused-bn"]
+    assert rows[:5] == [("resnext50_32x4d", p, False) for p in eager]
+    assert rows[5:9] == [("resnext50_32x4d", p, True) for p in compiled[:4]]
+    assert rows[9:] == [("resnet50", p, False) for p in eager] + [("resnet50", p, True) for p in compiled[:4]]
+
+
+def test_model_variants_set_their_environment(monkeypatch):
+    from bench import models
+
+    monkeypatch.delenv("LMFUSED_COMPILE_JUNCTION", raising=False)
+    with models.variant_environment("cuda+decomposed"):
+        assert os.environ["LMFUSED_COMPILE_JUNCTION"] == "decompose"
+    assert "LMFUSED_COMPILE_JUNCTION" not in os.environ
+    monkeypatch.setenv("LMFUSED_FUSE_BN", "1")
+    with models.eager_updates():
+        assert os.environ["LMFUSED_FUSE_BN"] == "0"  # the plain-PyTorch rows keep nn.BatchNorm2d
+    assert os.environ["LMFUSED_FUSE_BN"] == "1"
 
 
 def test_model_table_ratios_and_skipped_rows():

@@ -36,10 +36,12 @@ from collections.abc import Sequence
 from numbers import Integral, Real
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmfused.batch_norm_step import batch_norm_lm_step, has_backend
 from lmfused.ops import lm_step
+from lmfused.reference import compute_dtype, lm_step_eager
 
 __all__ = [
     "LMStep",
@@ -175,6 +177,32 @@ def fuses_batch_norm(norm: nn.Module, backend: str | None, device_type: str) -> 
     )
 
 
+def decomposes_under_compile() -> bool:
+    """True while torch.compile traces with ``LMFUSED_COMPILE_JUNCTION=decompose``: the junction is then
+    traced as plain PyTorch ops (F.batch_norm and the update's composition, float32 arithmetic), which
+    Inductor fuses with its neighbours itself. The default, ``op``, traces the registered lmfused ops,
+    which Inductor keeps as they are (see the README for which is faster where)."""
+    return torch.compiler.is_compiling() and os.environ.get("LMFUSED_COMPILE_JUNCTION", "op") == "decompose"
+
+
+def _decomposed_update(
+    u: Tensor, u_prev: Tensor, f: Tensor | None, k: Tensor, scale: Tensor | None, relu: bool, noise_std: float
+) -> Tensor:
+    """The update as PyTorch ops in float32 (float64 for float64 states), returned in u's dtype."""
+    cd = compute_dtype(u.dtype)
+    noise = noise_std * torch.randn(u.shape, dtype=cd, device=u.device) if noise_std > 0 else None
+    out = lm_step_eager(
+        u.to(cd),
+        u_prev.to(cd),
+        None if f is None else f.to(cd),
+        k.to(cd),
+        scale=None if scale is None else scale.to(cd),
+        relu=relu,
+        noise=noise,
+    )
+    return out.to(u.dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------------------
@@ -249,6 +277,9 @@ class ResidualStep(nn.Module):
         """
         dtype = f.dtype if f is not None else u.dtype
         u, u_prev = u.to(dtype), u_prev.to(dtype)
+        noise_std = self.noise_std if self.training else 0.0
+        if decomposes_under_compile():
+            return _decomposed_update(u, u_prev, f, k, self._scale(u, f), self.relu, noise_std)
         return lm_step(
             u,
             u_prev,
@@ -256,7 +287,7 @@ class ResidualStep(nn.Module):
             k,
             scale=self._scale(u, f),
             relu=self.relu,
-            noise_std=self.noise_std if self.training else 0.0,
+            noise_std=noise_std,
             backend=self.backend,
         )
 
@@ -266,6 +297,12 @@ class ResidualStep(nn.Module):
         """The update with f = norm(x) computed inside it (DESIGN.md 1b); the states take x's dtype."""
         u, u_prev = u.to(x.dtype), u_prev.to(x.dtype)
         running_mean, running_var, training, momentum = batch_norm_call(norm)
+        if decomposes_under_compile():
+            f = F.batch_norm(
+                x, running_mean, running_var, norm.weight, norm.bias, training, momentum, norm.eps
+            )
+            noise_std = self.noise_std if self.training else 0.0
+            return _decomposed_update(u, u_prev, f, k, self._scale(u, f), self.relu, noise_std)
         return batch_norm_lm_step(
             x,
             running_mean,
