@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 import lmfused.ops as _lm_step_ops
+from lmfused import reference
 from lmfused._layout import empty_in_layout, plan_layout
 from lmfused.ops import (
     _check_inputs,
@@ -46,7 +47,7 @@ from lmfused.ops import (
     _triton_traceable,
     available_backends,
 )
-from lmfused.reference import _channel_view, _in_layout, _noise, compute_dtype, lm_step_eager
+from lmfused.reference import _channel_view, _in_layout, compute_dtype
 
 __all__ = ["batch_norm_lm_step", "has_backend"]
 
@@ -111,21 +112,7 @@ def reference_forward(
         y = y * _channel_view(weight.to(cd), y)
     if bias is not None:
         y = y + _channel_view(bias.to(cd), y)
-    noise = None
-    if noise_std > 0.0:
-        if seed is None:
-            raise ValueError("seed: an int64 tensor is required when noise_std > 0")
-        noise = noise_std * _noise(seed, u, cd)
-    out = lm_step_eager(
-        u.to(cd),
-        u_prev.to(cd),
-        y,
-        k.to(cd),
-        scale=None if scale is None else scale.to(cd),
-        relu=relu,
-        noise=noise,
-    )
-    return _in_layout(out, u, u.dtype)
+    return reference.reference_forward(u, u_prev, y, k, scale, seed, relu, noise_std)
 
 
 def _channel_sum(t: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lmfused._layout import empty_in_layout, plan_layout
 
-__all__ = ["compute_dtype", "lm_step_eager", "reference_backward", "reference_forward"]
+__all__ = ["compute_dtype", "lm_step_computed", "lm_step_eager", "reference_backward", "reference_forward"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -85,13 +85,27 @@ def reference_forward(
     noise_std: float,
 ) -> Tensor:
     """Forward of the ``reference`` backend: the LM step in float32 (float64 for float64 inputs)."""
-    cd = compute_dtype(u.dtype)
     noise = None
     if noise_std > 0.0:
         if seed is None:
             raise ValueError("seed: an int64 tensor is required when noise_std > 0")
-        noise = noise_std * _noise(seed, u, cd)
-    out = lm_step_eager(
+        noise = noise_std * _noise(seed, u, compute_dtype(u.dtype))
+    return _in_layout(lm_step_computed(u, u_prev, f, k, scale, relu, noise), u, u.dtype)
+
+
+def lm_step_computed(
+    u: Tensor,
+    u_prev: Tensor,
+    f: Tensor | None,
+    k: Tensor,
+    scale: Tensor | None,
+    relu: bool,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """:func:`lm_step_eager` on every input cast to the compute dtype (float32; float64 for float64 u), the
+    result left in it."""
+    cd = compute_dtype(u.dtype)
+    return lm_step_eager(
         u.to(cd),
         u_prev.to(cd),
         None if f is None else f.to(cd),
@@ -100,7 +114,6 @@ def reference_forward(
         relu=relu,
         noise=noise,
     )
-    return _in_layout(out, u, u.dtype)
 
 
 def reference_backward(

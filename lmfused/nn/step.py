@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from lmfused.batch_norm_step import batch_norm_lm_step, has_backend
 from lmfused.ops import lm_step
-from lmfused.reference import compute_dtype, lm_step_eager
+from lmfused.reference import compute_dtype, lm_step_computed
 
 __all__ = [
     "LMStep",
@@ -189,18 +189,10 @@ def _decomposed_update(
     u: Tensor, u_prev: Tensor, f: Tensor | None, k: Tensor, scale: Tensor | None, relu: bool, noise_std: float
 ) -> Tensor:
     """The update as PyTorch ops in float32 (float64 for float64 states), returned in u's dtype."""
-    cd = compute_dtype(u.dtype)
-    noise = noise_std * torch.randn(u.shape, dtype=cd, device=u.device) if noise_std > 0 else None
-    out = lm_step_eager(
-        u.to(cd),
-        u_prev.to(cd),
-        None if f is None else f.to(cd),
-        k.to(cd),
-        scale=None if scale is None else scale.to(cd),
-        relu=relu,
-        noise=noise,
-    )
-    return out.to(u.dtype)
+    noise = None
+    if noise_std > 0:
+        noise = noise_std * torch.randn(u.shape, dtype=compute_dtype(u.dtype), device=u.device)
+    return lm_step_computed(u, u_prev, f, k, scale, relu, noise).to(u.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
