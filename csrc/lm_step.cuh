@@ -585,7 +585,8 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             A gj = to_acc(pg[b].v[j]);
-            if constexpr (RELU) gj = to_acc(po[b].v[j]) > A(0) ? gj : A(0);
+            // As torch.relu's backward: zero where out <= 0 (a NaN output passes g on).
+            if constexpr (RELU) gj = to_acc(po[b].v[j]) <= A(0) ? A(0) : gj;
             if constexpr (NEED_U) gu.v[j] = from_acc<T>((A(1) - kk[j]) * gj);
             if constexpr (NEED_UP) gup.v[j] = from_acc<T>(kk[j] * gj);
             if constexpr (NEED_F) gf.v[j] = from_acc<T>(HAS_SCALE ? s * gj : gj);

@@ -244,7 +244,7 @@ void run_case(const Case& cs, int mode, std::mt19937_64& rng) {
     char what[200];
     std::vector<double> gm(n);
     for (size_t i = 0; i < n; ++i)
-      gm[i] = relu && !(Tr::val(hout[i]) > 0) ? 0.0 : Tr::val(hg[i]);
+      gm[i] = relu && Tr::val(hout[i]) <= 0 ? 0.0 : Tr::val(hg[i]);  // NaN passes, as in torch
     auto check_elem = [&](const DevBuf<T>& buf, bool needed, const char* nm, auto ref_of) {
       if (!needed) {  // never written: still fully poisoned
         std::vector<T> h = buf.download();
