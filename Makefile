@@ -8,7 +8,7 @@ ENV_ID := $(shell $(PYTHON) -c "import hashlib, sys; print(hashlib.sha1(sys.pref
 STAMP = build/install-$(ENV_ID).stamp
 TORCH_PIN = build/torch-pin-$(ENV_ID).txt
 
-.PHONY: install test lint pytest bench cuda-compile cuda-emulated device-check
+.PHONY: install test lint pytest bench cuda-compile cuda-sass cuda-emulated device-check
 
 # Installs lmfused (editable) with its test and bench extras and what they need. An installed torch is never
 # replaced (every pip call is constrained to its exact version); only when torch is missing does it install
@@ -48,8 +48,9 @@ lint: $(STAMP)
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
+# One worker per core (pytest-xdist, from the test extra): the tests are single-threaded.
 pytest: $(STAMP)
-	$(PYTHON) -m pytest -q -rs
+	$(PYTHON) -m pytest -q -rs -n auto
 
 test: lint pytest
 
@@ -60,6 +61,11 @@ bench: $(STAMP)
 # Compiles the torch-free CUDA kernels and their C++ test with nvcc (no GPU needed).
 cuda-compile:
 	bash csrc/check_compile.sh build/cmake
+
+# The store widths of the CUDA kernels in their sm_90 SASS (nvcc, cuobjdump and nvdisasm; no GPU): a vector
+# path that stores narrower than it loads fails.
+cuda-sass:
+	PYTHON=$(PYTHON) bash csrc/check_sass.sh build/cmake
 
 # The C++ kernel tests on the CPU emulation of CUDA (needs the CUDA headers, no GPU; ~15 min on 2 cores).
 # float and bf16 (between them every vector width) under UBSan, which also flags misaligned vector accesses

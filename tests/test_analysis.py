@@ -38,6 +38,7 @@ from lmfused.analysis import (
     psd_sqrtm,
     transport_metrics,
 )
+from tests.conftest import import_or_skip
 
 F64 = torch.float64
 LOG_2_PI_E = math.log(2 * math.pi * math.e)
@@ -627,9 +628,7 @@ def test_zoo_cli_end_to_end(tmp_path, capsys):
 
 
 def test_converted_torchvision_resnet():
-    torchvision = pytest.importorskip("torchvision")
-    if not hasattr(lmfused, "convert_to_lm"):
-        pytest.skip("lmfused.convert_to_lm is not available yet")
+    torchvision = import_or_skip("torchvision")
     model = lmfused.convert_to_lm(torchvision.models.resnet18()).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

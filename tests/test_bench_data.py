@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("torchvision")
-
-from bench import data  # noqa: E402
+from bench import data
+from tests.conftest import import_or_skip
 
 
 def test_bench_data_writes_rows_for_each_path(tmp_path: Path, capsys) -> None:
+    import_or_skip("torchvision")
     args = ["--synthetic", "16", "--batch-size", "8", "--size", "32", "--workers", "0", "--rounds", "1"]
     data.main([*args, "--out", str(tmp_path)])
     out = capsys.readouterr().out

@@ -18,6 +18,7 @@ from lmfused.train import images as im
 from lmfused.train import main
 from lmfused.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from lmfused.train.images import RRC_RATIO, RRC_SCALE
+from tests.conftest import required_libraries
 
 try:  # the image-folder pipeline needs torchvision (and PIL); the CIFAR-10 reader does not
     import torchvision  # noqa: F401
@@ -25,6 +26,8 @@ try:  # the image-folder pipeline needs torchvision (and PIL); the CIFAR-10 read
 
     HAS_TORCHVISION = True
 except Exception:  # absent, or built for another torch
+    if "torchvision" in required_libraries():  # LMFUSED_REQUIRE_LIBS: a missing library fails, not skips
+        raise
     HAS_TORCHVISION = False
 needs_torchvision = pytest.mark.skipif(not HAS_TORCHVISION, reason="needs torchvision")
 

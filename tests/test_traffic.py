@@ -7,6 +7,7 @@ import torch
 
 import lmfused
 from bench import traffic
+from tests.conftest import import_or_skip
 
 SHAPE = (2, 8, 5, 7)
 
@@ -58,7 +59,7 @@ def test_lm_and_plain_junction_of_inner_bottleneck_blocks(monkeypatch, fuse_batc
     inner post-activation bottleneck block's junction moves 16 X in torchvision's ResNeXt-50 and 22 X in the
     LM one, with the batch norm fused into the LM op (its four one-pass ops) or not; the whole training step
     is counted with fake tensors (no memory), at the benchmark's batch and image size."""
-    pytest.importorskip("torchvision")
+    import_or_skip("torchvision")
     monkeypatch.setenv("LMFUSED_FUSE_BN", fuse_batch_norm)
     result = traffic.compare("lm_resnext50_32x4d", batch=64, size=224)
     assert result["counterpart"] == "torchvision resnext50_32x4d"
