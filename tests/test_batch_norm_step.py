@@ -343,3 +343,21 @@ def test_unknown_backend_for_this_op_says_which_it_has():
         batch_norm_lm_step(
             x, running_mean, running_var, weight, bias, u, u_prev, k, training=True, backend="cuda"
         )
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("offset", [1, 3])
+def test_bits_do_not_depend_on_storage_offset(backend, offset):
+    """The same values in a view at a storage offset (a misaligned pointer) give bitwise the same output and
+    gradients: the reductions' order depends only on the shape, layout and flags."""
+    case = make_case((2, 8, 4, 6), torch.float16, "contiguous", per_channel_k=True, with_scale=True)
+    grad_out = torch.randn(2, 8, 4, 6).to(torch.float16).to(DEVICE)
+    shifted = list(case)
+    for index in (0, 5, 6):  # x, u, u_prev at a storage offset
+        t = case[index]
+        storage = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+        shifted[index] = storage[offset:].view(t.shape).copy_(t)
+    first, second = _run(case, backend, True, True, grad_out), _run(shifted, backend, True, True, grad_out)
+    assert torch.equal(first[0], second[0])
+    for a, b in zip(first[1], second[1], strict=True):
+        assert torch.equal(a, b)

@@ -21,7 +21,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from lmfused.triton_kernels.lm_step import _acc, _cdiv, _launcher
+from lmfused.triton_kernels.lm_step import _acc, _aligned, _cdiv, _launcher
 from torch import Tensor
 
 from lmfused._layout import Plan, empty_in_layout, plan_layout, to_layout
@@ -336,7 +336,9 @@ def _channel_first_elements(x: Tensor) -> Tensor:
 def batch_norm_stats_triton(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``x`` (float32; float64 for float64 x)."""
     plan = plan_layout(x)
-    x = to_layout(x, plan.channels_last)
+    # Triton compiles a variant per pointer alignment, whose register layout sets the order of the in-tile
+    # sums: a misaligned view (rare) is copied, so the same values always give the same bits.
+    x = _aligned(to_layout(x, plan.channels_last))
     shift = _channel_first_elements(x).contiguous()
     num_programs, num_l_blocks, block_m, block_l, num_warps = _tiling(plan)
     sums, sumsqs = _partials(plan, 2, x)
@@ -443,10 +445,11 @@ def batch_norm_lm_step_backward_reduce_triton(
     if g.numel() == 0:
         zeros = [g.new_zeros((channels,), dtype=acc) for _ in range(3)]
         return zeros[0], zeros[1], zeros[2] if need_k else g.new_empty((0,), dtype=acc)
-    x = to_layout(x, layout)
-    out = to_layout(out, layout) if relu else g
+    # Aligned operands (see batch_norm_stats_triton): the sums' bits depend only on the values.
+    g, x = _aligned(g), _aligned(to_layout(x, layout))
+    out = _aligned(to_layout(out, layout)) if relu else g
     if need_k:
-        u, u_prev = to_layout(u, layout), to_layout(u_prev, layout)
+        u, u_prev = _aligned(to_layout(u, layout)), _aligned(to_layout(u_prev, layout))
     scale = scale.contiguous() if scale is not None else None
     num_programs, num_l_blocks, block_m, block_l, num_warps = _tiling(plan)
     sum_dy, sum_dy_xhat, grad_k = _partials(plan, 3, g)
