@@ -131,6 +131,14 @@ setup(
 """
 
 
+def _build_in_place(folder: Path, env: dict) -> subprocess.CompletedProcess:
+    """``python setup.py build_ext --inplace`` in ``folder``."""
+    command = [sys.executable, "setup.py", "build_ext", "--inplace"]
+    return subprocess.run(
+        command, cwd=folder, capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+
+
 def test_a_failed_extension_build_leaves_a_working_install(tmp_path):
     """A real setuptools build of an extension that does not compile: exit 0, the reason on stderr and in
     the note next to the package, and the package still importable."""
@@ -140,15 +148,7 @@ def test_a_failed_extension_build_leaves_a_working_install(tmp_path):
     root = str(Path(_cuda_build.__file__).resolve().parent.parent)
     (tmp_path / "setup.py").write_text(textwrap.dedent(SETUP.format(lmfused_root=root)))
     env = {**os.environ, "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, "setup.py", "build_ext", "--inplace"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    result = _build_in_place(tmp_path, env)
     assert result.returncode == 0, result.stderr
     assert "FAILED; installing pure Python" in result.stderr
     failure = install_build_failure(tmp_path / "demo")
@@ -167,15 +167,7 @@ def test_a_failed_extension_build_leaves_a_working_install(tmp_path):
             """
         )
     )
-    result = subprocess.run(
-        [sys.executable, "setup.py", "build_ext", "--inplace"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    result = _build_in_place(tmp_path, env)
     assert result.returncode == 0, result.stderr
     assert install_build_failure(tmp_path / "demo") is None
 
