@@ -4,7 +4,8 @@ The activation is the 2-D matrix of ``lmfused._layout`` (M rows of L contiguous 
 channel of one sample (channels-first) or one position (channels-last)). Three walks over it, all with 64-bit
 offsets and every option a ``tl.constexpr`` (so each variant compiles to straight-line code):
 
-    HAS_F, HAS_SCALE, RELU, HAS_NOISE, PER_CHANNEL_K, CHANNELS_LAST, NEED_*, FP64 (float64 math, gradcheck)
+    HAS_F, HAS_SCALE, RELU, HAS_NOISE, HAS_SHORTCUT, PER_CHANNEL_K, CHANNELS_LAST, NEED_*,
+    FP64 (float64 math, gradcheck)
 
 * flat (the forward; the backward unless k is per channel and its gradient is needed): tiles of BLOCK
   consecutive elements in memory, whatever the row length, so loads and stores are full-width vectors and no
@@ -16,11 +17,12 @@ offsets and every option a ``tl.constexpr`` (so each variant compiles to straigh
 * columns (channels-last backward with a per-channel grad_k): [BLOCK_M, BLOCK_L] tiles, ROW_ITERS of them
   down the rows per program, each program keeping one partial per column (channel).
 
-The backward writes only the gradients asked for and float32 partial sums of dL/dk = sum g (u_prev - u) that
-one torch reduction sums: no atomics, so the same inputs give bitwise the same gradients. Tile sizes are a
-fixed function of the shape (no autotuning), so partial buffers are known before launch, and the launcher
-copies misaligned views so that the compiled variant (whose register layout sets the order of the
-in-program sums) does not depend on where the data sits.
+The backward adds the shortcut output's gradient (the next step's u_prev is this step's u) into grad_u in
+the same pass, unmasked by the ReLU. It writes only the gradients asked for and float32 partial sums of
+dL/dk = sum g (u_prev - u) that one torch reduction sums: no atomics, so the same inputs give bitwise the
+same gradients. Tile sizes are a fixed function of the shape (no autotuning), so partial buffers are known
+before launch, and the launcher copies misaligned views so that the compiled variant (whose register layout
+sets the order of the in-program sums) does not depend on where the data sits.
 
 Noise: one Philox4x32-10 call gives four normals (``tl.randn4x``): the element at memory offset o (in the
 planned layout) takes lane o % 4 of ``randn4x(seed, o // 4)``.
@@ -156,14 +158,17 @@ def lm_step_forward_kernel(
 
 @triton.jit
 def _gradients(
-    g_ptr, u_ptr, u_prev_ptr, out_ptr, grad_u_ptr, grad_u_prev_ptr, grad_f_ptr, offs, mask, k, s,
-    HAS_SCALE: tl.constexpr, RELU: tl.constexpr, NEED_U: tl.constexpr, NEED_U_PREV: tl.constexpr,
-    NEED_F: tl.constexpr, NEED_K: tl.constexpr, FP64: tl.constexpr,
+    g_ptr, grad_shortcut_ptr, u_ptr, u_prev_ptr, out_ptr, grad_u_ptr, grad_u_prev_ptr, grad_f_ptr, offs, mask,
+    k, s, HAS_SCALE: tl.constexpr, RELU: tl.constexpr, HAS_SHORTCUT: tl.constexpr, NEED_U: tl.constexpr,
+    NEED_U_PREV: tl.constexpr, NEED_F: tl.constexpr, NEED_K: tl.constexpr, FP64: tl.constexpr,
 ):  # fmt: skip
-    """Store grad_u = (1-k) g, grad_u_prev = k g, grad_f = s g for one tile; return g (u_prev - u) (or g)."""
+    """Store grad_u = (1-k) g (+ grad_shortcut), grad_u_prev = k g, grad_f = s g for one tile; return
+    g (u_prev - u) (or g)."""
     # Every load before the first store: Triton must assume the pointers may alias, so a load after a
     # store could not be hoisted, and fewer bytes would be in flight.
     g = _acc(tl.load(g_ptr + offs, mask=mask, other=0.0), FP64)
+    if HAS_SHORTCUT and NEED_U:
+        shortcut = _acc(tl.load(grad_shortcut_ptr + offs, mask=mask, other=0.0), FP64)
     if NEED_K:
         u = _acc(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
         u_prev = _acc(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
@@ -172,7 +177,10 @@ def _gradients(
         # As torch's threshold_backward: zero where out <= 0, so a NaN output passes its gradient on.
         g = tl.where(out <= 0, 0.0, g)
     if NEED_U:
-        tl.store(grad_u_ptr + offs, ((1.0 - k) * g).to(grad_u_ptr.dtype.element_ty), mask=mask)
+        grad_u = (1.0 - k) * g
+        if HAS_SHORTCUT:
+            grad_u += shortcut  # the gradient of u itself: not masked by the ReLU; one rounding below
+        tl.store(grad_u_ptr + offs, grad_u.to(grad_u_ptr.dtype.element_ty), mask=mask)
     if NEED_U_PREV:
         tl.store(grad_u_prev_ptr + offs, (k * g).to(grad_u_prev_ptr.dtype.element_ty), mask=mask)
     if NEED_F:
@@ -189,6 +197,7 @@ def _gradients(
 @triton.jit
 def lm_step_backward_kernel(
     g_ptr,
+    grad_shortcut_ptr,
     u_ptr,
     u_prev_ptr,
     out_ptr,
@@ -207,6 +216,7 @@ def lm_step_backward_kernel(
     shift_r,
     HAS_SCALE: tl.constexpr,
     RELU: tl.constexpr,
+    HAS_SHORTCUT: tl.constexpr,
     PER_CHANNEL_K: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     NEED_U: tl.constexpr,
@@ -242,8 +252,8 @@ def lm_step_backward_kernel(
         else:
             k = _acc(tl.load(k_ptr + r2), FP64)
     d = _gradients(
-        g_ptr, u_ptr, u_prev_ptr, out_ptr, grad_u_ptr, grad_u_prev_ptr, grad_f_ptr, offs, mask, k, s,
-        HAS_SCALE, RELU, NEED_U, NEED_U_PREV, NEED_F, NEED_K, FP64,
+        g_ptr, grad_shortcut_ptr, u_ptr, u_prev_ptr, out_ptr, grad_u_ptr, grad_u_prev_ptr, grad_f_ptr, offs,
+        mask, k, s, HAS_SCALE, RELU, HAS_SHORTCUT, NEED_U, NEED_U_PREV, NEED_F, NEED_K, FP64,
     )  # fmt: skip
     if NEED_K:
         tl.store(partial_ptr + pid, tl.sum(d, axis=0))
@@ -252,6 +262,7 @@ def lm_step_backward_kernel(
 @triton.jit
 def lm_step_backward_channel_kernel(
     g_ptr,
+    grad_shortcut_ptr,
     u_ptr,
     u_prev_ptr,
     out_ptr,
@@ -269,6 +280,7 @@ def lm_step_backward_channel_kernel(
     shift_l,
     HAS_SCALE: tl.constexpr,
     RELU: tl.constexpr,
+    HAS_SHORTCUT: tl.constexpr,
     NEED_U: tl.constexpr,
     NEED_U_PREV: tl.constexpr,
     NEED_F: tl.constexpr,
@@ -294,8 +306,8 @@ def lm_step_backward_channel_kernel(
     if NEED_F and HAS_SCALE:
         s = _acc(tl.load(scale_ptr + n, mask=mask, other=0.0), FP64)
     d = _gradients(
-        g_ptr, u_ptr, u_prev_ptr, out_ptr, grad_u_ptr, grad_u_prev_ptr, grad_f_ptr, offs, mask, k, s,
-        HAS_SCALE, RELU, NEED_U, NEED_U_PREV, NEED_F, True, FP64,
+        g_ptr, grad_shortcut_ptr, u_ptr, u_prev_ptr, out_ptr, grad_u_ptr, grad_u_prev_ptr, grad_f_ptr, offs,
+        mask, k, s, HAS_SCALE, RELU, HAS_SHORTCUT, NEED_U, NEED_U_PREV, NEED_F, True, FP64,
     )  # fmt: skip
     tl.store(partial_ptr + pid, tl.sum(d, axis=0))
 
@@ -303,6 +315,7 @@ def lm_step_backward_channel_kernel(
 @triton.jit
 def lm_step_backward_columns_kernel(
     g_ptr,
+    grad_shortcut_ptr,
     u_ptr,
     u_prev_ptr,
     out_ptr,
@@ -318,6 +331,7 @@ def lm_step_backward_columns_kernel(
     num_l_blocks,
     HAS_SCALE: tl.constexpr,
     RELU: tl.constexpr,
+    HAS_SHORTCUT: tl.constexpr,
     NEED_U: tl.constexpr,
     NEED_U_PREV: tl.constexpr,
     NEED_F: tl.constexpr,
@@ -343,8 +357,8 @@ def lm_step_backward_columns_kernel(
         if NEED_F and HAS_SCALE:
             s = _acc(tl.load(scale_ptr + rows // rows_per_sample, mask=row_ok, other=0.0), FP64)[:, None]
         d = _gradients(
-            g_ptr, u_ptr, u_prev_ptr, out_ptr, grad_u_ptr, grad_u_prev_ptr, grad_f_ptr, offs, mask, k, s,
-            HAS_SCALE, RELU, NEED_U, NEED_U_PREV, NEED_F, True, FP64,
+            g_ptr, grad_shortcut_ptr, u_ptr, u_prev_ptr, out_ptr, grad_u_ptr, grad_u_prev_ptr, grad_f_ptr,
+            offs, mask, k, s, HAS_SCALE, RELU, HAS_SHORTCUT, NEED_U, NEED_U_PREV, NEED_F, True, FP64,
         )  # fmt: skip
         acc += tl.sum(d, axis=0)
     tl.store(partial_ptr + pid_m.to(tl.int64) * L + cols, acc, mask=col_ok)
@@ -506,6 +520,7 @@ def lm_step_forward_triton(
 
 def lm_step_backward_triton(
     grad_out: Tensor,
+    grad_shortcut: Tensor | None,
     u: Tensor | None,
     u_prev: Tensor | None,
     out: Tensor | None,
@@ -518,10 +533,14 @@ def lm_step_backward_triton(
     need_k: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward kernel of the walk the flags call for, then sum the grad_k partials in a fixed
-    order."""
+    order. ``grad_shortcut`` (the gradient of the step's shortcut output, i.e. of u itself) is added to
+    grad_u, unmasked, in the same pass."""
     plan = plan_layout(u if u is not None else grad_out)
     layout = plan.channels_last
     g = to_layout(grad_out, layout)
+    has_shortcut = grad_shortcut is not None and need_u
+    if has_shortcut:
+        grad_shortcut = to_layout(grad_shortcut, layout)  # read where grad_out is: the same plan
     fp64 = g.dtype == torch.float64
     acc_dtype = torch.float64 if fp64 else torch.float32
 
@@ -551,6 +570,7 @@ def lm_step_backward_triton(
     scale = scale.contiguous() if scale is not None else None
     pointers = (
         g,
+        grad_shortcut if has_shortcut else g,
         u if need_k else g,  # unused pointers stand in for tensors a variant does not read
         u_prev if need_k else g,
         out if relu else g,
@@ -560,7 +580,8 @@ def lm_step_backward_triton(
         grad_u_prev if need_u_prev else g,
         grad_f if need_f else g,
     )
-    flags = dict(HAS_SCALE=scale is not None, RELU=relu, NEED_U=need_u, NEED_U_PREV=need_u_prev)
+    flags = dict(HAS_SCALE=scale is not None, RELU=relu, HAS_SHORTCUT=has_shortcut)
+    flags.update(NEED_U=need_u, NEED_U_PREV=need_u_prev)
     if need_k and per_channel and not layout:
         C, L = int(plan.channels), int(plan.row_len)
         N = int(plan.rows) // C
