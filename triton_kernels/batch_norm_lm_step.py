@@ -4,10 +4,15 @@ Four kernels over the same [BLOCK_M, BLOCK_L] tiles of ``lmfused._layout``'s 2-D
 
 * ``batch_norm_stats_kernel``: per-channel partial sums of (x - c) and (x - c)^2, c = the channel's first
   element (a shift that keeps the variance free of cancellation when the mean is large);
-* ``batch_norm_lm_step_forward_kernel``: out = act((1 - k) u + k u_prev + s ((x - mean) gain + bias) + noise);
+* ``batch_norm_lm_step_forward_kernel``: out = act((1 - k) u + k u_prev + s ((x - mean) gain + bias) + noise),
+  or without u and u_prev (the no-state mode: a branch's own batch norm + ReLU) act(s (...) + noise);
 * ``batch_norm_lm_step_backward_reduce_kernel``: per-channel partial sums of dy, dy * xhat and
   g * (u_prev - u), where g is the output gradient masked by the ReLU and dy = s g;
-* ``batch_norm_lm_step_backward_kernel``: grad_x, grad_u and grad_u_prev from those sums.
+* ``batch_norm_lm_step_backward_kernel``: grad_x, grad_u (plus the shortcut output's gradient) and
+  grad_u_prev from those sums.
+
+The ReLU's mask comes from out, or in the no-state mode from x: the forward's pre-activation recomputed by
+the same code and rounded to x's dtype has out's sign, so the backward reads only grad_out and x.
 
 Partial sums are written per tile and channel (channels-first: one per row and column block; channels-last:
 one per row block and column) and summed by one torch reduction in a fixed order: no atomics, the same inputs
@@ -114,6 +119,22 @@ def batch_norm_stats_kernel(
 
 
 @triton.jit
+def _branch(
+    x, mean_ptr, gain_ptr, bias_ptr, scale_ptr, rows, cols, row_ok, col_ok, C, rows_per_sample,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, CHANNELS_LAST: tl.constexpr, FP64: tl.constexpr,
+):  # fmt: skip
+    """s ((x - mean) gain + bias): the batch norm's output as it enters the update. One definition for the
+    forward and the backward's recomputed ReLU mask, so that both round it the same way."""
+    mean = _per_channel(mean_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
+    f = (x - mean) * _per_channel(gain_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
+    if HAS_BIAS:
+        f += _per_channel(bias_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
+    if HAS_SCALE:
+        f = f * _sample_scale(scale_ptr, rows, row_ok, rows_per_sample, FP64)
+    return f
+
+
+@triton.jit
 def batch_norm_lm_step_forward_kernel(
     x_ptr,
     mean_ptr,
@@ -131,6 +152,7 @@ def batch_norm_lm_step_forward_kernel(
     rows_per_sample,
     num_l_blocks,
     noise_std,
+    HAS_STATE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     RELU: tl.constexpr,
@@ -141,21 +163,21 @@ def batch_norm_lm_step_forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    """out = act((1 - k) u + k u_prev + s ((x - mean) gain + bias) + noise_std xi) on one tile."""
+    """out = act((1 - k) u + k u_prev + s ((x - mean) gain + bias) + noise_std xi) on one tile; with
+    HAS_STATE off (the branch's own batch norm + ReLU) act(s ((x - mean) gain + bias) + noise_std xi)."""
     pid = tl.program_id(0)
     _, _, rows, cols, row_ok, col_ok, offs, mask = _tile(pid, M, L, num_l_blocks, BLOCK_M, BLOCK_L)
-    k = _coefficient_k(k_ptr, rows, cols, row_ok, col_ok, C, PER_CHANNEL_K, CHANNELS_LAST, FP64)
-    mean = _per_channel(mean_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
-    gain = _per_channel(gain_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
     x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0), FP64)
-    u = _acc(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
-    u_prev = _acc(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
-    f = (x - mean) * gain
-    if HAS_BIAS:
-        f += _per_channel(bias_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
-    if HAS_SCALE:
-        f = f * _sample_scale(scale_ptr, rows, row_ok, rows_per_sample, FP64)
-    acc = (1.0 - k) * u + k * u_prev + f
+    if HAS_STATE:
+        k = _coefficient_k(k_ptr, rows, cols, row_ok, col_ok, C, PER_CHANNEL_K, CHANNELS_LAST, FP64)
+        u = _acc(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
+        u_prev = _acc(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
+    acc = _branch(
+        x, mean_ptr, gain_ptr, bias_ptr, scale_ptr, rows, cols, row_ok, col_ok, C, rows_per_sample,
+        HAS_BIAS, HAS_SCALE, CHANNELS_LAST, FP64,
+    )  # fmt: skip
+    if HAS_STATE:
+        acc = (1.0 - k) * u + k * u_prev + acc
     if HAS_NOISE:
         seed = tl.load(seed_ptr)
         acc += noise_std * tl.randn(seed, offs)
@@ -165,12 +187,26 @@ def batch_norm_lm_step_forward_kernel(
 
 
 @triton.jit
-def _masked_gradient(g_ptr, out_ptr, offs, mask, RELU: tl.constexpr, FP64: tl.constexpr):
-    """The output gradient through the ReLU, as torch.relu's backward: 0 where out <= 0 (NaN passes)."""
+def _masked_gradient(
+    g_ptr, out_ptr, x_ptr, x, mean_ptr, gain_ptr, bias_ptr, scale_ptr, offs, mask, rows, cols, row_ok, col_ok,
+    C, rows_per_sample, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, RELU: tl.constexpr,
+    MASK_FROM_X: tl.constexpr, CHANNELS_LAST: tl.constexpr, FP64: tl.constexpr,
+):  # fmt: skip
+    """The output gradient through the ReLU, as torch.relu's backward: 0 where out <= 0 (NaN passes).
+
+    MASK_FROM_X (no state, no noise): out's sign is that of the forward's pre-activation rounded to x's
+    dtype, recomputed from the loaded ``x``, so the backward never reads out.
+    """
     g = _acc(tl.load(g_ptr + offs, mask=mask, other=0.0), FP64)
     if RELU:
-        out = tl.load(out_ptr + offs, mask=mask, other=0.0)
-        g = tl.where(out <= 0.0, 0.0, g)
+        if MASK_FROM_X:
+            pre = _branch(
+                x, mean_ptr, gain_ptr, bias_ptr, scale_ptr, rows, cols, row_ok, col_ok, C, rows_per_sample,
+                HAS_BIAS, HAS_SCALE, CHANNELS_LAST, FP64,
+            ).to(x_ptr.dtype.element_ty)  # fmt: skip
+        else:
+            pre = tl.load(out_ptr + offs, mask=mask, other=0.0)
+        g = tl.where(pre <= 0.0, 0.0, g)
     return g
 
 
@@ -183,6 +219,8 @@ def batch_norm_lm_step_backward_reduce_kernel(
     u_prev_ptr,
     mean_ptr,
     invstd_ptr,
+    gain_ptr,
+    bias_ptr,
     scale_ptr,
     sum_dy_ptr,
     sum_dy_xhat_ptr,
@@ -192,8 +230,10 @@ def batch_norm_lm_step_backward_reduce_kernel(
     C,
     rows_per_sample,
     num_l_blocks,
+    HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     RELU: tl.constexpr,
+    MASK_FROM_X: tl.constexpr,
     NEED_K: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     FP64: tl.constexpr,
@@ -203,11 +243,14 @@ def batch_norm_lm_step_backward_reduce_kernel(
     """Per-channel partial sums of dy, dy * xhat and (NEED_K) g * (u_prev - u) on one tile."""
     pid = tl.program_id(0)
     pid_m, pid_l, rows, cols, row_ok, col_ok, offs, mask = _tile(pid, M, L, num_l_blocks, BLOCK_M, BLOCK_L)
-    g = _masked_gradient(g_ptr, out_ptr, offs, mask, RELU, FP64)
+    x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0), FP64)
+    g = _masked_gradient(
+        g_ptr, out_ptr, x_ptr, x, mean_ptr, gain_ptr, bias_ptr, scale_ptr, offs, mask, rows, cols, row_ok,
+        col_ok, C, rows_per_sample, HAS_BIAS, HAS_SCALE, RELU, MASK_FROM_X, CHANNELS_LAST, FP64,
+    )  # fmt: skip
     if NEED_K:
         u = _acc(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
         u_prev = _acc(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
-    x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0), FP64)
     mean = _per_channel(mean_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
     invstd = _per_channel(invstd_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
     dy = g
@@ -227,11 +270,13 @@ def batch_norm_lm_step_backward_reduce_kernel(
 @triton.jit
 def batch_norm_lm_step_backward_kernel(
     g_ptr,
+    grad_shortcut_ptr,
     out_ptr,
     x_ptr,
     mean_ptr,
     invstd_ptr,
     gain_ptr,
+    bias_ptr,
     mean_dy_ptr,
     mean_dy_xhat_ptr,
     k_ptr,
@@ -244,8 +289,11 @@ def batch_norm_lm_step_backward_kernel(
     C,
     rows_per_sample,
     num_l_blocks,
+    HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     RELU: tl.constexpr,
+    MASK_FROM_X: tl.constexpr,
+    HAS_SHORTCUT: tl.constexpr,
     TRAINING: tl.constexpr,
     PER_CHANNEL_K: tl.constexpr,
     NEED_X: tl.constexpr,
@@ -257,17 +305,24 @@ def batch_norm_lm_step_backward_kernel(
     BLOCK_L: tl.constexpr,
 ):
     """grad_x = gain (dy - mean(dy) - xhat mean(dy xhat)) (training; gain dy in evaluation),
-    grad_u = (1 - k) g, grad_u_prev = k g, on one tile."""
+    grad_u = (1 - k) g (+ grad_shortcut, unmasked), grad_u_prev = k g, on one tile."""
     pid = tl.program_id(0)
     _, _, rows, cols, row_ok, col_ok, offs, mask = _tile(pid, M, L, num_l_blocks, BLOCK_M, BLOCK_L)
-    g = _masked_gradient(g_ptr, out_ptr, offs, mask, RELU, FP64)
+    x = 0.0  # read only where the mask or grad_x needs it
+    if (NEED_X and TRAINING) or (RELU and MASK_FROM_X):
+        x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0), FP64)
+    g = _masked_gradient(
+        g_ptr, out_ptr, x_ptr, x, mean_ptr, gain_ptr, bias_ptr, scale_ptr, offs, mask, rows, cols, row_ok,
+        col_ok, C, rows_per_sample, HAS_BIAS, HAS_SCALE, RELU, MASK_FROM_X, CHANNELS_LAST, FP64,
+    )  # fmt: skip
+    if HAS_SHORTCUT and NEED_U:  # loaded before the first store (see lm_step's _gradients)
+        shortcut = _acc(tl.load(grad_shortcut_ptr + offs, mask=mask, other=0.0), FP64)
     if NEED_X:
         dy = g
         if HAS_SCALE:
             dy = g * _sample_scale(scale_ptr, rows, row_ok, rows_per_sample, FP64)
         gain = _per_channel(gain_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
         if TRAINING:
-            x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0), FP64)
             mean = _per_channel(mean_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
             invstd = _per_channel(invstd_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
             mean_dy = _per_channel(mean_dy_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
@@ -277,7 +332,10 @@ def batch_norm_lm_step_backward_kernel(
     if NEED_U or NEED_U_PREV:
         k = _coefficient_k(k_ptr, rows, cols, row_ok, col_ok, C, PER_CHANNEL_K, CHANNELS_LAST, FP64)
         if NEED_U:
-            tl.store(grad_u_ptr + offs, ((1.0 - k) * g).to(grad_u_ptr.dtype.element_ty), mask=mask)
+            grad_u = (1.0 - k) * g
+            if HAS_SHORTCUT:
+                grad_u += shortcut  # the gradient of u itself: not masked by the ReLU; one rounding below
+            tl.store(grad_u_ptr + offs, grad_u.to(grad_u_ptr.dtype.element_ty), mask=mask)
         if NEED_U_PREV:
             tl.store(grad_u_prev_ptr + offs, (k * g).to(grad_u_prev_ptr.dtype.element_ty), mask=mask)
 
@@ -367,14 +425,19 @@ def _gain(invstd: Tensor, weight: Tensor | None) -> Tensor:
     return invstd if weight is None else invstd * weight.to(invstd.dtype)
 
 
+def _vector(t: Tensor | None, stand_in: Tensor) -> Tensor:
+    """A per-channel or per-sample vector, contiguous; ``stand_in`` for the unused pointer when it is None."""
+    return t.contiguous() if t is not None else stand_in
+
+
 def batch_norm_lm_step_forward_triton(
     x: Tensor,
     mean: Tensor,
     invstd: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    u: Tensor,
-    u_prev: Tensor,
+    u: Tensor | None,
+    u_prev: Tensor | None,
     k: Tensor,
     scale: Tensor | None,
     seed: Tensor | None,
@@ -382,13 +445,16 @@ def batch_norm_lm_step_forward_triton(
     relu: bool,
     noise_std: float,
 ) -> Tensor:
-    """Launch the forward kernel; inputs are validated by lmfused.batch_norm_step."""
-    plan = plan_layout(u)
-    u = to_layout(u, plan.channels_last)
-    out = empty_in_layout(u.shape, plan.channels_last, dtype=u.dtype, device=u.device)
-    if u.numel() == 0:
+    """Launch the forward kernel; inputs are validated by lmfused.batch_norm_step. The output has u's planned
+    layout; without u and u_prev (the no-state mode: act(s BN(x) + noise), k unread) x's."""
+    has_state = u is not None
+    plan = plan_layout(u if has_state else x)
+    x = to_layout(x, plan.channels_last)
+    out = empty_in_layout(x.shape, plan.channels_last, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
         return out
-    x, u_prev = to_layout(x, plan.channels_last), to_layout(u_prev, plan.channels_last)
+    if has_state:
+        u, u_prev = to_layout(u, plan.channels_last), to_layout(u_prev, plan.channels_last)
     mean, gain = mean.contiguous(), _gain(invstd, weight).contiguous()
     k = k.contiguous()
     has_noise = noise_std > 0.0
@@ -397,11 +463,11 @@ def batch_norm_lm_step_forward_triton(
         x,
         mean,
         gain,
-        bias.contiguous() if bias is not None else mean,  # unused pointer when HAS_BIAS is off
-        u,
-        u_prev,
+        _vector(bias, mean),  # unused pointers stand in for tensors a variant does not read
+        u if has_state else x,
+        u_prev if has_state else x,
         k,
-        scale.contiguous() if scale is not None else k,
+        _vector(scale, k),
         seed if has_noise else k,
         out,
         plan.rows,
@@ -410,13 +476,14 @@ def batch_norm_lm_step_forward_triton(
         plan.rows_per_sample,
         num_l_blocks,
         float(noise_std),
+        HAS_STATE=has_state,
         HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None,
         RELU=relu,
         HAS_NOISE=has_noise,
-        PER_CHANNEL_K=k.numel() > 1,
+        PER_CHANNEL_K=has_state and k.numel() > 1,
         CHANNELS_LAST=plan.channels_last,
-        FP64=u.dtype == torch.float64,
+        FP64=x.dtype == torch.float64,
         BLOCK_M=block_m,
         BLOCK_L=block_l,
         num_warps=num_warps,
@@ -429,6 +496,8 @@ def batch_norm_lm_step_backward_reduce_triton(
     x: Tensor,
     mean: Tensor,
     invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
     u: Tensor | None,
     u_prev: Tensor | None,
     out: Tensor | None,
@@ -437,7 +506,8 @@ def batch_norm_lm_step_backward_reduce_triton(
     need_k: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the reduction kernel and sum its partials in a fixed order: per-channel sum of dy, of dy * xhat
-    and (``need_k``) of g * (u_prev - u)."""
+    and (``need_k``) of g * (u_prev - u). With ``relu`` and no ``out`` the ReLU's mask is recomputed from x
+    (the no-state mode)."""
     plan = plan_layout(x)
     layout, channels = plan.channels_last, plan.channels
     g = to_layout(grad_out, layout)
@@ -447,10 +517,11 @@ def batch_norm_lm_step_backward_reduce_triton(
         return zeros[0], zeros[1], zeros[2] if need_k else g.new_empty((0,), dtype=acc)
     # Aligned operands (see batch_norm_stats_triton): the sums' bits depend only on the values.
     g, x = _aligned(g), _aligned(to_layout(x, layout))
-    out = _aligned(to_layout(out, layout)) if relu else g
+    mask_from_x = relu and out is None
+    out = _aligned(to_layout(out, layout)) if relu and not mask_from_x else g
     if need_k:
         u, u_prev = _aligned(to_layout(u, layout)), _aligned(to_layout(u_prev, layout))
-    scale = scale.contiguous() if scale is not None else None
+    mean = mean.contiguous()
     num_programs, num_l_blocks, block_m, block_l, num_warps = _tiling(plan)
     sum_dy, sum_dy_xhat, grad_k = _partials(plan, 3, g)
     _launcher(batch_norm_lm_step_backward_reduce_kernel)[(num_programs,)](
@@ -459,9 +530,11 @@ def batch_norm_lm_step_backward_reduce_triton(
         x,
         u if need_k else g,  # unused pointers stand in for tensors a variant does not read
         u_prev if need_k else g,
-        mean.contiguous(),
+        mean,
         invstd.contiguous(),
-        scale if scale is not None else mean,
+        _gain(invstd, weight).contiguous() if mask_from_x else mean,
+        _vector(bias, mean),
+        _vector(scale, mean),
         sum_dy,
         sum_dy_xhat,
         grad_k,
@@ -470,8 +543,10 @@ def batch_norm_lm_step_backward_reduce_triton(
         channels,
         plan.rows_per_sample,
         num_l_blocks,
+        HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None,
         RELU=relu,
+        MASK_FROM_X=mask_from_x,
         NEED_K=need_k,
         CHANNELS_LAST=layout,
         FP64=g.dtype == torch.float64,
@@ -485,10 +560,12 @@ def batch_norm_lm_step_backward_reduce_triton(
 
 def batch_norm_lm_step_backward_triton(
     grad_out: Tensor,
+    grad_shortcut: Tensor | None,
     x: Tensor,
     mean: Tensor,
     invstd: Tensor,
     weight: Tensor | None,
+    bias: Tensor | None,
     mean_dy: Tensor,
     mean_dy_xhat: Tensor,
     out: Tensor | None,
@@ -500,7 +577,9 @@ def batch_norm_lm_step_backward_triton(
     need_u: bool,
     need_u_prev: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the kernel that writes grad_x, grad_u and grad_u_prev (the needed ones; others empty)."""
+    """Launch the kernel that writes grad_x, grad_u (+ ``grad_shortcut``, the gradient of the step's shortcut
+    output) and grad_u_prev (the needed ones; others empty). With ``relu`` and no ``out`` the ReLU's mask is
+    recomputed from x (the no-state mode)."""
     plan = plan_layout(x)
     layout = plan.channels_last
     g = to_layout(grad_out, layout)
@@ -513,23 +592,28 @@ def batch_norm_lm_step_backward_triton(
     grad_x, grad_u, grad_u_prev = grad(need_x), grad(need_u), grad(need_u_prev)
     if g.numel() == 0:
         return grad_x, grad_u, grad_u_prev
+    has_shortcut = grad_shortcut is not None and need_u
+    if has_shortcut:
+        grad_shortcut = to_layout(grad_shortcut, layout)  # read where grad_out is: the same plan
     x = to_layout(x, layout)
-    out = to_layout(out, layout) if relu else g
-    scale = scale.contiguous() if scale is not None else None
-    k = k.contiguous()
+    mask_from_x = relu and out is None
+    out = to_layout(out, layout) if relu and not mask_from_x else g
+    mean, k = mean.contiguous(), k.contiguous()
     num_programs, num_l_blocks, block_m, block_l, num_warps = _tiling(plan)
     _launcher(batch_norm_lm_step_backward_kernel)[(num_programs,)](
         g,
+        grad_shortcut if has_shortcut else g,  # unused pointers stand in for tensors a variant does not use
         out,
         x,
-        mean.contiguous(),
+        mean,
         invstd.contiguous(),
         _gain(invstd, weight).contiguous(),
+        _vector(bias, mean),
         mean_dy.contiguous(),
         mean_dy_xhat.contiguous(),
         k,
-        scale if scale is not None else k,
-        grad_x if need_x else g,  # unused pointers stand in for gradients a variant does not write
+        _vector(scale, k),
+        grad_x if need_x else g,
         grad_u if need_u else g,
         grad_u_prev if need_u_prev else g,
         plan.rows,
@@ -537,8 +621,11 @@ def batch_norm_lm_step_backward_triton(
         plan.channels,
         plan.rows_per_sample,
         num_l_blocks,
+        HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None,
         RELU=relu,
+        MASK_FROM_X=mask_from_x,
+        HAS_SHORTCUT=has_shortcut,
         TRAINING=training,
         PER_CHANNEL_K=k.numel() > 1,
         NEED_X=need_x,
