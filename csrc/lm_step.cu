@@ -48,8 +48,9 @@ size_t lm_step_backward_workspace_bytes(DType dtype, const LMStepShape& shape) {
 }
 
 cudaError_t launch_lm_step_backward(DType dtype, const LMStepShape& shape, const void* grad_out,
-                                    const void* u, const void* u_prev, const void* out,
-                                    const void* k, int64_t k_numel, const void* scale, bool relu,
+                                    const void* grad_shortcut, const void* u,
+                                    const void* u_prev, const void* out, const void* k,
+                                    int64_t k_numel, const void* scale, bool relu,
                                     void* grad_u, void* grad_u_prev, void* grad_f, void* grad_k,
                                     void* workspace, size_t workspace_bytes,
                                     cudaStream_t stream) {
@@ -63,8 +64,8 @@ cudaError_t launch_lm_step_backward(DType dtype, const LMStepShape& shape, const
   }
   if (grad_out == nullptr || k == nullptr || (relu && out == nullptr))
     return cudaErrorInvalidValue;
-  return LMF_DISPATCH_DTYPE(dtype, backward_typed, shape, grad_out, u, u_prev, out, k, k_numel,
-                            scale, relu, grad_u, grad_u_prev, grad_f, grad_k, workspace,
+  return LMF_DISPATCH_DTYPE(dtype, backward_typed, shape, grad_out, grad_shortcut, u, u_prev, out,
+                            k, k_numel, scale, relu, grad_u, grad_u_prev, grad_f, grad_k, workspace,
                             workspace_bytes, stream);
 }
 

@@ -534,6 +534,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
 template <typename T>
 struct BackwardArgs {
   const T* grad_out;
+  const T* grad_shortcut;  // added into grad_u unmasked; nullptr: none
   const T* u;
   const T* u_prev;
   const T* out;
@@ -552,6 +553,9 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
     lm_step_backward_kernel(const BackwardArgs<T> a, const Geometry g) {
   using A = acc_t<T>;
   __shared__ A smem[NEED_K ? kBlock * VEC : 1];
+  // A runtime (grid-uniform) flag rather than a template one: it only adds one read to grad_u's
+  // path, and a template flag would add half again as many backward specialisations.
+  const bool shortcut = NEED_U && a.grad_shortcut != nullptr;
   for (int64_t tile = blockIdx.x; tile < g.num_tiles; tile += gridDim.x) {
     Cursor<CL, VEC> cur(g, tile);
     A acc[VEC];
@@ -564,11 +568,12 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
       for (; cur.ok(); cur.next(g)) {
         int64_t off[B], sample[B];
         const int live = gather_positions<B>(cur, g, off, sample);
-        Pack<T, VEC> pg[B], po[B], pu[B], pp[B];
+        Pack<T, VEC> pg[B], po[B], pu[B], pp[B], ps[B];
 #pragma unroll
         for (int b = 0; b < B; ++b) {
           if (b < live) {
             pg[b] = load_pack<T, VEC>(a.grad_out, off[b]);
+            if (shortcut) ps[b] = load_pack<T, VEC>(a.grad_shortcut, off[b]);
             if constexpr (RELU) po[b] = load_pack<T, VEC>(a.out, off[b]);
             if constexpr (NEED_K) {
               pu[b] = load_pack<T, VEC>(a.u, off[b]);
@@ -587,7 +592,12 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
             A gj = to_acc(pg[b].v[j]);
             // As torch.relu's backward: zero where out <= 0 (a NaN output passes g on).
             if constexpr (RELU) gj = to_acc(po[b].v[j]) <= A(0) ? A(0) : gj;
-            if constexpr (NEED_U) gu.v[j] = from_acc<T>((A(1) - kk[j]) * gj);
+            if constexpr (NEED_U) {
+              // The shortcut's gradient is a gradient of u itself: not masked, one rounding.
+              A guj = (A(1) - kk[j]) * gj;
+              if (shortcut) guj += to_acc(ps[b].v[j]);
+              gu.v[j] = from_acc<T>(guj);
+            }
             if constexpr (NEED_UP) gup.v[j] = from_acc<T>(kk[j] * gj);
             if constexpr (NEED_F) gf.v[j] = from_acc<T>(HAS_SCALE ? s * gj : gj);
             if constexpr (NEED_K) acc[j] += gj * (to_acc(pp[b].v[j]) - to_acc(pu[b].v[j]));

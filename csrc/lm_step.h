@@ -40,6 +40,10 @@ cudaError_t launch_lm_step_forward(DType dtype, const LMStepShape& shape, const 
 size_t lm_step_backward_workspace_bytes(DType dtype, const LMStepShape& shape);
 
 // Backward. grad_out: activation dtype. out: required iff relu (grad is masked by out > 0).
+// grad_shortcut: activation dtype, same layout, or nullptr: the gradient that reached the step's
+// shortcut output (the next step's u_prev); when given, grad_u = (1 - k) * g + grad_shortcut,
+// computed in the accumulator type and rounded once (not masked by the ReLU: it is a gradient of
+// u itself). Ignored unless grad_u is requested.
 // u, u_prev: required iff grad_k is requested. k, scale: as in the forward.
 // Outputs are requested by passing non-null pointers: grad_u, grad_u_prev, grad_f (activation
 // dtype, same layout) and grad_k (accumulator type, k_numel values). grad_k needs `workspace`
@@ -48,14 +52,15 @@ size_t lm_step_backward_workspace_bytes(DType dtype, const LMStepShape& shape);
 // device give bitwise identical grad_k. What its bits depend on, exactly: the values, the shape,
 // the layout, k_numel, relu, and the vector width, because the tiles (hence the summation
 // order) are sized in vectors. The width is the widest of 128-bit, 64-bit and scalar that
-// divides the row length and that every buffer touched (grad_out, out if relu, u, u_prev, and
-// the requested gradients) is aligned to. The same values at other addresses of the same
-// alignment (16-byte aligned, or 8-byte aligned, or neither) give the same bits; across
+// divides the row length and that every buffer touched (grad_out, grad_shortcut if used, out if
+// relu, u, u_prev, and the requested gradients) is aligned to. The same values at other addresses
+// of the same alignment (16-byte aligned, or 8-byte aligned, or neither) give the same bits; across
 // alignments they may differ in the last bits. The torch binding copies a misaligned operand of
 // a grad_k backward to an aligned buffer, so through torch the alignment never matters.
 cudaError_t launch_lm_step_backward(DType dtype, const LMStepShape& shape, const void* grad_out,
-                                    const void* u, const void* u_prev, const void* out,
-                                    const void* k, int64_t k_numel, const void* scale, bool relu,
+                                    const void* grad_shortcut, const void* u,
+                                    const void* u_prev, const void* out, const void* k,
+                                    int64_t k_numel, const void* scale, bool relu,
                                     void* grad_u, void* grad_u_prev, void* grad_f, void* grad_k,
                                     void* workspace, size_t workspace_bytes, cudaStream_t stream);
 

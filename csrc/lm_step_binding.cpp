@@ -3,9 +3,10 @@
 // package defines (lmfused/ops.py):
 //   lmfused::lm_step_cuda(Tensor u, Tensor u_prev, Tensor? f, Tensor k, Tensor? scale,
 //                         Tensor? seed, bool relu, float noise_std) -> Tensor
-//   lmfused::lm_step_cuda_backward(Tensor grad_out, Tensor? u, Tensor? u_prev, Tensor? out,
-//                         Tensor k, Tensor? scale, bool relu, bool need_u, bool need_u_prev,
-//                         bool need_f, bool need_k) -> (Tensor, Tensor, Tensor, Tensor)
+//   lmfused::lm_step_cuda_backward(Tensor grad_out, Tensor? grad_shortcut, Tensor? u,
+//                         Tensor? u_prev, Tensor? out, Tensor k, Tensor? scale, bool relu,
+//                         bool need_u, bool need_u_prev, bool need_f, bool need_k)
+//                         -> (Tensor, Tensor, Tensor, Tensor)
 // and a pybind11 helper build_info(). Nothing here syncs with the host, so both ops can be
 // captured in CUDA graphs (the noise seed is read by the kernel from device memory).
 #include <c10/cuda/CUDAException.h>
@@ -209,11 +210,14 @@ Tensor lm_step_cuda(const Tensor& u, const Tensor& u_prev, const std::optional<T
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> lm_step_cuda_backward(
-    const Tensor& grad_out, const std::optional<Tensor>& u, const std::optional<Tensor>& u_prev,
+    const Tensor& grad_out, const std::optional<Tensor>& grad_shortcut,
+    const std::optional<Tensor>& u, const std::optional<Tensor>& u_prev,
     const std::optional<Tensor>& out, const Tensor& k, const std::optional<Tensor>& scale,
     bool relu, bool need_u, bool need_u_prev, bool need_f, bool need_k) {
   constexpr const char* op = "lmfused::lm_step_cuda_backward";
   check_activation(grad_out, op, "grad_out");
+  const bool has_shortcut = need_u && grad_shortcut.has_value();  // ignored without grad_u
+  if (has_shortcut) check_like(*grad_shortcut, op, "grad_shortcut", grad_out, "grad_out");
   if (need_k) {
     TORCH_CHECK_VALUE(u.has_value() && u_prev.has_value(), op,
                       ": u and u_prev are required when need_k");
@@ -251,6 +255,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lm_step_cuda_backward(
       need_k ? aligned_for_grad_k(normalise(*u_prev, layout), true, row_length) : Tensor();
   const Tensor out_n =
       relu ? aligned_for_grad_k(normalise(*out, layout), need_k, row_length) : Tensor();
+  const Tensor shortcut_n =
+      has_shortcut ? aligned_for_grad_k(normalise(*grad_shortcut, layout), need_k, row_length)
+                   : Tensor();
   const Tensor k_acc = k.reshape({-1}).to(acc).contiguous();
   const Tensor s_acc = scale.has_value() && need_f ? scale->to(acc).contiguous() : Tensor();
   // grad_k is reduced in the compute type into a flat buffer, then copied if k differs in either.
@@ -267,7 +274,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lm_step_cuda_backward(
              : Tensor();
 
   const cudaError_t err = lmfused::launch_lm_step_backward(
-      dtype, shape, g_n.data_ptr(), need_k ? u_n.data_ptr() : nullptr,
+      dtype, shape, g_n.data_ptr(), has_shortcut ? shortcut_n.data_ptr() : nullptr,
+      need_k ? u_n.data_ptr() : nullptr,
       need_k ? up_n.data_ptr() : nullptr, relu ? out_n.data_ptr() : nullptr, k_acc.data_ptr(),
       k_acc.numel(), s_acc.defined() ? s_acc.data_ptr() : nullptr, relu,
       need_u ? grad_u.data_ptr() : nullptr, need_u_prev ? grad_up.data_ptr() : nullptr,

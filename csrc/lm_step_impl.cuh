@@ -83,10 +83,11 @@ size_t workspace_bytes_typed(const LMStepShape& sh) {
 }
 
 template <typename T>
-cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const void* u,
-                           const void* u_prev, const void* out, const void* k, int64_t k_numel,
-                           const void* scale, bool relu, void* grad_u, void* grad_u_prev,
-                           void* grad_f, void* grad_k, void* workspace, size_t workspace_bytes,
+cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const void* grad_shortcut,
+                           const void* u, const void* u_prev, const void* out, const void* k,
+                           int64_t k_numel, const void* scale, bool relu, void* grad_u,
+                           void* grad_u_prev, void* grad_f, void* grad_k, void* workspace,
+                           size_t workspace_bytes,
                            cudaStream_t stream) {
   using A = acc_t<T>;
   const bool need_u = grad_u != nullptr, need_up = grad_u_prev != nullptr;
@@ -99,6 +100,7 @@ cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const vo
 
   BackwardArgs<T> args{};
   args.grad_out = static_cast<const T*>(grad_out);
+  args.grad_shortcut = need_u ? static_cast<const T*>(grad_shortcut) : nullptr;
   args.u = static_cast<const T*>(u);
   args.u_prev = static_cast<const T*>(u_prev);
   args.out = static_cast<const T*>(out);
@@ -113,8 +115,9 @@ cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const vo
   const bool has_scale = need_f && scale != nullptr;  // s only enters grad_f
   const int64_t L = sh.channels_last ? sh.C : sh.S;
   // Only the buffers the specialisation touches need to be aligned.
-  const int width = vector_width<T>(L, {grad_out, relu ? out : nullptr, need_k ? u : nullptr,
-                                        need_k ? u_prev : nullptr, grad_u, grad_u_prev, grad_f});
+  const int width =
+      vector_width<T>(L, {grad_out, args.grad_shortcut, relu ? out : nullptr, need_k ? u : nullptr,
+                          need_k ? u_prev : nullptr, grad_u, grad_u_prev, grad_f});
 
   Geometry g{};
   cudaError_t err = LMF_VEC_SWITCH(T, width, VEC, [&] {
@@ -174,7 +177,8 @@ cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const vo
                                         const int64_t*, double, bool, void*, cudaStream_t);  \
   template size_t workspace_bytes_typed<T>(const LMStepShape&);                             \
   template cudaError_t backward_typed<T>(const LMStepShape&, const void*, const void*,       \
-                                         const void*, const void*, const void*, int64_t,     \
+                                         const void*, const void*, const void*, const void*, \
+                                         int64_t,                                            \
                                          const void*, bool, void*, void*, void*, void*, void*, \
                                          size_t, cudaStream_t);                              \
   }                                                                                          \

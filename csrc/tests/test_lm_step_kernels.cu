@@ -149,6 +149,7 @@ void run_case(const Case& cs, int mode, std::mt19937_64& rng) {
     return v;
   };
   const std::vector<T> hu = rand_vec(n), hp = rand_vec(n), hf = rand_vec(n), hg = rand_vec(n);
+  const std::vector<T> hsc = rand_vec(n);  // grad_shortcut
   std::vector<A> hk(static_cast<size_t>(cs.C)), hs(static_cast<size_t>(cs.N));
   for (auto& x : hk) x = static_cast<A>(uni(rng) * 0.5);
   for (auto& x : hs) x = static_cast<A>(uni(rng) + 1.5);
@@ -156,11 +157,13 @@ void run_case(const Case& cs, int mode, std::mt19937_64& rng) {
   const double noise_std = 0.25;
 
   DevBuf<T> du(n, in_shift), dp(n, in_shift), df(n, in_shift), dg(n, in_shift), dout(n, out_shift);
+  DevBuf<T> dsc(n, in_shift);
   DevBuf<T> dgu(n, out_shift), dgp(n, out_shift), dgf(n, out_shift);
   du.upload(hu);
   dp.upload(hp);
   df.upload(hf);
   dg.upload(hg);
+  dsc.upload(hsc);
   A *dk = nullptr, *ds = nullptr, *dgk = nullptr, *dgk2 = nullptr;
   int64_t* dseed = nullptr;
   CUDA_OK(cudaMalloc(&dk, hk.size() * sizeof(A)));
@@ -222,18 +225,21 @@ void run_case(const Case& cs, int mode, std::mt19937_64& rng) {
   CUDA_OK(cudaDeviceSynchronize());
   const std::vector<T> hout = dout.download();
 
-  // ---- backward: RELU, HAS_SCALE, PER_CHANNEL_K, NEED_U, NEED_UP, NEED_F, NEED_K
-  for (int bits = 0; bits < 128; ++bits) {
+  // ---- backward: RELU, HAS_SCALE, PER_CHANNEL_K, NEED_U, NEED_UP, NEED_F, NEED_K, and
+  // grad_shortcut (only with NEED_U: the launcher ignores it otherwise)
+  for (int bits = 0; bits < 256; ++bits) {
     const bool relu = bits & 1, has_s = bits & 2, per_ch = bits & 4, nu = bits & 8,
-               nup = bits & 16, nf = bits & 32, nk = bits & 64;
+               nup = bits & 16, nf = bits & 32, nk = bits & 64, sc = bits & 128;
+    if (sc && !nu) continue;
     const int64_t k_numel = per_ch ? cs.C : 1;
     dgu.poison();
     dgp.poison();
     dgf.poison();
     auto launch = [&](A* gk) {
       return lmfused::launch_lm_step_backward(
-          Tr::dtype, shape, dg.data(), nk ? du.data() : nullptr, nk ? dp.data() : nullptr,
-          relu ? dout.data() : nullptr, dk, k_numel, has_s ? ds : nullptr, relu,
+          Tr::dtype, shape, dg.data(), sc ? dsc.data() : nullptr, nk ? du.data() : nullptr,
+          nk ? dp.data() : nullptr, relu ? dout.data() : nullptr, dk, k_numel,
+          has_s ? ds : nullptr, relu,
           nu ? dgu.data() : nullptr, nup ? dgp.data() : nullptr, nf ? dgf.data() : nullptr,
           nk ? gk : nullptr, nk ? dws : nullptr, ws_bytes, nullptr);
     };
@@ -271,7 +277,9 @@ void run_case(const Case& cs, int mode, std::mt19937_64& rng) {
       }
     };
     auto kk = [&](size_t i) { return static_cast<double>(hk[per_ch ? chan(i) : 0]); };
-    check_elem(dgu, nu, "grad_u", [&](size_t i) { return (1.0 - kk(i)) * gm[i]; });
+    check_elem(dgu, nu, "grad_u", [&](size_t i) {  // the shortcut's gradient is not masked
+      return (1.0 - kk(i)) * gm[i] + (sc ? Tr::val(hsc[i]) : 0.0);
+    });
     check_elem(dgp, nup, "grad_u_prev", [&](size_t i) { return kk(i) * gm[i]; });
     check_elem(dgf, nf, "grad_f", [&](size_t i) {
       return (has_s ? static_cast<double>(hs[samp(i)]) : 1.0) * gm[i];
@@ -491,9 +499,9 @@ void test_many_row_tiles(int64_t C, std::mt19937_64& rng) {
     du.upload(hu);
     dp.upload(hp);
     dg.upload(hg);
-    CUDA_OK(lmfused::launch_lm_step_backward(Tr::dtype, shape, dg.data(), du.data(), dp.data(),
-                                             nullptr, dk, C, nullptr, false, nullptr, nullptr,
-                                             nullptr, dgk, dws, ws_bytes, nullptr));
+    CUDA_OK(lmfused::launch_lm_step_backward(Tr::dtype, shape, dg.data(), nullptr, du.data(),
+                                             dp.data(), nullptr, dk, C, nullptr, false, nullptr,
+                                             nullptr, nullptr, dgk, dws, ws_bytes, nullptr));
     CUDA_OK(cudaDeviceSynchronize());
     std::vector<A> got(static_cast<size_t>(C));
     CUDA_OK(cudaMemcpy(got.data(), dgk, C * sizeof(A), cudaMemcpyDeviceToHost));
@@ -528,9 +536,9 @@ void test_api_edges() {
                                       nullptr, 0.0, false, buf, nullptr) != cudaSuccess)
     fail("empty forward should be a no-op");
   CUDA_OK(cudaMemset(buf, 0xFF, 3 * sizeof(float)));
-  if (lmfused::launch_lm_step_backward(DType::kFloat32, empty, buf, buf, buf, nullptr, buf, 3,
-                                       nullptr, false, nullptr, nullptr, nullptr, buf, nullptr, 0,
-                                       nullptr) != cudaSuccess)
+  if (lmfused::launch_lm_step_backward(DType::kFloat32, empty, buf, nullptr, buf, buf, nullptr,
+                                       buf, 3, nullptr, false, nullptr, nullptr, nullptr, buf,
+                                       nullptr, 0, nullptr) != cudaSuccess)
     fail("empty backward should succeed");
   float h[3];
   CUDA_OK(cudaMemcpy(h, buf, sizeof h, cudaMemcpyDeviceToHost));
@@ -542,9 +550,9 @@ void test_api_edges() {
   if (lmfused::launch_lm_step_forward(DType::kFloat32, s, buf, buf, nullptr, buf, 1, nullptr,
                                       nullptr, 0.5, false, buf, nullptr) != cudaErrorInvalidValue)
     fail("noise without a seed must be rejected");
-  if (lmfused::launch_lm_step_backward(DType::kFloat32, s, buf, buf, buf, nullptr, buf, 1,
-                                       nullptr, false, nullptr, nullptr, nullptr, buf, buf, 0,
-                                       nullptr) != cudaErrorInvalidValue)
+  if (lmfused::launch_lm_step_backward(DType::kFloat32, s, buf, nullptr, buf, buf, nullptr,
+                                       buf, 1, nullptr, false, nullptr, nullptr, nullptr, buf,
+                                       buf, 0, nullptr) != cudaErrorInvalidValue)
     fail("too small a workspace must be rejected");
   cudaGetLastError();
   cudaFree(buf);
