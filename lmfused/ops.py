@@ -8,7 +8,7 @@ Networks* (ICML 2018), with stochastic depth and noise injection (their section 
 Each backend is one pair of ops in the ``lmfused`` namespace, all with the same schemas::
 
     lmfused::lm_step_<backend>(u, u_prev, f?, k, scale?, seed?, relu, noise_std) -> out
-    lmfused::lm_step_<backend>_backward(grad_out, u?, u_prev?, out?, k, scale?, relu,
+    lmfused::lm_step_<backend>_backward(grad_out, grad_shortcut?, u?, u_prev?, out?, k, scale?, relu,
                                         need_u, need_u_prev, need_f, need_k) -> 4 gradients
 
 ``reference`` is a ``custom_op`` (pure PyTorch), ``triton`` a ``triton_op`` (its kernels stay visible to
@@ -29,7 +29,7 @@ from torch import Tensor
 from lmfused._layout import empty_in_layout, plan_layout
 from lmfused.reference import reference_backward, reference_forward
 
-__all__ = ["BACKENDS", "available_backends", "lm_step"]
+__all__ = ["BACKENDS", "available_backends", "lm_step", "lm_step_with_shortcut"]
 
 BACKENDS = ("cuda", "triton", "reference")  # in order of preference on a GPU
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -39,8 +39,9 @@ FORWARD_SCHEMA = (
     "float noise_std) -> Tensor"
 )
 BACKWARD_SCHEMA = (
-    "(Tensor grad_out, Tensor? u, Tensor? u_prev, Tensor? out, Tensor k, Tensor? scale, bool relu, "
-    "bool need_u, bool need_u_prev, bool need_f, bool need_k) -> (Tensor, Tensor, Tensor, Tensor)"
+    "(Tensor grad_out, Tensor? grad_shortcut, Tensor? u, Tensor? u_prev, Tensor? out, Tensor k, "
+    "Tensor? scale, bool relu, bool need_u, bool need_u_prev, bool need_f, bool need_k) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -53,7 +54,9 @@ def _fake_forward(u, u_prev, f, k, scale, seed, relu, noise_std):
     return empty_in_layout(u.shape, plan_layout(u).channels_last, dtype=u.dtype, device=u.device)
 
 
-def _fake_backward(grad_out, u, u_prev, out, k, scale, relu, need_u, need_u_prev, need_f, need_k):
+def _fake_backward(
+    grad_out, grad_shortcut, u, u_prev, out, k, scale, relu, need_u, need_u_prev, need_f, need_k
+):
     layout = plan_layout(u if u is not None else grad_out).channels_last
 
     def grad(needed: bool) -> Tensor:
@@ -84,11 +87,15 @@ def _setup_context(ctx, inputs, output) -> None:
     )
 
 
-def _input_grads(backward_op, ctx, grad_out) -> tuple:
-    """Gradients for (u, u_prev, f, k), None where not needed, from what _setup_context saved."""
+def _input_grads(backward_op, ctx, grad_out, grad_shortcut=None) -> tuple:
+    """Gradients for (u, u_prev, f, k), None where not needed, from what _setup_context saved.
+    ``grad_shortcut``: the gradient of the shortcut output (:func:`lm_step_with_shortcut`), added into
+    grad_u by the backward kernel."""
     u, u_prev, out, k, scale = ctx.saved_tensors
     relu, need_u, need_u_prev, need_f, need_k = ctx.flags
-    grads = backward_op(grad_out, u, u_prev, out, k, scale, relu, need_u, need_u_prev, need_f, need_k)
+    grads = backward_op(
+        grad_out, grad_shortcut, u, u_prev, out, k, scale, relu, need_u, need_u_prev, need_f, need_k
+    )
     needed = (need_u, need_u_prev, need_f, need_k)
     return tuple(g if n else None for g, n in zip(grads, needed, strict=True))
 
@@ -100,25 +107,41 @@ def _autograd_backward(backward_op) -> Callable:
     return backward
 
 
+def zero_gradient_like(out: Tensor) -> Callable[[], Tensor]:
+    """A maker of zeros shaped like ``out`` (same layout) that holds no reference to ``out``: the gradient
+    of an output nobody used, when a Function with two outputs turns gradient materialisation off."""
+    shape, dtype, device = out.shape, out.dtype, out.device
+    channels_last = plan_layout(out).channels_last
+    return lambda: empty_in_layout(shape, channels_last, dtype=dtype, device=device).zero_()
+
+
 class _EagerLMStep(torch.autograd.Function):
     """The registered autograd formula (same context, same backward op) applied directly, for eager calls.
 
     torch.library's generic autograd wrapper rebuilds the argument list from the schema on every call, a
     noticeable part of the host time of one lm_step; this path skips it. Under torch.compile ``lm_step`` calls
     the registered op, whose autograd registration below is the same formula.
+
+    With ``with_shortcut`` it also returns u itself (as a view) as the step's shortcut, which the next step
+    takes as its u_prev: the gradient that step sends to u_prev then arrives here as the shortcut's gradient
+    and the backward kernel adds it into grad_u, instead of autograd adding two full-size gradients in a
+    separate kernel (gradient pass-through, see :func:`lm_step_with_shortcut`).
     """
 
     @staticmethod
-    def forward(ctx, u, u_prev, f, k, scale, seed, relu, noise_std, backend):
+    def forward(ctx, u, u_prev, f, k, scale, seed, relu, noise_std, backend, with_shortcut):
         inputs = (u, u_prev, f, k, scale, seed, relu, noise_std)
         out = _FORWARD_OPS[backend](*inputs)  # grad mode is off here: straight to the backend's kernel
         _setup_context(ctx, inputs, out)
         ctx.backend = backend
-        return out
+        ctx.zero_grad_out = zero_gradient_like(out)
+        ctx.set_materialize_grads(False)  # an unused shortcut's gradient stays None: nothing to add
+        return (out, u) if with_shortcut else out
 
     @staticmethod
-    def backward(ctx, grad_out):
-        return _input_grads(_BACKWARD_OPS[ctx.backend], ctx, grad_out) + (None,) * 5
+    def backward(ctx, grad_out, grad_shortcut=None):
+        grad_out = ctx.zero_grad_out() if grad_out is None else grad_out
+        return _input_grads(_BACKWARD_OPS[ctx.backend], ctx, grad_out, grad_shortcut) + (None,) * 6
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -319,6 +342,35 @@ def lm_step(
     Returns:
         The updated state, same shape and dtype as ``u`` (channels-last stays channels-last).
     """
+    return _lm_step(u, u_prev, f, k, scale, relu, noise_std, backend, with_shortcut=False)
+
+
+def lm_step_with_shortcut(
+    u: Tensor,
+    u_prev: Tensor,
+    f: Tensor | None,
+    k: Tensor,
+    *,
+    scale: Tensor | None = None,
+    relu: bool = False,
+    noise_std: float = 0.0,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(lm_step(u, u_prev, f, k, ...), u)``, where the returned u is the shortcut the next step takes as its
+    ``u_prev``, with the gradient pass-through between steps.
+
+    In a chain of steps u_n feeds two updates: its own (as u) and the next one's (as u_prev). Called with
+    plain tensors, autograd writes both gradients and then adds them in a separate kernel (read 2, write 1).
+    Here the second use goes through the returned shortcut, a view of u whose gradient comes back to this
+    step's backward kernel, which adds it into grad_u as it writes it: per step 2 X less traffic (X = the
+    bytes of u), as ``python -m bench.traffic`` counts. Values and gradients are the same as two plain
+    calls. Under torch.compile the shortcut is u itself (Inductor fuses the addition its own way) and the
+    pass-through does not apply.
+    """
+    return _lm_step(u, u_prev, f, k, scale, relu, noise_std, backend, with_shortcut=True)
+
+
+def _lm_step(u, u_prev, f, k, scale, relu, noise_std, backend, *, with_shortcut: bool):
     k = _check_inputs(u, u_prev, f, k, scale, relu, noise_std)
     backend = _choose_backend(backend, u.device.type)
     seed = None
@@ -329,5 +381,9 @@ def lm_step(
         u.requires_grad or u_prev.requires_grad or k.requires_grad or (f is not None and f.requires_grad)
     )
     if needs_grad and not torch.compiler.is_compiling():
-        return _EagerLMStep.apply(*args, backend)
-    return _FORWARD_OPS[backend](*args)
+        if with_shortcut and u.requires_grad:  # (a u without gradient is its own shortcut)
+            return _EagerLMStep.apply(*args, backend, True)
+        out = _EagerLMStep.apply(*args, backend, False)
+    else:
+        out = _FORWARD_OPS[backend](*args)
+    return (out, u) if with_shortcut else out

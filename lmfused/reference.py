@@ -118,6 +118,7 @@ def lm_step_computed(
 
 def reference_backward(
     grad_out: Tensor,
+    grad_shortcut: Tensor | None,
     u: Tensor | None,
     u_prev: Tensor | None,
     out: Tensor | None,
@@ -129,7 +130,8 @@ def reference_backward(
     need_f: bool,
     need_k: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Backward of the ``reference`` backend (DESIGN.md section 1); unneeded gradients come back empty."""
+    """Backward of the ``reference`` backend (DESIGN.md section 1); unneeded gradients come back empty.
+    ``grad_shortcut`` (the gradient of the step's shortcut output, or None) is added into grad_u unmasked."""
     cd = compute_dtype(grad_out.dtype)
     g = grad_out.to(cd)
     if relu:
@@ -139,7 +141,12 @@ def reference_backward(
         g = torch.where(out <= 0, torch.zeros((), dtype=cd, device=g.device), g)
     kc = _channel_view(k.to(cd), g)
     like = u if u is not None else grad_out
-    grad_u = _in_layout((1 - kc) * g, like, grad_out.dtype) if need_u else grad_out.new_empty((0,))
+    grad_u = grad_out.new_empty((0,))
+    if need_u:
+        grad_u = (1 - kc) * g
+        if grad_shortcut is not None:
+            grad_u = grad_u + grad_shortcut.to(cd)
+        grad_u = _in_layout(grad_u, like, grad_out.dtype)
     grad_u_prev = _in_layout(kc * g, like, grad_out.dtype) if need_u_prev else grad_out.new_empty((0,))
     if need_f:
         grad_f = _in_layout(g if scale is None else _sample_view(scale.to(cd), g) * g, like, grad_out.dtype)
