@@ -30,7 +30,6 @@ backward's grad_x includes their dependence on x (the full batch-norm gradient).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from numbers import Real
 
@@ -45,23 +44,25 @@ from lmfused.ops import (
     _check_tensor,
     _choose_backend,
     _triton_traceable,
-    available_backends,
+    zero_gradient_like,
 )
 from lmfused.reference import _channel_view, _in_layout, compute_dtype
 
-__all__ = ["batch_norm_lm_step", "has_backend"]
+__all__ = ["batch_norm_lm_step", "batch_norm_lm_step_with_shortcut", "batch_norm_relu", "has_backend"]
 
 STATS_SCHEMA = "(Tensor x) -> (Tensor, Tensor)"
 FORWARD_SCHEMA = (
-    "(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor u, Tensor u_prev, Tensor k, "
-    "Tensor? scale, Tensor? seed, bool training, bool relu, float noise_std) -> Tensor"
+    "(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor? u, Tensor? u_prev, "
+    "Tensor k, Tensor? scale, Tensor? seed, bool training, bool relu, float noise_std) -> Tensor"
 )
 REDUCE_SCHEMA = (
-    "(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? u, Tensor? u_prev, Tensor? out, "
+    "(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor? u, "
+    "Tensor? u_prev, Tensor? out, "
     "Tensor? scale, bool relu, bool need_k) -> (Tensor, Tensor, Tensor)"
 )
 BACKWARD_SCHEMA = (
-    "(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor mean_dy, "
+    "(Tensor grad_out, Tensor? grad_shortcut, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
+    "Tensor? bias, Tensor mean_dy, "
     "Tensor mean_dy_xhat, Tensor? out, Tensor k, Tensor? scale, bool training, bool relu, bool need_x, "
     "bool need_u, bool need_u_prev) -> (Tensor, Tensor, Tensor)"
 )
@@ -96,8 +97,8 @@ def reference_forward(
     invstd: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    u: Tensor,
-    u_prev: Tensor,
+    u: Tensor | None,
+    u_prev: Tensor | None,
     k: Tensor,
     scale: Tensor | None,
     seed: Tensor | None,
@@ -105,27 +106,39 @@ def reference_forward(
     relu: bool,
     noise_std: float,
 ) -> Tensor:
-    """Forward of the ``reference`` backend: y = (x - mean) * invstd * weight + bias, then the LM update."""
-    cd = compute_dtype(u.dtype)
+    """Forward of the ``reference`` backend: y = (x - mean) * invstd * weight + bias, then the LM update
+    (without u and u_prev, the no-state mode: act(s * y + noise))."""
+    y = _batch_norm_output(x, mean, invstd, weight, bias, compute_dtype(x.dtype))
+    if u is None:  # (1 - k) * 0 + k * 0 + s * y: the update's arithmetic with zero states
+        u = u_prev = torch.zeros_like(x)
+        k = torch.zeros_like(k)
+    return reference.reference_forward(u, u_prev, y, k, scale, seed, relu, noise_std)
+
+
+def _batch_norm_output(x, mean, invstd, weight, bias, cd: torch.dtype) -> Tensor:
+    """y = (x - mean) * invstd * weight + bias per channel, in the compute dtype ``cd``."""
     y = _normalized(x, mean, invstd, cd)
     if weight is not None:
         y = y * _channel_view(weight.to(cd), y)
     if bias is not None:
         y = y + _channel_view(bias.to(cd), y)
-    return reference.reference_forward(u, u_prev, y, k, scale, seed, relu, noise_std)
+    return y
 
 
 def _channel_sum(t: Tensor) -> Tensor:
     return t.sum(_reduce_dims(t))
 
 
-def _masked_gradient(grad_out: Tensor, out: Tensor | None, relu: bool, cd: torch.dtype) -> Tensor:
-    """The output gradient through the ReLU, as torch.relu's backward: 0 where out <= 0 (NaN passes)."""
+def _masked_gradient(grad_out, x, mean, invstd, weight, bias, out, scale, relu, cd: torch.dtype) -> Tensor:
+    """The output gradient through the ReLU, as torch.relu's backward: 0 where out <= 0 (NaN passes).
+    Without ``out`` (the no-state mode, noise-free) the sign of out is that of the pre-activation
+    s * BN(x) rounded to x's dtype, recomputed from x: the backward then never reads out."""
     g = grad_out.to(cd)
     if not relu:
         return g
     if out is None:
-        raise ValueError("out: the forward output is required when relu=True")
+        z = _branch_gradient(_batch_norm_output(x, mean, invstd, weight, bias, cd), scale)
+        out = z.to(x.dtype)
     return torch.where(out <= 0, torch.zeros((), dtype=cd, device=g.device), g)
 
 
@@ -139,6 +152,8 @@ def reference_backward_reduce(
     x: Tensor,
     mean: Tensor,
     invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
     u: Tensor | None,
     u_prev: Tensor | None,
     out: Tensor | None,
@@ -149,7 +164,7 @@ def reference_backward_reduce(
     """First backward pass: per-channel sums of dy, dy * xhat and (``need_k``) g * (u_prev - u), where g is
     the output gradient through the ReLU, dy = s * g and xhat = (x - mean) * invstd (compute dtype)."""
     cd = compute_dtype(grad_out.dtype)
-    g = _masked_gradient(grad_out, out, relu, cd)
+    g = _masked_gradient(grad_out, x, mean, invstd, weight, bias, out, scale, relu, cd)
     dy = _branch_gradient(g, scale)
     sum_dy_xhat = _channel_sum(dy * _normalized(x, mean, invstd, cd))
     grad_k = g.new_empty((0,))
@@ -162,10 +177,12 @@ def reference_backward_reduce(
 
 def reference_backward(
     grad_out: Tensor,
+    grad_shortcut: Tensor | None,
     x: Tensor,
     mean: Tensor,
     invstd: Tensor,
     weight: Tensor | None,
+    bias: Tensor | None,
     mean_dy: Tensor,
     mean_dy_xhat: Tensor,
     out: Tensor | None,
@@ -178,10 +195,11 @@ def reference_backward(
     need_u_prev: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Second backward pass: grad_x = w invstd (dy - mean(dy) - xhat mean(dy xhat)) in training (the batch
-    statistics' own gradient included), w invstd dy in evaluation; grad_u = (1 - k) g, grad_u_prev = k g.
-    Unneeded gradients come back empty."""
+    statistics' own gradient included), w invstd dy in evaluation; grad_u = (1 - k) g (+ grad_shortcut, the
+    gradient of the step's shortcut output, unmasked), grad_u_prev = k g. Unneeded gradients come back
+    empty."""
     cd = compute_dtype(grad_out.dtype)
-    g = _masked_gradient(grad_out, out, relu, cd)
+    g = _masked_gradient(grad_out, x, mean, invstd, weight, bias, out, scale, relu, cd)
     grad_x = grad_u = grad_u_prev = None
     if need_x:
         dy = _branch_gradient(g, scale)
@@ -192,7 +210,8 @@ def reference_backward(
         grad_x = _in_layout(dy * _channel_view(gain, dy), x, x.dtype)
     kc = _channel_view(k.to(cd), g)
     if need_u:
-        grad_u = _in_layout((1 - kc) * g, x, grad_out.dtype)
+        grad_u = (1 - kc) * g if grad_shortcut is None else (1 - kc) * g + grad_shortcut.to(cd)
+        grad_u = _in_layout(grad_u, x, grad_out.dtype)
     if need_u_prev:
         grad_u_prev = _in_layout(kc * g, x, grad_out.dtype)
     return tuple(t if t is not None else grad_out.new_empty((0,)) for t in (grad_x, grad_u, grad_u_prev))
@@ -210,10 +229,11 @@ def _fake_stats(x):
 
 
 def _fake_forward(x, mean, invstd, weight, bias, u, u_prev, k, scale, seed, training, relu, noise_std):
-    return empty_in_layout(u.shape, plan_layout(u).channels_last, dtype=u.dtype, device=u.device)
+    like = u if u is not None else x
+    return empty_in_layout(like.shape, plan_layout(like).channels_last, dtype=like.dtype, device=like.device)
 
 
-def _fake_reduce(grad_out, x, mean, invstd, u, u_prev, out, scale, relu, need_k):
+def _fake_reduce(grad_out, x, mean, invstd, weight, bias, u, u_prev, out, scale, relu, need_k):
     cd = compute_dtype(grad_out.dtype)
     channels = (x.shape[1],)
     grad_k = x.new_empty(channels if need_k else (0,), dtype=cd)
@@ -221,8 +241,8 @@ def _fake_reduce(grad_out, x, mean, invstd, u, u_prev, out, scale, relu, need_k)
 
 
 def _fake_backward(
-    grad_out, x, mean, invstd, weight, mean_dy, mean_dy_xhat, out, k, scale, training, relu, need_x, need_u,
-    need_u_prev,
+    grad_out, grad_shortcut, x, mean, invstd, weight, bias, mean_dy, mean_dy_xhat, out, k, scale, training,
+    relu, need_x, need_u, need_u_prev,
 ):  # fmt: skip
     layout = plan_layout(x).channels_last
 
@@ -243,23 +263,26 @@ def _setup_context(ctx, inputs, output) -> None:
     needs[1] = needs[1] and weight is not None
     needs[2] = needs[2] and bias is not None
     ctx.flags = (training, relu, needs, bias.dtype if bias is not None else None)
+    # Without states and noise the ReLU's mask is recomputed from x (the backward never reads out).
+    keep_out = relu and (u is not None or noise_std > 0)
     ctx.save_for_backward(
-        x, mean, invstd, weight, u if needs[5] else None, u_prev if needs[5] else None,
-        output if relu else None, k, scale,
+        x, mean, invstd, weight, bias, u if needs[5] else None, u_prev if needs[5] else None,
+        output if keep_out else None, k, scale,
     )  # fmt: skip
 
 
-def _input_grads(reduce_op, backward_op, ctx, grad_out) -> tuple:
+def _input_grads(reduce_op, backward_op, ctx, grad_out, grad_shortcut=None) -> tuple:
     """Gradients for every input of the forward op (None where not needed): the reduction pass when a sum
-    is needed, then the pass that writes the activation gradients."""
-    x, mean, invstd, weight, u, u_prev, out, k, scale = ctx.saved_tensors
+    is needed, then the pass that writes the activation gradients (adding ``grad_shortcut``, the gradient of
+    the shortcut output of :func:`batch_norm_lm_step_with_shortcut`, into grad_u)."""
+    x, mean, invstd, weight, bias, u, u_prev, out, k, scale = ctx.saved_tensors
     training, relu, needs, bias_dtype = ctx.flags
     need_x, need_weight, need_bias, need_u, need_u_prev, need_k = needs
     grad_weight = grad_bias = grad_k = None
     mean_dy = mean_dy_xhat = mean
     if need_weight or need_bias or need_k or (need_x and training):
-        sum_dy, sum_dy_xhat, per_channel_k = reduce_op(grad_out, x, mean, invstd, u, u_prev, out, scale, relu,
-                                                       need_k)  # fmt: skip
+        reduce_args = (grad_out, x, mean, invstd, weight, bias, u, u_prev, out, scale, relu, need_k)
+        sum_dy, sum_dy_xhat, per_channel_k = reduce_op(*reduce_args)
         count = x.numel() // x.shape[1]
         mean_dy, mean_dy_xhat = sum_dy / count, sum_dy_xhat / count
         grad_weight = sum_dy_xhat.to(weight.dtype) if need_weight else None
@@ -268,8 +291,8 @@ def _input_grads(reduce_op, backward_op, ctx, grad_out) -> tuple:
             grad_k = (per_channel_k.sum() if k.numel() == 1 else per_channel_k).reshape(k.shape).to(k.dtype)
     grad_x = grad_u = grad_u_prev = None
     if need_x or need_u or need_u_prev:
-        grads = backward_op(grad_out, x, mean, invstd, weight, mean_dy, mean_dy_xhat, out, k, scale, training,
-                            relu, need_x, need_u, need_u_prev)  # fmt: skip
+        grads = backward_op(grad_out, grad_shortcut, x, mean, invstd, weight, bias, mean_dy, mean_dy_xhat,
+                            out, k, scale, training, relu, need_x, need_u, need_u_prev)  # fmt: skip
         wanted = (need_x, need_u, need_u_prev)
         grad_x, grad_u, grad_u_prev = (g if n else None for g, n in zip(grads, wanted, strict=True))
     constants = (None,) * 5  # scale, seed, training, relu, noise_std
@@ -281,9 +304,10 @@ def _input_grads(reduce_op, backward_op, ctx, grad_out) -> tuple:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _register(backend: str, implementations: tuple[Callable, ...]) -> tuple[Callable, ...]:
+def _register(backend: str, implementations: tuple[Callable, ...] | None) -> tuple[Callable, ...]:
     """Define the four ops of ``backend`` (statistics, forward, backward reduction, backward) with their
-    fake implementations, and the forward's autograd."""
+    fake implementations, and the forward's autograd. ``implementations`` None: the kernels are registered
+    from C++ (``TORCH_LIBRARY_IMPL(lmfused, CUDA, ...)`` in csrc/), only the schemas are defined here."""
     make = torch.library.custom_op
     if backend == "triton" and _triton_traceable():
         make = torch.library.triton_op
@@ -292,8 +316,12 @@ def _register(backend: str, implementations: tuple[Callable, ...]) -> tuple[Call
     schemas = (STATS_SCHEMA, FORWARD_SCHEMA, REDUCE_SCHEMA, BACKWARD_SCHEMA)
     fakes = (_fake_stats, _fake_forward, _fake_reduce, _fake_backward)
     ops = []
-    for name, schema, impl, fake in zip(names, schemas, implementations, fakes, strict=True):
-        ops.append(make(f"lmfused::{name}", mutates_args=(), schema=schema)(impl))
+    for i, (name, schema, fake) in enumerate(zip(names, schemas, fakes, strict=True)):
+        if implementations is None:
+            torch.library.define(f"lmfused::{name}", schema)
+            ops.append(getattr(torch.ops.lmfused, name).default)
+        else:
+            ops.append(make(f"lmfused::{name}", mutates_args=(), schema=schema)(implementations[i]))
         torch.library.register_fake(f"lmfused::{name}", fake)
     _, _, reduce_op, backward_op = ops
     torch.library.register_autograd(
@@ -317,8 +345,9 @@ def _triton_implementations() -> tuple[Callable, ...] | None:
     )
 
 
-_IMPLEMENTATIONS = {
-    "reference": (reference_stats, reference_forward, reference_backward_reduce, reference_backward)
+_IMPLEMENTATIONS: dict[str, tuple[Callable, ...] | None] = {
+    "reference": (reference_stats, reference_forward, reference_backward_reduce, reference_backward),
+    "cuda": None,  # from C++ (csrc/batch_norm_lm_step_binding.cpp)
 }
 if (_TRITON := _triton_implementations()) is not None:
     _IMPLEMENTATIONS["triton"] = _TRITON
@@ -328,15 +357,12 @@ _OPS: dict[str, tuple[Callable, ...]] = {
 
 
 def _backend(backend: str | None, device_type: str) -> str:
-    """lm_step's choice (the argument, $LMFUSED_BACKEND, else the fastest for the device: reference on CPU);
-    a default this op lacks (cuda) falls to the next available; one asked for by name is an error that
-    says which backends it has."""
+    """lm_step's choice: the argument, $LMFUSED_BACKEND, else the fastest for the device (reference on
+    CPU); every lm_step backend has this op too."""
     chosen = _choose_backend(backend, device_type)
-    if chosen in _OPS:
-        return chosen
-    if backend is None and not os.environ.get("LMFUSED_BACKEND"):
-        return next(b for b in available_backends(device_type) if b in _OPS)
-    raise RuntimeError(f"backend: batch_norm_lm_step has no {chosen!r} backend (it has {list(_OPS)})")
+    if chosen not in _OPS:  # only if a backend's registration failed at import
+        raise RuntimeError(f"backend: batch_norm_lm_step has no {chosen!r} backend (it has {list(_OPS)})")
+    return chosen
 
 
 def has_backend(backend: str | None, device_type: str) -> bool:
@@ -392,6 +418,70 @@ def _check_batch_norm_args(x, running_mean, running_var, weight, bias, u, traini
         raise ValueError(f"eps: expected a number > 0, got {eps}")
 
 
+class _EagerBatchNormStep(torch.autograd.Function):
+    """The registered autograd formula applied directly (as lm_step's ``_EagerLMStep``), optionally with the
+    shortcut output of the gradient pass-through (see :func:`lmfused.ops.lm_step_with_shortcut`)."""
+
+    @staticmethod
+    def forward(ctx, backend, with_shortcut, needs_input_grad, *inputs):
+        out = _OPS[backend][1](*inputs)  # grad mode is off here: straight to the backend's kernel
+        ctx.needs_input_grad = needs_input_grad  # of the op's inputs, as _setup_context reads them
+        _setup_context(ctx, inputs, out)
+        ctx.backend = backend
+        ctx.zero_grad_out = zero_gradient_like(out)
+        ctx.set_materialize_grads(False)  # an unused shortcut's gradient stays None: nothing to add
+        u = inputs[5]
+        return (out, u) if with_shortcut else out
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_shortcut=None):
+        grad_out = ctx.zero_grad_out() if grad_out is None else grad_out
+        _, _, reduce_op, backward_op = _OPS[ctx.backend]
+        return (None, None, None) + _input_grads(reduce_op, backward_op, ctx, grad_out, grad_shortcut)
+
+
+def _batch_norm_step(
+    x, running_mean, running_var, weight, bias, u, u_prev, k, training, momentum, eps, scale, relu, noise_std,
+    backend, with_shortcut,
+):  # fmt: skip
+    """Validate, compute the statistics (training) and run the forward op, through the eager autograd
+    Function when a gradient is needed outside torch.compile."""
+    if u is None:  # no-state mode (batch_norm_relu): validate as a step of x on zero states
+        _check_inputs(x, x, None, k, scale, relu, noise_std)
+    else:
+        k = _check_inputs(u, u_prev, None, k, scale, relu, noise_std)
+    _check_batch_norm_args(x, running_mean, running_var, weight, bias, x if u is None else u, training,
+                           momentum, eps)  # fmt: skip
+    backend = _backend(backend, x.device.type)
+    stats_op, forward_op, *_ = _OPS[backend]
+    cd = compute_dtype(x.dtype)
+    if training and x.numel() == 0:  # as F.batch_norm: an empty result, running statistics untouched
+        mean, var = x.new_zeros((x.shape[1],), dtype=cd), x.new_ones((x.shape[1],), dtype=cd)
+    elif training:
+        with torch.no_grad():
+            mean, var = stats_op(x)
+            if running_mean is not None:
+                count = x.numel() // x.shape[1]
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                unbiased = var * (count / (count - 1))
+                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    else:
+        mean, var = running_mean.detach().to(cd), running_var.detach().to(cd)
+    invstd = torch.rsqrt(var + eps)
+    seed = None
+    if noise_std > 0:
+        seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64)
+    inputs = (x, mean, invstd, weight, bias, u, u_prev, k, scale, seed, training, relu, float(noise_std))
+    needs = tuple(isinstance(t, Tensor) and t.requires_grad for t in inputs)
+    if torch.is_grad_enabled() and any(needs) and not torch.compiler.is_compiling():
+        if with_shortcut and u.requires_grad:  # (a u without gradient is its own shortcut)
+            return _EagerBatchNormStep.apply(backend, True, needs, *inputs)
+        out = _EagerBatchNormStep.apply(backend, False, needs, *inputs)
+    else:
+        out = forward_op(*inputs)
+    return (out, u) if with_shortcut else out
+
+
 def batch_norm_lm_step(
     x: Tensor,
     running_mean: Tensor | None,
@@ -428,27 +518,69 @@ def batch_norm_lm_step(
     Returns:
         The updated state, same shape, dtype and layout as ``u``.
     """
-    k = _check_inputs(u, u_prev, None, k, scale, relu, noise_std)
-    _check_batch_norm_args(x, running_mean, running_var, weight, bias, u, training, momentum, eps)
-    backend = _backend(backend, u.device.type)
-    stats_op, forward_op, *_ = _OPS[backend]
-    cd = compute_dtype(x.dtype)
-    if training and x.numel() == 0:  # as F.batch_norm: an empty result, running statistics untouched
-        mean, var = x.new_zeros((x.shape[1],), dtype=cd), x.new_ones((x.shape[1],), dtype=cd)
-    elif training:
-        with torch.no_grad():
-            mean, var = stats_op(x)
-            if running_mean is not None:
-                count = x.numel() // x.shape[1]
-                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                unbiased = var * (count / (count - 1))
-                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-    else:
-        mean, var = running_mean.detach().to(cd), running_var.detach().to(cd)
-    invstd = torch.rsqrt(var + eps)
-    seed = None
-    if noise_std > 0:
-        seed = torch.randint(0, 2**62, (1,), device=u.device, dtype=torch.int64)
-    return forward_op(
-        x, mean, invstd, weight, bias, u, u_prev, k, scale, seed, training, relu, float(noise_std)
-    )
+    if not isinstance(u, Tensor):
+        raise TypeError(f"u: expected a torch.Tensor, got {type(u).__name__}")
+    return _batch_norm_step(x, running_mean, running_var, weight, bias, u, u_prev, k, training, momentum, eps,
+                            scale, relu, noise_std, backend, with_shortcut=False)  # fmt: skip
+
+
+def batch_norm_lm_step_with_shortcut(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    u: Tensor,
+    u_prev: Tensor,
+    k: Tensor,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    scale: Tensor | None = None,
+    relu: bool = False,
+    noise_std: float = 0.0,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(batch_norm_lm_step(...), u)`` with the gradient pass-through between steps: the returned u (a view)
+    is the shortcut the next step takes as its u_prev, and the gradient it receives there is added into
+    grad_u by this step's backward kernel (see :func:`lmfused.ops.lm_step_with_shortcut`)."""
+    if not isinstance(u, Tensor):
+        raise TypeError(f"u: expected a torch.Tensor, got {type(u).__name__}")
+    return _batch_norm_step(x, running_mean, running_var, weight, bias, u, u_prev, k, training, momentum, eps,
+                            scale, relu, noise_std, backend, with_shortcut=True)  # fmt: skip
+
+
+def batch_norm_relu(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    backend: str | None = None,
+) -> Tensor:
+    """``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))``, running
+    statistics included, as the same kernels as :func:`batch_norm_lm_step` without the states.
+
+    For the batch norms inside a residual branch (BN, ReLU, then the next convolution). The backward
+    recomputes the ReLU's mask from x, so it reads only the output gradient and x: 8 passes over a tensor
+    of x's size per training step (statistics; normalise; two backward passes over the gradient and x,
+    one writing grad_x) against 10 for a batch norm and a separate ReLU, as ``python -m bench.traffic``
+    counts them.
+
+    Args:
+        x: (N, C, *spatial) input, float16/bfloat16/float32/float64, contiguous or channels_last.
+        running_mean, running_var, weight, bias, training, momentum, eps: as for F.batch_norm.
+        backend: as for :func:`lmfused.lm_step`.
+
+    Returns:
+        relu(BN(x)), same shape, dtype and layout as ``x``.
+    """
+    _check_tensor("x", x)
+    k = x.new_zeros((1,), dtype=torch.float32)  # unused without states; the op's schema takes one
+    return _batch_norm_step(x, running_mean, running_var, weight, bias, None, None, k, training, momentum,
+                            eps, None, True, 0.0, backend, with_shortcut=False)  # fmt: skip

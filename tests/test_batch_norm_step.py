@@ -222,14 +222,16 @@ def test_opcheck(backend, requires_grad):
         x, mean, invstd, weight, bias, u, u_prev, k, scale, _, training, relu, _ = args
         out = forward_op(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
         grad_out = torch.randn_like(out)
-        x, weight, u, u_prev, k = (t.detach() if t is not None else None for t in (x, weight, u, u_prev, k))
-        reduce_args = (grad_out, x, mean, invstd, u, u_prev, out, scale, relu, True)
+        x, weight, bias, u, u_prev, k = (
+            t.detach() if t is not None else None for t in (x, weight, bias, u, u_prev, k)
+        )
+        reduce_args = (grad_out, x, mean, invstd, weight, bias, u, u_prev, out, scale, relu, True)
         torch.library.opcheck(reduce_op, reduce_args)
         sum_dy, sum_dy_xhat, _ = reduce_op(*reduce_args)
         count = x.numel() // x.shape[1]
         for needs in ((True, True, True), (True, False, True), (False, True, False)):
-            backward_args = (grad_out, x, mean, invstd, weight, sum_dy / count, sum_dy_xhat / count, out, k,
-                             scale, training, relu, *needs)  # fmt: skip
+            backward_args = (grad_out, grad_out.flip(0), x, mean, invstd, weight, bias, sum_dy / count,
+                             sum_dy_xhat / count, out, k, scale, training, relu, *needs)  # fmt: skip
             torch.library.opcheck(backward_op, backward_args)
 
 
