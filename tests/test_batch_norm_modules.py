@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import lmfused
+import lmfused.nn.blocks as blocks_module
 import lmfused.nn.step as step_module
 from lmfused.nn.blocks import PostActBlock
 from lmfused.nn.step import LMStep, fuses_batch_norm
@@ -17,16 +18,16 @@ from tests.conftest import DEVICE
 from tests.helpers import backends
 
 
-def _fused_calls(monkeypatch) -> list[int]:
-    """Count the calls of the fused op made by the modules."""
+def _fused_calls(monkeypatch, module=step_module, name="batch_norm_lm_step_with_shortcut") -> list[int]:
+    """Count the calls of a fused op (default: the junction's) made by the modules."""
     calls = []
-    original = step_module.batch_norm_lm_step
+    original = getattr(module, name)
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(step_module, "batch_norm_lm_step", counting)
+    monkeypatch.setattr(module, name, counting)
     return calls
 
 
@@ -52,10 +53,12 @@ def test_zoo_model_fused_equals_unfused(monkeypatch, lm, training):
     unfused = copy.deepcopy(fused)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)  # layer4 at 2x2: 8 values per channel
     calls = _fused_calls(monkeypatch)
+    branch_calls = _fused_calls(monkeypatch, blocks_module, "batch_norm_relu")
     out, grads = _run(fused, x, "1", monkeypatch)
     assert len(calls) == 16  # every bottleneck block
+    assert len(branch_calls) == 32  # bn1 + relu, bn2 + relu of every bottleneck block
     want, want_grads = _run(unfused, x, "0", monkeypatch)
-    assert len(calls) == 16  # the unfused run made no call
+    assert (len(calls), len(branch_calls)) == (16, 32)  # the unfused run made no call
     torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-10)
     for (name, _), got, ref in zip(fused.named_parameters(), grads, want_grads, strict=True):
         assert (got is None) == (ref is None), name

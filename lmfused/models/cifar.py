@@ -18,13 +18,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmfused.models.common import LMNet
 from lmfused.models.registry import register_model
 from lmfused.nn import PreActBlock, ResidualStep
-from lmfused.nn.blocks import conv3x3
+from lmfused.nn.blocks import conv3x3, norm_relu
 
 __all__ = ["LMCifarResNet"]
 
@@ -83,7 +82,7 @@ class LMCifarResNet(LMNet):
 
     def forward_final_norm(self, x: Tensor) -> Tensor:
         """The pre-activation network's closing BatchNorm and ReLU (none once pruned)."""
-        return F.relu(self.bn_final(x)) if self.bn_final is not None else x
+        return norm_relu(self.bn_final, x, self._step_config["backend"]) if self.bn_final is not None else x
 
     def _prune_final_norm(self) -> None:
         self.bn_final = None

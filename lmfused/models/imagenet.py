@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lmfused.models.common import LMNet
 from lmfused.models.registry import register_model
 from lmfused.nn import PostActBlock, ResidualStep
+from lmfused.nn.blocks import norm_relu
 
 __all__ = ["LMResNet"]
 
@@ -66,8 +67,12 @@ class LMResNet(LMNet):
         self._init_weights()
 
     def forward_stem(self, x: Tensor) -> Tensor:
-        """7x7 conv, BatchNorm, ReLU (feature_info[0], before the max pool)."""
-        return self.relu(self.bn1(self.conv1(x)))
+        """7x7 conv, BatchNorm, ReLU (feature_info[0], before the max pool); the BatchNorm and ReLU as one
+        fused op where the blocks fuse theirs (:func:`lmfused.nn.blocks.norm_relu`)."""
+        x = self.conv1(x)
+        if type(self.relu) is not nn.ReLU:  # replaced by the user: kept as given
+            return self.relu(self.bn1(x))
+        return norm_relu(self.bn1, x, self._step_config["backend"])
 
     def forward_pre_stages(self, x: Tensor) -> Tensor:
         """The 3x3 max pool between the stem's map and the first stage."""

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from lmfused.nn.step import LMStep, ResidualStep
+from lmfused.batch_norm_step import batch_norm_relu
+from lmfused.nn.step import LMStep, ResidualStep, batch_norm_call, decomposes_under_compile, fuses_batch_norm
 
-__all__ = ["LMBlock", "LMStage", "PostActBlock", "PreActBlock", "set_grad_checkpointing"]
+__all__ = ["LMBlock", "LMStage", "PostActBlock", "PreActBlock", "norm_relu", "set_grad_checkpointing"]
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -44,6 +45,18 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1, groups: int = 
 def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     """1x1 convolution, no bias."""
     return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+
+def norm_relu(norm: nn.Module, x: Tensor, backend: str | None = None) -> Tensor:
+    """relu(norm(x)), as one ``lmfused.batch_norm_relu`` (whose backward reads only the gradient and x)
+    when the blocks' last-norm fusion would apply to ``norm``: a plain nn.BatchNorm2d, a ``backend`` for
+    the device, LMFUSED_FUSE_BN not 0, and not traced as plain ops under torch.compile
+    (LMFUSED_COMPILE_JUNCTION=decompose); else norm then ReLU."""
+    if not fuses_batch_norm(norm, backend, x.device.type) or decomposes_under_compile():
+        return F.relu(norm(x))
+    running_mean, running_var, training, momentum = batch_norm_call(norm)
+    return batch_norm_relu(x, running_mean, running_var, norm.weight, norm.bias, training=training,
+                           momentum=momentum, eps=norm.eps, backend=backend)  # fmt: skip
 
 
 class LMBlock(nn.Module):
@@ -99,18 +112,24 @@ class LMBlock(nn.Module):
             )
         keep = self.step.keep_branch()
         norm = self.last_norm() if keep else None
+        # The step returns its shortcut too: given to the next block as u_prev, the gradient it gets there
+        # is added into this step's grad_u by its backward kernel (gradient pass-through).
         if norm is not None and self.step.fuses_batch_norm(norm, u):
             shortcut, x = self.shortcut_and_branch(u, keep, apply_last_norm=False)
-            out = self.step.batch_norm_update(shortcut, u_prev, x, norm)
+            out, shortcut = self.step.batch_norm_update_and_shortcut(shortcut, u_prev, x, norm)
         else:
             shortcut, f = self.shortcut_and_branch(u, keep)
-            out = self.step(shortcut, u_prev, f) if isinstance(self.step, LMStep) else self.step(shortcut, f)
+            out, shortcut = self.step.update_and_shortcut(shortcut, u_prev, f)
         return self.activate(out), shortcut
 
     def last_norm(self) -> nn.Module | None:
         """The norm whose output feeds the update directly, which the update may run itself (see
         :meth:`ResidualStep.fuses_batch_norm`); None when something sits between them (default)."""
         return None
+
+    def norm_relu(self, norm: nn.Module, x: Tensor) -> Tensor:
+        """relu(norm(x)) inside the branch, fused when it can be (:func:`norm_relu`)."""
+        return norm_relu(norm, x, self.step.backend)
 
 
 class PreActBlock(LMBlock):
@@ -187,13 +206,13 @@ class PreActBlock(LMBlock):
     ) -> tuple[Tensor, Tensor | None]:
         if not keep and self.downsample is None:
             return u, None  # dropped: not even the pre-activation is computed
-        h = F.relu(self.bn1(u))
+        h = self.norm_relu(self.bn1, u)
         shortcut = u if self.downsample is None else self.downsample(h)
         if not keep:
             return shortcut, None
         x = self.conv1(h)
         for i in range(2, self.depth + 1):
-            x = getattr(self, f"conv{i}")(F.relu(getattr(self, f"bn{i}")(x)))
+            x = getattr(self, f"conv{i}")(self.norm_relu(getattr(self, f"bn{i}"), x))
         return shortcut, x
 
 
@@ -299,10 +318,14 @@ class PostActBlock(LMBlock):
             if i == self.depth - 1:
                 x = getattr(self, f"bn{i + 1}")(x) if apply_last_norm else x
                 break
-            x = getattr(self, f"bn{i + 1}")(x)
-            if i == strided and self.drop_block is not None:
-                x = self.drop_block(x)
-            x = getattr(self, f"act{i + 1}")(x)
+            norm, act = getattr(self, f"bn{i + 1}"), getattr(self, f"act{i + 1}")
+            if type(act) is nn.ReLU and not (i == strided and self.drop_block is not None):
+                x = self.norm_relu(norm, x)
+            else:
+                x = norm(x)
+                if i == strided and self.drop_block is not None:
+                    x = self.drop_block(x)
+                x = act(x)
             if i == strided and self.aa is not None:
                 x = self.aa(x)
         if self.se is not None:

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmfused.batch_norm_step import batch_norm_lm_step, has_backend
-from lmfused.ops import lm_step
+from lmfused.batch_norm_step import batch_norm_lm_step_with_shortcut, has_backend
+from lmfused.ops import lm_step_with_shortcut
 from lmfused.reference import compute_dtype, lm_step_computed
 
 __all__ = [
@@ -261,8 +261,10 @@ class ResidualStep(nn.Module):
             return torch.empty(u.shape[0], device=u.device).bernoulli_(p).div_(p)
         return torch.full((u.shape[0],), 1.0 / p, device=u.device)  # batch mode, branch kept
 
-    def _update(self, u: Tensor, u_prev: Tensor, f: Tensor | None, k: Tensor) -> Tensor:
-        """Run the fused update, after casting the states to the branch's dtype.
+    def _update(self, u: Tensor, u_prev: Tensor, f: Tensor | None, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the fused update, after casting the states to the branch's dtype; returns (out, shortcut),
+        the shortcut being u for the next step's u_prev (gradient pass-through, see
+        :func:`lmfused.ops.lm_step_with_shortcut`).
 
         Under autocast the branch (conv/BN outputs) may be in bf16/fp16 while a shortcut is fp32; like
         torchvision's in-place ``out += identity``, the result takes the branch's dtype.
@@ -271,8 +273,8 @@ class ResidualStep(nn.Module):
         u, u_prev = u.to(dtype), u_prev.to(dtype)
         noise_std = self.noise_std if self.training else 0.0
         if decomposes_under_compile():
-            return _decomposed_update(u, u_prev, f, k, self._scale(u, f), self.relu, noise_std)
-        return lm_step(
+            return _decomposed_update(u, u_prev, f, k, self._scale(u, f), self.relu, noise_std), u
+        return lm_step_with_shortcut(
             u,
             u_prev,
             f,
@@ -285,8 +287,9 @@ class ResidualStep(nn.Module):
 
     def _batch_norm_update(
         self, u: Tensor, u_prev: Tensor, x: Tensor, norm: nn.BatchNorm2d, k: Tensor
-    ) -> Tensor:
-        """The update with f = norm(x) computed inside it (DESIGN.md 1b); the states take x's dtype."""
+    ) -> tuple[Tensor, Tensor]:
+        """The update with f = norm(x) computed inside it (DESIGN.md 1b); the states take x's dtype.
+        Returns (out, shortcut) as :meth:`_update`."""
         u, u_prev = u.to(x.dtype), u_prev.to(x.dtype)
         running_mean, running_var, training, momentum = batch_norm_call(norm)
         if decomposes_under_compile():
@@ -294,8 +297,8 @@ class ResidualStep(nn.Module):
                 x, running_mean, running_var, norm.weight, norm.bias, training, momentum, norm.eps
             )
             noise_std = self.noise_std if self.training else 0.0
-            return _decomposed_update(u, u_prev, f, k, self._scale(u, f), self.relu, noise_std)
-        return batch_norm_lm_step(
+            return _decomposed_update(u, u_prev, f, k, self._scale(u, f), self.relu, noise_std), u
+        return batch_norm_lm_step_with_shortcut(
             x,
             running_mean,
             running_var,
@@ -320,10 +323,29 @@ class ResidualStep(nn.Module):
     def batch_norm_update(self, u: Tensor, u_prev: Tensor | None, x: Tensor, norm: nn.BatchNorm2d) -> Tensor:
         """``act(u + s * norm(x) + noise)`` with the branch's last BatchNorm fused in: its output f and f's
         gradient are never written. ``u_prev`` is not used by the ResNet step (same signature as LMStep's)."""
+        return self.batch_norm_update_and_shortcut(u, u_prev, x, norm)[0]
+
+    def batch_norm_update_and_shortcut(
+        self, u: Tensor, u_prev: Tensor | None, x: Tensor, norm: nn.BatchNorm2d
+    ) -> tuple[Tensor, Tensor]:
+        """(:meth:`batch_norm_update`, the shortcut for the next step's u_prev): see
+        :meth:`update_and_shortcut`."""
         return self._batch_norm_update(u, u.detach(), x, norm, self.zero_k)
 
     def residual_update(self, u: Tensor, f: Tensor | None) -> Tensor:
         """``act(u + s * f + noise)``: the ResNet step (``f=None``: the branch was dropped)."""
+        return self.update_and_shortcut(u, None, f)[0]
+
+    def update_and_shortcut(
+        self, u: Tensor, u_prev: Tensor | None, f: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """(the update, the shortcut): the shortcut is u (in the update's dtype), for the next step's u_prev.
+
+        Given to the next step, its gradient comes back into this step's backward kernel, which adds it into
+        grad_u (gradient pass-through, :func:`lmfused.ops.lm_step_with_shortcut`): the same values and
+        gradients as passing u itself, without autograd's separate addition. ``u_prev`` is not used by the
+        ResNet step (same signature as LMStep's).
+        """
         # u_prev = u.detach() contributes k * u_prev = 0 and, being detached, asks for no extra gradient.
         return self._update(u, u.detach(), f, self.zero_k)
 
@@ -387,15 +409,24 @@ class LMStep(ResidualStep):
 
     def forward(self, u: Tensor, u_prev: Tensor | None, f: Tensor | None) -> Tensor:
         """The LM update (``f=None``: two-term update of a dropped branch; ``u_prev=None``: ResNet step)."""
+        return self.update_and_shortcut(u, u_prev, f)[0]
+
+    def update_and_shortcut(
+        self, u: Tensor, u_prev: Tensor | None, f: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """(:meth:`forward`, the shortcut for the next step's u_prev), see
+        :meth:`ResidualStep.update_and_shortcut`."""
         if u_prev is None:
-            return self.residual_update(u, f)
+            return super().update_and_shortcut(u, None, f)
         return self._update(u, u_prev, f, self.k)
 
-    def batch_norm_update(self, u: Tensor, u_prev: Tensor | None, x: Tensor, norm: nn.BatchNorm2d) -> Tensor:
+    def batch_norm_update_and_shortcut(
+        self, u: Tensor, u_prev: Tensor | None, x: Tensor, norm: nn.BatchNorm2d
+    ) -> tuple[Tensor, Tensor]:
         """The LM update with f = norm(x), the branch's last BatchNorm, fused in (``u_prev=None``: the
-        ResNet step)."""
+        ResNet step), and the shortcut for the next step's u_prev."""
         if u_prev is None:
-            return super().batch_norm_update(u, None, x, norm)
+            return super().batch_norm_update_and_shortcut(u, None, x, norm)
         return self._batch_norm_update(u, u_prev, x, norm, self.k)
 
     def extra_repr(self) -> str:
