@@ -68,6 +68,8 @@ _NO_TRAFFIC = (
     "new_empty_strided",
     "lift_fresh",
 )
+# Ops that write a new tensor without reading their tensor arguments (those only give dtype, device, shape).
+_WRITE_ONLY = ("new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like", "fill_", "zero_")
 # Ops of the junction, when they run on tensors of the block output's size.
 _JUNCTION_CATEGORIES = ("batch_norm", "lm_junction", "elementwise", "grad_accumulation")
 
@@ -135,7 +137,7 @@ class TrafficCounter(TorchDispatchMode):
                 category=category(name, self.phase),
                 phase=self.phase,
                 block=self.block,
-                read=_nbytes(inputs),
+                read=0 if func._schema.name.split("::")[-1] in _WRITE_ONLY else _nbytes(inputs),
                 written=_nbytes(outputs),
                 largest=max((t.numel() for t in everything), default=0),
             )
