@@ -7,17 +7,20 @@ injection and an optional ReLU, into one kernel forward and one backward.
 """
 
 from lmfused import models, nn
-from lmfused.batch_norm_step import batch_norm_lm_step
+from lmfused.batch_norm_step import batch_norm_lm_step, batch_norm_lm_step_with_shortcut, batch_norm_relu
 from lmfused.convert import convert_to_lm
-from lmfused.ops import available_backends, lm_step
+from lmfused.ops import available_backends, lm_step, lm_step_with_shortcut
 
 __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "available_backends",
     "batch_norm_lm_step",
+    "batch_norm_lm_step_with_shortcut",
+    "batch_norm_relu",
     "convert_to_lm",
     "lm_step",
+    "lm_step_with_shortcut",
     "models",
     "nn",
 ]
