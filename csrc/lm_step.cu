@@ -5,27 +5,6 @@
 #include "lm_step_dispatch.h"
 
 namespace lmfused {
-namespace {
-
-bool valid_dtype(DType d) { return static_cast<int>(d) >= 0 && static_cast<int>(d) <= 3; }
-
-bool empty_shape(const LMStepShape& s) { return s.N == 0 || s.C == 0 || s.S == 0; }
-
-}  // namespace
-
-#define LMF_DISPATCH_DTYPE(DTYPE, FN, ...)           \
-  [&] {                                              \
-    switch (DTYPE) {                                 \
-      case DType::kFloat32:                          \
-        return detail::FN<float>(__VA_ARGS__);       \
-      case DType::kFloat16:                          \
-        return detail::FN<__half>(__VA_ARGS__);      \
-      case DType::kBFloat16:                         \
-        return detail::FN<__nv_bfloat16>(__VA_ARGS__); \
-      default:                                       \
-        return detail::FN<double>(__VA_ARGS__);      \
-    }                                                \
-  }()
 
 cudaError_t launch_lm_step_forward(DType dtype, const LMStepShape& shape, const void* u,
                                    const void* u_prev, const void* f, const void* k,

@@ -734,6 +734,47 @@ inline cudaError_t resident_blocks(const void* kernel, int64_t& resident) {
   return cudaSuccess;
 }
 
+// Where the partials of output channel o live: partials[o*stride_o + i*stride_i], i < count.
+struct PartialsLayout {
+  int64_t num_out, stride_o, stride_i, count;
+};
+
+inline PartialsLayout partials_layout(const Geometry& g, bool per_channel) {
+  if (!per_channel) return {1, 0, 1, g.num_tiles};  // scalar k: one partial per tile, in order
+  return {g.C, g.P, 1, g.P};  // contiguous: partial[c*P + p]; channels-last: reduce_columns_kernel
+}
+
+// Channels-last, per channel: the segment sums of reduce_columns_kernel, kept after the partials
+// (none when one segment covers every row tile: it writes the result directly).
+inline int64_t column_segment_values(const Geometry& g, const LMStepShape& sh) {
+  if (!sh.channels_last) return 0;
+  const int64_t segs = column_segments(g.RT);
+  return segs > 1 ? segs * g.L : 0;
+}
+
+// out = the fixed-order sums of the per-tile partials that store_tile_partials wrote: one value
+// per channel (per_channel), else one in all. scratch: column_segment_values(g, sh) values.
+template <typename A>
+inline cudaError_t reduce_tile_partials(const A* partials, A* out, A* scratch, const Geometry& g,
+                                        const LMStepShape& sh, bool per_channel,
+                                        cudaStream_t stream) {
+  if (sh.channels_last && per_channel) {  // coalesced column sums (see reduce_columns_kernel)
+    const int64_t segs = column_segments(g.RT);
+    A* sums = segs > 1 ? scratch : out;
+    LMF_LAUNCH(reduce_columns_kernel<A>, static_cast<unsigned>(segs * ceil_div(g.L, kColGroup)),
+               kBlock, stream, partials, sums, g.L, g.RT);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess || segs == 1) return err;
+    LMF_LAUNCH(reduce_partials_kernel<A>, static_cast<unsigned>(g.L), kBlock, stream,
+               static_cast<const A*>(sums), out, int64_t{1}, g.L, segs);
+    return cudaGetLastError();
+  }
+  const PartialsLayout p = partials_layout(g, per_channel);
+  LMF_LAUNCH(reduce_partials_kernel<A>, static_cast<unsigned>(p.num_out), kBlock, stream,
+             partials, out, p.stride_o, p.stride_i, p.count);
+  return cudaGetLastError();
+}
+
 // Grid-stride launch: as many blocks as can be resident at once, capped at the number of tiles.
 // The result does not depend on the grid, only the speed.
 template <typename Args>

@@ -1,5 +1,6 @@
-// The only torch-aware file of the CUDA backend: validates and normalises tensors, then calls the
-// torch-free launchers of lm_step.h. Registers CUDA kernels for the ops whose schemas the Python
+// The LM step's torch binding (batch_norm_lm_step_binding.cpp is the fused batch norm's; both
+// share torch_binding.h): validates and normalises tensors, then calls the torch-free launchers
+// of lm_step.h. Registers CUDA kernels for the ops whose schemas the Python
 // package defines (lmfused/ops.py):
 //   lmfused::lm_step_cuda(Tensor u, Tensor u_prev, Tensor? f, Tensor k, Tensor? scale,
 //                         Tensor? seed, bool relu, float noise_std) -> Tensor
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "lm_step.h"
+#include "torch_binding.h"
 
 #ifndef TORCH_EXTENSION_NAME
 #define TORCH_EXTENSION_NAME _C
@@ -31,118 +33,7 @@
 namespace {
 
 using at::Tensor;
-
-bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
-
-lmfused::DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return lmfused::DType::kFloat16;
-    case at::kBFloat16:
-      return lmfused::DType::kBFloat16;
-    case at::kDouble:
-      return lmfused::DType::kFloat64;
-    default:
-      return lmfused::DType::kFloat32;
-  }
-}
-
-// Compute (and grad_k) type: float32, or float64 for float64 activations.
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-int64_t spatial_numel(const Tensor& t) {
-  int64_t s = 1;
-  for (int64_t d = 2; d < t.dim(); ++d) s *= t.size(d);
-  return s;
-}
-
-// Dense with the channel dim fastest, then the spatial dims in order, then the batch dim
-// (torch's channels_last / channels_last_3d, generalised to any rank >= 3). Strides of size-1
-// dims do not matter, as in torch.
-bool is_channels_last_dense(const Tensor& t) {
-  int64_t expected = 1;
-  auto fits = [&](int64_t d) {
-    if (t.size(d) != 1 && t.stride(d) != expected) return false;
-    expected *= t.size(d);
-    return true;
-  };
-  if (!fits(1)) return false;
-  for (int64_t d = t.dim() - 1; d >= 2; --d)
-    if (!fits(d)) return false;
-  return fits(0);
-}
-
-// Channels-last-dense copy of t (t itself if it already is); works for every rank >= 3.
-Tensor to_channels_last(const Tensor& t) {
-  if (is_channels_last_dense(t)) return t;
-  const int64_t r = t.dim();
-  std::vector<int64_t> perm{0}, inverse(static_cast<size_t>(r));
-  for (int64_t d = 2; d < r; ++d) perm.push_back(d);
-  perm.push_back(1);
-  for (int64_t i = 0; i < r; ++i) inverse[static_cast<size_t>(perm[i])] = i;
-  return t.permute(perm).contiguous().permute(inverse);
-}
-
-struct Layout {
-  bool channels_last_view;  // kernels see (N*S rows, C columns)
-  bool channels_last_memory;  // buffers are channels-last-dense (else plain contiguous)
-};
-
-// Layout decision, made on one reference tensor and applied to every activation-sized tensor.
-// Rank 2 and S == 1 are plain contiguous memory that is already (N, C) row-major.
-Layout choose_layout(const Tensor& ref) {
-  if (ref.dim() == 2 || spatial_numel(ref) == 1) return {true, false};
-  if (is_channels_last_dense(ref) && !ref.is_contiguous()) return {true, true};
-  return {false, false};
-}
-
-Tensor normalise(const Tensor& t, const Layout& layout) {
-  return layout.channels_last_memory ? to_channels_last(t) : t.contiguous();
-}
-
-void check_activation(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), op, ": ", name,
-                   " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() >= 2, op, ": ", name, " must have rank >= 2 (N, C, *spatial), got ",
-                    "shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ",
-                    t.device());
-}
-
-void check_like(const Tensor& t, const char* op, const char* name, const Tensor& ref,
-                const char* ref_name) {
-  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), op, ": ", name, " must have the shape of ",
-                    ref_name, " ", ref.sizes(), ", got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ",
-                   ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " must be on ", ref_name,
-                    "'s device ", ref.device(), ", got ", t.device());
-}
-
-void check_k(const Tensor& k, const char* op, int64_t C, const Tensor& ref) {
-  // Any float k (after model.half() or model.bfloat16() k follows the model's dtype): the kernels
-  // read it in the compute type, and grad_k comes back in k's dtype, as on the other backends.
-  TORCH_CHECK_TYPE(at::isFloatingType(k.scalar_type()), op,
-                   ": k must be a floating tensor, got ", k.scalar_type());
-  TORCH_CHECK_VALUE(k.numel() == 1 || k.numel() == C, op,
-                    ": k must have 1 or C = ", C, " elements, got shape ", k.sizes());
-  TORCH_CHECK_VALUE(k.device() == ref.device(), op, ": k must be on ", ref.device(), ", got ",
-                    k.device());
-}
-
-void check_scale(const std::optional<Tensor>& scale, const char* op, int64_t N,
-                 const Tensor& ref) {
-  if (!scale.has_value()) return;
-  const Tensor& s = *scale;
-  TORCH_CHECK_TYPE(at::isFloatingType(s.scalar_type()), op,
-                   ": scale must be a floating tensor, got ", s.scalar_type());
-  TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == N, op, ": scale must have shape (N,) = (", N,
-                    ",), got ", s.sizes());
-  TORCH_CHECK_VALUE(s.device() == ref.device(), op, ": scale must be on ", ref.device(),
-                    ", got ", s.device());
-}
+using namespace lmfused::binding;  // NOLINT: the shared checks and layout helpers
 
 // grad_k's summation order follows the tiles, whose size follows the vector width, which the
 // launcher picks from the row length and the alignment of every buffer (lm_step.h). So that
@@ -158,14 +49,6 @@ Tensor aligned_for_grad_k(const Tensor& t, bool need_k, int64_t row_length) {
   return t.clone();  // preserve_format: a dense tensor keeps its strides
 }
 
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err),
-              err == cudaErrorNoKernelImageForDevice
-                  ? " (lmfused._C was not built for this GPU; see lmfused._C.build_info())"
-                  : "");
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 Tensor lm_step_cuda(const Tensor& u, const Tensor& u_prev, const std::optional<Tensor>& f,
                     const Tensor& k, const std::optional<Tensor>& scale,
                     const std::optional<Tensor>& seed, bool relu, double noise_std) {
@@ -177,14 +60,7 @@ Tensor lm_step_cuda(const Tensor& u, const Tensor& u_prev, const std::optional<T
   check_k(k, op, C, u);
   check_scale(scale, op, N, u);
   const bool has_noise = noise_std != 0.0;
-  if (has_noise) {
-    TORCH_CHECK_VALUE(seed.has_value(), op, ": noise_std != 0 needs a seed tensor");
-    TORCH_CHECK_TYPE(seed->scalar_type() == at::kLong, op, ": seed must be int64, got ",
-                     seed->scalar_type());
-    TORCH_CHECK_VALUE(seed->numel() >= 1 && seed->device() == u.device(), op,
-                      ": seed must be a one-element tensor on ", u.device(), ", got shape ",
-                      seed->sizes(), " on ", seed->device());
-  }
+  if (has_noise) check_seed(seed, op, u);
 
   const c10::cuda::CUDAGuard guard(u.device());
   const Layout layout = choose_layout(u);

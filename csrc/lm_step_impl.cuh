@@ -53,24 +53,6 @@ cudaError_t forward_typed(const LMStepShape& sh, const void* u, const void* u_pr
   });
 }
 
-// Where the partials of output channel o live: partials[o*stride_o + i*stride_i], i < count.
-struct PartialsLayout {
-  int64_t num_out, stride_o, stride_i, count;
-};
-
-inline PartialsLayout partials_layout(const Geometry& g, bool per_channel) {
-  if (!per_channel) return {1, 0, 1, g.num_tiles};  // scalar k: one partial per tile, in order
-  return {g.C, g.P, 1, g.P};  // contiguous: partial[c*P + p]; channels-last: reduce_columns_kernel
-}
-
-// Channels-last, per-channel k: the segment sums of reduce_columns_kernel, after the partials
-// (none when one segment covers every row tile: it writes grad_k directly).
-inline int64_t column_segment_values(const Geometry& g, const LMStepShape& sh) {
-  if (!sh.channels_last) return 0;
-  const int64_t segs = column_segments(g.RT);
-  return segs > 1 ? segs * g.L : 0;
-}
-
 template <typename T>
 size_t workspace_bytes_typed(const LMStepShape& sh) {
   int64_t values = 0;  // the most any vector width needs
@@ -87,8 +69,7 @@ cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const vo
                            const void* u, const void* u_prev, const void* out, const void* k,
                            int64_t k_numel, const void* scale, bool relu, void* grad_u,
                            void* grad_u_prev, void* grad_f, void* grad_k, void* workspace,
-                           size_t workspace_bytes,
-                           cudaStream_t stream) {
+                           size_t workspace_bytes, cudaStream_t stream) {
   using A = acc_t<T>;
   const bool need_u = grad_u != nullptr, need_up = grad_u_prev != nullptr;
   const bool need_f = grad_f != nullptr, need_k = grad_k != nullptr;
@@ -147,22 +128,8 @@ cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const vo
   if (err != cudaSuccess || !need_k) return err;
 
   A* partials = static_cast<A*>(workspace);
-  if (sh.channels_last && k_numel != 1) {  // coalesced column sums (see reduce_columns_kernel)
-    const int64_t segs = column_segments(g.RT);
-    A* sums = segs > 1 ? partials + g.num_partials : static_cast<A*>(grad_k);
-    LMF_LAUNCH(reduce_columns_kernel<A>, static_cast<unsigned>(segs * ceil_div(g.L, kColGroup)),
-               kBlock, stream, static_cast<const A*>(partials), sums, g.L, g.RT);
-    err = cudaGetLastError();
-    if (err != cudaSuccess || segs == 1) return err;
-    LMF_LAUNCH(reduce_partials_kernel<A>, static_cast<unsigned>(g.L), kBlock, stream,
-               static_cast<const A*>(sums), static_cast<A*>(grad_k), int64_t{1}, g.L, segs);
-    return cudaGetLastError();
-  }
-  const PartialsLayout p = partials_layout(g, k_numel != 1);
-  LMF_LAUNCH(reduce_partials_kernel<A>, static_cast<unsigned>(p.num_out), kBlock, stream,
-             static_cast<const A*>(partials), static_cast<A*>(grad_k), p.stride_o, p.stride_i,
-             p.count);
-  return cudaGetLastError();
+  return reduce_tile_partials(partials, static_cast<A*>(grad_k), partials + g.num_partials, g, sh,
+                              k_numel != 1, stream);
 }
 
 }  // namespace detail

@@ -68,7 +68,13 @@ _SOURCE_NAMES = (
     "lm_step_f16.cu",
     "lm_step_bf16.cu",
     "lm_step_f64.cu",
+    "batch_norm_lm_step.cu",
+    "batch_norm_lm_step_f32.cu",
+    "batch_norm_lm_step_f16.cu",
+    "batch_norm_lm_step_bf16.cu",
+    "batch_norm_lm_step_f64.cu",
     "lm_step_binding.cpp",
+    "batch_norm_lm_step_binding.cpp",
 )
 
 # Written next to the package by setup.py when the ahead-of-time build of lmfused._C failed (the install

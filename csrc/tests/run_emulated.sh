@@ -3,7 +3,8 @@
 # host C++ compiler and run them: the real kernel code, checked on a machine without a GPU.
 #   csrc/tests/run_emulated.sh [BUILD_DIR]     (default: build/emulated, relative to the repo root)
 # Needs the CUDA headers (found through nvcc, or $CUDA_HOME/include) and a C++17 compiler.
-# Env: LMFUSED_KERNEL_TESTS_DTYPES as for the GPU run (default here: every dtype), CXX (g++),
+# Env: LMFUSED_KERNEL_TESTS_DTYPES and LMFUSED_KERNEL_TESTS_OPS as for the GPU run (default here:
+#      every dtype and op), CXX (g++),
 #      EMULATION_CXXFLAGS (extra flags, e.g. -fsanitize=undefined to catch misaligned vector accesses).
 set -euo pipefail
 
@@ -30,7 +31,10 @@ flags=(-std=c++17 -O2 -U_FORTIFY_SOURCE -DLMF_CUDA_EMULATION -I"$include_dir" -I
   -include "$root/csrc/tests/cuda_emulator.h"
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
   -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ ${EMULATION_CXXFLAGS:-})
-sources=(lm_step.cu lm_step_f32.cu lm_step_f16.cu lm_step_bf16.cu lm_step_f64.cu tests/test_lm_step_kernels.cu)
+sources=(lm_step.cu lm_step_f32.cu lm_step_f16.cu lm_step_bf16.cu lm_step_f64.cu
+  batch_norm_lm_step.cu batch_norm_lm_step_f32.cu batch_norm_lm_step_f16.cu
+  batch_norm_lm_step_bf16.cu batch_norm_lm_step_f64.cu
+  tests/test_lm_step_kernels.cu tests/test_batch_norm_kernels.cu)
 objects=()
 pids=()
 for src in "${sources[@]}" tests/cuda_emulator.cpp; do  # one compiler per source, in parallel

@@ -2,7 +2,8 @@
 // reference. Covers every flag combination, both layouts, float/half/bf16/double, odd sizes
 // (scalar path), multi-tile reductions, misaligned buffers, out-of-bounds writes, grad_k
 // determinism, and the Philox noise (golden integers from triton.language.random, statistics,
-// reproducibility). Exits 0 with "skipped: no CUDA device" when there is no GPU.
+// reproducibility); its main also runs the batch-norm-fused kernels' tests
+// (test_batch_norm_kernels.cu). Exits 0 with "skipped: no CUDA device" when there is no GPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -12,121 +13,23 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "../lm_step.cuh"
 #include "../lm_step.h"
+#include "test_common.h"
 
-using lmfused::DType;
-using lmfused::LMStepShape;
+namespace lmf_test {
+// test_batch_norm_kernels.cu
+void run_batch_norm_tests(std::mt19937_64& rng, const std::function<bool(const char*)>& wanted);
+}  // namespace lmf_test
 
 namespace {
 
-int g_failures = 0;
-int g_checks = 0;
-
-#define CUDA_OK(expr)                                                                   \
-  do {                                                                                  \
-    cudaError_t e_ = (expr);                                                            \
-    if (e_ != cudaSuccess) {                                                            \
-      std::fprintf(stderr, "%s:%d: %s -> %s\n", __FILE__, __LINE__, #expr,              \
-                   cudaGetErrorString(e_));                                             \
-      std::exit(1);                                                                     \
-    }                                                                                   \
-  } while (0)
-
-void fail(const std::string& what) {
-  if (++g_failures <= 30) std::fprintf(stderr, "FAIL: %s\n", what.c_str());
-}
-
-// ----- dtype traits ---------------------------------------------------------------------------
-template <typename T>
-struct Traits;
-template <>
-struct Traits<float> {
-  static constexpr DType dtype = DType::kFloat32;
-  static constexpr const char* name = "float32";
-  static constexpr double tol = 1e-5;  // float32 arithmetic on O(1) values
-  static float make(double x) { return static_cast<float>(x); }
-  static double val(float x) { return x; }
-};
-template <>
-struct Traits<double> {
-  static constexpr DType dtype = DType::kFloat64;
-  static constexpr const char* name = "float64";
-  static constexpr double tol = 1e-12;
-  static double make(double x) { return x; }
-  static double val(double x) { return x; }
-};
-template <>
-struct Traits<__half> {
-  static constexpr DType dtype = DType::kFloat16;
-  static constexpr const char* name = "float16";
-  static constexpr double tol = 1e-3;  // one rounding to half (2^-11 relative) plus float math
-  static __half make(double x) { return __float2half_rn(static_cast<float>(x)); }
-  static double val(__half x) { return __half2float(x); }
-};
-template <>
-struct Traits<__nv_bfloat16> {
-  static constexpr DType dtype = DType::kBFloat16;
-  static constexpr const char* name = "bfloat16";
-  static constexpr double tol = 8e-3;  // one rounding to bf16 (2^-8 relative)
-  static __nv_bfloat16 make(double x) { return __float2bfloat16_rn(static_cast<float>(x)); }
-  static double val(__nv_bfloat16 x) { return __bfloat162float(x); }
-};
-
-// Device buffer of T with `pad` guard elements either side of the data, all pre-filled with 0xFF
-// bytes (NaN for every float type) so unwritten or out-of-bounds elements are detectable.
-template <typename T>
-struct DevBuf {
-  T* base = nullptr;
-  size_t n = 0, shift = 0;
-  static constexpr size_t kPad = 16;
-  DevBuf(size_t n_, size_t shift_) : n(n_), shift(shift_) {
-    CUDA_OK(cudaMalloc(&base, (n + 2 * kPad) * sizeof(T)));
-    poison();
-  }
-  ~DevBuf() { cudaFree(base); }
-  DevBuf(const DevBuf&) = delete;
-  DevBuf& operator=(const DevBuf&) = delete;
-  T* data() const { return base + kPad + shift; }  // shift = 1 -> not 16-byte aligned
-  void poison() { CUDA_OK(cudaMemset(base, 0xFF, (n + 2 * kPad) * sizeof(T))); }
-  void upload(const std::vector<T>& h) {
-    CUDA_OK(cudaMemcpy(data(), h.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  std::vector<T> download() const {
-    std::vector<T> h(n);
-    CUDA_OK(cudaMemcpy(h.data(), data(), n * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-  }
-  bool guards_intact() const {  // nothing written outside [data(), data() + n)
-    std::vector<unsigned char> all((n + 2 * kPad) * sizeof(T));
-    CUDA_OK(cudaMemcpy(all.data(), base, all.size(), cudaMemcpyDeviceToHost));
-    const size_t lo = (kPad + shift) * sizeof(T), hi = lo + n * sizeof(T);
-    for (size_t i = 0; i < all.size(); ++i)
-      if ((i < lo || i >= hi) && all[i] != 0xFF) return false;
-    return true;
-  }
-};
-
-struct Case {
-  int64_t N, C, S;
-  bool cl;
-};
-
-std::string describe(const char* dt, const Case& c, int mode, const char* what) {
-  char buf[256];
-  std::snprintf(buf, sizeof buf, "%s N=%lld C=%lld S=%lld %s align-mode=%d: %s", dt,
-                static_cast<long long>(c.N), static_cast<long long>(c.C),
-                static_cast<long long>(c.S), c.cl ? "channels-last" : "contiguous", mode, what);
-  return buf;
-}
-
-bool close(double got, double ref, double tol) {
-  return std::fabs(got - ref) <= tol * (1.0 + std::fabs(ref));  // NaN fails
-}
+using namespace lmf_test;  // NOLINT: the shared test helpers
 
 // ----- one (dtype, shape, alignment mode): every forward and backward flag combination --------
 // mode 0: all buffers aligned; 1: every buffer shifted by one element; 2: only outputs shifted;
@@ -594,9 +497,17 @@ int main() {
   std::printf("device: %s (sm_%d%d); kernels built for %s\n", prop.name, prop.major, prop.minor,
               lmfused::compiled_cuda_archs());
   std::mt19937_64 rng(20180710);
-  test_philox_golden();
-  test_api_edges();
-  test_noise_stats();
+  // LMFUSED_KERNEL_TESTS_OPS=lm_step,batch_norm (either; default both) picks the ops' tests.
+  const char* ops_env = std::getenv("LMFUSED_KERNEL_TESTS_OPS");
+  const std::string ops =
+      std::string(",") + (ops_env != nullptr ? ops_env : "lm_step,batch_norm") + ",";
+  const bool lm_step_tests = ops.find(",lm_step,") != std::string::npos;
+  const bool batch_norm_tests = ops.find(",batch_norm,") != std::string::npos;
+  if (lm_step_tests) {
+    test_philox_golden();
+    test_api_edges();
+    test_noise_stats();
+  }
   // compute-sanitizer is slow, so the dtypes can be split over several runs:
   // LMFUSED_KERNEL_TESTS_DTYPES=float,bf16,half,double (any subset; default all), and
   // LMFUSED_KERNEL_TESTS_QUICK=1 is short for float,bf16.
@@ -609,14 +520,17 @@ int main() {
   auto wanted = [&](const char* name) {
     return list.find(std::string(",") + name + ",") != std::string::npos;
   };
-  if (wanted("float")) {
-    test_many_row_tiles<float>(128, rng);  // 128-bit vectors, 263 row tiles: 2 segments
-    test_many_row_tiles<float>(33, rng);   // scalar path, 263 row tiles
-    run_dtype<float>(rng);
+  if (lm_step_tests) {
+    if (wanted("float")) {
+      test_many_row_tiles<float>(128, rng);  // 128-bit vectors, 263 row tiles: 2 segments
+      test_many_row_tiles<float>(33, rng);   // scalar path, 263 row tiles
+      run_dtype<float>(rng);
+    }
+    if (wanted("bf16")) run_dtype<__nv_bfloat16>(rng);
+    if (wanted("half")) run_dtype<__half>(rng);
+    if (wanted("double")) run_dtype<double>(rng);
   }
-  if (wanted("bf16")) run_dtype<__nv_bfloat16>(rng);
-  if (wanted("half")) run_dtype<__half>(rng);
-  if (wanted("double")) run_dtype<double>(rng);
+  if (batch_norm_tests) lmf_test::run_batch_norm_tests(rng, wanted);
   if (g_failures) {
     std::printf("FAILED: %d failures in %d checks\n", g_failures, g_checks);
     return 1;

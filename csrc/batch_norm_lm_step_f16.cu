@@ -1,0 +1,4 @@
+// Batch-norm-fused kernels for __half: one file per dtype, compiled in parallel.
+#include "batch_norm_lm_step.cuh"
+
+LMF_INSTANTIATE_BATCH_NORM_LAUNCHERS(__half)
