@@ -131,15 +131,17 @@ void bn_case(const Case& cs, std::mt19937_64& rng) {
     return xhat * (has_w ? weight.v[c] : 1.0) + (has_b ? bias.v[c] : 0.0);
   };
 
-  // ---- statistics: float64 reference (two-pass), tolerance of the accumulator type
+  // ---- statistics: two-pass reference, summed in long double (a float64 sum of values near 1e6
+  // would be off by more than the kernels' double result), tolerance of the accumulator type
+  std::vector<long double> sum_x(C, 0.0L), sum_d2(C, 0.0L);
+  for (size_t i = 0; i < n; ++i) sum_x[chan(i)] += Tr::val(hx[i]);
   std::vector<double> ref_mean(C, 0.0), ref_var(C, 0.0);
-  for (size_t i = 0; i < n; ++i) ref_mean[chan(i)] += Tr::val(hx[i]);
-  for (auto& m : ref_mean) m /= count;
+  for (size_t c = 0; c < C; ++c) ref_mean[c] = static_cast<double>(sum_x[c] / count);
   for (size_t i = 0; i < n; ++i) {
-    const double d = Tr::val(hx[i]) - ref_mean[chan(i)];
-    ref_var[chan(i)] += d * d;
+    const long double d = Tr::val(hx[i]) - sum_x[chan(i)] / count;
+    sum_d2[chan(i)] += d * d;
   }
-  for (auto& v : ref_var) v /= count;
+  for (size_t c = 0; c < C; ++c) ref_var[c] = static_cast<double>(sum_d2[c] / count);
   const double acc_eps = sizeof(A) == 8 ? 1e-13 : 1e-5;
 
   std::vector<std::vector<A>> sums_mode0;  // every reduction's bits in mode 0
