@@ -426,8 +426,10 @@ def _gain(invstd: Tensor, weight: Tensor | None) -> Tensor:
 
 
 def _vector(t: Tensor | None, stand_in: Tensor) -> Tensor:
-    """A per-channel or per-sample vector, contiguous; ``stand_in`` for the unused pointer when it is None."""
-    return t.contiguous() if t is not None else stand_in
+    """A per-channel or per-sample vector, contiguous and aligned (a parameter may be a view into a larger
+    buffer, and the compiled variant, hence the order of the in-tile sums, follows pointer alignment);
+    ``stand_in`` for the unused pointer when it is None."""
+    return _aligned(t.contiguous()) if t is not None else stand_in
 
 
 def batch_norm_lm_step_forward_triton(
@@ -521,7 +523,7 @@ def batch_norm_lm_step_backward_reduce_triton(
     out = _aligned(to_layout(out, layout)) if relu and not mask_from_x else g
     if need_k:
         u, u_prev = _aligned(to_layout(u, layout)), _aligned(to_layout(u_prev, layout))
-    mean = mean.contiguous()
+    mean = _vector(mean, g)
     num_programs, num_l_blocks, block_m, block_l, num_warps = _tiling(plan)
     sum_dy, sum_dy_xhat, grad_k = _partials(plan, 3, g)
     _launcher(batch_norm_lm_step_backward_reduce_kernel)[(num_programs,)](
@@ -531,8 +533,8 @@ def batch_norm_lm_step_backward_reduce_triton(
         u if need_k else g,  # unused pointers stand in for tensors a variant does not read
         u_prev if need_k else g,
         mean,
-        invstd.contiguous(),
-        _gain(invstd, weight).contiguous() if mask_from_x else mean,
+        _vector(invstd, mean),
+        _vector(_gain(invstd, weight), mean) if mask_from_x else mean,
         _vector(bias, mean),
         _vector(scale, mean),
         sum_dy,
