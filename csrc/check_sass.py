@@ -51,9 +51,7 @@ KERNELS = {
 DTYPES = {"13__nv_bfloat16": ("bf16", 2, 4), "6__half": ("f16", 2, 4), "f": ("f32", 4, 4), "d": ("f64", 8, 8)}
 # The mangled name's length prefix (a digit) comes right before the kernel's name, so that
 # lm_step_forward_kernel does not match inside batch_norm_lm_step_forward_kernel.
-KERNEL_RE = re.compile(
-    r"(?<=\d)(" + "|".join(KERNELS) + r")I(13__nv_bfloat16|6__half|f|d)((?:L[ib]\d+E)+)"
-)
+KERNEL_RE = re.compile(r"(?<=\d)(" + "|".join(KERNELS) + r")I(13__nv_bfloat16|6__half|f|d)((?:L[ib]\d+E)+)")
 WIDTHS = (128, 64, 32, 16, 8)
 
 
@@ -192,8 +190,14 @@ def main() -> int:
         if why:
             failures.append((name, why))
         if args.verbose:
-            on = ",".join(f"{k}={v}" if k in ("W", "MASK", "GRAD_X") else k
-                          for k, v in flags.items() if v and k not in ("CL", "VEC")) or "-"
+            on = (
+                ",".join(
+                    f"{k}={v}" if k in ("W", "MASK", "GRAD_X") else k
+                    for k, v in flags.items()
+                    if v and k not in ("CL", "VEC")
+                )
+                or "-"
+            )
             stores = " ".join(f"{counts[('st', w)]:4d}" for w in WIDTHS)
             print(f"{dtype:4s} {direction:8s} {layout} VEC={vec:<2d} {on:38s} STG {stores}  {why or 'ok'}")
     if not groups:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Check the store widths of the LM-step and batch-norm-fused kernels in their sm_90 SASS, without a GPU: every
-# vector-path kernel must store as wide as it loads (csrc/check_sass.py has the rule).
+# Check the store widths of the LM-step and batch-norm-fused kernels in their sm_90 SASS, without a
+# GPU: every vector-path kernel must store as wide as it loads (csrc/check_sass.py has the rule).
 #   csrc/check_sass.sh [BUILD_DIR]      (default: build/sass, relative to the repo root)
 # Reuses the sm_90 objects of csrc/check_compile.sh when BUILD_DIR is its build folder (they are
 # under CMakeFiles/); otherwise compiles the eight per-dtype kernel files to sm_90 cubins in
