@@ -9,19 +9,26 @@ update directly. Fused, that output f and its gradient are never written or read
 stochastic depth and noise of their section 3). In training the batch statistics are computed first (one
 read of x, deterministic per-channel sums) and the running statistics updated in place as F.batch_norm does;
 in evaluation the running statistics are folded into a per-channel affine. The backward reduces the
-per-channel sums of the BN gradient and grad_k in one pass over g, out, x (and u, u_prev for grad_k), then
-writes grad_x, grad_u and grad_u_prev in a second.
+per-channel sums of the BN gradient and grad_k in one pass over g, x (and u, u_prev for grad_k; out for the
+ReLU's mask, unless it is recomputed from those), then writes grad_x, grad_u and grad_u_prev in a second.
+Without u and u_prev (the no-state mode) the same kernels are ``batch_norm_relu``, for the BatchNorm + ReLU
+pairs inside a branch. The ``*_with_shortcut`` variants return u as a second output for the next step's
+u_prev and add its gradient into grad_u in the backward kernel (gradient pass-through).
 
 Each backend is four ops in the ``lmfused`` namespace, one kernel pass each::
 
     lmfused::batch_norm_stats_<backend>(x) -> (mean, var)                    biased variance, compute dtype
-    lmfused::batch_norm_lm_step_<backend>(x, mean, invstd, weight?, bias?, u, u_prev, k, scale?, seed?,
+    lmfused::batch_norm_lm_step_<backend>(x, mean, invstd, weight?, bias?, u?, u_prev?, k, scale?, seed?,
                                           training, relu, noise_std) -> out
-    lmfused::batch_norm_lm_step_<backend>_backward_reduce(grad_out, x, mean, invstd, u?, u_prev?, out?,
-                                          scale?, relu, need_k) -> (sum dy, sum dy xhat, grad_k per channel)
-    lmfused::batch_norm_lm_step_<backend>_backward(grad_out, x, mean, invstd, weight?, mean_dy, mean_dy_xhat,
-                                          out?, k, scale?, training, relu, need_x, need_u, need_u_prev)
-                                          -> (grad_x, grad_u, grad_u_prev)
+    lmfused::batch_norm_lm_step_<backend>_backward_reduce(grad_out, x, mean, invstd, weight?, bias?, u?,
+                                          u_prev?, k, out?, scale?, relu, need_k)
+                                          -> (sum dy, sum dy xhat, grad_k per channel)
+    lmfused::batch_norm_lm_step_<backend>_backward(grad_out, grad_shortcut?, x, mean, invstd, weight?, bias?,
+                                          mean_dy, mean_dy_xhat, out?, k, scale?, training, relu, need_x,
+                                          need_u, need_u_prev) -> (grad_x, grad_u, grad_u_prev)
+
+With relu and no ``out`` the backward passes recompute the ReLU's mask: the forward's pre-activation without
+noise, rounded to x's dtype (only ever asked of noise-free calls).
 
 ``mean`` and ``invstd`` are constants to autograd: in training they are x's own batch statistics, and the
 backward's grad_x includes their dependence on x (the full batch-norm gradient).
@@ -57,8 +64,8 @@ FORWARD_SCHEMA = (
 )
 REDUCE_SCHEMA = (
     "(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor? u, "
-    "Tensor? u_prev, Tensor? out, "
-    "Tensor? scale, bool relu, bool need_k) -> (Tensor, Tensor, Tensor)"
+    "Tensor? u_prev, Tensor k, Tensor? out, Tensor? scale, bool relu, bool need_k) "
+    "-> (Tensor, Tensor, Tensor)"
 )
 BACKWARD_SCHEMA = (
     "(Tensor grad_out, Tensor? grad_shortcut, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
@@ -129,16 +136,24 @@ def _channel_sum(t: Tensor) -> Tensor:
     return t.sum(_reduce_dims(t))
 
 
-def _masked_gradient(grad_out, x, mean, invstd, weight, bias, out, scale, relu, cd: torch.dtype) -> Tensor:
+def _masked_gradient(
+    grad_out, x, mean, invstd, weight, bias, u, u_prev, k, out, scale, relu, cd: torch.dtype
+) -> Tensor:
     """The output gradient through the ReLU, as torch.relu's backward: 0 where out <= 0 (NaN passes).
-    Without ``out`` (the no-state mode, noise-free) the sign of out is that of the pre-activation
-    s * BN(x) rounded to x's dtype, recomputed from x: the backward then never reads out."""
+
+    Without ``out`` (noise-free steps only) the sign of out is that of the forward's pre-activation rounded to
+    x's dtype, recomputed as the forward computes it: s * BN(x) without states, (1 - k) u + k u_prev + s BN(x)
+    with them. The no-state backward then never reads out, and the reduction pass of a step that reads u and
+    u_prev for grad_k anyway reads x, u, u_prev instead of x, u, u_prev and out."""
     g = grad_out.to(cd)
     if not relu:
         return g
     if out is None:
-        z = _branch_gradient(_batch_norm_output(x, mean, invstd, weight, bias, cd), scale)
-        out = z.to(x.dtype)
+        y = _batch_norm_output(x, mean, invstd, weight, bias, cd)
+        if u is None:
+            out = _branch_gradient(y, scale).to(x.dtype)
+        else:
+            out = reference.reference_forward(u, u_prev, y, k, scale, None, False, 0.0)
     return torch.where(out <= 0, torch.zeros((), dtype=cd, device=g.device), g)
 
 
@@ -156,15 +171,17 @@ def reference_backward_reduce(
     bias: Tensor | None,
     u: Tensor | None,
     u_prev: Tensor | None,
+    k: Tensor,
     out: Tensor | None,
     scale: Tensor | None,
     relu: bool,
     need_k: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """First backward pass: per-channel sums of dy, dy * xhat and (``need_k``) g * (u_prev - u), where g is
-    the output gradient through the ReLU, dy = s * g and xhat = (x - mean) * invstd (compute dtype)."""
+    the output gradient through the ReLU, dy = s * g and xhat = (x - mean) * invstd (compute dtype).
+    Without ``out`` the ReLU's mask is recomputed (:func:`_masked_gradient`)."""
     cd = compute_dtype(grad_out.dtype)
-    g = _masked_gradient(grad_out, x, mean, invstd, weight, bias, out, scale, relu, cd)
+    g = _masked_gradient(grad_out, x, mean, invstd, weight, bias, u, u_prev, k, out, scale, relu, cd)
     dy = _branch_gradient(g, scale)
     sum_dy_xhat = _channel_sum(dy * _normalized(x, mean, invstd, cd))
     grad_k = g.new_empty((0,))
@@ -199,7 +216,7 @@ def reference_backward(
     gradient of the step's shortcut output, unmasked), grad_u_prev = k g. Unneeded gradients come back
     empty."""
     cd = compute_dtype(grad_out.dtype)
-    g = _masked_gradient(grad_out, x, mean, invstd, weight, bias, out, scale, relu, cd)
+    g = _masked_gradient(grad_out, x, mean, invstd, weight, bias, None, None, k, out, scale, relu, cd)
     grad_x = grad_u = grad_u_prev = None
     if need_x:
         dy = _branch_gradient(g, scale)
@@ -233,7 +250,7 @@ def _fake_forward(x, mean, invstd, weight, bias, u, u_prev, k, scale, seed, trai
     return empty_in_layout(like.shape, plan_layout(like).channels_last, dtype=like.dtype, device=like.device)
 
 
-def _fake_reduce(grad_out, x, mean, invstd, weight, bias, u, u_prev, out, scale, relu, need_k):
+def _fake_reduce(grad_out, x, mean, invstd, weight, bias, u, u_prev, k, out, scale, relu, need_k):
     cd = compute_dtype(grad_out.dtype)
     channels = (x.shape[1],)
     grad_k = x.new_empty(channels if need_k else (0,), dtype=cd)
@@ -262,7 +279,7 @@ def _setup_context(ctx, inputs, output) -> None:
     needs = [bool(ctx.needs_input_grad[_INPUT_POSITIONS[name]]) for name in GRADIENTS]
     needs[1] = needs[1] and weight is not None
     needs[2] = needs[2] and bias is not None
-    ctx.flags = (training, relu, needs, bias.dtype if bias is not None else None)
+    ctx.flags = (training, relu, needs, bias.dtype if bias is not None else None, noise_std)
     # Without states and noise the ReLU's mask is recomputed from x (the backward never reads out).
     keep_out = relu and (u is not None or noise_std > 0)
     ctx.save_for_backward(
@@ -276,12 +293,15 @@ def _input_grads(reduce_op, backward_op, ctx, grad_out, grad_shortcut=None) -> t
     is needed, then the pass that writes the activation gradients (adding ``grad_shortcut``, the gradient of
     the shortcut output of :func:`batch_norm_lm_step_with_shortcut`, into grad_u)."""
     x, mean, invstd, weight, bias, u, u_prev, out, k, scale = ctx.saved_tensors
-    training, relu, needs, bias_dtype = ctx.flags
+    training, relu, needs, bias_dtype, noise_std = ctx.flags
     need_x, need_weight, need_bias, need_u, need_u_prev, need_k = needs
     grad_weight = grad_bias = grad_k = None
     mean_dy = mean_dy_xhat = mean
     if need_weight or need_bias or need_k or (need_x and training):
-        reduce_args = (grad_out, x, mean, invstd, weight, bias, u, u_prev, out, scale, relu, need_k)
+        # A noise-free step that reads u and u_prev for grad_k recomputes the ReLU's mask from them and x
+        # rather than reading out too (1 X less).
+        reduce_out = None if (need_k and noise_std == 0) else out
+        reduce_args = (grad_out, x, mean, invstd, weight, bias, u, u_prev, k, reduce_out, scale, relu, need_k)
         sum_dy, sum_dy_xhat, per_channel_k = reduce_op(*reduce_args)
         count = x.numel() // x.shape[1]
         mean_dy, mean_dy_xhat = sum_dy / count, sum_dy_xhat / count

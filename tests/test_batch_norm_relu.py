@@ -147,7 +147,7 @@ def test_opcheck_without_states(backend):
         args = (x, mean, invstd, weight, bias, None, None, k, None, None, training, True, 0.0)
         torch.library.opcheck(forward_op, args)
         grad_out = torch.randn_like(x)
-        reduce_args = (grad_out, x, mean, invstd, weight, bias, None, None, None, None, True, False)
+        reduce_args = (grad_out, x, mean, invstd, weight, bias, None, None, k, None, None, True, False)
         torch.library.opcheck(reduce_op, reduce_args)
         sum_dy, sum_dy_xhat, _ = reduce_op(*reduce_args)
         count = x.numel() // x.shape[1]

@@ -225,8 +225,11 @@ def test_opcheck(backend, requires_grad):
         x, weight, bias, u, u_prev, k = (
             t.detach() if t is not None else None for t in (x, weight, bias, u, u_prev, k)
         )
-        reduce_args = (grad_out, x, mean, invstd, weight, bias, u, u_prev, out, scale, relu, True)
+        reduce_args = (grad_out, x, mean, invstd, weight, bias, u, u_prev, k, out, scale, relu, True)
         torch.library.opcheck(reduce_op, reduce_args)
+        recomputed = reduce_op(*reduce_args[:9], None, *reduce_args[10:])  # the mask from x, u, u_prev
+        for got, want in zip(recomputed, reduce_op(*reduce_args), strict=True):
+            assert torch.equal(got, want)
         sum_dy, sum_dy_xhat, _ = reduce_op(*reduce_args)
         count = x.numel() // x.shape[1]
         for needs in ((True, True, True), (True, False, True), (False, True, False)):
