@@ -5,9 +5,10 @@
 
 Providers: torchvision's plain model (``torchvision``); the LM model with the update written as separate
 PyTorch ops, as a user without lmfused writes it (``eager``); the LM model with ``lm_step`` on each lmfused
-backend (``cuda``, ``triton``; ``reference`` on CPU), the fastest of them also with the blocks' last
-BatchNorm outside the update (``+unfused-bn``) and, compiled, with the junction decomposed into plain ops
-for Inductor (``+decomposed``). Each is measured eagerly, and compiled with
+backend (``cuda``, ``triton``; ``reference`` on CPU), the fastest of them also with every BatchNorm outside
+the lmfused kernels (``+unfused-bn``), without the gradient pass-through between steps
+(``+no-passthrough``) and, compiled, with the junction decomposed into plain ops for Inductor
+(``+decomposed``). Each is measured eagerly, and compiled with
 ``torch.compile`` for the providers in ``--compile-providers`` (default on a GPU: every provider, the plain
 torchvision, the plain-PyTorch LM and the fastest fused backend first). Synthetic data, SGD with momentum,
 bf16 autocast, channels_last, all rows in the same run. Reports the median img/s over timed steps after
@@ -41,7 +42,8 @@ MODELS = {"resnext50_32x4d": "lm_resnext50_32x4d", "resnet50": "lm_resnet50"}
 # Variants of a fused provider ("cuda+decomposed"): the environment a row runs under.
 VARIANTS = {
     "decomposed": {"LMFUSED_COMPILE_JUNCTION": "decompose"},  # compiled: the junction as plain ops
-    "unfused-bn": {"LMFUSED_FUSE_BN": "0"},  # the blocks' last BatchNorm outside the update
+    "unfused-bn": {"LMFUSED_FUSE_BN": "0"},  # every BatchNorm outside the lmfused kernels
+    "no-passthrough": {"LMFUSED_GRADIENT_PASSTHROUGH": "0"},  # autograd adds the two gradients of u_n
 }
 
 
@@ -167,7 +169,7 @@ def plan(models: list[str], names: list[str], compile_names: list[str]) -> list[
     backend with the blocks' last BatchNorm unfused), then the compiled rows in ``compile_names`` order, so a
     time limit cuts the least needed rows."""
     fused = _fused(names)
-    eager_names = names + ([f"{fused[0]}+unfused-bn"] if fused else [])
+    eager_names = names + ([f"{fused[0]}+unfused-bn", f"{fused[0]}+no-passthrough"] if fused else [])
     rows = []
     for model_name in models:
         rows += [(model_name, p, False) for p in eager_names]

@@ -165,3 +165,41 @@ def test_compile_traces_the_op_or_its_decomposition(monkeypatch, mode):
     traced_ops = "lmfused.batch_norm_lm_step" in graphs[0]
     assert traced_ops == (mode == "op")
     assert ("batch_norm" in graphs[0]) and (mode == "op" or "lmfused" not in graphs[0])
+
+
+@pytest.mark.parametrize("fuse", ["1", "0"])
+def test_gradient_pass_through_in_the_zoo(monkeypatch, fuse):
+    """A zoo model with the gradient pass-through (default) is the model without it
+    (LMFUSED_GRADIENT_PASSTHROUGH=0) to round-off, and its steps' backward kernels get the next block's
+    u_prev gradient: every block whose shortcut the next block takes, i.e. all but each stage's last."""
+    import lmfused.batch_norm_step as bn_step
+    import lmfused.ops as ops
+
+    torch.manual_seed(0)
+    model = lmfused.models.create_model("lm_resnet50", per_channel_k=True, backend="reference").double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    received = []
+
+    def recording(original):
+        def backward(*args):
+            received.append(args[1] is not None)
+            return original(*args)
+
+        return backward
+
+    monkeypatch.setitem(ops._BACKWARD_OPS, "reference", recording(ops._BACKWARD_OPS["reference"]))
+    stats, forward, reduce, backward = bn_step._OPS["reference"]
+    monkeypatch.setitem(bn_step._OPS, "reference", (stats, forward, reduce, recording(backward)))
+    results = []
+    for passes in ("1", "0"):
+        monkeypatch.setenv("LMFUSED_GRADIENT_PASSTHROUGH", passes)
+        received.clear()
+        results.append(_run(model, x, fuse, monkeypatch))
+        blocks_with_a_successor = 16 - 4
+        assert sum(received) == (blocks_with_a_successor if passes == "1" else 0)
+    (out, grads), (want, want_grads) = results
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-11)
+    for got, ref in zip(grads, want_grads, strict=True):
+        assert (got is None) == (ref is None)
+        if ref is not None:
+            torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)

@@ -149,7 +149,8 @@ def test_op_grid_reports_progress_after_each_configuration():
 
 
 def test_model_rows_run_eager_first_then_the_needed_compiled_rows():
-    """Every eager row first (plus the fastest backend with its BatchNorm unfused), then the compiled ones in
+    """Every eager row first (plus the fastest backend with its BatchNorms unfused, and without the gradient
+    pass-through), then the compiled ones in
     priority order (torchvision, the plain-PyTorch LM update, the fastest fused backend with the registered
     ops, then decomposed for Inductor), so a time limit cuts only the least needed rows."""
     from bench import models
@@ -159,10 +160,12 @@ def test_model_rows_run_eager_first_then_the_needed_compiled_rows():
     assert compiled == ["torchvision", "eager", "cuda", "cuda+decomposed", "triton"]
     assert models.default_compile_providers(names, torch.device("cpu")) == []
     rows = models.plan(["resnext50_32x4d", "resnet50"], names, compiled[:4])
-    eager = [*names, "cuda+unfused-bn"]
-    assert rows[:5] == [("resnext50_32x4d", p, False) for p in eager]
-    assert rows[5:9] == [("resnext50_32x4d", p, True) for p in compiled[:4]]
-    assert rows[9:] == [("resnet50", p, False) for p in eager] + [("resnet50", p, True) for p in compiled[:4]]
+    eager = [*names, "cuda+unfused-bn", "cuda+no-passthrough"]
+    assert rows[:6] == [("resnext50_32x4d", p, False) for p in eager]
+    assert rows[6:10] == [("resnext50_32x4d", p, True) for p in compiled[:4]]
+    assert rows[10:] == [("resnet50", p, False) for p in eager] + [
+        ("resnet50", p, True) for p in compiled[:4]
+    ]
 
 
 def test_model_variants_set_their_environment(monkeypatch):

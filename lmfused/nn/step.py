@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmfused.batch_norm_step import batch_norm_lm_step_with_shortcut, has_backend
-from lmfused.ops import lm_step_with_shortcut
+from lmfused.batch_norm_step import batch_norm_lm_step, batch_norm_lm_step_with_shortcut, has_backend
+from lmfused.ops import lm_step, lm_step_with_shortcut
 from lmfused.reference import compute_dtype, lm_step_computed
 
 __all__ = [
@@ -185,6 +185,23 @@ def decomposes_under_compile() -> bool:
     return torch.compiler.is_compiling() and os.environ.get("LMFUSED_COMPILE_JUNCTION", "op") == "decompose"
 
 
+def passes_gradient() -> bool:
+    """Whether steps hand their shortcut to the next step with the gradient pass-through (default), or u
+    itself, leaving the addition of its two gradients to autograd (``LMFUSED_GRADIENT_PASSTHROUGH=0``, to
+    measure what the pass-through saves)."""
+    return os.environ.get("LMFUSED_GRADIENT_PASSTHROUGH", "1") != "0"
+
+
+def _without_pass_through(step):
+    """``step`` (lm_step or batch_norm_lm_step) returning (out, u) like its ``*_with_shortcut`` variant."""
+
+    def run(*args, **kwargs):
+        u = args[0] if step is lm_step else args[5]
+        return step(*args, **kwargs), u
+
+    return run
+
+
 def _decomposed_update(
     u: Tensor, u_prev: Tensor, f: Tensor | None, k: Tensor, scale: Tensor | None, relu: bool, noise_std: float
 ) -> Tensor:
@@ -274,7 +291,8 @@ class ResidualStep(nn.Module):
         noise_std = self.noise_std if self.training else 0.0
         if decomposes_under_compile():
             return _decomposed_update(u, u_prev, f, k, self._scale(u, f), self.relu, noise_std), u
-        return lm_step_with_shortcut(
+        step = lm_step_with_shortcut if passes_gradient() else _without_pass_through(lm_step)
+        return step(
             u,
             u_prev,
             f,
@@ -298,7 +316,10 @@ class ResidualStep(nn.Module):
             )
             noise_std = self.noise_std if self.training else 0.0
             return _decomposed_update(u, u_prev, f, k, self._scale(u, f), self.relu, noise_std), u
-        return batch_norm_lm_step_with_shortcut(
+        step = batch_norm_lm_step_with_shortcut
+        if not passes_gradient():
+            step = _without_pass_through(batch_norm_lm_step)
+        return step(
             x,
             running_mean,
             running_var,
