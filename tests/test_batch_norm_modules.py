@@ -56,9 +56,9 @@ def test_zoo_model_fused_equals_unfused(monkeypatch, lm, training):
     branch_calls = _fused_calls(monkeypatch, blocks_module, "batch_norm_relu")
     out, grads = _run(fused, x, "1", monkeypatch)
     assert len(calls) == 16  # every bottleneck block
-    assert len(branch_calls) == 32  # bn1 + relu, bn2 + relu of every bottleneck block
+    assert len(branch_calls) == 33  # bn1 + relu, bn2 + relu of every bottleneck block, and the stem's
     want, want_grads = _run(unfused, x, "0", monkeypatch)
-    assert (len(calls), len(branch_calls)) == (16, 32)  # the unfused run made no call
+    assert (len(calls), len(branch_calls)) == (16, 33)  # the unfused run made no call
     torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-10)
     for (name, _), got, ref in zip(fused.named_parameters(), grads, want_grads, strict=True):
         assert (got is None) == (ref is None), name
