@@ -11,8 +11,10 @@ Four kernels over the same [BLOCK_M, BLOCK_L] tiles of ``lmfused._layout``'s 2-D
 * ``batch_norm_lm_step_backward_kernel``: grad_x, grad_u (plus the shortcut output's gradient) and
   grad_u_prev from those sums.
 
-The ReLU's mask comes from out, or in the no-state mode from x: the forward's pre-activation recomputed by
-the same code and rounded to x's dtype has out's sign, so the backward reads only grad_out and x.
+The ReLU's mask comes from out, or (noise-free calls) from the forward's pre-activation recomputed by the same
+code and rounded to x's dtype, which has out's sign: in the no-state mode from x (the backward reads only
+grad_out and x), and in the reduction of a step that reads u and u_prev for grad_k anyway from x, u, u_prev
+and k (one tensor fewer than also reading out).
 
 Partial sums are written per tile and channel (channels-first: one per row and column block; channels-last:
 one per row block and column) and summed by one torch reduction in a fixed order: no atomics, the same inputs
@@ -135,6 +137,24 @@ def _branch(
 
 
 @triton.jit
+def _pre_activation(
+    x, u, u_prev, k, mean_ptr, gain_ptr, bias_ptr, scale_ptr, rows, cols, row_ok, col_ok, C, rows_per_sample,
+    HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    FP64: tl.constexpr,
+):  # fmt: skip
+    """(1 - k) u + k u_prev + s ((x - mean) gain + bias), or without HAS_STATE s ((x - mean) gain + bias):
+    the update before noise and ReLU. One definition (one operation order) for the forward and the
+    backward's recomputed ReLU mask, so that both round it the same way."""
+    acc = _branch(
+        x, mean_ptr, gain_ptr, bias_ptr, scale_ptr, rows, cols, row_ok, col_ok, C, rows_per_sample,
+        HAS_BIAS, HAS_SCALE, CHANNELS_LAST, FP64,
+    )  # fmt: skip
+    if HAS_STATE:
+        acc = (1.0 - k) * u + k * u_prev + acc
+    return acc
+
+
+@triton.jit
 def batch_norm_lm_step_forward_kernel(
     x_ptr,
     mean_ptr,
@@ -168,16 +188,17 @@ def batch_norm_lm_step_forward_kernel(
     pid = tl.program_id(0)
     _, _, rows, cols, row_ok, col_ok, offs, mask = _tile(pid, M, L, num_l_blocks, BLOCK_M, BLOCK_L)
     x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0), FP64)
+    k = 0.0  # read only with the states
+    u = 0.0
+    u_prev = 0.0
     if HAS_STATE:
         k = _coefficient_k(k_ptr, rows, cols, row_ok, col_ok, C, PER_CHANNEL_K, CHANNELS_LAST, FP64)
         u = _acc(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
         u_prev = _acc(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
-    acc = _branch(
-        x, mean_ptr, gain_ptr, bias_ptr, scale_ptr, rows, cols, row_ok, col_ok, C, rows_per_sample,
-        HAS_BIAS, HAS_SCALE, CHANNELS_LAST, FP64,
+    acc = _pre_activation(
+        x, u, u_prev, k, mean_ptr, gain_ptr, bias_ptr, scale_ptr, rows, cols, row_ok, col_ok, C,
+        rows_per_sample, HAS_STATE, HAS_BIAS, HAS_SCALE, CHANNELS_LAST, FP64,
     )  # fmt: skip
-    if HAS_STATE:
-        acc = (1.0 - k) * u + k * u_prev + acc
     if HAS_NOISE:
         seed = tl.load(seed_ptr)
         acc += noise_std * tl.randn(seed, offs)
@@ -188,21 +209,23 @@ def batch_norm_lm_step_forward_kernel(
 
 @triton.jit
 def _masked_gradient(
-    g_ptr, out_ptr, x_ptr, x, mean_ptr, gain_ptr, bias_ptr, scale_ptr, offs, mask, rows, cols, row_ok, col_ok,
-    C, rows_per_sample, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, RELU: tl.constexpr,
-    MASK_FROM_X: tl.constexpr, CHANNELS_LAST: tl.constexpr, FP64: tl.constexpr,
+    g_ptr, out_ptr, x_ptr, x, u, u_prev, k, mean_ptr, gain_ptr, bias_ptr, scale_ptr, offs, mask, rows, cols,
+    row_ok, col_ok, C, rows_per_sample, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, RELU: tl.constexpr, MASK_FROM_X: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    FP64: tl.constexpr,
 ):  # fmt: skip
     """The output gradient through the ReLU, as torch.relu's backward: 0 where out <= 0 (NaN passes).
 
-    MASK_FROM_X (no state, no noise): out's sign is that of the forward's pre-activation rounded to x's
-    dtype, recomputed from the loaded ``x``, so the backward never reads out.
+    MASK_FROM_X (no noise): out's sign is that of the forward's pre-activation rounded to x's dtype,
+    recomputed from the loaded ``x`` (and with HAS_STATE the loaded ``u``, ``u_prev`` and ``k``) by the
+    forward's own helper, so out is never read.
     """
     g = _acc(tl.load(g_ptr + offs, mask=mask, other=0.0), FP64)
     if RELU:
         if MASK_FROM_X:
-            pre = _branch(
-                x, mean_ptr, gain_ptr, bias_ptr, scale_ptr, rows, cols, row_ok, col_ok, C, rows_per_sample,
-                HAS_BIAS, HAS_SCALE, CHANNELS_LAST, FP64,
+            pre = _pre_activation(
+                x, u, u_prev, k, mean_ptr, gain_ptr, bias_ptr, scale_ptr, rows, cols, row_ok, col_ok, C,
+                rows_per_sample, HAS_STATE, HAS_BIAS, HAS_SCALE, CHANNELS_LAST, FP64,
             ).to(x_ptr.dtype.element_ty)  # fmt: skip
         else:
             pre = tl.load(out_ptr + offs, mask=mask, other=0.0)
@@ -217,6 +240,7 @@ def batch_norm_lm_step_backward_reduce_kernel(
     x_ptr,
     u_ptr,
     u_prev_ptr,
+    k_ptr,
     mean_ptr,
     invstd_ptr,
     gain_ptr,
@@ -230,27 +254,36 @@ def batch_norm_lm_step_backward_reduce_kernel(
     C,
     rows_per_sample,
     num_l_blocks,
+    HAS_STATE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     RELU: tl.constexpr,
     MASK_FROM_X: tl.constexpr,
+    PER_CHANNEL_K: tl.constexpr,
     NEED_K: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     FP64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    """Per-channel partial sums of dy, dy * xhat and (NEED_K) g * (u_prev - u) on one tile."""
+    """Per-channel partial sums of dy, dy * xhat and (NEED_K) g * (u_prev - u) on one tile. HAS_STATE (with
+    RELU and MASK_FROM_X): the recomputed mask's pre-activation includes (1 - k) u + k u_prev."""
     pid = tl.program_id(0)
     pid_m, pid_l, rows, cols, row_ok, col_ok, offs, mask = _tile(pid, M, L, num_l_blocks, BLOCK_M, BLOCK_L)
     x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0), FP64)
-    g = _masked_gradient(
-        g_ptr, out_ptr, x_ptr, x, mean_ptr, gain_ptr, bias_ptr, scale_ptr, offs, mask, rows, cols, row_ok,
-        col_ok, C, rows_per_sample, HAS_BIAS, HAS_SCALE, RELU, MASK_FROM_X, CHANNELS_LAST, FP64,
-    )  # fmt: skip
-    if NEED_K:
+    k = 0.0  # read only where grad_k or the recomputed mask needs them
+    u = 0.0
+    u_prev = 0.0
+    if NEED_K or (RELU and MASK_FROM_X and HAS_STATE):
         u = _acc(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
         u_prev = _acc(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
+    if RELU and MASK_FROM_X and HAS_STATE:
+        k = _coefficient_k(k_ptr, rows, cols, row_ok, col_ok, C, PER_CHANNEL_K, CHANNELS_LAST, FP64)
+    g = _masked_gradient(
+        g_ptr, out_ptr, x_ptr, x, u, u_prev, k, mean_ptr, gain_ptr, bias_ptr, scale_ptr, offs, mask, rows,
+        cols, row_ok, col_ok, C, rows_per_sample, HAS_STATE, HAS_BIAS, HAS_SCALE, RELU, MASK_FROM_X,
+        CHANNELS_LAST, FP64,
+    )  # fmt: skip
     mean = _per_channel(mean_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
     invstd = _per_channel(invstd_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
     dy = g
@@ -311,9 +344,11 @@ def batch_norm_lm_step_backward_kernel(
     x = 0.0  # read only where the mask or grad_x needs it
     if (NEED_X and TRAINING) or (RELU and MASK_FROM_X):
         x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0), FP64)
+    # The mask is recomputed only in the no-state mode (from x); with the states this pass gets out.
     g = _masked_gradient(
-        g_ptr, out_ptr, x_ptr, x, mean_ptr, gain_ptr, bias_ptr, scale_ptr, offs, mask, rows, cols, row_ok,
-        col_ok, C, rows_per_sample, HAS_BIAS, HAS_SCALE, RELU, MASK_FROM_X, CHANNELS_LAST, FP64,
+        g_ptr, out_ptr, x_ptr, x, 0.0, 0.0, 0.0, mean_ptr, gain_ptr, bias_ptr, scale_ptr, offs, mask, rows,
+        cols, row_ok, col_ok, C, rows_per_sample, False, HAS_BIAS, HAS_SCALE, RELU, MASK_FROM_X,
+        CHANNELS_LAST, FP64,
     )  # fmt: skip
     if HAS_SHORTCUT and NEED_U:  # loaded before the first store (see lm_step's _gradients)
         shortcut = _acc(tl.load(grad_shortcut_ptr + offs, mask=mask, other=0.0), FP64)
@@ -502,14 +537,15 @@ def batch_norm_lm_step_backward_reduce_triton(
     bias: Tensor | None,
     u: Tensor | None,
     u_prev: Tensor | None,
+    k: Tensor,
     out: Tensor | None,
     scale: Tensor | None,
     relu: bool,
     need_k: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the reduction kernel and sum its partials in a fixed order: per-channel sum of dy, of dy * xhat
-    and (``need_k``) of g * (u_prev - u). With ``relu`` and no ``out`` the ReLU's mask is recomputed from x
-    (the no-state mode)."""
+    and (``need_k``) of g * (u_prev - u). With ``relu`` and no ``out`` (noise-free calls) the ReLU's mask is
+    recomputed from x, and u, u_prev and k when given, as the forward computes the pre-activation."""
     plan = plan_layout(x)
     layout, channels = plan.channels_last, plan.channels
     g = to_layout(grad_out, layout)
@@ -520,8 +556,10 @@ def batch_norm_lm_step_backward_reduce_triton(
     # Aligned operands (see batch_norm_stats_triton): the sums' bits depend only on the values.
     g, x = _aligned(g), _aligned(to_layout(x, layout))
     mask_from_x = relu and out is None
+    mask_from_state = mask_from_x and u is not None  # the pre-activation's state terms: read u, u_prev, k
     out = _aligned(to_layout(out, layout)) if relu and not mask_from_x else g
-    if need_k:
+    read_state = need_k or mask_from_state
+    if read_state:
         u, u_prev = _aligned(to_layout(u, layout)), _aligned(to_layout(u_prev, layout))
     mean = _vector(mean, g)
     num_programs, num_l_blocks, block_m, block_l, num_warps = _tiling(plan)
@@ -530,8 +568,9 @@ def batch_norm_lm_step_backward_reduce_triton(
         g,
         out,
         x,
-        u if need_k else g,  # unused pointers stand in for tensors a variant does not read
-        u_prev if need_k else g,
+        u if read_state else g,  # unused pointers stand in for tensors a variant does not read
+        u_prev if read_state else g,
+        _vector(k, mean) if mask_from_state else mean,
         mean,
         _vector(invstd, mean),
         _vector(_gain(invstd, weight), mean) if mask_from_x else mean,
@@ -545,10 +584,12 @@ def batch_norm_lm_step_backward_reduce_triton(
         channels,
         plan.rows_per_sample,
         num_l_blocks,
+        HAS_STATE=mask_from_state,
         HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None,
         RELU=relu,
         MASK_FROM_X=mask_from_x,
+        PER_CHANNEL_K=mask_from_state and k.numel() > 1,
         NEED_K=need_k,
         CHANNELS_LAST=layout,
         FP64=g.dtype == torch.float64,
