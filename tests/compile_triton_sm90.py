@@ -2,16 +2,20 @@
 
     python tests/compile_triton_sm90.py MODULE [KERNEL ...]      (default: every *_kernel of MODULE)
 
-Runs the real compiler (Triton IR, LLVM, ptxas from the Triton wheel) on every kernel given, for each
-combination of: all its boolean constexpr flags off or on, each pointer bf16 or float32 (block sizes and
-other integer constexprs fixed). Prints one line per variant and exits 1 if any fails to compile. Run it
-in a process without TRITON_INTERPRET (the interpreter replaces the kernels by Python functions).
+Runs the real compiler (Triton IR, LLVM, ptxas from the Triton wheel) on every kernel given, for these
+variants of its boolean constexpr flags (block sizes and other integer constexprs fixed):
+
+* all flags off and all on, with every pointer bf16, float32 or float64 (FP64 on with float64 only);
+* each flag flipped alone from all off and from all on (bf16 pointers): every pair of flags then meets in
+  all four on/off combinations, so mixed paths (RELU on with MASK_FROM_X off, ...) are compiled too.
+
+Prints one line per variant and exits 1 if any fails to compile. Run it in a process without
+TRITON_INTERPRET (the interpreter replaces the kernels by Python functions).
 """
 
 from __future__ import annotations
 
 import importlib
-import itertools
 import sys
 
 import triton
@@ -22,29 +26,47 @@ from triton.compiler import ASTSource
 BLOCKS = {"BLOCK_M": 16, "BLOCK_L": 256, "BLOCK": 1024, "VEC": 8, "ROW_ITERS": 2}
 
 
-def variants(kernel) -> list[tuple[dict, dict]]:
-    """(signature, constexprs) pairs covering the kernel's flags and pointer dtypes."""
-    flags = [p.name for p in kernel.params if p.is_constexpr and p.name not in BLOCKS]
-    out = []
-    for on, pointer in itertools.product((False, True), ("*bf16", "*fp32")):
-        names = {p.name for p in kernel.params}
-        signature, constexprs = {}, {k: v for k, v in BLOCKS.items() if k in names}
-        for param in kernel.params:
-            name = param.name
-            if param.is_constexpr:
-                signature[name] = "constexpr"
-            elif name == "seed_ptr":
-                signature[name] = "*i64"
-            elif name.endswith("_ptr"):
-                signature[name] = pointer
-            elif "std" in name:
-                signature[name] = "fp32"
-            else:
-                signature[name] = "i64"
-        constexprs.update({flag: on for flag in flags})
-        if "FP64" in constexprs:
-            constexprs["FP64"] = False  # float64 math on float32/bf16 pointers is not a variant that runs
-        out.append((signature, constexprs))
+def _signature(kernel, pointer: str) -> dict[str, str]:
+    signature = {}
+    for param in kernel.params:
+        name = param.name
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+        elif name == "seed_ptr":
+            signature[name] = "*i64"
+        elif name.endswith("_ptr"):
+            signature[name] = pointer
+        elif "std" in name:
+            signature[name] = "fp32"  # a Python float argument
+        else:
+            signature[name] = "i64"
+    return signature
+
+
+def variants(kernel) -> list[tuple[str, dict, dict]]:
+    """(label, signature, constexprs) triples covering the kernel's flags and pointer dtypes."""
+    names = {p.name for p in kernel.params}
+    blocks = {k: v for k, v in BLOCKS.items() if k in names}
+    # FP64 follows the pointers (float64 math on float32/bf16 pointers is not a variant that runs).
+    flags = [p.name for p in kernel.params if p.is_constexpr and p.name not in BLOCKS and p.name != "FP64"]
+    chosen: list[tuple[str, str, dict]] = []
+    for pointer in ("*bf16", "*fp32", "*fp64"):
+        for on in (False, True):
+            chosen.append((f"flags={'on' if on else 'off'}", pointer, dict.fromkeys(flags, on)))
+    for on in (False, True):
+        for flag in flags:
+            values = dict.fromkeys(flags, on)
+            values[flag] = not on
+            chosen.append((f"flags={'on' if on else 'off'}{'-' if on else '+'}{flag}", "*bf16", values))
+    out, seen = [], set()
+    for label, pointer, values in chosen:
+        constexprs = {**blocks, **values}
+        if "FP64" in names:
+            constexprs["FP64"] = pointer == "*fp64"
+        key = (pointer, tuple(sorted(constexprs.items())))
+        if key not in seen:  # a kernel with one flag: its flips are the all-on and all-off variants
+            seen.add(key)
+            out.append((f"{label} {pointer}", _signature(kernel, pointer), constexprs))
     return out
 
 
@@ -61,10 +83,8 @@ def main(argv: list[str]) -> int:
     failures = 0
     for name in names:
         kernel = getattr(module, name)
-        for signature, constexprs in variants(kernel):
-            flags_on = any(v is True for v in constexprs.values())
-            pointer = next(v for k, v in signature.items() if k.endswith("_ptr") and k != "seed_ptr")
-            label = f"{name} flags={'on' if flags_on else 'off'} {pointer}"
+        for variant, signature, constexprs in variants(kernel):
+            label = f"{name} {variant}"
             try:
                 source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
                 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
