@@ -366,3 +366,28 @@ def test_bits_do_not_depend_on_storage_offset(backend, offset):
     assert torch.equal(first[0], second[0])
     for a, b in zip(first[1], second[1], strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float64), ids=str)
+def test_reduction_recomputes_the_mask_of_its_own_forward(backend, dtype):
+    """The backward reduction without out (a noise-free step that reads u and u_prev for grad_k) recomputes
+    the ReLU's mask from x, u and u_prev: bitwise the same sums as with the forward's own out, in both
+    layouts, scalar and per-channel k, with and without the per-sample scale and the affine parameters."""
+    stats_op, forward_op, reduce_op, _ = _OPS[backend]
+    for index, (layout, per_channel_k, with_scale, affine) in enumerate(
+        itertools.product(("contiguous", "channels_last"), (False, True), (False, True), (False, True))
+    ):
+        case = make_case((3, 6, 5, 7), dtype, layout, per_channel_k=per_channel_k, with_scale=with_scale,
+                         affine=affine, seed=index)  # fmt: skip
+        x, _, _, weight, bias, u, u_prev, k, scale = case
+        mean, var = stats_op(x)
+        invstd = torch.rsqrt(var + 1e-5)
+        out = forward_op(x, mean, invstd, weight, bias, u, u_prev, k, scale, None, True, True, 0.0)
+        assert (out == 0).any() and (out > 0).any()
+        grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(index)).to(dtype).to(DEVICE)
+        args = [grad_out, x, mean, invstd, weight, bias, u, u_prev, k, out, scale, True, True]
+        read = reduce_op(*args)
+        args[9] = None
+        for got, want in zip(reduce_op(*args), read, strict=True):
+            assert torch.equal(got, want), (layout, per_channel_k, with_scale, affine)
