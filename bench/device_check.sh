@@ -108,7 +108,8 @@ if wants warm; then  # compile the speed grid's Triton kernels into the on-disk 
 fi
 if wants tests; then  # the op tests on the GPU backends; -v names every result even if the step is cut
   test_files=$(ls tests/test_lm_step.py tests/test_errors.py tests/test_nonfinite.py tests/test_dtypes.py \
-    tests/test_cuda*.py tests/test_batch_norm_step.py tests/test_batch_norm_modules.py 2>/dev/null)
+    tests/test_cuda*.py tests/test_batch_norm_step.py tests/test_batch_norm_relu.py \
+    tests/test_shortcut_gradient.py tests/test_batch_norm_modules.py 2>/dev/null)
   run_step tests "${TESTS_TIMEOUT:-150}" $PY -m pytest $test_files -v -rfE -p no:cacheprovider \
     -n "${TEST_WORKERS:-12}" -k "not reference" --tb=short
 fi
