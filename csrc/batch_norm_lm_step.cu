@@ -90,13 +90,18 @@ cudaError_t launch_batch_norm_lm_step_forward(DType dtype, const LMStepShape& sh
 cudaError_t launch_batch_norm_lm_step_backward_reduce(
     DType dtype, const LMStepShape& shape, const void* grad_out, const void* x, const void* mean,
     const void* invstd, const void* weight, const void* bias, const void* u, const void* u_prev,
-    const void* out, const void* scale, bool relu, void* sum_dy, void* sum_dy_xhat,
-    void* grad_k_per_channel, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    const void* k, int64_t k_numel, const void* out, const void* scale, bool relu, void* sum_dy,
+    void* sum_dy_xhat, void* grad_k_per_channel, void* workspace, size_t workspace_bytes,
+    cudaStream_t stream) {
   if (!valid_shape(dtype, shape)) return cudaErrorInvalidValue;
   if (sum_dy == nullptr || sum_dy_xhat == nullptr) return cudaErrorInvalidValue;
   const bool need_k = grad_k_per_channel != nullptr;
-  // The recomputed mask (relu without out) is the no-state mode's, which has no k.
-  if (need_k && (u == nullptr || u_prev == nullptr || (relu && out == nullptr)))
+  if (need_k && (u == nullptr || u_prev == nullptr)) return cudaErrorInvalidValue;
+  // The recomputed mask: with state when u and u_prev are given (k then too), else without.
+  const bool recompute = relu && out == nullptr;
+  const bool recompute_state = recompute && u != nullptr;
+  if (recompute && (u == nullptr) != (u_prev == nullptr)) return cudaErrorInvalidValue;
+  if (recompute_state && (k == nullptr || (k_numel != 1 && k_numel != shape.C)))
     return cudaErrorInvalidValue;
   if (empty_shape(shape)) {  // empty sums are 0
     cudaError_t err = fill_channels(dtype, sum_dy, shape.C, false, stream);
@@ -107,6 +112,7 @@ cudaError_t launch_batch_norm_lm_step_backward_reduce(
   if (grad_out == nullptr || x == nullptr || mean == nullptr || invstd == nullptr ||
       !enough(shape, dtype, workspace, workspace_bytes))
     return cudaErrorInvalidValue;
+  const bool read_state = need_k || recompute_state;
   BatchNormOperands o;
   o.shape = shape;
   o.grad_out = grad_out;
@@ -115,8 +121,10 @@ cudaError_t launch_batch_norm_lm_step_backward_reduce(
   o.invstd = invstd;
   o.weight = weight;
   o.bias = bias;
-  o.u = need_k ? u : nullptr;
-  o.u_prev = need_k ? u_prev : nullptr;
+  o.u = read_state ? u : nullptr;  // with relu and no out, u selects the mask with state
+  o.u_prev = read_state ? u_prev : nullptr;
+  o.k = recompute_state ? k : nullptr;
+  o.k_numel = k_numel;
   o.out = relu ? out : nullptr;
   o.scale = scale;
   o.relu = relu;

@@ -58,25 +58,43 @@ __device__ __forceinline__ A bn_xhat(A x, A mean, A invstd) {
 }
 
 // The update's branch term z = s * (xhat * weight + bias): the forward adds it to the state; the
-// backward recomputes it, by this same code, for the no-state ReLU mask.
+// backward recomputes it, by this same code, for the recomputed ReLU masks.
 template <typename A>
 __device__ __forceinline__ A bn_branch(A s, A xhat, A weight, A bias) {
   return mul_rn(s, add_rn(mul_rn(xhat, weight), bias));
 }
 
+// The noise-free pre-activation with state, ((1 - k) * u + k * u_prev) + branch, one rounding per
+// operation in this order: the forward computes it by this code and the backward reduction
+// recomputes it by this code for the ReLU mask with state, so both get the same bits (no fused
+// multiply-add can differ between the two kernels).
+template <typename A>
+__device__ __forceinline__ A bn_update(A k, A u, A u_prev, A branch) {
+  return add_rn(add_rn(mul_rn(add_rn(A(1), -k), u), mul_rn(k, u_prev)), branch);
+}
+
 // How the backward masks g by the ReLU.
 enum : int {
-  kMaskNone = 0,       // no ReLU
-  kMaskOut = 1,        // 0 where the forward's output <= 0 (a NaN output passes g on)
-  kMaskRecompute = 2,  // no-state mode: 0 where z, rounded to the activation dtype, <= 0
+  kMaskNone = 0,  // no ReLU
+  kMaskOut = 1,   // 0 where the forward's output <= 0 (a NaN output passes g on)
+  // Recomputed from the forward's noise-free pre-activation z: 0 where z, rounded to the
+  // activation dtype, <= 0 (a NaN z passes g on). Bitwise the mask of the forward's output.
+  kMaskRecompute = 2,       // no-state mode: z = branch
+  kMaskRecomputeState = 3,  // with state (reduction only): z = bn_update(k, u, u_prev, branch)
 };
 
+// g through the ReLU mask. out: the forward's output (kMaskOut); k, u, u_prev: the state
+// (kMaskRecomputeState). A NaN z or out passes g on, as torch's threshold_backward.
 template <int MASK, typename T, typename A>
-__device__ __forceinline__ A relu_mask(A g, A out, A s, A xhat, A weight, A bias) {
+__device__ __forceinline__ A relu_mask(A g, A out, A s, A xhat, A weight, A bias, A k = A(0),
+                                       A u = A(0), A u_prev = A(0)) {
   if constexpr (MASK == kMaskOut) {
     return out <= A(0) ? A(0) : g;
   } else if constexpr (MASK == kMaskRecompute) {
     const A z = to_acc(from_acc<T>(bn_branch(s, xhat, weight, bias)));
+    return z <= A(0) ? A(0) : g;
+  } else if constexpr (MASK == kMaskRecomputeState) {
+    const A z = to_acc(from_acc<T>(bn_update(k, u, u_prev, bn_branch(s, xhat, weight, bias))));
     return z <= A(0) ? A(0) : g;
   } else {
     return g;
@@ -241,9 +259,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           A v = bn_branch(s, bn_xhat(to_acc(px[b].v[j]), mean[j], invstd[j]), wt[j], bs[j]);
-          if constexpr (STATE) {
-            v = (A(1) - kk[j]) * to_acc(pu[b].v[j]) + kk[j] * to_acc(pp[b].v[j]) + v;
-          }
+          if constexpr (STATE) v = bn_update(kk[j], to_acc(pu[b].v[j]), to_acc(pp[b].v[j]), v);
           if constexpr (HAS_NOISE) {
             if (j % G == 0) philox_normals<G>(key0, key1, static_cast<uint64_t>(off[b] + j), xi);
             v += a.noise_std * static_cast<A>(xi[j % G]);
@@ -258,11 +274,14 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
 }
 
 // Per-tile, per-channel partial sums of dy = s * g, dy * xhat and (NEED_K) g * (u_prev - u):
-// partials[0 .. P), [P .. 2P), [2P .. 3P).
+// partials[0 .. P), [P .. 2P), [2P .. 3P). kMaskRecomputeState reads u and u_prev for the mask
+// (and k), the reads NEED_K makes anyway, instead of out.
 template <typename T, int W, int VEC, bool CL, int MASK, bool NEED_K>
 __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
     batch_norm_lm_step_backward_reduce_kernel(const BatchNormArgs<T> a, const Geometry g) {
   using A = acc_t<T>;
+  constexpr bool kRecompute = MASK == kMaskRecompute || MASK == kMaskRecomputeState;
+  constexpr bool kReadState = NEED_K || MASK == kMaskRecomputeState;
   __shared__ A smem[kBlock * W];
   for (int64_t tile = blockIdx.x; tile < g.num_tiles; tile += gridDim.x) {
     Cursor<CL, W> cur(g, tile);
@@ -270,11 +289,16 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
 #pragma unroll
     for (int j = 0; j < W; ++j) sdy[j] = sdyx[j] = sk[j] = A(0);
     if (cur.ok()) {  // no early exit: the whole block must reach the partial-sum barriers
-      A mean[W], invstd[W], wt[W], bs[W];
+      A mean[W], invstd[W], wt[W], bs[W], kk[W];
       load_channel(cur, a.mean, A(0), mean);
       load_channel(cur, a.invstd, A(1), invstd);
-      load_channel(cur, MASK == kMaskRecompute ? a.weight : nullptr, A(1), wt);
-      load_channel(cur, MASK == kMaskRecompute ? a.bias : nullptr, A(0), bs);
+      load_channel(cur, kRecompute ? a.weight : nullptr, A(1), wt);
+      load_channel(cur, kRecompute ? a.bias : nullptr, A(0), bs);
+      if constexpr (MASK == kMaskRecomputeState) {
+        load_k(cur, a.k, a.k_per_channel, kk);
+      } else {
+        load_channel(cur, static_cast<const A*>(nullptr), A(0), kk);
+      }
       for (; cur.ok(); cur.next(g)) {
         const int64_t off = cur.offset(g);
         const A s = sample_scale(a.scale, cur.sample());
@@ -282,14 +306,15 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
         const Pack<T, W> px = load_wide<T, W, VEC>(a.x, off);
         Pack<T, W> po{}, pu{}, pp{};
         if constexpr (MASK == kMaskOut) po = load_wide<T, W, VEC>(a.out, off);
-        if constexpr (NEED_K) {
+        if constexpr (kReadState) {
           pu = load_wide<T, W, VEC>(a.u, off);
           pp = load_wide<T, W, VEC>(a.u_prev, off);
         }
 #pragma unroll
         for (int j = 0; j < W; ++j) {
           const A xhat = bn_xhat(to_acc(px.v[j]), mean[j], invstd[j]);
-          const A gj = relu_mask<MASK, T>(to_acc(pg.v[j]), to_acc(po.v[j]), s, xhat, wt[j], bs[j]);
+          const A gj = relu_mask<MASK, T>(to_acc(pg.v[j]), to_acc(po.v[j]), s, xhat, wt[j], bs[j],
+                                          kk[j], to_acc(pu.v[j]), to_acc(pp.v[j]));
           const A dy = s * gj;
           sdy[j] += dy;
           sdyx[j] += dy * xhat;
@@ -497,8 +522,12 @@ cudaError_t bn_forward_typed(const BatchNormOperands& o, cudaStream_t stream) {
   });
 }
 
+// The mask from the operands: the recomputed one with state when u is given (the reduction's
+// launcher passes u only when it is read; the backward's never with a recomputed mask).
 inline int mask_mode(const BatchNormOperands& o) {
-  return !o.relu ? kMaskNone : o.out != nullptr ? kMaskOut : kMaskRecompute;
+  if (!o.relu) return kMaskNone;
+  if (o.out != nullptr) return kMaskOut;
+  return o.u != nullptr ? kMaskRecomputeState : kMaskRecompute;
 }
 
 // Expands __VA_ARGS__ (a lambda) with NAME a constexpr int equal to VALUE, one of 0, 1, 2.
@@ -516,6 +545,17 @@ inline int mask_mode(const BatchNormOperands& o) {
     }                                     \
   }()
 
+// The same for 0, 1, 2, 3.
+#define LMF_INT4_SWITCH(VALUE, NAME, ...)                \
+  [&] {                                                  \
+    if ((VALUE) == 3) {                                  \
+      constexpr int NAME = 3;                            \
+      return __VA_ARGS__();                              \
+    } else {                                             \
+      return LMF_INT3_SWITCH(VALUE, NAME, __VA_ARGS__);  \
+    }                                                    \
+  }()
+
 template <typename T>
 cudaError_t bn_reduce_typed(const BatchNormOperands& o, cudaStream_t stream) {
   using A = acc_t<T>;
@@ -523,15 +563,16 @@ cudaError_t bn_reduce_typed(const BatchNormOperands& o, cudaStream_t stream) {
   const BatchNormArgs<T> args = make_args<T>(o);
   const bool need_k = o.sum2 != nullptr;
   const int mask = mask_mode(o);
+  const bool read_state = need_k || mask == kMaskRecomputeState;
   const Geometry g = reduction_geometry<T>(sh);
   cudaError_t err = with_reduction_widths<T>(
       sh,
-      {o.grad_out, o.x, mask == kMaskOut ? o.out : nullptr, need_k ? o.u : nullptr,
-       need_k ? o.u_prev : nullptr},
+      {o.grad_out, o.x, mask == kMaskOut ? o.out : nullptr, read_state ? o.u : nullptr,
+       read_state ? o.u_prev : nullptr},
       [&](auto w, auto v) {
         constexpr int W = decltype(w)::value, VEC = decltype(v)::value;
         return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
-          return LMF_INT3_SWITCH(mask, MASK, [&] {
+          return LMF_INT4_SWITCH(mask, MASK, [&] {
             return LMF_BOOL_SWITCH(need_k, NEED_K, [&] {
               if constexpr (MASK == kMaskRecompute && NEED_K) {
                 return cudaErrorInvalidValue;  // rejected by the caller: no state, no k
@@ -555,6 +596,7 @@ cudaError_t bn_backward_typed(const BatchNormOperands& o, cudaStream_t stream) {
   BatchNormArgs<T> args = make_args<T>(o);
   if (o.grad_u == nullptr) args.grad_shortcut = nullptr;  // only grad_u reads it
   const int mask = mask_mode(o);
+  if (mask == kMaskRecomputeState) return cudaErrorInvalidValue;  // the launcher passes no u
   const int grad_x = o.grad_x == nullptr ? kGradXNone : o.training ? kGradXTrain : kGradXEval;
   const bool read_x = grad_x == kGradXTrain || mask == kMaskRecompute;
   const int width = vector_width<T>(

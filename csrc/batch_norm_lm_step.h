@@ -51,21 +51,26 @@ cudaError_t launch_batch_norm_lm_step_forward(DType dtype, const LMStepShape& sh
 // dy * xhat, xhat = (x - mean) * invstd, and, when grad_k_per_channel is given, of
 // g * (u_prev - u) (u, u_prev required then). g = grad_out through the ReLU mask when relu:
 // 0 where out <= 0 if out is given (a NaN out passes g on, as torch's threshold_backward), else
-// (no-state mode, noise-free) 0 where z = s * y, computed exactly as the forward does and rounded
-// to the activation dtype, is <= 0: the backward then never reads out.
+// (noise-free steps) 0 where the forward's pre-activation z, recomputed exactly as the forward
+// computes it and rounded to the activation dtype, is <= 0: z = s * y without state (u, u_prev
+// nullptr), z = (1 - k) * u + k * u_prev + s * y with state (u, u_prev and k: k_numel = 1 or C
+// values). The mask is then bitwise the one out gives, and the pass reads g, x (u, u_prev), never
+// out. k is read only for that mask with state.
 cudaError_t launch_batch_norm_lm_step_backward_reduce(
     DType dtype, const LMStepShape& shape, const void* grad_out, const void* x, const void* mean,
     const void* invstd, const void* weight, const void* bias, const void* u, const void* u_prev,
-    const void* out, const void* scale, bool relu, void* sum_dy, void* sum_dy_xhat,
-    void* grad_k_per_channel, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+    const void* k, int64_t k_numel, const void* out, const void* scale, bool relu, void* sum_dy,
+    void* sum_dy_xhat, void* grad_k_per_channel, void* workspace, size_t workspace_bytes,
+    cudaStream_t stream);
 
 // Second backward pass, writing the requested (non-null) gradients:
 //   grad_x      = weight * invstd * (dy - mean_dy - xhat * mean_dy_xhat)   (training)
 //               = weight * invstd * dy                                     (evaluation)
 //   grad_u      = (1 - k) * g + grad_shortcut    (grad_shortcut optional, not masked)
 //   grad_u_prev = k * g
-// g as in backward_reduce (bias and scale enter the recomputed mask). mean_dy, mean_dy_xhat:
-// C values, read only for grad_x in training.
+// g as in backward_reduce (bias and scale enter the recomputed mask), except that the recomputed
+// mask is only the no-state one: with grad_u or grad_u_prev and relu, out is required.
+// mean_dy, mean_dy_xhat: C values, read only for grad_x in training.
 cudaError_t launch_batch_norm_lm_step_backward(
     DType dtype, const LMStepShape& shape, const void* grad_out, const void* grad_shortcut,
     const void* x, const void* mean, const void* invstd, const void* weight, const void* bias,

@@ -6,8 +6,8 @@
 //       Tensor? bias, Tensor? u, Tensor? u_prev, Tensor k, Tensor? scale, Tensor? seed,
 //       bool training, bool relu, float noise_std) -> Tensor
 //   lmfused::batch_norm_lm_step_cuda_backward_reduce(Tensor grad_out, Tensor x, Tensor mean,
-//       Tensor invstd, Tensor? weight, Tensor? bias, Tensor? u, Tensor? u_prev, Tensor? out,
-//       Tensor? scale, bool relu, bool need_k) -> (Tensor, Tensor, Tensor)
+//       Tensor invstd, Tensor? weight, Tensor? bias, Tensor? u, Tensor? u_prev, Tensor k,
+//       Tensor? out, Tensor? scale, bool relu, bool need_k) -> (Tensor, Tensor, Tensor)
 //   lmfused::batch_norm_lm_step_cuda_backward(Tensor grad_out, Tensor? grad_shortcut, Tensor x,
 //       Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor mean_dy,
 //       Tensor mean_dy_xhat, Tensor? out, Tensor k, Tensor? scale, bool training, bool relu,
@@ -134,7 +134,7 @@ Tensor batch_norm_lm_step_cuda(const Tensor& x, const Tensor& mean, const Tensor
 std::tuple<Tensor, Tensor, Tensor> batch_norm_lm_step_cuda_backward_reduce(
     const Tensor& grad_out, const Tensor& x, const Tensor& mean, const Tensor& invstd,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-    const std::optional<Tensor>& u, const std::optional<Tensor>& u_prev,
+    const std::optional<Tensor>& u, const std::optional<Tensor>& u_prev, const Tensor& k,
     const std::optional<Tensor>& out, const std::optional<Tensor>& scale, bool relu,
     bool need_k) {
   constexpr const char* op = "lmfused::batch_norm_lm_step_cuda_backward_reduce";
@@ -143,15 +143,24 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_lm_step_cuda_backward_reduce(
   if (need_k) {
     TORCH_CHECK_VALUE(u.has_value() && u_prev.has_value(), op,
                       ": u and u_prev are required when need_k");
-    TORCH_CHECK_VALUE(!relu || out.has_value(), op,
-                      ": out is required when relu and need_k (the recomputed ReLU mask is the "
-                      "no-state mode's, which has no k)");
+  }
+  const bool mask_from_out = relu && out.has_value();
+  // Without out, relu recomputes the forward's pre-activation for the mask: with state when u and
+  // u_prev are given (then k is read too), else s * BN(x).
+  const bool recompute_state = relu && !out.has_value() && u.has_value();
+  if (relu && !out.has_value()) {
+    TORCH_CHECK_VALUE(u.has_value() == u_prev.has_value(), op,
+                      ": u and u_prev must both be given or both be None when relu and out is "
+                      "None (the recomputed ReLU mask)");
+  }
+  const bool read_state = need_k || recompute_state;
+  if (read_state) {
     check_like(*u, op, "u", grad_out, "grad_out");
     check_like(*u_prev, op, "u_prev", grad_out, "grad_out");
   }
-  const bool mask_from_out = relu && out.has_value();
   if (mask_from_out) check_like(*out, op, "out", grad_out, "grad_out");
   const int64_t N = x.size(0), C = x.size(1);
+  if (recompute_state) check_k(k, op, C, x);  // k is read only by the mask with state
   check_scale(scale, op, N, x);
 
   const c10::cuda::CUDAGuard guard(x.device());
@@ -161,13 +170,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_lm_step_cuda_backward_reduce(
   Tensor sum_dy = at::empty({C}, acc_options), sum_dy_xhat = at::empty({C}, acc_options);
   Tensor grad_k = at::empty({need_k ? C : 0}, acc_options);
   const Tensor g_n = normalise(grad_out, layout), x_n = normalise(x, layout);
-  const Tensor u_n = need_k ? normalise(*u, layout) : Tensor();
-  const Tensor up_n = need_k ? normalise(*u_prev, layout) : Tensor();
+  const Tensor u_n = read_state ? normalise(*u, layout) : Tensor();
+  const Tensor up_n = read_state ? normalise(*u_prev, layout) : Tensor();
   const Tensor out_n = mask_from_out ? normalise(*out, layout) : Tensor();
   const Tensor mean_a = channel_vector(mean, op, "mean", C, acc, x);
   const Tensor invstd_a = channel_vector(invstd, op, "invstd", C, acc, x);
   const Tensor weight_a = channel_vector(weight, op, "weight", C, acc, x);
   const Tensor bias_a = channel_vector(bias, op, "bias", C, acc, x);
+  const Tensor k_acc = recompute_state ? k.reshape({-1}).to(acc).contiguous() : Tensor();
   const Tensor s_acc = scale.has_value() ? scale->to(acc).contiguous() : Tensor();
   const lmfused::DType dtype = to_dtype(grad_out.scalar_type());
   const lmfused::LMStepShape shape = shape_of(x, layout);
@@ -175,7 +185,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_lm_step_cuda_backward_reduce(
   const Tensor workspace = workspace_for(dtype, shape, x, acc, ws_bytes);
   check_launch(lmfused::launch_batch_norm_lm_step_backward_reduce(
                    dtype, shape, ptr(g_n), ptr(x_n), ptr(mean_a), ptr(invstd_a), ptr(weight_a),
-                   ptr(bias_a), ptr(u_n), ptr(up_n), ptr(out_n), ptr(s_acc), relu,
+                   ptr(bias_a), ptr(u_n), ptr(up_n), ptr(k_acc),
+                   k_acc.defined() ? k_acc.numel() : 1, ptr(out_n), ptr(s_acc), relu,
                    sum_dy.data_ptr(), sum_dy_xhat.data_ptr(), need_k ? grad_k.data_ptr() : nullptr,
                    workspace.data_ptr(), ws_bytes, stream()),
                op);

@@ -3,7 +3,8 @@
 Each of the four registered CUDA ops (statistics, forward, backward reduction, backward) against the reference
 backend's op on the same inputs, in both layouts, on shapes whose rows take 128-bit, 64-bit and scalar
 accesses, with and without state, and the reductions' bits across misaligned views: the kernels sum in an
-order set by the shape alone, so a view at a storage offset gives the same bits.
+order set by the shape alone, so a view at a storage offset gives the same bits. With state, the backward
+reduction's ReLU mask recomputed from x, u, u_prev and k (out None) gives the bits of the one read from out.
 """
 
 from __future__ import annotations
@@ -74,11 +75,16 @@ def test_ops_match_reference(shape, dtype, channels_last):
         assert out.stride() == ref_out.stride()
         saved_out = out if state else None  # the no-state mode recomputes the ReLU mask
         need_k = state  # (no state: u, u_prev are None)
-        red = (g, x, ref_mean, invstd, weight, bias, *us, saved_out, scale, relu, need_k)
+        red = (g, x, ref_mean, invstd, weight, bias, *us, k, saved_out, scale, relu, need_k)
         sums = _op("batch_norm_lm_step_{b}_backward_reduce", "cuda")(*red)
         ref_sums = _op("batch_norm_lm_step_{b}_backward_reduce", "reference")(*red)
         for name, a, b in zip(("sum_dy", "sum_dy_xhat", "grad_k"), sums, ref_sums, strict=True):
             _close(a / x[:, 0].numel(), b / x[:, 0].numel(), torch.float32, name)
+        if state:  # the mask recomputed from x, u, u_prev and k: the bits of the mask read from out
+            red_recomputed = (g, x, ref_mean, invstd, weight, bias, *us, k, None, scale, relu, need_k)
+            recomputed = _op("batch_norm_lm_step_{b}_backward_reduce", "cuda")(*red_recomputed)
+            for name, a, b in zip(("sum_dy", "sum_dy_xhat", "grad_k"), recomputed, sums, strict=True):
+                assert torch.equal(a, b), f"{name} relu={relu}: recomputed mask differs from out's"
         count = x.numel() // shape[1]
         means = (ref_sums[0] / count, ref_sums[1] / count)
         sc = shortcut if state else None
@@ -126,9 +132,10 @@ def test_reduction_bits_do_not_depend_on_alignment(channels_last):
     assert torch.equal(mean, mean2) and torch.equal(var, var2)
     invstd = torch.rsqrt(var + 1e-5)
     red = _op("batch_norm_lm_step_{b}_backward_reduce", "cuda")
-    a = red(g, x, mean, invstd, weight, bias, u, u_prev, None, None, False, True)
-    b = red(
-        *map(shifted, (g, x)), mean, invstd, weight, bias, *map(shifted, (u, u_prev)), None, None, False, True
-    )
-    for s, t in zip(a, b, strict=True):
-        assert torch.equal(s, t)
+    k = torch.full((1,), 0.3, device=DEVICE)
+    for relu in (False, True):  # relu: the mask recomputed with state (reads u, u_prev, k; no out)
+        tail = (k, None, None, relu, True)
+        a = red(g, x, mean, invstd, weight, bias, u, u_prev, *tail)
+        b = red(*map(shifted, (g, x)), mean, invstd, weight, bias, *map(shifted, (u, u_prev)), *tail)
+        for s, t in zip(a, b, strict=True):
+            assert torch.equal(s, t)

@@ -3,8 +3,10 @@
 // buffers (every vector width), every flag (state or not, relu with the forward's output or the
 // recomputed mask, scale, noise, weight/bias, training/eval, grad_shortcut, need_*, scalar and
 // per-channel k), statistics with a large mean, out-of-bounds writes, and bitwise determinism of
-// every reduction across runs and across buffer alignments. Run from test_lm_step_kernels.cu's
-// main (one executable).
+// every reduction across runs and across buffer alignments; the reduction's ReLU mask recomputed
+// with state gives bitwise the sums of the forward's own output (on data where the sign of the
+// pre-activation hangs on its roundings). Run from test_lm_step_kernels.cu's main (one
+// executable).
 #include <functional>
 #include <limits>
 #include <random>
@@ -94,7 +96,8 @@ void bn_case(const Case& cs, std::mt19937_64& rng) {
     return v;
   };
   const double offset = x_offset<T>();
-  const std::vector<T> hx = rand_vec(n, offset), hu = rand_vec(n, 0), hp = rand_vec(n, 0);
+  const std::vector<T> hx = rand_vec(n, offset), hu = rand_vec(n, 0);
+  std::vector<T> hp = rand_vec(n, 0);  // some values set below: a pre-activation near 0
   const std::vector<T> hg = rand_vec(n, 0), hsc = rand_vec(n, 0);
   // Per-channel operands: mean near x's (so y is O(1)), positive invstd, any weight/bias/k.
   std::vector<A> mean_v = rand_acc(C, -0.25, 0.25);
@@ -130,6 +133,19 @@ void bn_case(const Case& cs, std::mt19937_64& rng) {
     const double xhat = (Tr::val(hx[i]) - mean.v[c]) * static_cast<double>(invstd.v[c]);
     return xhat * (has_w ? weight.v[c] : 1.0) + (has_b ? bias.v[c] : 0.0);
   };
+  // Every other element: u_prev such that the noise-free pre-activation with state,
+  // (1 - k) u + k u_prev + s y, is 0 up to u_prev's rounding, for one of the eight (scale, per-
+  // channel k, weight and bias) settings by turns. In float and double its sign is then set by
+  // the roundings of the arithmetic, so a mask recomputed in another operation order than the
+  // forward's differs from the forward's output somewhere.
+  for (size_t i = 1; i < n; i += 2) {
+    const size_t cfg = (i / 2) % 8, c = chan(i);
+    const bool has_s = cfg & 1, per_ch = cfg & 2, wb = cfg & 4;
+    const double kk = k.v[per_ch ? c : 0];
+    if (std::fabs(kk) < 0.25) continue;  // keeps u_prev O(10)
+    const double branch = (has_s ? scale.v[samp(i)] : 1.0) * y_ref(i, wb, wb);
+    hp[i] = Tr::make(-(branch + (1.0 - kk) * Tr::val(hu[i])) / kk);
+  }
 
   // ---- statistics: two-pass reference, summed in long double (a float64 sum of values near 1e6
   // would be off by more than the kernels' double result), tolerance of the accumulator type
@@ -233,13 +249,13 @@ void bn_case(const Case& cs, std::mt19937_64& rng) {
     for (int bits = 0; bits < 24; ++bits) {
       const int mask = bits % 3;
       const bool has_s = (bits / 3) & 1, need_k = (bits / 6) & 1, wb = (bits / 12) & 1;
-      if (mask == 2 && (need_k || !wb)) continue;  // no state without out; z needs w, b here
+      if (mask == 2 && (need_k || !wb)) continue;  // no state (state: below); z needs w, b here
       Channels<T> sdy(C), sdyx(C), sk(C);
       auto launch = [&] {
         return lmfused::launch_batch_norm_lm_step_backward_reduce(
             Tr::dtype, shape, dg.data(), dx.data(), mean.dev, invstd.dev,
             wb ? weight.dev : nullptr, wb ? bias.dev : nullptr, need_k ? du.data() : nullptr,
-            need_k ? dp.data() : nullptr, mask == 1 ? dout.data() : nullptr,
+            need_k ? dp.data() : nullptr, k.dev, 1, mask == 1 ? dout.data() : nullptr,
             has_s ? scale.dev : nullptr, mask != 0, sdy.dev, sdyx.dev, need_k ? sk.dev : nullptr,
             dws, ws_bytes, nullptr);
       };
@@ -277,6 +293,43 @@ void bn_case(const Case& cs, std::mt19937_64& rng) {
       sums.push_back(a1);
       sums.push_back(a2);
       if (need_k) sums.push_back(a3);
+    }
+
+    // -- backward_reduce with relu, no out and state: the mask recomputed from x, u, u_prev and k
+    // gives bitwise the sums of the mask read from the forward's own output (noise-free), for
+    // scale, scalar or per-channel k, weight and bias, need_k; out sits one element off in modes
+    // 1 and 2, so the two reductions also load at different widths.
+    for (int bits = 0; bits < 16; ++bits) {
+      const bool has_s = bits & 1, per_ch = bits & 2, wb = bits & 4, need_k = bits & 8;
+      const int64_t k_numel = per_ch ? cs.C : 1;
+      const Acc<T>* w = wb ? weight.dev : nullptr;
+      const Acc<T>* b = wb ? bias.dev : nullptr;
+      const Acc<T>* sp = has_s ? scale.dev : nullptr;
+      dres.poison();
+      CUDA_OK(lmfused::launch_batch_norm_lm_step_forward(
+          Tr::dtype, shape, dx.data(), mean.dev, invstd.dev, w, b, du.data(), dp.data(), k.dev,
+          k_numel, sp, nullptr, 0.0, /*relu=*/true, dres.data(), nullptr));
+      std::vector<std::vector<A>> with_out, recomputed;
+      for (bool from_out : {true, false}) {
+        Channels<T> sdy(C), sdyx(C), sk(C);
+        CUDA_OK(lmfused::launch_batch_norm_lm_step_backward_reduce(
+            Tr::dtype, shape, dg.data(), dx.data(), mean.dev, invstd.dev, w, b, du.data(),
+            dp.data(), from_out ? nullptr : k.dev, k_numel, from_out ? dres.data() : nullptr, sp,
+            /*relu=*/true, sdy.dev, sdyx.dev, need_k ? sk.dev : nullptr, dws, ws_bytes, nullptr));
+        CUDA_OK(cudaDeviceSynchronize());
+        auto& dst = from_out ? with_out : recomputed;
+        dst = {sdy.download(), sdyx.download()};
+        if (need_k) dst.push_back(sk.download());
+      }
+      ++g_checks;
+      if (!same_bits(recomputed, with_out)) {
+        size_t c = 0;
+        while (c < C && recomputed[0][c] == with_out[0][c] && recomputed[1][c] == with_out[1][c])
+          ++c;
+        fail(what_of<T>(cs, mode, "reduce, mask with state bits=%d: sums differ from out's "
+                        "(first at channel %zu)", bits, c));
+      }
+      for (auto& v : recomputed) sums.push_back(v);
     }
 
     // -- backward: mask, scale, training, grad_x, grad_u (with or without grad_shortcut),
@@ -398,7 +451,8 @@ void bn_api_edges() {
   CUDA_OK(cudaMemset(buf, 0xFF, 9 * sizeof(float)));
   if (lmfused::launch_batch_norm_lm_step_backward_reduce(
           DType::kFloat32, empty, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, buf, buf,
-          nullptr, nullptr, false, buf, buf + 3, buf + 6, nullptr, 0, nullptr) != cudaSuccess)
+          nullptr, 1, nullptr, nullptr, false, buf, buf + 3, buf + 6, nullptr, 0,
+          nullptr) != cudaSuccess)
     fail("empty backward_reduce should succeed");
   CUDA_OK(cudaMemcpy(h, buf, sizeof h, cudaMemcpyDeviceToHost));
   for (float v : h)
@@ -415,6 +469,26 @@ void bn_api_edges() {
           nullptr, buf, 1, nullptr, false, true, nullptr, buf, nullptr,
           nullptr) != cudaErrorInvalidValue)
     fail("grad_u with a recomputed (no-state) mask must be rejected");
+  // The reduction's mask recomputed with state needs u, u_prev and k (1 or C values).
+  const size_t ws = lmfused::batch_norm_workspace_bytes(DType::kFloat32, s);
+  void* dws = nullptr;
+  CUDA_OK(cudaMalloc(&dws, ws));
+  auto reduce = [&](const float* u, const float* up, const float* k, int64_t k_numel) {
+    return lmfused::launch_batch_norm_lm_step_backward_reduce(
+        DType::kFloat32, s, buf, buf, buf, buf, nullptr, nullptr, u, up, k, k_numel, nullptr,
+        nullptr, true, buf + 40, buf + 44, nullptr, dws, ws, nullptr);
+  };
+  if (reduce(buf, nullptr, buf, 1) != cudaErrorInvalidValue)
+    fail("reduce, recomputed mask with u but no u_prev must be rejected");
+  if (reduce(buf, buf, nullptr, 1) != cudaErrorInvalidValue)
+    fail("reduce, recomputed mask with state but no k must be rejected");
+  if (reduce(buf, buf, buf, 2) != cudaErrorInvalidValue)
+    fail("reduce, recomputed mask with state and a k of 2 values (C = 3) must be rejected");
+  CUDA_OK(cudaMemset(buf, 0, 64 * sizeof(float)));
+  if (reduce(buf, buf, buf, 3) != cudaSuccess || reduce(nullptr, nullptr, nullptr, 1) != cudaSuccess)
+    fail("reduce, recomputed mask with or without state should succeed");
+  CUDA_OK(cudaDeviceSynchronize());
+  cudaFree(dws);
   cudaFree(buf);
 }
 
