@@ -203,3 +203,17 @@ def test_gradient_pass_through_in_the_zoo(monkeypatch, fuse):
         assert (got is None) == (ref is None)
         if ref is not None:
             torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
+
+
+def test_hooked_modules_are_called_not_fused(monkeypatch):
+    """A BatchNorm (or a branch ReLU) with a forward hook is called as a module, so its hook runs; the other
+    norms of the block stay fused."""
+    torch.manual_seed(0)
+    block = PostActBlock.bottleneck(16, 4, step=LMStep(16, relu=True, backend="reference"))
+    seen = []
+    block.bn2.register_forward_hook(lambda *_: seen.append("bn2"))
+    block.act1.register_forward_hook(lambda *_: seen.append("act1"))
+    block.bn3.register_forward_pre_hook(lambda *_: seen.append("bn3"))
+    calls = _fused_calls(monkeypatch, blocks_module, "batch_norm_relu")
+    block(torch.randn(2, 16, 5, 5), torch.randn(2, 16, 5, 5))
+    assert seen == ["act1", "bn2", "bn3"] and calls == []  # bn1 + act1: act1 hooked; bn2: hooked

@@ -19,6 +19,7 @@ from lmfused.models.common import LMNet
 from lmfused.models.registry import register_model
 from lmfused.nn import PostActBlock, ResidualStep
 from lmfused.nn.blocks import norm_relu
+from lmfused.nn.step import has_hooks
 
 __all__ = ["LMResNet"]
 
@@ -70,7 +71,7 @@ class LMResNet(LMNet):
         """7x7 conv, BatchNorm, ReLU (feature_info[0], before the max pool); the BatchNorm and ReLU as one
         fused op where the blocks fuse theirs (:func:`lmfused.nn.blocks.norm_relu`)."""
         x = self.conv1(x)
-        if type(self.relu) is not nn.ReLU:  # replaced by the user: kept as given
+        if type(self.relu) is not nn.ReLU or has_hooks(self.relu):  # replaced or hooked: called as given
             return self.relu(self.bn1(x))
         return norm_relu(self.bn1, x, self._step_config["backend"])
 

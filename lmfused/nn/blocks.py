@@ -32,7 +32,14 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lmfused.batch_norm_step import batch_norm_relu
-from lmfused.nn.step import LMStep, ResidualStep, batch_norm_call, decomposes_under_compile, fuses_batch_norm
+from lmfused.nn.step import (
+    LMStep,
+    ResidualStep,
+    batch_norm_call,
+    decomposes_under_compile,
+    fuses_batch_norm,
+    has_hooks,
+)
 
 __all__ = ["LMBlock", "LMStage", "PostActBlock", "PreActBlock", "norm_relu", "set_grad_checkpointing"]
 
@@ -319,7 +326,11 @@ class PostActBlock(LMBlock):
                 x = getattr(self, f"bn{i + 1}")(x) if apply_last_norm else x
                 break
             norm, act = getattr(self, f"bn{i + 1}"), getattr(self, f"act{i + 1}")
-            if type(act) is nn.ReLU and not (i == strided and self.drop_block is not None):
+            if (
+                type(act) is nn.ReLU
+                and not has_hooks(act)
+                and not (i == strided and self.drop_block is not None)
+            ):
                 x = self.norm_relu(norm, x)
             else:
                 x = norm(x)

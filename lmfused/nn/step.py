@@ -166,12 +166,24 @@ def batch_norm_call(norm: nn.BatchNorm2d) -> tuple[Tensor | None, Tensor | None,
     return running_mean, running_var, batch_statistics, momentum
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run forward hooks (its own or global ones): a fused kernel that does
+    the module's work without calling it would silently skip them."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or torch.nn.modules.module._global_forward_hooks
+        or torch.nn.modules.module._global_forward_pre_hooks
+    )
+
+
 def fuses_batch_norm(norm: nn.Module, backend: str | None, device_type: str) -> bool:
-    """Whether a block's last norm can run inside the update (``lmfused.batch_norm_lm_step``): a plain
-    ``nn.BatchNorm2d`` (not SyncBatchNorm, GroupNorm or a subclass), a backend of that op for the device,
-    and ``LMFUSED_FUSE_BN`` not set to 0."""
+    """Whether a block's norm can run inside an lmfused kernel (``batch_norm_lm_step``, ``batch_norm_relu``):
+    a plain ``nn.BatchNorm2d`` (not SyncBatchNorm, GroupNorm or a subclass) without forward hooks, a backend
+    of that op for the device, and ``LMFUSED_FUSE_BN`` not set to 0."""
     return (
         type(norm) is nn.BatchNorm2d
+        and not has_hooks(norm)
         and os.environ.get("LMFUSED_FUSE_BN", "1") != "0"
         and has_backend(backend, device_type)
     )
