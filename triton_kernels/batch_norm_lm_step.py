@@ -426,8 +426,28 @@ def _channel_first_elements(x: Tensor) -> Tensor:
     return x[(0, slice(None)) + (0,) * (x.dim() - 2)].to(_acc_dtype(x))
 
 
-def batch_norm_stats_triton(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of ``x`` (float32; float64 for float64 x)."""
+def batch_norm_stats_triton(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and invstd (float32; float64 for float64 x), running statistics updated."""
+    from lmfused.batch_norm_step import reference_stats
+
+    if not training or x.numel() == 0:
+        return reference_stats(x, running_mean, running_var, training, momentum, eps)
+    mean, var = _stats(x)
+    if running_mean is not None:
+        count = x.numel() // x.shape[1]
+        for running, stat in ((running_mean, mean), (running_var, var * (count / (count - 1)))):
+            running.copy_((1 - momentum) * running.to(mean.dtype) + momentum * stat)
+    return mean, torch.rsqrt(var + eps)
+
+
+def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
     plan = plan_layout(x)
     # Triton compiles a variant per pointer alignment, whose register layout sets the order of the in-tile
     # sums: a misaligned view (rare) is copied, so the same values always give the same bits.
@@ -481,15 +501,18 @@ def batch_norm_lm_step_forward_triton(
     training: bool,
     relu: bool,
     noise_std: float,
-) -> Tensor:
+    write_mask: bool,
+) -> tuple[Tensor, Tensor]:
     """Launch the forward kernel; inputs are validated by lmfused.batch_norm_step. The output has u's planned
     layout; without u and u_prev (the no-state mode: act(s BN(x) + noise), k unread) x's."""
     has_state = u is not None
     plan = plan_layout(u if has_state else x)
     x = to_layout(x, plan.channels_last)
     out = empty_in_layout(x.shape, plan.channels_last, dtype=x.dtype, device=x.device)
+    from lmfused.batch_norm_step import pack_mask
+
     if x.numel() == 0:
-        return out
+        return out, pack_mask(out > 0) if write_mask else out.new_empty((0,), dtype=torch.uint8)
     if has_state:
         u, u_prev = to_layout(u, plan.channels_last), to_layout(u_prev, plan.channels_last)
     mean, gain = mean.contiguous(), _gain(invstd, weight).contiguous()
@@ -525,7 +548,13 @@ def batch_norm_lm_step_forward_triton(
         BLOCK_L=block_l,
         num_warps=num_warps,
     )
-    return out
+    return out, pack_mask(~(out <= 0)) if write_mask else out.new_empty((0,), dtype=torch.uint8)
+
+
+def _mask_as_out(mask: Tensor | None, like: Tensor) -> Tensor | None:
+    from lmfused.batch_norm_step import unpack_mask
+
+    return None if mask is None else unpack_mask(mask, like).to(like.dtype)
 
 
 def batch_norm_lm_step_backward_reduce_triton(
@@ -538,7 +567,7 @@ def batch_norm_lm_step_backward_reduce_triton(
     u: Tensor | None,
     u_prev: Tensor | None,
     k: Tensor,
-    out: Tensor | None,
+    mask: Tensor | None,
     scale: Tensor | None,
     relu: bool,
     need_k: bool,
@@ -546,13 +575,14 @@ def batch_norm_lm_step_backward_reduce_triton(
     """Launch the reduction kernel and sum its partials in a fixed order: per-channel sum of dy, of dy * xhat
     and (``need_k``) of g * (u_prev - u). With ``relu`` and no ``out`` (noise-free calls) the ReLU's mask is
     recomputed from x, and u, u_prev and k when given, as the forward computes the pre-activation."""
+    out = _mask_as_out(mask, x)
     plan = plan_layout(x)
     layout, channels = plan.channels_last, plan.channels
     g = to_layout(grad_out, layout)
     acc = _acc_dtype(g)
     if g.numel() == 0:
-        zeros = [g.new_zeros((channels,), dtype=acc) for _ in range(3)]
-        return zeros[0], zeros[1], zeros[2] if need_k else g.new_empty((0,), dtype=acc)
+        zeros = [g.new_zeros((channels,), dtype=acc) for _ in range(2)]
+        return zeros[0], zeros[1], g.new_zeros(k.shape if need_k else (0,), dtype=acc)
     # Aligned operands (see batch_norm_stats_triton): the sums' bits depend only on the values.
     g, x = _aligned(g), _aligned(to_layout(x, layout))
     mask_from_x = relu and out is None
@@ -598,7 +628,10 @@ def batch_norm_lm_step_backward_reduce_triton(
         num_warps=num_warps,
     )
     totals = [_channel_totals(partial, channels) for partial in (sum_dy, sum_dy_xhat)]
-    return totals[0], totals[1], _channel_totals(grad_k, channels) if need_k else g.new_empty((0,), dtype=acc)
+    if not need_k:
+        return totals[0], totals[1], g.new_empty((0,), dtype=acc)
+    grad_k = _channel_totals(grad_k, channels)
+    return totals[0], totals[1], grad_k.sum().reshape(1) if k.numel() == 1 else grad_k
 
 
 def batch_norm_lm_step_backward_triton(
@@ -609,9 +642,9 @@ def batch_norm_lm_step_backward_triton(
     invstd: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    mean_dy: Tensor,
-    mean_dy_xhat: Tensor,
-    out: Tensor | None,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    mask: Tensor | None,
     k: Tensor,
     scale: Tensor | None,
     training: bool,
@@ -623,6 +656,9 @@ def batch_norm_lm_step_backward_triton(
     """Launch the kernel that writes grad_x, grad_u (+ ``grad_shortcut``, the gradient of the step's shortcut
     output) and grad_u_prev (the needed ones; others empty). With ``relu`` and no ``out`` the ReLU's mask is
     recomputed from x (the no-state mode)."""
+    out = _mask_as_out(mask, x)
+    count = x.numel() // x.shape[1]
+    mean_dy, mean_dy_xhat = sum_dy / count, sum_dy_xhat / count
     plan = plan_layout(x)
     layout = plan.channels_last
     g = to_layout(grad_out, layout)
