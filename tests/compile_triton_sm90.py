@@ -37,9 +37,8 @@ from triton.compiler import ASTSource
 
 # Integer constexprs (block sizes, vector widths, loop counts); every other constexpr is a boolean flag.
 BLOCKS = {
-    "BLOCK_M": 8, "BLOCK_L": 256, "BLOCK_A": 8, "BLOCK_B": 256, "BLOCK_C": 256, "MERGE_ROWS": 16, "BLOCK": 1024,
-    "VEC": 8,
-    "ROW_ITERS": 2,
+    "BLOCK_M": 8, "BLOCK_L": 256, "BLOCK_A": 8, "BLOCK_B": 256, "BLOCK_C": 256, "MERGE_ROWS": 16,
+    "BLOCK": 1024, "VEC": 8, "ROW_ITERS": 2,
 }  # fmt: skip
 # Pointers that are not activations: per-channel and per-sample vectors (float32, or float64 with float64
 # activations), the mask, ticket counters, the noise seed.
