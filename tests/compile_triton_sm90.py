@@ -77,7 +77,12 @@ def compile_variant(kernel, pointer: str, flags: dict, blocks: dict | None = Non
     constexprs.update(flags)
     if "FP64" in names:
         constexprs["FP64"] = pointer == "*fp64"
-    source = ASTSource(fn=kernel, signature=_signature(kernel, pointer), constexprs=constexprs)
+    signature = _signature(kernel, pointer)
+    # As a launch specialises them: pointers 16-byte aligned (the launchers copy misaligned views).
+    attrs = {
+        (i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params) if signature[p.name][0] == "*"
+    }
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
@@ -239,6 +244,8 @@ def check_ticket_order() -> int:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--check-pre-activation"]:
         return check_pre_activation()
+    if argv[:1] == ["--table"]:
+        return table()
     module = importlib.import_module(argv[0])
     names = argv[1:] or sorted(
         name
@@ -265,6 +272,115 @@ def main(argv: list[str]) -> int:
                     cause = cause.__cause__
                 print(f"FAIL  {label}: {type(cause).__name__}: {str(cause).splitlines()[-1][:300]}")
     return 1 if failures else 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --table: the static performance table of the batch-norm Triton kernels (issue 19 item 8)
+# ---------------------------------------------------------------------------------------------------------
+
+_WIDTH = {
+    "v4.b32": 16, "v2.b32": 8, "v4.b16": 8, "b32": 4, "v2.b16": 4, "b16": 2, "b8": 1, "u8": 1, "v2.b64": 16,
+    "b64": 8, "v4.b64": 32,
+}  # fmt: skip
+_GLOBAL = re.compile(r"\b(ld|st)\.global(?:\.[a-z0-9_]+)*?\.((?:v[24]\.)?[bu](?:8|16|32|64))\b")
+# H100 SXM and H200: HBM bandwidth (bytes/s), SMs; a DRAM load latency of 700 ns (an assumption).
+GPUS = {"H100": (3.35e12, 132), "H200": (4.8e12, 132)}
+LATENCY_S = 700e-9
+
+
+def _resources(cubin: bytes) -> dict[str, int]:
+    import os
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+
+
+def _loads_in_flight(ptx: str) -> int:
+    """Bytes of global loads a thread issues before the first instruction that uses one of them (PTX order:
+    the first streaming stretch of the kernel or of its loop body)."""
+    defined, total, started = set(), 0, False
+    for line in ptx.splitlines():
+        match = _GLOBAL.search(line)
+        if match and match.group(1) == "ld":
+            started = True
+            total += _WIDTH.get(match.group(2), 4)
+            defined.update(re.findall(r"%r[sd]?\d+", line.split("[")[0].split("}")[0]))
+            continue
+        if started and not line.strip().startswith(("mov.u", "mov.b32 %r", "//", ".loc", "$L", "@")):
+            operands = re.findall(r"%r[sd]?\d+", line.split(",", 1)[1] if "," in line else "")
+            if defined.intersection(operands):
+                break
+    return total
+
+
+def _wide_fraction(ptx: str) -> float:
+    accesses = [_WIDTH.get(m.group(2), 4) for m in _GLOBAL.finditer(ptx)]
+    return sum(w for w in accesses if w >= 8) / max(1, sum(accesses))
+
+
+def table() -> int:
+    """Print the markdown table of bench/NOTES.md "Static table: Triton kernels (sm_90)"."""
+    import torch
+    from lmfused.triton_kernels import batch_norm_lm_step as bn
+
+    from lmfused._layout import plan_layout
+
+    shapes = [
+        ("64x256x56x56 cl", (64, 256, 56, 56), True),
+        ("64x2048x7x7 cl", (64, 2048, 7, 7), True),
+        ("64x1024x14x14 cf", (64, 1024, 14, 14), False),
+    ]
+    print("| kernel | shape (bf16) | tile | regs | local B | CTAs/SM | in flight/thread | in flight/SM "
+          "| wide "
+          "| H100 | H200 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, shape, channels_last in shapes:
+        x = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        plan = plan_layout(x)
+        vec = bn._vec(int(plan.row_len), 2)
+        stats = bn.reduction_shape(plan, 2, 64)[:2]
+        reduce = bn.reduction_shape(plan, 2, 32)[:2]
+        tile = bn.elementwise_shape(channels_last, int(plan.rows), int(plan.row_len), 2)[:2]
+        common = {"CHANNELS_LAST": channels_last, "VEC": vec}
+        kernels = [
+            ("stats", bn.batch_norm_stats_kernel, {"HAS_RUNNING": True},
+             dict(zip(("BLOCK_A", "BLOCK_B"), stats, strict=True))),
+            ("forward", bn.batch_norm_lm_step_forward_kernel,
+             {"HAS_STATE": True, "HAS_WEIGHT": True, "HAS_BIAS": True, "RELU": True, "WRITE_MASK": True,
+              "PER_CHANNEL_K": True}, dict(zip(("BLOCK_M", "BLOCK_L"), tile, strict=True))),
+            ("reduce", bn.batch_norm_lm_step_backward_reduce_kernel,
+             {"HAS_WEIGHT": True, "HAS_BIAS": True, "RELU": True, "NEED_K": True},
+             dict(zip(("BLOCK_A", "BLOCK_B"), reduce, strict=True))),
+            ("backward", bn.batch_norm_lm_step_backward_kernel,
+             {"HAS_WEIGHT": True, "HAS_BIAS": True, "RELU": True, "HAS_SHORTCUT": True, "TRAINING": True,
+              "PER_CHANNEL_K": True, "NEED_X": True, "NEED_U": True, "NEED_U_PREV": True},
+             dict(zip(("BLOCK_M", "BLOCK_L"), tile, strict=True))),
+        ]  # fmt: skip
+        for name, kernel, flags, blocks in kernels:
+            compiled = compile_variant(kernel, "*bf16", {**common, **flags}, blocks, num_warps=bn.NUM_WARPS)
+            res = _resources(compiled.asm["cubin"])
+            threads = 32 * bn.NUM_WARPS
+            regs = -(-max(res.get("REG", 0), 1) // 8) * 8
+            ctas = min(32, 2048 // threads, 65536 // (regs * threads),
+                       (228 * 1024) // max(1, res.get("SHARED", 0) + 1024))  # fmt: skip
+            per_thread = _loads_in_flight(compiled.asm["ptx"])
+            per_sm = per_thread * threads * ctas
+            fractions = [min(1.0, per_sm / (bw * LATENCY_S / sms)) for bw, sms in GPUS.values()]
+            tile_text = "x".join(str(v) for v in blocks.values())
+            local = res.get("LOCAL", 0) + res.get("STACK", 0)
+            wide = _wide_fraction(compiled.asm["ptx"])
+            print(f"| {name} | {label} | {tile_text} | {res.get('REG')} | {local} | {ctas} | {per_thread} B "
+                  f"| {per_sm / 1024:.0f} KB | {wide:.2f} | {fractions[0]:.2f} "
+                  f"| {fractions[1]:.2f} |")  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":

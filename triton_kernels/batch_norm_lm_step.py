@@ -272,7 +272,8 @@ def batch_norm_stats_kernel(
     L = L_vec * VEC  # a multiple of VEC: rows start on VEC-element boundaries (vector accesses)
     BLOCK_C: tl.constexpr = BLOCK_B if CHANNELS_LAST else BLOCK_A
     acc_type = tl.float64 if FP64 else tl.float32
-    chan, chan_ok = _tile_channels(block, C, CHANNELS_LAST, BLOCK_A, BLOCK_B)
+    # Channels-last: bound the channels by L (= C, a multiple of VEC the compiler sees: vector loads).
+    chan, chan_ok = _tile_channels(block, L if CHANNELS_LAST else C, CHANNELS_LAST, BLOCK_A, BLOCK_B)
     # The shift: each channel's first element (row 0 of the 2-D view, or the start of the channel's row).
     shift = _vector(x_ptr, chan * (1 if CHANNELS_LAST else L), chan_ok, FP64)
     sums = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_type)
@@ -363,7 +364,7 @@ def batch_norm_lm_step_backward_reduce_kernel(
     L = L_vec * VEC
     BLOCK_C: tl.constexpr = BLOCK_B if CHANNELS_LAST else BLOCK_A
     acc_type = tl.float64 if FP64 else tl.float32
-    chan, chan_ok = _tile_channels(block, C, CHANNELS_LAST, BLOCK_A, BLOCK_B)
+    chan, chan_ok = _tile_channels(block, L if CHANNELS_LAST else C, CHANNELS_LAST, BLOCK_A, BLOCK_B)
     mean = _vector(mean_ptr, chan, chan_ok, FP64)
     invstd = _vector(invstd_ptr, chan, chan_ok, FP64)
     gain = invstd  # read for the recomputed mask only
