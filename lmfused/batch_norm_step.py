@@ -7,31 +7,36 @@ update directly. Fused, that output f and its gradient are never written or read
 
 (the LM update of Lu, Zhong, Li & Dong, *Beyond Finite Layer Neural Networks*, ICML 2018, eq. (5), with the
 stochastic depth and noise of their section 3). In training the batch statistics are computed first (one
-read of x, deterministic per-channel sums) and the running statistics updated in place as F.batch_norm does;
-in evaluation the running statistics are folded into a per-channel affine. The backward reduces the
-per-channel sums of the BN gradient and grad_k in one pass over g, x (and u, u_prev for grad_k; out for the
-ReLU's mask, unless it is recomputed from those), then writes grad_x, grad_u and grad_u_prev in a second.
-Without u and u_prev (the no-state mode) the same kernels are ``batch_norm_relu``, for the BatchNorm + ReLU
-pairs inside a branch. The ``*_with_shortcut`` variants return u as a second output for the next step's
-u_prev and add its gradient into grad_u in the backward kernel (gradient pass-through).
+read of x, deterministic per-channel sums, the running statistics updated in place as F.batch_norm does, all
+in one kernel); in evaluation the running statistics are folded into a per-channel affine. The backward
+reduces the per-channel sums of the BN gradient and grad_k in one pass over g, x and the ReLU's 1-bit mask
+(u, u_prev for grad_k), then writes grad_x, grad_u and grad_u_prev in a second. Without u and u_prev (the
+no-state mode) the same kernels are ``batch_norm_relu``, for the BatchNorm + ReLU pairs inside a branch. The
+``*_with_shortcut`` variants return u as a second output for the next step's u_prev and add its gradient into
+grad_u in the backward kernel (gradient pass-through).
 
-Each backend is four ops in the ``lmfused`` namespace, one kernel pass each::
+Each backend is four ops in the ``lmfused`` namespace, one kernel launch each, and nothing computes between
+them (a junction's forward and backward: 4 launches, + 1 for the noise seed)::
 
-    lmfused::batch_norm_stats_<backend>(x) -> (mean, var)                    biased variance, compute dtype
+    lmfused::batch_norm_stats_<backend>(x, running_mean!?, running_var!?, training, momentum, eps)
+                                          -> (mean, invstd)                  compute dtype
     lmfused::batch_norm_lm_step_<backend>(x, mean, invstd, weight?, bias?, u?, u_prev?, k, scale?, seed?,
-                                          training, relu, noise_std) -> out
+                                          training, relu, noise_std, write_mask) -> (out, mask)
     lmfused::batch_norm_lm_step_<backend>_backward_reduce(grad_out, x, mean, invstd, weight?, bias?, u?,
-                                          u_prev?, k, out?, scale?, relu, need_k)
-                                          -> (sum dy, sum dy xhat, grad_k per channel)
+                                          u_prev?, k, mask?, scale?, relu, need_k)
+                                          -> (sum dy, sum dy xhat, grad_k in k's shape)
     lmfused::batch_norm_lm_step_<backend>_backward(grad_out, grad_shortcut?, x, mean, invstd, weight?, bias?,
-                                          mean_dy, mean_dy_xhat, out?, k, scale?, training, relu, need_x,
+                                          sum_dy, sum_dy_xhat, mask?, k, scale?, training, relu, need_x,
                                           need_u, need_u_prev) -> (grad_x, grad_u, grad_u_prev)
 
-With relu and no ``out`` the backward passes recompute the ReLU's mask: the forward's pre-activation without
-noise, rounded to x's dtype (only ever asked of noise-free calls).
+The ReLU's mask: with the states, a 1-bit mask of the stored output written by the forward
+(:func:`mask_shape`; 1/16 of a bf16 tensor's bytes, where reading out back would cost all of them, and it
+cannot disagree with the forward, which wrote it); without them (``batch_norm_relu``), recomputed from x by
+the forward's own operation order and rounded to x's dtype.
 
 ``mean`` and ``invstd`` are constants to autograd: in training they are x's own batch statistics, and the
-backward's grad_x includes their dependence on x (the full batch-norm gradient).
+backward's grad_x includes their dependence on x (the full batch-norm gradient). ``training`` is read by the
+autograd formula only (which grad_x formula); the forward kernels compute the same either way.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from torch import Tensor
 
 import lmfused.ops as _lm_step_ops
 from lmfused import reference
-from lmfused._layout import empty_in_layout, plan_layout
+from lmfused._layout import empty_in_layout, plan_layout, to_layout
 from lmfused.ops import (
     _check_inputs,
     _check_tensor,
@@ -57,21 +62,24 @@ from lmfused.reference import _channel_view, _in_layout, compute_dtype
 
 __all__ = ["batch_norm_lm_step", "batch_norm_lm_step_with_shortcut", "batch_norm_relu", "has_backend"]
 
-STATS_SCHEMA = "(Tensor x) -> (Tensor, Tensor)"
+STATS_SCHEMA = (
+    "(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, "
+    "float eps) -> (Tensor, Tensor)"
+)
 FORWARD_SCHEMA = (
     "(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor? u, Tensor? u_prev, "
-    "Tensor k, Tensor? scale, Tensor? seed, bool training, bool relu, float noise_std) -> Tensor"
+    "Tensor k, Tensor? scale, Tensor? seed, bool training, bool relu, float noise_std, bool write_mask) "
+    "-> (Tensor, Tensor)"
 )
 REDUCE_SCHEMA = (
     "(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor? u, "
-    "Tensor? u_prev, Tensor k, Tensor? out, Tensor? scale, bool relu, bool need_k) "
+    "Tensor? u_prev, Tensor k, Tensor? mask, Tensor? scale, bool relu, bool need_k) "
     "-> (Tensor, Tensor, Tensor)"
 )
 BACKWARD_SCHEMA = (
     "(Tensor grad_out, Tensor? grad_shortcut, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
-    "Tensor? bias, Tensor mean_dy, "
-    "Tensor mean_dy_xhat, Tensor? out, Tensor k, Tensor? scale, bool training, bool relu, bool need_x, "
-    "bool need_u, bool need_u_prev) -> (Tensor, Tensor, Tensor)"
+    "Tensor? bias, Tensor sum_dy, Tensor sum_dy_xhat, Tensor? mask, Tensor k, Tensor? scale, bool training, "
+    "bool relu, bool need_x, bool need_u, bool need_u_prev) -> (Tensor, Tensor, Tensor)"
 )
 GRADIENTS = ("x", "weight", "bias", "u", "u_prev", "k")  # the order of ``needs`` and of the gradients
 
@@ -81,17 +89,84 @@ def _reduce_dims(x: Tensor) -> list[int]:
     return [0, *range(2, x.dim())]
 
 
+def mask_shape(like: Tensor) -> tuple[int, int]:
+    """Shape of the ReLU's 1-bit mask over ``like``: (rows, ceil(row_len / 8)) bytes of the 2-D view of
+    ``lmfused._layout.plan_layout(like)``; bit j % 8 of byte [r, j // 8] is element (r, j)."""
+    plan = plan_layout(like)
+    return int(plan.rows), -(-int(plan.row_len) // 8)
+
+
+def _rows_view(t: Tensor, channels_last: bool) -> Tensor:
+    """``t`` as the (rows, row_len) matrix of the planned layout, in memory order."""
+    t = to_layout(t, channels_last)
+    if channels_last and t.dim() > 2:
+        t = t.permute(0, *range(2, t.dim()), 1)
+    return t.reshape(-1, t.shape[-1] if channels_last else math.prod(t.shape[2:]))
+
+
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def pack_mask(passes: Tensor) -> Tensor:
+    """The 1-bit mask of a boolean tensor laid out as the activation it belongs to (see :func:`mask_shape`):
+    padding bits 0."""
+    plan = plan_layout(passes)
+    rows = _rows_view(passes, plan.channels_last)
+    padded = rows.new_zeros((rows.shape[0], mask_shape(passes)[1] * 8))
+    padded[:, : rows.shape[1]] = rows
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=passes.device)
+    return (padded.view(rows.shape[0], -1, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(mask: Tensor, like: Tensor) -> Tensor:
+    """The boolean tensor (shape of ``like``) whose bits :func:`pack_mask` packed."""
+    plan = plan_layout(like)
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
+    bits = (mask.unsqueeze(-1) & weights) != 0
+    rows = bits.reshape(mask.shape[0], -1)[:, : int(plan.row_len)]
+    if not plan.channels_last:
+        return rows.reshape(like.shape)
+    if like.dim() == 2:
+        return rows.reshape(like.shape)
+    last = rows.reshape(like.shape[0], *like.shape[2:], like.shape[1])
+    return last.permute(0, last.dim() - 1, *range(1, last.dim() - 1))
+
+
+def _empty_mask(like: Tensor) -> Tensor:
+    return like.new_empty((0,), dtype=torch.uint8)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Reference backend: the maths of DESIGN.md 1b in float32 (float64 for float64 inputs); the kernels' oracle.
 # ----------------------------------------------------------------------------------------------------------
 
 
-def reference_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of ``x`` over (N, *spatial), in the compute dtype."""
-    xc = x.to(compute_dtype(x.dtype))
+def reference_stats(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and invstd = 1 / sqrt(var + eps) in the compute dtype: in training of x (biased
+    variance), the running statistics updated in place as F.batch_norm does (r = (1 - momentum) r +
+    momentum stat, the variance unbiased); in evaluation of the running statistics (x not read)."""
+    cd = compute_dtype(x.dtype)
+    channels = x.shape[1]
+    if not training:
+        return running_mean.to(cd, copy=True), torch.rsqrt(running_var.to(cd) + eps)
+    if x.numel() == 0:  # as F.batch_norm: nothing to average, running statistics untouched
+        return x.new_zeros((channels,), dtype=cd), x.new_full((channels,), 1 / math.sqrt(1 + eps), dtype=cd)
+    xc = x.to(cd)
     mean = xc.mean(_reduce_dims(x))
     var = (xc - _channel_view(mean, xc)).square().mean(_reduce_dims(x))
-    return mean, var
+    if running_mean is not None:
+        count = x.numel() // channels
+        unbiased = var * (count / (count - 1))
+        for running, stat in ((running_mean, mean), (running_var, unbiased)):
+            running.copy_((1 - momentum) * running.to(cd) + momentum * stat)
+    return mean, torch.rsqrt(var + eps)
 
 
 def _normalized(x: Tensor, mean: Tensor, invstd: Tensor, cd: torch.dtype) -> Tensor:
@@ -112,14 +187,17 @@ def reference_forward(
     training: bool,
     relu: bool,
     noise_std: float,
-) -> Tensor:
+    write_mask: bool,
+) -> tuple[Tensor, Tensor]:
     """Forward of the ``reference`` backend: y = (x - mean) * invstd * weight + bias, then the LM update
-    (without u and u_prev, the no-state mode: act(s * y + noise))."""
+    (without u and u_prev, the no-state mode: act(s * y + noise)); with ``write_mask`` also the ReLU's
+    1-bit mask of the stored output (NOT out <= 0, see :func:`pack_mask`)."""
     y = _batch_norm_output(x, mean, invstd, weight, bias, compute_dtype(x.dtype))
     if u is None:  # (1 - k) * 0 + k * 0 + s * y: the update's arithmetic with zero states
         u = u_prev = torch.zeros_like(x)
         k = torch.zeros_like(k)
-    return reference.reference_forward(u, u_prev, y, k, scale, seed, relu, noise_std)
+    out = reference.reference_forward(u, u_prev, y, k, scale, seed, relu, noise_std)
+    return out, pack_mask(~(out <= 0)) if write_mask else _empty_mask(out)
 
 
 def _batch_norm_output(x, mean, invstd, weight, bias, cd: torch.dtype) -> Tensor:
@@ -136,25 +214,21 @@ def _channel_sum(t: Tensor) -> Tensor:
     return t.sum(_reduce_dims(t))
 
 
-def _masked_gradient(
-    grad_out, x, mean, invstd, weight, bias, u, u_prev, k, out, scale, relu, cd: torch.dtype
-) -> Tensor:
+def _masked_gradient(grad_out, x, mean, invstd, weight, bias, mask, scale, relu, cd: torch.dtype) -> Tensor:
     """The output gradient through the ReLU, as torch.relu's backward: 0 where out <= 0 (NaN passes).
 
-    Without ``out`` (noise-free steps only) the sign of out is that of the forward's pre-activation rounded to
-    x's dtype, recomputed as the forward computes it: s * BN(x) without states, (1 - k) u + k u_prev + s BN(x)
-    with them. The no-state backward then never reads out, and the reduction pass of a step that reads u and
-    u_prev for grad_k anyway reads x, u, u_prev instead of x, u, u_prev and out."""
+    With a mask (the forward's, of its stored output) its bits; without one (the no-state mode,
+    ``batch_norm_relu``) the sign of the forward's pre-activation s * BN(x), recomputed and rounded to x's
+    dtype (the output's sign: rounding is monotone and keeps 0)."""
     g = grad_out.to(cd)
     if not relu:
         return g
-    if out is None:
+    if mask is not None:  # x has the planned layout of u, which the mask follows
+        passes = unpack_mask(mask, x)
+    else:
         y = _batch_norm_output(x, mean, invstd, weight, bias, cd)
-        if u is None:
-            out = _branch_gradient(y, scale).to(x.dtype)
-        else:
-            out = reference.reference_forward(u, u_prev, y, k, scale, None, False, 0.0)
-    return torch.where(out <= 0, torch.zeros((), dtype=cd, device=g.device), g)
+        passes = ~(_branch_gradient(y, scale).to(x.dtype) <= 0)
+    return torch.where(passes, g, torch.zeros((), dtype=cd, device=g.device))
 
 
 def _branch_gradient(g: Tensor, scale: Tensor | None) -> Tensor:
@@ -172,16 +246,16 @@ def reference_backward_reduce(
     u: Tensor | None,
     u_prev: Tensor | None,
     k: Tensor,
-    out: Tensor | None,
+    mask: Tensor | None,
     scale: Tensor | None,
     relu: bool,
     need_k: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """First backward pass: per-channel sums of dy, dy * xhat and (``need_k``) g * (u_prev - u), where g is
-    the output gradient through the ReLU, dy = s * g and xhat = (x - mean) * invstd (compute dtype).
-    Without ``out`` the ReLU's mask is recomputed (:func:`_masked_gradient`)."""
+    """First backward pass: per-channel sums of dy and dy * xhat, and (``need_k``) of g * (u_prev - u)
+    reduced to k's shape ((1,): over the channels too), where g is the output gradient through the ReLU
+    (:func:`_masked_gradient`), dy = s * g and xhat = (x - mean) * invstd (compute dtype)."""
     cd = compute_dtype(grad_out.dtype)
-    g = _masked_gradient(grad_out, x, mean, invstd, weight, bias, u, u_prev, k, out, scale, relu, cd)
+    g = _masked_gradient(grad_out, x, mean, invstd, weight, bias, mask, scale, relu, cd)
     dy = _branch_gradient(g, scale)
     sum_dy_xhat = _channel_sum(dy * _normalized(x, mean, invstd, cd))
     grad_k = g.new_empty((0,))
@@ -189,6 +263,8 @@ def reference_backward_reduce(
         if u is None or u_prev is None:
             raise ValueError("u, u_prev: required when the gradient of k is needed")
         grad_k = _channel_sum(g * (u_prev.to(cd) - u.to(cd)))
+        if k.numel() == 1:
+            grad_k = grad_k.sum().reshape(1)
     return _channel_sum(dy), sum_dy_xhat, grad_k
 
 
@@ -200,9 +276,9 @@ def reference_backward(
     invstd: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    mean_dy: Tensor,
-    mean_dy_xhat: Tensor,
-    out: Tensor | None,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    mask: Tensor | None,
     k: Tensor,
     scale: Tensor | None,
     training: bool,
@@ -211,18 +287,20 @@ def reference_backward(
     need_u: bool,
     need_u_prev: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Second backward pass: grad_x = w invstd (dy - mean(dy) - xhat mean(dy xhat)) in training (the batch
-    statistics' own gradient included), w invstd dy in evaluation; grad_u = (1 - k) g (+ grad_shortcut, the
-    gradient of the step's shortcut output, unmasked), grad_u_prev = k g. Unneeded gradients come back
-    empty."""
+    """Second backward pass: grad_x = w invstd (dy - sum(dy) / n - xhat sum(dy xhat) / n) in training (n
+    values per channel; the batch statistics' own gradient included), w invstd dy in evaluation; grad_u =
+    (1 - k) g (+ grad_shortcut, the gradient of the step's shortcut output, unmasked), grad_u_prev = k g.
+    Unneeded gradients come back empty."""
     cd = compute_dtype(grad_out.dtype)
-    g = _masked_gradient(grad_out, x, mean, invstd, weight, bias, None, None, k, out, scale, relu, cd)
+    g = _masked_gradient(grad_out, x, mean, invstd, weight, bias, mask, scale, relu, cd)
     grad_x = grad_u = grad_u_prev = None
     if need_x:
         dy = _branch_gradient(g, scale)
         if training:
+            count = x.numel() // x.shape[1]
             xhat = _normalized(x, mean, invstd, cd)
-            dy = dy - _channel_view(mean_dy.to(cd), dy) - xhat * _channel_view(mean_dy_xhat.to(cd), dy)
+            mean_dy, mean_dy_xhat = sum_dy.to(cd) / count, sum_dy_xhat.to(cd) / count
+            dy = dy - _channel_view(mean_dy, dy) - xhat * _channel_view(mean_dy_xhat, dy)
         gain = invstd.to(cd) * (weight.to(cd) if weight is not None else 1.0)
         grad_x = _in_layout(dy * _channel_view(gain, dy), x, x.dtype)
     kc = _channel_view(k.to(cd), g)
@@ -239,26 +317,29 @@ def reference_backward(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _fake_stats(x):
+def _fake_stats(x, running_mean, running_var, training, momentum, eps):
     channels = x.shape[1]
     cd = compute_dtype(x.dtype)
     return x.new_empty((channels,), dtype=cd), x.new_empty((channels,), dtype=cd)
 
 
-def _fake_forward(x, mean, invstd, weight, bias, u, u_prev, k, scale, seed, training, relu, noise_std):
+def _fake_forward(
+    x, mean, invstd, weight, bias, u, u_prev, k, scale, seed, training, relu, noise_std, write_mask
+):
     like = u if u is not None else x
-    return empty_in_layout(like.shape, plan_layout(like).channels_last, dtype=like.dtype, device=like.device)
+    out = empty_in_layout(like.shape, plan_layout(like).channels_last, dtype=like.dtype, device=like.device)
+    return out, like.new_empty(mask_shape(like) if write_mask else (0,), dtype=torch.uint8)
 
 
-def _fake_reduce(grad_out, x, mean, invstd, weight, bias, u, u_prev, k, out, scale, relu, need_k):
+def _fake_reduce(grad_out, x, mean, invstd, weight, bias, u, u_prev, k, mask, scale, relu, need_k):
     cd = compute_dtype(grad_out.dtype)
     channels = (x.shape[1],)
-    grad_k = x.new_empty(channels if need_k else (0,), dtype=cd)
+    grad_k = x.new_empty(tuple(k.shape) if need_k else (0,), dtype=cd)
     return x.new_empty(channels, dtype=cd), x.new_empty(channels, dtype=cd), grad_k
 
 
 def _fake_backward(
-    grad_out, grad_shortcut, x, mean, invstd, weight, bias, mean_dy, mean_dy_xhat, out, k, scale, training,
+    grad_out, grad_shortcut, x, mean, invstd, weight, bias, sum_dy, sum_dy_xhat, mask, k, scale, training,
     relu, need_x, need_u, need_u_prev,
 ):  # fmt: skip
     layout = plan_layout(x).channels_last
@@ -275,47 +356,49 @@ _INPUT_POSITIONS = {"x": 0, "weight": 3, "bias": 4, "u": 5, "u_prev": 6, "k": 7}
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, mean, invstd, weight, bias, u, u_prev, k, scale, seed, training, relu, noise_std = inputs
+    x, mean, invstd, weight, bias, u, u_prev, k, scale, seed, training, relu, noise_std, write_mask = inputs
     needs = [bool(ctx.needs_input_grad[_INPUT_POSITIONS[name]]) for name in GRADIENTS]
     needs[1] = needs[1] and weight is not None
     needs[2] = needs[2] and bias is not None
-    ctx.flags = (training, relu, needs, bias.dtype if bias is not None else None, noise_std)
-    # Without states and noise the ReLU's mask is recomputed from x (the backward never reads out).
-    keep_out = relu and (u is not None or noise_std > 0)
+    ctx.flags = (training, relu, needs, bias.dtype if bias is not None else None, u is not None)
+    # With the states the ReLU's mask is the forward's 1-bit mask (out is never kept); without them (the
+    # no-state mode) the backward recomputes it from x.
+    mask = output[1] if relu and u is not None else None
     ctx.save_for_backward(
-        x, mean, invstd, weight, bias, u if needs[5] else None, u_prev if needs[5] else None,
-        output if keep_out else None, k, scale,
-    )  # fmt: skip
+        x, mean, invstd, weight, bias, u if needs[5] else None, u_prev if needs[5] else None, mask, k, scale
+    )
+
+
+def _cast(t: Tensor, like: Tensor) -> Tensor:
+    return t if t.dtype == like.dtype else t.to(like.dtype)
 
 
 def _input_grads(reduce_op, backward_op, ctx, grad_out, grad_shortcut=None) -> tuple:
     """Gradients for every input of the forward op (None where not needed): the reduction pass when a sum
     is needed, then the pass that writes the activation gradients (adding ``grad_shortcut``, the gradient of
-    the shortcut output of :func:`batch_norm_lm_step_with_shortcut`, into grad_u)."""
-    x, mean, invstd, weight, bias, u, u_prev, out, k, scale = ctx.saved_tensors
-    training, relu, needs, bias_dtype, noise_std = ctx.flags
+    the shortcut output of :func:`batch_norm_lm_step_with_shortcut`, into grad_u). No other op: the kernels
+    take the sums, not their means, and every gradient comes out in the dtype it is needed in."""
+    x, mean, invstd, weight, bias, u, u_prev, mask, k, scale = ctx.saved_tensors
+    training, relu, needs, bias_dtype, has_state = ctx.flags
+    if relu and has_state and (mask is None or mask.numel() == 0):
+        raise RuntimeError("mask: the forward was called with write_mask=False, but a gradient is needed")
     need_x, need_weight, need_bias, need_u, need_u_prev, need_k = needs
     grad_weight = grad_bias = grad_k = None
-    mean_dy = mean_dy_xhat = mean
+    sum_dy = sum_dy_xhat = mean  # stand-ins, not read outside training
     if need_weight or need_bias or need_k or (need_x and training):
-        # A noise-free step that reads u and u_prev for grad_k recomputes the ReLU's mask from them and x
-        # rather than reading out too (1 X less).
-        reduce_out = None if (need_k and noise_std == 0) else out
-        reduce_args = (grad_out, x, mean, invstd, weight, bias, u, u_prev, k, reduce_out, scale, relu, need_k)
-        sum_dy, sum_dy_xhat, per_channel_k = reduce_op(*reduce_args)
-        count = x.numel() // x.shape[1]
-        mean_dy, mean_dy_xhat = sum_dy / count, sum_dy_xhat / count
-        grad_weight = sum_dy_xhat.to(weight.dtype) if need_weight else None
-        grad_bias = sum_dy.to(bias_dtype) if need_bias else None
-        if need_k:
-            grad_k = (per_channel_k.sum() if k.numel() == 1 else per_channel_k).reshape(k.shape).to(k.dtype)
+        reduce_args = (grad_out, x, mean, invstd, weight, bias, u, u_prev, k, mask, scale, relu, need_k)
+        sum_dy, sum_dy_xhat, grad_k = reduce_op(*reduce_args)
+        grad_weight = _cast(sum_dy_xhat, weight) if need_weight else None
+        grad_bias = sum_dy.to(bias_dtype) if need_bias and sum_dy.dtype != bias_dtype else sum_dy
+        grad_bias = grad_bias if need_bias else None
+        grad_k = _cast(grad_k, k) if need_k else None
     grad_x = grad_u = grad_u_prev = None
     if need_x or need_u or need_u_prev:
-        grads = backward_op(grad_out, grad_shortcut, x, mean, invstd, weight, bias, mean_dy, mean_dy_xhat,
-                            out, k, scale, training, relu, need_x, need_u, need_u_prev)  # fmt: skip
+        grads = backward_op(grad_out, grad_shortcut, x, mean, invstd, weight, bias, sum_dy, sum_dy_xhat,
+                            mask, k, scale, training, relu, need_x, need_u, need_u_prev)  # fmt: skip
         wanted = (need_x, need_u, need_u_prev)
         grad_x, grad_u, grad_u_prev = (g if n else None for g, n in zip(grads, wanted, strict=True))
-    constants = (None,) * 5  # scale, seed, training, relu, noise_std
+    constants = (None,) * 6  # scale, seed, training, relu, noise_std, write_mask
     return (grad_x, None, None, grad_weight, grad_bias, grad_u, grad_u_prev, grad_k) + constants
 
 
@@ -341,12 +424,13 @@ def _register(backend: str, implementations: tuple[Callable, ...] | None) -> tup
             torch.library.define(f"lmfused::{name}", schema)
             ops.append(getattr(torch.ops.lmfused, name).default)
         else:
-            ops.append(make(f"lmfused::{name}", mutates_args=(), schema=schema)(implementations[i]))
+            mutates = ("running_mean", "running_var") if i == 0 else ()
+            ops.append(make(f"lmfused::{name}", mutates_args=mutates, schema=schema)(implementations[i]))
         torch.library.register_fake(f"lmfused::{name}", fake)
     _, _, reduce_op, backward_op = ops
     torch.library.register_autograd(
         f"lmfused::{names[1]}",
-        lambda ctx, grad_out: _input_grads(reduce_op, backward_op, ctx, grad_out),
+        lambda ctx, grad_out, grad_mask: _input_grads(reduce_op, backward_op, ctx, grad_out),
         setup_context=_setup_context,
     )
     return tuple(ops)
@@ -444,9 +528,9 @@ class _EagerBatchNormStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend, with_shortcut, needs_input_grad, *inputs):
-        out = _OPS[backend][1](*inputs)  # grad mode is off here: straight to the backend's kernel
+        out, mask = _OPS[backend][1](*inputs)  # grad mode is off here: straight to the backend's kernel
         ctx.needs_input_grad = needs_input_grad  # of the op's inputs, as _setup_context reads them
-        _setup_context(ctx, inputs, out)
+        _setup_context(ctx, inputs, (out, mask))
         ctx.backend = backend
         ctx.zero_grad_out = zero_gradient_like(out)
         ctx.set_materialize_grads(False)  # an unused shortcut's gradient stays None: nothing to add
@@ -474,31 +558,24 @@ def _batch_norm_step(
                            momentum, eps)  # fmt: skip
     backend = _backend(backend, x.device.type)
     stats_op, forward_op, *_ = _OPS[backend]
-    cd = compute_dtype(x.dtype)
-    if training and x.numel() == 0:  # as F.batch_norm: an empty result, running statistics untouched
-        mean, var = x.new_zeros((x.shape[1],), dtype=cd), x.new_ones((x.shape[1],), dtype=cd)
-    elif training:
-        with torch.no_grad():
-            mean, var = stats_op(x)
-            if running_mean is not None:
-                count = x.numel() // x.shape[1]
-                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                unbiased = var * (count / (count - 1))
-                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-    else:
-        mean, var = running_mean.detach().to(cd), running_var.detach().to(cd)
-    invstd = torch.rsqrt(var + eps)
+    if u is not None:  # every pass then walks one layout, the one the ReLU's mask is laid out in
+        x = to_layout(x, plan_layout(u).channels_last)  # (no copy when x already has it, as in the models)
+    with torch.no_grad():  # mean and invstd are constants to autograd (grad_x includes their gradient)
+        mean, invstd = stats_op(x, running_mean, running_var, training, float(momentum), float(eps))
     seed = None
     if noise_std > 0:
         seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64)
-    inputs = (x, mean, invstd, weight, bias, u, u_prev, k, scale, seed, training, relu, float(noise_std))
-    needs = tuple(isinstance(t, Tensor) and t.requires_grad for t in inputs)
-    if torch.is_grad_enabled() and any(needs) and not torch.compiler.is_compiling():
+    args = (x, mean, invstd, weight, bias, u, u_prev, k, scale, seed, training, relu, float(noise_std))
+    needs = tuple(isinstance(t, Tensor) and t.requires_grad for t in args)
+    grad_needed = torch.is_grad_enabled() and any(needs)
+    # The backward of a step with states reads the ReLU's mask from the forward's 1-bit mask, not from out.
+    inputs = (*args, relu and u is not None and grad_needed)
+    if grad_needed and not torch.compiler.is_compiling():
         if with_shortcut and u.requires_grad:  # (a u without gradient is its own shortcut)
             return _EagerBatchNormStep.apply(backend, True, needs, *inputs)
         out = _EagerBatchNormStep.apply(backend, False, needs, *inputs)
     else:
-        out = forward_op(*inputs)
+        out = forward_op(*inputs)[0]
     return (out, u) if with_shortcut else out
 
 
@@ -601,6 +678,6 @@ def batch_norm_relu(
         relu(BN(x)), same shape, dtype and layout as ``x``.
     """
     _check_tensor("x", x)
-    k = x.new_zeros((1,), dtype=torch.float32)  # unused without states; the op's schema takes one
+    k = x.new_empty((1,), dtype=torch.float32)  # never read without states; the op's schema takes one
     return _batch_norm_step(x, running_mean, running_var, weight, bias, None, None, k, training, momentum,
                             eps, None, True, 0.0, backend, with_shortcut=False)  # fmt: skip

@@ -1,6 +1,7 @@
 """Compile Triton kernels for sm_90 (Hopper) without a GPU: what the interpreter never checks.
 
     python tests/compile_triton_sm90.py MODULE [KERNEL ...]      (default: every *_kernel of MODULE)
+    python tests/compile_triton_sm90.py --check-pre-activation     (issue 19 item 1, see below)
 
 Runs the real compiler (Triton IR, LLVM, ptxas from the Triton wheel) on every kernel given, for these
 variants of its boolean constexpr flags (block sizes and other integer constexprs fixed):
@@ -11,11 +12,23 @@ variants of its boolean constexpr flags (block sizes and other integer constexpr
 
 Prints one line per variant and exits 1 if any fails to compile. Run it in a process without
 TRITON_INTERPRET (the interpreter replaces the kernels by Python functions).
+
+--check-pre-activation: the batch-norm forward and the two backward passes that recompute the ReLU's mask
+(the no-state mode) must compute the pre-activation by the same instruction sequence, or the recomputed mask
+can disagree with the forward's output. For every flag combination that touches it (weight, bias, scale;
+both layouts; bf16, fp16, fp32) it reads each kernel's sm_90 PTX, takes the value every float comparison
+against a constant tests (the forward's ReLU, the backward's rounded sign), follows its definitions back to
+the loaded values, and writes the expression tree (opcodes with their rounding modifiers; commutative
+operands sorted, as IEEE addition and multiplication commute exactly). The three kernels' sets of trees
+must be equal, and no tree may hold a plain mul.f32 feeding a plain add/sub.f32 (a pair ptxas may contract
+into an FFMA in one kernel and not in another). Exits 1 otherwise.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
+import re
 import sys
 
 import triton
@@ -23,24 +36,54 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 # Integer constexprs (block sizes, vector widths, loop counts); every other constexpr is a boolean flag.
-BLOCKS = {"BLOCK_M": 16, "BLOCK_L": 256, "BLOCK": 1024, "VEC": 8, "ROW_ITERS": 2}
+BLOCKS = {
+    "BLOCK_M": 8, "BLOCK_L": 256, "BLOCK_A": 8, "BLOCK_B": 256, "BLOCK_C": 256, "MERGE_ROWS": 16,
+    "BLOCK": 1024, "VEC": 8, "ROW_ITERS": 2,
+}  # fmt: skip
+# Pointers that are not activations: per-channel and per-sample vectors (float32, or float64 with float64
+# activations), the mask, ticket counters, the noise seed.
+VECTOR_POINTERS = {
+    "mean_ptr", "invstd_ptr", "weight_ptr", "bias_ptr", "k_ptr", "scale_ptr", "partial_ptr",
+    "running_mean_ptr", "running_var_ptr", "sum_dy_ptr", "sum_dy_xhat_ptr", "grad_k_ptr", "shift_ptr",
+}  # fmt: skip
+OTHER_POINTERS = {"seed_ptr": "*i64", "mask_ptr": "*u8", "counter_ptr": "*i32"}
 
 
 def _signature(kernel, pointer: str) -> dict[str, str]:
     signature = {}
+    vector = "*fp64" if pointer == "*fp64" else "*fp32"
     for param in kernel.params:
         name = param.name
         if param.is_constexpr:
             signature[name] = "constexpr"
-        elif name == "seed_ptr":
-            signature[name] = "*i64"
+        elif name in OTHER_POINTERS:
+            signature[name] = OTHER_POINTERS[name]
+        elif name in VECTOR_POINTERS:
+            signature[name] = vector
         elif name.endswith("_ptr"):
             signature[name] = pointer
-        elif "std" in name:
+        elif name in ("noise_std", "momentum", "eps"):
             signature[name] = "fp32"  # a Python float argument
         else:
             signature[name] = "i64"
     return signature
+
+
+def compile_variant(kernel, pointer: str, flags: dict, blocks: dict | None = None, num_warps: int = 4):
+    """Compile ``kernel`` for sm_90 with ``pointer`` activations, ``flags`` (others off) and ``blocks``."""
+    names = {p.name for p in kernel.params}
+    constexprs = {k: v for k, v in {**BLOCKS, **(blocks or {})}.items() if k in names}
+    constexprs.update({p.name: False for p in kernel.params if p.is_constexpr and p.name not in constexprs})
+    constexprs.update(flags)
+    if "FP64" in names:
+        constexprs["FP64"] = pointer == "*fp64"
+    signature = _signature(kernel, pointer)
+    # As a launch specialises them: pointers 16-byte aligned (the launchers copy misaligned views).
+    attrs = {
+        (i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params) if signature[p.name][0] == "*"
+    }
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
 def variants(kernel) -> list[tuple[str, dict, dict]]:
@@ -70,7 +113,139 @@ def variants(kernel) -> list[tuple[str, dict, dict]]:
     return out
 
 
+_INSTRUCTION = re.compile(r"^\s*(?:@%\w+\s+)?([a-z][\w.]*)\s+([^;]*);")
+_ARITHMETIC = re.compile(r"^(add|sub|mul|fma|neg|div|abs|min|max)(\.[a-z0-9]+)*\.f(32|64)$")
+_COMMUTATIVE = ("add", "mul", "fma", "min", "max")
+
+
+def _definitions(ptx: str) -> tuple[dict[str, tuple[str, list[str]]], list[tuple[str, list[str]]]]:
+    """(register -> (opcode, operands)) of single-destination instructions, and every instruction."""
+    defs, instructions = {}, []
+    for line in ptx.splitlines():
+        match = _INSTRUCTION.match(line)
+        if not match or match.group(1).startswith((".", "//")):
+            continue
+        opcode, operands = match.group(1), [o.strip() for o in match.group(2).split(",")]
+        instructions.append((opcode, operands))
+        if operands and operands[0].startswith("%") and not opcode.startswith(("st.", "setp")):
+            defs[operands[0]] = (opcode, operands[1:])
+    return defs, instructions
+
+
+def _tree(register: str, defs, contractible: list[str], depth: int = 0) -> str:
+    """The expression tree of ``register``: arithmetic opcodes down to leaves (loads, conversions: "v";
+    literals as written)."""
+    if not register.startswith("%"):
+        return register
+    opcode, operands = defs.get(register, ("leaf", []))
+    if not _ARITHMETIC.match(opcode) or depth > 32:
+        return "v"
+    base = opcode.split(".")[0]
+    if base in ("add", "sub") and ".rn" not in opcode:
+        for operand in operands:
+            inner = defs.get(operand, ("", []))[0]
+            if inner.startswith("mul") and ".rn" not in inner:
+                contractible.append(f"{inner} -> {opcode}")
+    args = [_tree(o, defs, contractible, depth + 1) for o in operands]
+    if base in _COMMUTATIVE:
+        args[:2] = sorted(args[:2])
+    return f"{opcode}({', '.join(args)})"
+
+
+def pre_activation_trees(ptx: str) -> tuple[set[str], list[str]]:
+    """The trees of the values float comparisons against a constant test (conversion chains at the root
+    stripped), keeping those with arithmetic; and any plain mul feeding a plain add/sub inside them."""
+    defs, instructions = _definitions(ptx)
+    trees, contractible = set(), []
+    for opcode, operands in instructions:
+        if not re.match(r"^setp\.\w+\.f(32|64)$", opcode) or len(operands) < 3:
+            continue
+        if not (operands[2].startswith("0f") or operands[2].startswith("0d") or operands[2] == operands[1]):
+            continue
+        register = operands[1]
+        while defs.get(register, ("", []))[0].startswith("cvt"):
+            register = defs[register][1][0]
+        tree = _tree(register, defs, contractible)
+        if "(" in tree:
+            trees.add(tree)
+    return trees, contractible
+
+
+def check_pre_activation() -> int:
+    """--check-pre-activation (module docstring)."""
+    from lmfused.triton_kernels import batch_norm_lm_step as bn
+
+    kernels = {
+        "forward": (bn.batch_norm_lm_step_forward_kernel, {"RELU": True}),
+        "backward_reduce": (
+            bn.batch_norm_lm_step_backward_reduce_kernel,
+            {"RELU": True, "MASK_FROM_X": True},
+        ),
+        "backward": (
+            bn.batch_norm_lm_step_backward_kernel,
+            {"RELU": True, "MASK_FROM_X": True, "NEED_X": True, "TRAINING": True},
+        ),
+    }
+    failures = 0
+    combos = list(itertools.product((False, True), repeat=3))
+    dtypes = ("*bf16", "*fp16", "*fp32")
+    for pointer, layout, (weight, bias, scale) in itertools.product(dtypes, (True, False), combos):
+        if pointer != "*bf16" and not (weight and bias and scale):
+            continue  # every combination in bf16; the other dtypes with everything on
+        flags = {"HAS_WEIGHT": weight, "HAS_BIAS": bias, "HAS_SCALE": scale, "CHANNELS_LAST": layout}
+        label = f"{pointer} channels_last={layout} weight={weight} bias={bias} scale={scale}"
+        found = {}
+        for name, (kernel, own) in kernels.items():
+            trees, contractible = pre_activation_trees(
+                compile_variant(kernel, pointer, {**flags, **own}).asm["ptx"]
+            )
+            found[name] = trees
+            if contractible:
+                failures += 1
+                print(f"FAIL  {label}: {name} has ptxas-contractible pairs {sorted(set(contractible))}")
+        same = found["forward"] and all(trees == found["forward"] for trees in found.values())
+        if same:
+            print(f"ok    {label}: {sorted(found['forward'])}")
+        else:
+            failures += 1
+            print(f"FAIL  {label}: " + "; ".join(f"{name} {sorted(trees)}" for name, trees in found.items()))
+    return failures + check_ticket_order()
+
+
+def check_ticket_order() -> int:
+    """The merge's memory ordering in the PTX of the reductions: a CTA barrier before the ticket's
+    acquire-release atomic (every thread's partial stores ordered before the release), and the last
+    program's reads of the partials through L2 (ld.global.cg) after it (module docstring of
+    lmfused.triton_kernels.batch_norm_lm_step, "Merge")."""
+    from lmfused.triton_kernels import batch_norm_lm_step as bn
+
+    failures = 0
+    for kernel, flags in (
+        (bn.batch_norm_stats_kernel, {"CHANNELS_LAST": True, "HAS_RUNNING": True}),
+        (
+            bn.batch_norm_lm_step_backward_reduce_kernel,
+            {"CHANNELS_LAST": True, "NEED_K": True, "SCALAR_K": True},
+        ),
+    ):
+        lines = [line.strip() for line in compile_variant(kernel, "*bf16", flags).asm["ptx"].splitlines()]
+        atomics = [i for i, line in enumerate(lines) if re.search(r"\batom\.global\.(gpu\.)?acq_rel", line)]
+        ok = bool(atomics)
+        for index in atomics:
+            before = [line for line in lines[max(0, index - 12) : index] if line.startswith("bar.sync")]
+            after = [line for line in lines[index:] if "ld.global.cg" in line]
+            ok = ok and bool(before) and bool(after)
+        status = "ok  " if ok else "FAIL"
+        what = f"{len(atomics)} acq_rel ticket(s) after bar.sync, partials read by ld.global.cg"
+        print(f"{status}  {kernel.fn.__name__}: {what}")
+        failures += not ok
+    return failures
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--check-pre-activation"]:
+        return check_pre_activation()
+    if argv[:1] == ["--table"]:
+        return table()
     module = importlib.import_module(argv[0])
     names = argv[1:] or sorted(
         name
@@ -87,7 +262,7 @@ def main(argv: list[str]) -> int:
             label = f"{name} {variant}"
             try:
                 source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-                compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+                compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
                 assert "cubin" in compiled.asm, "no cubin"
                 print(f"ok    {label}")
             except Exception as exc:  # noqa: BLE001 - report every variant, then fail
@@ -97,6 +272,115 @@ def main(argv: list[str]) -> int:
                     cause = cause.__cause__
                 print(f"FAIL  {label}: {type(cause).__name__}: {str(cause).splitlines()[-1][:300]}")
     return 1 if failures else 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --table: the static performance table of the batch-norm Triton kernels (issue 19 item 8)
+# ---------------------------------------------------------------------------------------------------------
+
+_WIDTH = {
+    "v4.b32": 16, "v2.b32": 8, "v4.b16": 8, "b32": 4, "v2.b16": 4, "b16": 2, "b8": 1, "u8": 1, "v2.b64": 16,
+    "b64": 8, "v4.b64": 32,
+}  # fmt: skip
+_GLOBAL = re.compile(r"\b(ld|st)\.global(?:\.[a-z0-9_]+)*?\.((?:v[24]\.)?[bu](?:8|16|32|64))\b")
+# H100 SXM and H200: HBM bandwidth (bytes/s), SMs; a DRAM load latency of 700 ns (an assumption).
+GPUS = {"H100": (3.35e12, 132), "H200": (4.8e12, 132)}
+LATENCY_S = 700e-9
+
+
+def _resources(cubin: bytes) -> dict[str, int]:
+    import os
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+
+
+def _loads_in_flight(ptx: str) -> int:
+    """Bytes of global loads a thread issues before the first instruction that uses one of them (PTX order:
+    the first streaming stretch of the kernel or of its loop body)."""
+    defined, total, started = set(), 0, False
+    for line in ptx.splitlines():
+        match = _GLOBAL.search(line)
+        if match and match.group(1) == "ld":
+            started = True
+            total += _WIDTH.get(match.group(2), 4)
+            defined.update(re.findall(r"%r[sd]?\d+", line.split("[")[0].split("}")[0]))
+            continue
+        if started and not line.strip().startswith(("mov.u", "mov.b32 %r", "//", ".loc", "$L", "@")):
+            operands = re.findall(r"%r[sd]?\d+", line.split(",", 1)[1] if "," in line else "")
+            if defined.intersection(operands):
+                break
+    return total
+
+
+def _wide_fraction(ptx: str) -> float:
+    accesses = [_WIDTH.get(m.group(2), 4) for m in _GLOBAL.finditer(ptx)]
+    return sum(w for w in accesses if w >= 8) / max(1, sum(accesses))
+
+
+def table() -> int:
+    """Print the markdown table of bench/NOTES.md "Static table: Triton kernels (sm_90)"."""
+    import torch
+    from lmfused.triton_kernels import batch_norm_lm_step as bn
+
+    from lmfused._layout import plan_layout
+
+    shapes = [
+        ("64x256x56x56 cl", (64, 256, 56, 56), True),
+        ("64x2048x7x7 cl", (64, 2048, 7, 7), True),
+        ("64x1024x14x14 cf", (64, 1024, 14, 14), False),
+    ]
+    print("| kernel | shape (bf16) | tile | regs | local B | CTAs/SM | in flight/thread | in flight/SM "
+          "| wide "
+          "| H100 | H200 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, shape, channels_last in shapes:
+        x = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        plan = plan_layout(x)
+        vec = bn._vec(int(plan.row_len), 2)
+        stats = bn.reduction_shape(plan, 2, 64)[:2]
+        reduce = bn.reduction_shape(plan, 2, 32)[:2]
+        tile = bn.elementwise_shape(channels_last, int(plan.rows), int(plan.row_len), 2)[:2]
+        common = {"CHANNELS_LAST": channels_last, "VEC": vec}
+        kernels = [
+            ("stats", bn.batch_norm_stats_kernel, {"HAS_RUNNING": True},
+             dict(zip(("BLOCK_A", "BLOCK_B"), stats, strict=True))),
+            ("forward", bn.batch_norm_lm_step_forward_kernel,
+             {"HAS_STATE": True, "HAS_WEIGHT": True, "HAS_BIAS": True, "RELU": True, "WRITE_MASK": True,
+              "PER_CHANNEL_K": True}, dict(zip(("BLOCK_M", "BLOCK_L"), tile, strict=True))),
+            ("reduce", bn.batch_norm_lm_step_backward_reduce_kernel,
+             {"HAS_WEIGHT": True, "HAS_BIAS": True, "RELU": True, "NEED_K": True},
+             dict(zip(("BLOCK_A", "BLOCK_B"), reduce, strict=True))),
+            ("backward", bn.batch_norm_lm_step_backward_kernel,
+             {"HAS_WEIGHT": True, "HAS_BIAS": True, "RELU": True, "HAS_SHORTCUT": True, "TRAINING": True,
+              "PER_CHANNEL_K": True, "NEED_X": True, "NEED_U": True, "NEED_U_PREV": True},
+             dict(zip(("BLOCK_M", "BLOCK_L"), tile, strict=True))),
+        ]  # fmt: skip
+        for name, kernel, flags, blocks in kernels:
+            compiled = compile_variant(kernel, "*bf16", {**common, **flags}, blocks, num_warps=bn.NUM_WARPS)
+            res = _resources(compiled.asm["cubin"])
+            threads = 32 * bn.NUM_WARPS
+            regs = -(-max(res.get("REG", 0), 1) // 8) * 8
+            ctas = min(32, 2048 // threads, 65536 // (regs * threads),
+                       (228 * 1024) // max(1, res.get("SHARED", 0) + 1024))  # fmt: skip
+            per_thread = _loads_in_flight(compiled.asm["ptx"])
+            per_sm = per_thread * threads * ctas
+            fractions = [min(1.0, per_sm / (bw * LATENCY_S / sms)) for bw, sms in GPUS.values()]
+            tile_text = "x".join(str(v) for v in blocks.values())
+            local = res.get("LOCAL", 0) + res.get("STACK", 0)
+            wide = _wide_fraction(compiled.asm["ptx"])
+            print(f"| {name} | {label} | {tile_text} | {res.get('REG')} | {local} | {ctas} | {per_thread} B "
+                  f"| {per_sm / 1024:.0f} KB | {wide:.2f} | {fractions[0]:.2f} "
+                  f"| {fractions[1]:.2f} |")  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":

@@ -140,20 +140,19 @@ def test_opcheck_without_states(backend):
     """The registered ops in the no-state mode (u, u_prev None), and the backward passes without out."""
     stats_op, forward_op, reduce_op, backward_op = _OPS[backend]
     for layout, training in (("contiguous", True), ("channels_last", False)):
-        x, _, _, weight, bias = make_case((2, 3, 4, 5), torch.float32, layout, affine=True)
-        mean, var = stats_op(x)
-        invstd = torch.rsqrt(var + 1e-5)
+        x, running_mean, running_var, weight, bias = make_case(
+            (2, 3, 4, 5), torch.float32, layout, affine=True
+        )
+        mean, invstd = stats_op(x, running_mean, running_var, training, 0.1, 1e-5)
         k = torch.zeros(1, device=DEVICE)
-        args = (x, mean, invstd, weight, bias, None, None, k, None, None, training, True, 0.0)
+        args = (x, mean, invstd, weight, bias, None, None, k, None, None, training, True, 0.0, False)
         torch.library.opcheck(forward_op, args)
         grad_out = torch.randn_like(x)
         reduce_args = (grad_out, x, mean, invstd, weight, bias, None, None, k, None, None, True, False)
         torch.library.opcheck(reduce_op, reduce_args)
         sum_dy, sum_dy_xhat, _ = reduce_op(*reduce_args)
-        count = x.numel() // x.shape[1]
-        means = (sum_dy / count, sum_dy_xhat / count)
-        backward_args = (grad_out, None, x, mean, invstd, weight, bias, *means, None, k, None, training, True,
-                         True, False, False)  # fmt: skip
+        backward_args = (grad_out, None, x, mean, invstd, weight, bias, sum_dy, sum_dy_xhat, None, k, None,
+                         training, True, True, False, False)  # fmt: skip
         torch.library.opcheck(backward_op, backward_args)
 
 

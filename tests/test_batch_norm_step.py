@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmfused.batch_norm_step import _OPS, batch_norm_lm_step
+from lmfused.batch_norm_step import _OPS, batch_norm_lm_step, mask_shape, pack_mask, unpack_mask
 from lmfused.reference import lm_step_eager
 from tests.conftest import DEVICE
 from tests.helpers import DTYPES, LAYOUTS, in_layout
@@ -158,9 +158,9 @@ def test_running_statistics_momentum_and_eps(backend):
 def test_statistics_of_a_large_mean(backend):
     """A channel whose mean dwarfs its spread (1000 +- 0.01): the variance keeps its digits."""
     x = (1000 + 0.01 * torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))).to(DEVICE)
-    mean, var = _OPS[backend][0](x)
+    mean, invstd = _OPS[backend][0](x, None, None, True, 0.1, 1e-5)
     want = x.double().var(dim=(0, 2, 3), unbiased=False)
-    torch.testing.assert_close(var.double(), want, rtol=1e-3, atol=0)
+    torch.testing.assert_close(invstd.double().pow(-2) - 1e-5, want, rtol=1e-3, atol=0)
     torch.testing.assert_close(mean.double(), x.double().mean(dim=(0, 2, 3)), rtol=1e-6, atol=0)
 
 
@@ -197,44 +197,48 @@ def test_backward_is_deterministic(backend):
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(backend, requires_grad):
+    """The four registered ops through torch.library.opcheck (schema, fake, autograd registration), the
+    statistics op with its mutable running statistics in training and evaluation."""
     stats_op, forward_op, reduce_op, backward_op = _OPS[backend]
     samples = []
     for layout, training, relu, affine in (
         ("contiguous", True, True, True),
         ("channels_last", False, False, True),
         ("permuted", True, False, False),
+        ("channels_last", True, True, False),
     ):
         case = make_case(
             (2, 3, 4, 5), torch.float32, layout, per_channel_k=training, with_scale=relu, affine=affine
         )
         x, running_mean, running_var, weight, bias, u, u_prev, k, scale = case
-        mean, var = stats_op(x)
-        invstd = torch.rsqrt(var + 1e-5)
+        for running in ((running_mean, running_var), (None, None)):
+            if training or running[0] is not None:
+                torch.library.opcheck(stats_op, (x, *running, training, 0.1, 1e-5))
+        mean, invstd = stats_op(x, running_mean.clone(), running_var.clone(), training, 0.1, 1e-5)
         tensors = [
             t.requires_grad_(requires_grad) if t is not None else None
             for t in (x, weight, bias, u, u_prev, k)
         ]
         x, weight, bias, u, u_prev, k = tensors
-        samples.append((x, mean, invstd, weight, bias, u, u_prev, k, scale, None, training, relu, 0.0))
+        samples.append((x, mean, invstd, weight, bias, u, u_prev, k, scale, None, training, relu, 0.0, relu))
     for args in samples:
         torch.library.opcheck(forward_op, args)
-        torch.library.opcheck(stats_op, (args[0].detach(),))
-        x, mean, invstd, weight, bias, u, u_prev, k, scale, _, training, relu, _ = args
-        out = forward_op(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+        x, mean, invstd, weight, bias, u, u_prev, k, scale, _, training, relu, _, _ = args
+        out, mask = forward_op(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+        assert mask.dtype == torch.uint8 and mask.shape == (mask_shape(out) if relu else (0,))
         grad_out = torch.randn_like(out)
         x, weight, bias, u, u_prev, k = (
             t.detach() if t is not None else None for t in (x, weight, bias, u, u_prev, k)
         )
-        reduce_args = (grad_out, x, mean, invstd, weight, bias, u, u_prev, k, out, scale, relu, True)
+        mask = mask if relu else None
+        reduce_args = (grad_out, x, mean, invstd, weight, bias, u, u_prev, k, mask, scale, relu, True)
         torch.library.opcheck(reduce_op, reduce_args)
-        recomputed = reduce_op(*reduce_args[:9], None, *reduce_args[10:])  # the mask from x, u, u_prev
-        for got, want in zip(recomputed, reduce_op(*reduce_args), strict=True):
-            assert torch.equal(got, want)
-        sum_dy, sum_dy_xhat, _ = reduce_op(*reduce_args)
-        count = x.numel() // x.shape[1]
+        torch.library.opcheck(reduce_op, (*reduce_args[:-1], False))
+        sum_dy, sum_dy_xhat, grad_k = reduce_op(*reduce_args)
+        assert grad_k.shape == k.shape
         for needs in ((True, True, True), (True, False, True), (False, True, False)):
-            backward_args = (grad_out, grad_out.flip(0), x, mean, invstd, weight, bias, sum_dy / count,
-                             sum_dy_xhat / count, out, k, scale, training, relu, *needs)  # fmt: skip
+            backward_args = (grad_out, grad_out.flip(0), x, mean, invstd, weight, bias, sum_dy, sum_dy_xhat,
+                             mask, k, scale, training, relu, *needs)  # fmt: skip
             torch.library.opcheck(backward_op, backward_args)
 
 
@@ -370,24 +374,49 @@ def test_bits_do_not_depend_on_storage_offset(backend, offset):
 
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("dtype", (*DTYPES, torch.float64), ids=str)
-def test_reduction_recomputes_the_mask_of_its_own_forward(backend, dtype):
-    """The backward reduction without out (a noise-free step that reads u and u_prev for grad_k) recomputes
-    the ReLU's mask from x, u and u_prev: bitwise the same sums as with the forward's own out, in both
-    layouts, scalar and per-channel k, with and without the per-sample scale and the affine parameters."""
-    stats_op, forward_op, reduce_op, _ = _OPS[backend]
+def test_mask_is_the_sign_of_the_stored_output(backend, dtype):
+    """The forward's 1-bit mask has bit (r, j) set exactly where the stored output is not <= 0 (out > 0 or
+    NaN), padding bits 0, in both layouts, odd row lengths, scalar and per-channel k, scale, affine, noise;
+    and the backward passes given that mask equal those given the mask of out itself."""
+    stats_op, forward_op, reduce_op, backward_op = _OPS[backend]
+    shapes = ((3, 6, 5, 7), (2, 12, 3, 3), (4, 9))
     for index, (layout, per_channel_k, with_scale, affine) in enumerate(
         itertools.product(("contiguous", "channels_last"), (False, True), (False, True), (False, True))
     ):
-        case = make_case((3, 6, 5, 7), dtype, layout, per_channel_k=per_channel_k, with_scale=with_scale,
+        shape = shapes[index % len(shapes)]
+        case = make_case(shape, dtype, layout, per_channel_k=per_channel_k, with_scale=with_scale,
                          affine=affine, seed=index)  # fmt: skip
         x, _, _, weight, bias, u, u_prev, k, scale = case
-        mean, var = stats_op(x)
-        invstd = torch.rsqrt(var + 1e-5)
-        out = forward_op(x, mean, invstd, weight, bias, u, u_prev, k, scale, None, True, True, 0.0)
+        mean, invstd = stats_op(x, None, None, True, 0.1, 1e-5)
+        noise = 0.5 if index % 3 == 0 else 0.0
+        seed = torch.tensor([index], device=DEVICE) if noise else None
+        out, mask = forward_op(x, mean, invstd, weight, bias, u, u_prev, k, scale, seed, True, True, noise,
+                               True)  # fmt: skip
         assert (out == 0).any() and (out > 0).any()
-        grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(index)).to(dtype).to(DEVICE)
-        args = [grad_out, x, mean, invstd, weight, bias, u, u_prev, k, out, scale, True, True]
-        read = reduce_op(*args)
-        args[9] = None
-        for got, want in zip(reduce_op(*args), read, strict=True):
-            assert torch.equal(got, want), (layout, per_channel_k, with_scale, affine)
+        want = pack_mask(~(out <= 0))
+        assert mask.shape == mask_shape(out) and torch.equal(mask, want), (layout, index)
+        assert torch.equal(unpack_mask(mask, out), out > 0)
+        grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(index)).to(dtype).to(DEVICE)
+        sums = reduce_op(grad_out, x, mean, invstd, weight, bias, u, u_prev, k, mask, scale, True, True)
+        ref = _OPS["reference"][2](grad_out, x, mean, invstd, weight, bias, u, u_prev, k, want, scale, True,
+                                   True)  # fmt: skip
+        for got, ref_sum in zip(sums, ref, strict=True):
+            torch.testing.assert_close(got, ref_sum, rtol=1e-4, atol=1e-4 * math.sqrt(x.numel()))
+        grads = backward_op(grad_out, None, x, mean, invstd, weight, bias, *sums[:2], mask, k, scale, True,
+                            True, True, True, True)  # fmt: skip
+        ref = _OPS["reference"][3](grad_out, None, x, mean, invstd, weight, bias, *sums[:2], want, k, scale,
+                                   True, True, True, True, True)  # fmt: skip
+        for got, ref_grad in zip(grads, ref, strict=True):
+            torch.testing.assert_close(got, ref_grad, rtol=1e-2, atol=1e-2)
+
+
+def test_mask_packing_layout():
+    """pack_mask's layout by hand: channels-first rows are (n, c) planes, channels-last rows positions."""
+    passes = torch.zeros(2, 3, 2, 5, dtype=torch.bool)
+    passes[1, 2, 1, 4] = True  # channels-first: row 1 * 3 + 2 = 5, element 1 * 5 + 4 = 9: byte 1, bit 1
+    mask = pack_mask(passes)
+    assert mask.shape == (6, 2) and mask[5, 1].item() == 2 and mask.sum().item() == 2
+    last = passes.contiguous(memory_format=torch.channels_last)  # row (1 * 2 + 1) * 5 + 4 = 19, column 2
+    mask = pack_mask(last)
+    assert mask.shape == (20, 1) and mask[19, 0].item() == 4 and mask.sum().item() == 4
+    assert torch.equal(unpack_mask(mask, last), passes)

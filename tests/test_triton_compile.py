@@ -37,3 +37,18 @@ def test_kernels_compile_for_sm90(module):
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
     assert report.count("ok    ") >= 4, report
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="Triton's NVIDIA backend (with ptxas) is not installed")
+def test_pre_activation_is_one_instruction_sequence_in_the_sm90_ptx():
+    """Issue 19 item 1: the batch-norm forward and the backward passes that recompute the ReLU's mask compute
+    the pre-activation by the same PTX instructions (no contraction differs), and the reductions' merge
+    orders its ticket after a CTA barrier and reads the partials through L2."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--check-pre-activation"], env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report
+    assert report.count("ok    ") >= 20 and "FAIL" not in report, report

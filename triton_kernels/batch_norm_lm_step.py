@@ -1,24 +1,52 @@
-"""Triton kernels of the batch-norm-fused LM step (DESIGN.md 1b) and their launchers.
+"""Triton kernels of the batch-norm-fused LM step (DESIGN.md 1b) and their launchers: one launch per op.
 
-Four kernels over the same [BLOCK_M, BLOCK_L] tiles of ``lmfused._layout``'s 2-D view as the LM step's:
+The activation is the 2-D matrix of ``lmfused._layout`` (M rows of L contiguous elements; channels-last: a
+row is a position and column l channel l; channels-first: row m is channel m % C of sample m // C).
 
-* ``batch_norm_stats_kernel``: per-channel partial sums of (x - c) and (x - c)^2, c = the channel's first
-  element (a shift that keeps the variance free of cancellation when the mean is large);
-* ``batch_norm_lm_step_forward_kernel``: out = act((1 - k) u + k u_prev + s ((x - mean) gain + bias) + noise),
-  or without u and u_prev (the no-state mode: a branch's own batch norm + ReLU) act(s (...) + noise);
-* ``batch_norm_lm_step_backward_reduce_kernel``: per-channel partial sums of dy, dy * xhat and
-  g * (u_prev - u), where g is the output gradient masked by the ReLU and dy = s g;
+* ``batch_norm_stats_kernel`` (training): per-channel sums of x - c and (x - c)^2 (c = the channel's first
+  element, a shift that keeps the variance free of cancellation when the mean is large), merged in the same
+  launch into mean, invstd and the running statistics (see "Merge" below);
+* ``batch_norm_eval_stats_kernel`` (evaluation): mean and invstd of the running statistics;
+* ``batch_norm_lm_step_forward_kernel``: out = act((1 - k) u + k u_prev + s ((x - mean) gain + bias) + noise)
+  (without u and u_prev, the no-state mode: act(s (...) + noise)), and the ReLU's 1-bit mask of the stored
+  output (bit j % 8 of byte [r, j // 8] for element (r, j));
+* ``batch_norm_lm_step_backward_reduce_kernel``: per-channel sums of dy, dy * xhat and g * (u_prev - u)
+  (g: the output gradient through the ReLU's mask, dy = s g), merged in the same launch (for a scalar k
+  over the channels too);
 * ``batch_norm_lm_step_backward_kernel``: grad_x, grad_u (plus the shortcut output's gradient) and
-  grad_u_prev from those sums.
+  grad_u_prev from those sums (count divided in the kernel).
 
-The ReLU's mask comes from out, or (noise-free calls) from the forward's pre-activation recomputed by the same
-code and rounded to x's dtype, which has out's sign: in the no-state mode from x (the backward reads only
-grad_out and x), and in the reduction of a step that reads u and u_prev for grad_k anyway from x, u, u_prev
-and k (one tensor fewer than also reading out).
+Rounding: the pre-activation has one operation order, written out with explicit fused multiply-adds
+(``_pre_activation``): (x - mean) gain + bias = fma(x - mean, gain, bias), s y + state = fma(s, y, state),
+state = fma(k, u_prev - u, u) (= u exactly for k = 0). No product feeds a separate addition, so neither
+LLVM nor ptxas can contract anything differently in the forward and in the no-state backward's recomputed
+mask (tests/compile_triton_sm90.py --check-pre-activation compares the two in the sm_90 PTX). The mask is
+compared in float32 after rounding to the activation dtype (an interpreter that compares bf16 values as
+integers then still gets the sign right).
 
-Partial sums are written per tile and channel (channels-first: one per row and column block; channels-last:
-one per row block and column) and summed by one torch reduction in a fixed order: no atomics, the same inputs
-give bitwise the same results. The tile shape is the LM step's, a fixed function of the shape.
+Merge (the reductions): program (p, b) of a P x B grid (P <= 128 row groups, B channel blocks) sums its row
+tiles in a fixed order, in registers, and stores one partial per channel: at most 128 x C staged values per
+sum. Then every thread's stores are ordered before one thread's atomic ticket by a CTA barrier
+(``tl.debug_barrier``: bar.sync), and the ticket is an ``atom.acq_rel.gpu`` add on the block's counter: its
+release half publishes the CTA's partials GPU-wide (PTX release is cumulative over what the barrier
+ordered before it); the program that draws ticket P - 1 is the last of its block, and its acquire half
+(plus the barrier Triton places after broadcasting the ticket) orders its reads of the other programs'
+partials after their stores; those reads are ``ld.global.cg`` (L2, never a stale L1 line). The last
+program sums the P partials in a fixed order (the same tile shape and loop every call), finishes the
+per-channel results and resets the counter to 0. The same pattern as the fused layer-norm backward of
+Triton's tutorials (stores, ``debug_barrier``, then the atomic that releases) and of PyTorch's channels-last
+batch norm (``__threadfence``, atomic ticket, last block merges). The result depends only on the shape,
+never on which program finishes last.
+
+Counters: int32 per channel block, zero at every launch: one zeroed buffer per (device, stream), kept by
+the launcher, every launch's last programs set their counters back to 0, and launches that share it are
+ordered by their stream. A CUDA graph captures the same kernels, so each replay also leaves it at zero;
+two streams never share one. (A traced call, torch.compile, takes a freshly zeroed buffer instead.)
+
+Tile shapes are a fixed function of the shape (no autotuning), with 16 or 32 bytes per thread and tensor per
+tile (4 independent 128-bit loads per thread in the statistics, 2 per tensor elsewhere) at 4 warps.
+Misaligned views are copied (rare; never in the models' layout): Triton compiles a variant per pointer
+alignment, whose register layout sets the order of the in-program sums.
 """
 
 from __future__ import annotations
@@ -28,7 +56,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from lmfused.triton_kernels.lm_step import _acc, _aligned, _cdiv, _launcher
+from lmfused.triton_kernels.lm_step import _acc, _aligned, _cdiv, _launcher, four_normals
 from torch import Tensor
 
 from lmfused._layout import Plan, empty_in_layout, plan_layout, to_layout
@@ -41,124 +69,393 @@ __all__ = [
 ]
 
 
+# --------------------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------------------
+
+
 @triton.jit
 def _tile(pid, M, L, num_l_blocks, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Block indices, rows, columns, element offsets (int64) and bounds masks of this program's tile."""
+    """Rows [BLOCK_M, 1], columns [1, BLOCK_L] (int64), element offsets and bounds mask of an elementwise
+    program's tile."""
     pid_m = pid // num_l_blocks
     pid_l = pid % num_l_blocks
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_l.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
-    row_ok = rows < M
-    col_ok = cols < L
-    offs = rows[:, None] * L + cols[None, :]
-    mask = row_ok[:, None] & col_ok[None, :]
-    return pid_m, pid_l, rows, cols, row_ok, col_ok, offs, mask
+    rows = (pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
+    cols = (pid_l.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L))[None, :]
+    return rows, cols, rows * L + cols, (rows < M) & (cols < L)
 
 
 @triton.jit
-def _per_channel(ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST: tl.constexpr, FP64: tl.constexpr):
-    """A (C,) vector broadcast to the tile: along the columns (channels-last) or the rows (row m is channel
-    m % C)."""
+def _vector(ptr, index, ok, FP64: tl.constexpr):
+    """A per-channel or per-sample vector gathered at ``index`` (any broadcastable shape) in the
+    accumulation type: loaded in the tile's own layout, no shared-memory round trip."""
+    return _acc(tl.load(ptr + index, mask=ok, other=0.0), FP64)
+
+
+@triton.jit
+def _gain(invstd_ptr, weight_ptr, chan, chan_ok, HAS_WEIGHT: tl.constexpr, FP64: tl.constexpr):
+    """invstd * weight per channel (one rounding), or invstd."""
+    gain = _vector(invstd_ptr, chan, chan_ok, FP64)
+    if HAS_WEIGHT:
+        gain = gain * _vector(weight_ptr, chan, chan_ok, FP64)
+    return gain
+
+
+@triton.jit
+def _pre_activation(
+    x, u, u_prev, k, mean, gain, bias, s, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+):  # fmt: skip
+    """(1 - k) u + k u_prev + s ((x - mean) gain + bias), or without HAS_STATE s ((x - mean) gain + bias):
+    the update before noise and ReLU, in one fixed operation order (module docstring, "Rounding")."""
+    if HAS_BIAS:
+        y = tl.fma(x - mean, gain, bias)
+    else:
+        y = (x - mean) * gain
+    if HAS_STATE:
+        state = tl.fma(k, u_prev - u, u)
+        if HAS_SCALE:
+            pre = tl.fma(s, y, state)
+        else:
+            pre = state + y
+    elif HAS_SCALE:
+        pre = s * y
+    else:
+        pre = y
+    return pre
+
+
+@triton.jit
+def _passes(value, DTYPE: tl.constexpr):
+    """Where the ReLU passes the gradient, as torch's threshold_backward: NOT (value <= 0) for the value
+    rounded to the activation dtype (out > 0, or NaN), compared in float32."""
+    rounded = value.to(DTYPE).to(tl.float32)
+    return (rounded > 0.0) | (rounded != rounded)
+
+
+@triton.jit
+def _mask_bits(mask_ptr, row, col, ok, mask_row_bytes):
+    """The forward's mask bits (0 or 1, int32) of elements (row, col) of the 2-D view."""
+    byte = tl.load(mask_ptr + row * mask_row_bytes + col // 8, mask=ok, other=0).to(tl.int32)
+    return (byte >> (col % 8).to(tl.int32)) & 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reductions: a P x B grid, row tiles summed in registers, merged by the last program of each block.
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_channels(block, C, CHANNELS_LAST: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Channel indices of channel block ``block`` and their bounds, broadcastable to [BLOCK_A, BLOCK_B]:
+    along B (channels-last) or A (channels-first)."""
     if CHANNELS_LAST:
-        return _acc(tl.load(ptr + cols, mask=col_ok, other=0.0), FP64)[None, :]
+        chan = (block * BLOCK_B + tl.arange(0, BLOCK_B))[None, :]
     else:
-        return _acc(tl.load(ptr + rows % C, mask=row_ok, other=0.0), FP64)[:, None]
+        chan = (block * BLOCK_A + tl.arange(0, BLOCK_A))[:, None]
+    return chan, chan < C
 
 
 @triton.jit
-def _coefficient_k(
-    k_ptr, rows, cols, row_ok, col_ok, C, PER_CHANNEL_K: tl.constexpr, CHANNELS_LAST: tl.constexpr, FP64
-):
-    """k broadcastable to the tile: one scalar, or one per channel."""
-    if PER_CHANNEL_K:
-        return _per_channel(k_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
-    else:
-        return _acc(tl.load(k_ptr), FP64)
+def _reduction_tile(
+    item, chan, chan_ok, M, L, C, num_l_blocks, rows_per_sample, CHANNELS_LAST: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """Tile ``item`` of a channel block (``_tile_channels``): (offsets, in bounds, sample index, 2-D view
+    row, 2-D view column), broadcastable to [BLOCK_A, BLOCK_B].
 
-
-@triton.jit
-def _sample_scale(scale_ptr, rows, row_ok, rows_per_sample, FP64: tl.constexpr):
-    """The stochastic-depth multiplier of each row's sample, as a column vector."""
-    return _acc(tl.load(scale_ptr + rows // rows_per_sample, mask=row_ok, other=0.0), FP64)[:, None]
-
-
-@triton.jit
-def _store_channel_partial(
-    partial_ptr, value, pid_m, pid_l, rows, cols, row_ok, col_ok, M, L, CHANNELS_LAST: tl.constexpr
-):
-    """Sum ``value`` over the tile's positions of each channel; store one partial per channel in the tile."""
+    channels-last: item = a block of BLOCK_A rows (positions), the channels along B;
+    channels-first: item = (sample n, column block), BLOCK_A channels of sample n along A, positions along B.
+    """
     if CHANNELS_LAST:
-        tl.store(partial_ptr + pid_m.to(tl.int64) * L + cols, tl.sum(value, axis=0), mask=col_ok)
+        rows = (tl.cast(item, tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A))[:, None]
+        return rows * L + chan, (rows < M) & chan_ok, rows // rows_per_sample, rows, chan
     else:
-        tl.store(partial_ptr + pid_l.to(tl.int64) * M + rows, tl.sum(value, axis=1), mask=row_ok)
+        n = item // num_l_blocks
+        cols = (tl.cast(item % num_l_blocks, tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B))[None, :]
+        row = tl.cast(n, tl.int64) * C + chan
+        return row * L + cols, chan_ok & (cols < L) & (row < M), n + 0 * chan, row, cols
+
+
+@triton.jit
+def _channel_total(acc, CHANNELS_LAST: tl.constexpr):
+    """Sum a [BLOCK_A, BLOCK_B] accumulator over the non-channel axis."""
+    if CHANNELS_LAST:
+        return tl.sum(acc, axis=0)
+    else:
+        return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _block_channels(block, C, BLOCK_C: tl.constexpr):
+    chan = block * BLOCK_C + tl.arange(0, BLOCK_C)
+    return chan, chan < C
+
+
+@triton.jit
+def _store_partial(partial_ptr, total, program, block, C, BLOCK_C: tl.constexpr):
+    """Store this program's per-channel partial: row ``program`` of a (P, C) buffer."""
+    chan, chan_ok = _block_channels(block, C, BLOCK_C)
+    tl.store(partial_ptr + program.to(tl.int64) * C + chan, total, mask=chan_ok)
+
+
+@triton.jit
+def _is_last(counter_ptr, num_programs):
+    """Draw a ticket after this program's partials are stored (see the module docstring): True for the
+    program that draws the last one, which then reads every partial and resets the counter."""
+    tl.debug_barrier()  # every thread's partial stores before the releasing atomic
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    return ticket == num_programs - 1
+
+
+@triton.jit
+def _merged(partial_ptr, block, P, C, FP64: tl.constexpr, MERGE_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The P partials of the block's channels summed in a fixed order: [MERGE_ROWS, BLOCK_C] tiles down the
+    rows, accumulated, then one in-register tree sum. Loads through L2 (.cg)."""
+    chan, chan_ok = _block_channels(block, C, BLOCK_C)
+    acc = tl.zeros([MERGE_ROWS, BLOCK_C], dtype=tl.float64 if FP64 else tl.float32)
+    for start in range(0, P, MERGE_ROWS):
+        rows = start + tl.arange(0, MERGE_ROWS)[:, None]
+        ok = (rows < P) & chan_ok[None, :]
+        acc += tl.load(partial_ptr + rows.to(tl.int64) * C + chan[None, :], mask=ok, other=0.0,
+                       cache_modifier=".cg")  # fmt: skip
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _invstd(var, eps, FP64: tl.constexpr):
+    """1 / sqrt(var + eps), correctly rounded steps (float32 sqrt and division default to approximations)."""
+    if FP64:
+        return 1.0 / tl.sqrt(var + eps)
+    else:
+        return tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+
+
+@triton.jit
+def _update_running(ptr, stat, chan, chan_ok, momentum, FP64: tl.constexpr):
+    """r = (1 - momentum) r + momentum stat, in place, in the running statistic's own dtype."""
+    updated = (1.0 - momentum) * _vector(ptr, chan, chan_ok, FP64) + momentum * stat
+    tl.store(ptr + chan, updated.to(ptr.dtype.element_ty), mask=chan_ok)
 
 
 @triton.jit
 def batch_norm_stats_kernel(
     x_ptr,
-    shift_ptr,
-    sum_ptr,
-    sumsq_ptr,
+    partial_ptr,
+    counter_ptr,
+    mean_ptr,
+    invstd_ptr,
+    running_mean_ptr,
+    running_var_ptr,
     M,
-    L,
+    L_vec,
     C,
     num_l_blocks,
+    num_items,
+    per_channel,
+    momentum,
+    eps,
+    HAS_RUNNING: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     FP64: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+    VEC: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    MERGE_ROWS: tl.constexpr,
 ):
-    """Per-channel partial sums of x - shift and (x - shift)^2 on one tile."""
-    pid = tl.program_id(0)
-    pid_m, pid_l, rows, cols, row_ok, col_ok, offs, mask = _tile(pid, M, L, num_l_blocks, BLOCK_M, BLOCK_L)
-    shift = _per_channel(shift_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
-    x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0), FP64)
-    centred = tl.where(mask, x - shift, 0.0)
-    _store_channel_partial(sum_ptr, centred, pid_m, pid_l, rows, cols, row_ok, col_ok, M, L, CHANNELS_LAST)
-    _store_channel_partial(
-        sumsq_ptr, centred * centred, pid_m, pid_l, rows, cols, row_ok, col_ok, M, L, CHANNELS_LAST
-    )
+    """Training statistics of one channel block: this program's sums of x - shift and (x - shift)^2 over
+    tiles ``program, program + P, ...``; the block's last program merges them into mean, invstd and the
+    running statistics (r = (1 - momentum) r + momentum stat, the variance unbiased)."""
+    program = tl.program_id(0)
+    block = tl.program_id(1)
+    P = tl.num_programs(0)
+    L = L_vec * VEC  # a multiple of VEC: rows start on VEC-element boundaries (vector accesses)
+    BLOCK_C: tl.constexpr = BLOCK_B if CHANNELS_LAST else BLOCK_A
+    acc_type = tl.float64 if FP64 else tl.float32
+    # Channels-last: bound the channels by L (= C, a multiple of VEC the compiler sees: vector loads).
+    chan, chan_ok = _tile_channels(block, L if CHANNELS_LAST else C, CHANNELS_LAST, BLOCK_A, BLOCK_B)
+    # The shift: each channel's first element (row 0 of the 2-D view, or the start of the channel's row).
+    shift = _vector(x_ptr, chan * (1 if CHANNELS_LAST else L), chan_ok, FP64)
+    sums = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_type)
+    squares = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_type)
+    for item in range(program, num_items, P):
+        offs, ok, sample, row, col = _reduction_tile(
+            item, chan, chan_ok, M, L, C, num_l_blocks, 1, CHANNELS_LAST, BLOCK_A, BLOCK_B
+        )
+        centred = tl.where(ok, _acc(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64) - shift, 0.0)
+        sums += centred
+        squares += centred * centred
+    _store_partial(partial_ptr, _channel_total(sums, CHANNELS_LAST), program, block, C, BLOCK_C)
+    _store_partial(partial_ptr + P * C, _channel_total(squares, CHANNELS_LAST), program, block, C, BLOCK_C)
+    if _is_last(counter_ptr + block, P):
+        block_chan, block_ok = _block_channels(block, C, BLOCK_C)
+        count = tl.cast(per_channel, acc_type)
+        centred_mean = _merged(partial_ptr, block, P, C, FP64, MERGE_ROWS, BLOCK_C) / count
+        var = _merged(partial_ptr + P * C, block, P, C, FP64, MERGE_ROWS, BLOCK_C) / count
+        var = tl.maximum(var - centred_mean * centred_mean, 0.0)
+        mean = _vector(x_ptr, block_chan * (1 if CHANNELS_LAST else L), block_ok, FP64) + centred_mean
+        tl.store(mean_ptr + block_chan, mean, mask=block_ok)
+        tl.store(invstd_ptr + block_chan, _invstd(var, eps, FP64), mask=block_ok)
+        if HAS_RUNNING:
+            _update_running(running_mean_ptr, mean, block_chan, block_ok, momentum, FP64)
+            _update_running(
+                running_var_ptr, var * (count / (count - 1.0)), block_chan, block_ok, momentum, FP64
+            )
+        tl.store(counter_ptr + block, 0)  # zero for the next launch on this stream
 
 
 @triton.jit
-def _branch(
-    x, mean_ptr, gain_ptr, bias_ptr, scale_ptr, rows, cols, row_ok, col_ok, C, rows_per_sample,
-    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, CHANNELS_LAST: tl.constexpr, FP64: tl.constexpr,
-):  # fmt: skip
-    """s ((x - mean) gain + bias): the batch norm's output as it enters the update. One definition for the
-    forward and the backward's recomputed ReLU mask, so that both round it the same way."""
-    mean = _per_channel(mean_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
-    f = (x - mean) * _per_channel(gain_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
-    if HAS_BIAS:
-        f += _per_channel(bias_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
-    if HAS_SCALE:
-        f = f * _sample_scale(scale_ptr, rows, row_ok, rows_per_sample, FP64)
-    return f
+def batch_norm_eval_stats_kernel(
+    running_mean_ptr, running_var_ptr, mean_ptr, invstd_ptr, C, eps, FP64: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    """Evaluation statistics: mean = running_mean, invstd = 1 / sqrt(running_var + eps)."""
+    chan, chan_ok = _block_channels(tl.program_id(0), C, BLOCK_C)
+    tl.store(mean_ptr + chan, _vector(running_mean_ptr, chan, chan_ok, FP64), mask=chan_ok)
+    var = _vector(running_var_ptr, chan, chan_ok, FP64)
+    tl.store(invstd_ptr + chan, _invstd(var, eps, FP64), mask=chan_ok)
 
 
 @triton.jit
-def _pre_activation(
-    x, u, u_prev, k, mean_ptr, gain_ptr, bias_ptr, scale_ptr, rows, cols, row_ok, col_ok, C, rows_per_sample,
-    HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+def batch_norm_lm_step_backward_reduce_kernel(
+    g_ptr,
+    x_ptr,
+    u_ptr,
+    u_prev_ptr,
+    mask_ptr,
+    mean_ptr,
+    invstd_ptr,
+    weight_ptr,
+    bias_ptr,
+    scale_ptr,
+    partial_ptr,
+    counter_ptr,
+    sum_dy_ptr,
+    sum_dy_xhat_ptr,
+    grad_k_ptr,
+    M,
+    L_vec,
+    C,
+    num_l_blocks,
+    num_items,
+    rows_per_sample,
+    mask_row_bytes,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    RELU: tl.constexpr,
+    MASK_FROM_X: tl.constexpr,
+    NEED_K: tl.constexpr,
+    SCALAR_K: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
     FP64: tl.constexpr,
-):  # fmt: skip
-    """(1 - k) u + k u_prev + s ((x - mean) gain + bias), or without HAS_STATE s ((x - mean) gain + bias):
-    the update before noise and ReLU. One definition (one operation order) for the forward and the
-    backward's recomputed ReLU mask, so that both round it the same way."""
-    acc = _branch(
-        x, mean_ptr, gain_ptr, bias_ptr, scale_ptr, rows, cols, row_ok, col_ok, C, rows_per_sample,
-        HAS_BIAS, HAS_SCALE, CHANNELS_LAST, FP64,
-    )  # fmt: skip
-    if HAS_STATE:
-        acc = (1.0 - k) * u + k * u_prev + acc
-    return acc
+    VEC: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    MERGE_ROWS: tl.constexpr,
+):
+    """Sums of dy, dy * xhat and (NEED_K) g * (u_prev - u) per channel over this program's tiles; the
+    block's last program merges them; with SCALAR_K the last block to finish also sums grad_k over the
+    channels (a second ticket, counter B). The ReLU's mask: the forward's bits, or with MASK_FROM_X (the
+    no-state mode) the forward's pre-activation recomputed from x by ``_pre_activation``."""
+    program = tl.program_id(0)
+    block = tl.program_id(1)
+    P = tl.num_programs(0)
+    B = tl.num_programs(1)
+    L = L_vec * VEC
+    BLOCK_C: tl.constexpr = BLOCK_B if CHANNELS_LAST else BLOCK_A
+    acc_type = tl.float64 if FP64 else tl.float32
+    chan, chan_ok = _tile_channels(block, L if CHANNELS_LAST else C, CHANNELS_LAST, BLOCK_A, BLOCK_B)
+    mean = _vector(mean_ptr, chan, chan_ok, FP64)
+    invstd = _vector(invstd_ptr, chan, chan_ok, FP64)
+    gain = invstd  # read for the recomputed mask only
+    bias = 0.0
+    if RELU and MASK_FROM_X:
+        gain = _gain(invstd_ptr, weight_ptr, chan, chan_ok, HAS_WEIGHT, FP64)
+        if HAS_BIAS:
+            bias = _vector(bias_ptr, chan, chan_ok, FP64)
+    sum_dy = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_type)
+    sum_dy_xhat = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_type)
+    sum_k = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_type)
+    for item in range(program, num_items, P):
+        offs, ok, sample, row, col = _reduction_tile(
+            item, chan, chan_ok, M, L, C, num_l_blocks, rows_per_sample, CHANNELS_LAST, BLOCK_A, BLOCK_B
+        )
+        g = _acc(tl.load(g_ptr + offs, mask=ok, other=0.0), FP64)
+        x = _acc(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64)
+        if NEED_K:
+            u = _acc(tl.load(u_ptr + offs, mask=ok, other=0.0), FP64)
+            u_prev = _acc(tl.load(u_prev_ptr + offs, mask=ok, other=0.0), FP64)
+        s = 1.0
+        if HAS_SCALE:
+            s = _vector(scale_ptr, sample, ok, FP64)
+        if RELU:
+            if MASK_FROM_X:
+                pre = _pre_activation(x, 0.0, 0.0, 0.0, mean, gain, bias, s, False, HAS_BIAS, HAS_SCALE)
+                g = tl.where(_passes(pre, x_ptr.dtype.element_ty), g, 0.0)
+            else:
+                g = tl.where(_mask_bits(mask_ptr, row, col, ok, mask_row_bytes) != 0, g, 0.0)
+        dy = g * s if HAS_SCALE else g
+        sum_dy += dy
+        sum_dy_xhat += dy * ((x - mean) * invstd)
+        if NEED_K:
+            sum_k += g * (u_prev - u)
+    stride = P * C
+    _store_partial(partial_ptr, _channel_total(sum_dy, CHANNELS_LAST), program, block, C, BLOCK_C)
+    _store_partial(
+        partial_ptr + stride, _channel_total(sum_dy_xhat, CHANNELS_LAST), program, block, C, BLOCK_C
+    )
+    if NEED_K:
+        _store_partial(
+            partial_ptr + 2 * stride, _channel_total(sum_k, CHANNELS_LAST), program, block, C, BLOCK_C
+        )
+    if _is_last(counter_ptr + block, P):
+        block_chan, block_ok = _block_channels(block, C, BLOCK_C)
+        tl.store(
+            sum_dy_ptr + block_chan,
+            _merged(partial_ptr, block, P, C, FP64, MERGE_ROWS, BLOCK_C),
+            mask=block_ok,
+        )
+        total = _merged(partial_ptr + stride, block, P, C, FP64, MERGE_ROWS, BLOCK_C)
+        tl.store(sum_dy_xhat_ptr + block_chan, total, mask=block_ok)
+        if NEED_K:
+            per_channel_k = _merged(partial_ptr + 2 * stride, block, P, C, FP64, MERGE_ROWS, BLOCK_C)
+            if SCALAR_K:
+                # Per-channel totals staged in row 0 of the grad_k partials, then summed in channel order by
+                # the last block to finish.
+                tl.store(partial_ptr + 3 * stride + block_chan, per_channel_k, mask=block_ok)
+                if _is_last(counter_ptr + B, B):
+                    acc = tl.zeros([BLOCK_C], dtype=acc_type)
+                    for start in range(0, C, BLOCK_C):
+                        index = start + tl.arange(0, BLOCK_C)
+                        acc += tl.load(partial_ptr + 3 * stride + index, mask=index < C, other=0.0,
+                                       cache_modifier=".cg")  # fmt: skip
+                    tl.store(grad_k_ptr, tl.sum(acc, axis=0))
+                    tl.store(counter_ptr + B, 0)
+            else:
+                tl.store(grad_k_ptr + block_chan, per_channel_k, mask=block_ok)
+        tl.store(counter_ptr + block, 0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Elementwise passes
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _channel_and_sample(rows, cols, M, L, C, rows_per_sample, CHANNELS_LAST: tl.constexpr):
+    """Channel index (broadcastable), channel in range, and sample index [BLOCK_M, 1] of a tile."""
+    if CHANNELS_LAST:
+        return cols, cols < L, rows // rows_per_sample
+    else:
+        return rows % C, rows < M, rows // rows_per_sample
 
 
 @triton.jit
 def batch_norm_lm_step_forward_kernel(
     x_ptr,
     mean_ptr,
-    gain_ptr,
+    invstd_ptr,
+    weight_ptr,
     bias_ptr,
     u_ptr,
     u_prev_ptr,
@@ -166,162 +463,96 @@ def batch_norm_lm_step_forward_kernel(
     scale_ptr,
     seed_ptr,
     out_ptr,
+    mask_ptr,
     M,
-    L,
+    L_vec,
     C,
     rows_per_sample,
     num_l_blocks,
+    mask_row_bytes,
     noise_std,
     HAS_STATE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     RELU: tl.constexpr,
     HAS_NOISE: tl.constexpr,
+    WRITE_MASK: tl.constexpr,
     PER_CHANNEL_K: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     FP64: tl.constexpr,
+    VEC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    """out = act((1 - k) u + k u_prev + s ((x - mean) gain + bias) + noise_std xi) on one tile; with
-    HAS_STATE off (the branch's own batch norm + ReLU) act(s ((x - mean) gain + bias) + noise_std xi)."""
-    pid = tl.program_id(0)
-    _, _, rows, cols, row_ok, col_ok, offs, mask = _tile(pid, M, L, num_l_blocks, BLOCK_M, BLOCK_L)
-    x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0), FP64)
+    """out = act(pre + noise_std xi) on one tile, pre = ``_pre_activation``; WRITE_MASK: the ReLU's bits of
+    the stored out, 8 elements per byte along the row."""
+    L = L_vec * VEC
+    rows, cols, offs, ok = _tile(tl.program_id(0), M, L, num_l_blocks, BLOCK_M, BLOCK_L)
+    chan, chan_ok, sample = _channel_and_sample(rows, cols, M, L, C, rows_per_sample, CHANNELS_LAST)
+    x = _acc(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64)
     k = 0.0  # read only with the states
     u = 0.0
     u_prev = 0.0
     if HAS_STATE:
-        k = _coefficient_k(k_ptr, rows, cols, row_ok, col_ok, C, PER_CHANNEL_K, CHANNELS_LAST, FP64)
-        u = _acc(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
-        u_prev = _acc(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
-    acc = _pre_activation(
-        x, u, u_prev, k, mean_ptr, gain_ptr, bias_ptr, scale_ptr, rows, cols, row_ok, col_ok, C,
-        rows_per_sample, HAS_STATE, HAS_BIAS, HAS_SCALE, CHANNELS_LAST, FP64,
-    )  # fmt: skip
+        if PER_CHANNEL_K:
+            k = _vector(k_ptr, chan, chan_ok, FP64)
+        else:
+            k = _acc(tl.load(k_ptr), FP64)
+        u = _acc(tl.load(u_ptr + offs, mask=ok, other=0.0), FP64)
+        u_prev = _acc(tl.load(u_prev_ptr + offs, mask=ok, other=0.0), FP64)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = _vector(bias_ptr, chan, chan_ok, FP64)
+    s = 1.0
+    if HAS_SCALE:
+        s = _vector(scale_ptr, sample, rows < M, FP64)
+    mean = _vector(mean_ptr, chan, chan_ok, FP64)
+    gain = _gain(invstd_ptr, weight_ptr, chan, chan_ok, HAS_WEIGHT, FP64)
+    acc = _pre_activation(x, u, u_prev, k, mean, gain, bias, s, HAS_STATE, HAS_BIAS, HAS_SCALE)
     if HAS_NOISE:
+        # Four normals per Philox call: counter (row, col // 4), lane col % 4 (BLOCK_L is a multiple of 4).
         seed = tl.load(seed_ptr)
-        acc += noise_std * tl.randn(seed, offs)
+        group = rows * ((L + 3) // 4) + (tl.program_id(0) % num_l_blocks).to(tl.int64) * (BLOCK_L // 4)
+        normals = four_normals(seed, group + tl.arange(0, BLOCK_L // 4)[None, :])
+        acc += noise_std * tl.reshape(normals, [BLOCK_M, BLOCK_L])
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as in torch.relu
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _masked_gradient(
-    g_ptr, out_ptr, x_ptr, x, u, u_prev, k, mean_ptr, gain_ptr, bias_ptr, scale_ptr, offs, mask, rows, cols,
-    row_ok, col_ok, C, rows_per_sample, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_SCALE: tl.constexpr, RELU: tl.constexpr, MASK_FROM_X: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-    FP64: tl.constexpr,
-):  # fmt: skip
-    """The output gradient through the ReLU, as torch.relu's backward: 0 where out <= 0 (NaN passes).
-
-    MASK_FROM_X (no noise): out's sign is that of the forward's pre-activation rounded to x's dtype,
-    recomputed from the loaded ``x`` (and with HAS_STATE the loaded ``u``, ``u_prev`` and ``k``) by the
-    forward's own helper, so out is never read.
-    """
-    g = _acc(tl.load(g_ptr + offs, mask=mask, other=0.0), FP64)
-    if RELU:
-        if MASK_FROM_X:
-            pre = _pre_activation(
-                x, u, u_prev, k, mean_ptr, gain_ptr, bias_ptr, scale_ptr, rows, cols, row_ok, col_ok, C,
-                rows_per_sample, HAS_STATE, HAS_BIAS, HAS_SCALE, CHANNELS_LAST, FP64,
-            ).to(x_ptr.dtype.element_ty)  # fmt: skip
-        else:
-            pre = tl.load(out_ptr + offs, mask=mask, other=0.0)
-        g = tl.where(pre <= 0.0, 0.0, g)
-    return g
-
-
-@triton.jit
-def batch_norm_lm_step_backward_reduce_kernel(
-    g_ptr,
-    out_ptr,
-    x_ptr,
-    u_ptr,
-    u_prev_ptr,
-    k_ptr,
-    mean_ptr,
-    invstd_ptr,
-    gain_ptr,
-    bias_ptr,
-    scale_ptr,
-    sum_dy_ptr,
-    sum_dy_xhat_ptr,
-    grad_k_ptr,
-    M,
-    L,
-    C,
-    rows_per_sample,
-    num_l_blocks,
-    HAS_STATE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    RELU: tl.constexpr,
-    MASK_FROM_X: tl.constexpr,
-    PER_CHANNEL_K: tl.constexpr,
-    NEED_K: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr,
-    FP64: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-):
-    """Per-channel partial sums of dy, dy * xhat and (NEED_K) g * (u_prev - u) on one tile. HAS_STATE (with
-    RELU and MASK_FROM_X): the recomputed mask's pre-activation includes (1 - k) u + k u_prev."""
-    pid = tl.program_id(0)
-    pid_m, pid_l, rows, cols, row_ok, col_ok, offs, mask = _tile(pid, M, L, num_l_blocks, BLOCK_M, BLOCK_L)
-    x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0), FP64)
-    k = 0.0  # read only where grad_k or the recomputed mask needs them
-    u = 0.0
-    u_prev = 0.0
-    if NEED_K or (RELU and MASK_FROM_X and HAS_STATE):
-        u = _acc(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
-        u_prev = _acc(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
-    if RELU and MASK_FROM_X and HAS_STATE:
-        k = _coefficient_k(k_ptr, rows, cols, row_ok, col_ok, C, PER_CHANNEL_K, CHANNELS_LAST, FP64)
-    g = _masked_gradient(
-        g_ptr, out_ptr, x_ptr, x, u, u_prev, k, mean_ptr, gain_ptr, bias_ptr, scale_ptr, offs, mask, rows,
-        cols, row_ok, col_ok, C, rows_per_sample, HAS_STATE, HAS_BIAS, HAS_SCALE, RELU, MASK_FROM_X,
-        CHANNELS_LAST, FP64,
-    )  # fmt: skip
-    mean = _per_channel(mean_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
-    invstd = _per_channel(invstd_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
-    dy = g
-    if HAS_SCALE:
-        dy = g * _sample_scale(scale_ptr, rows, row_ok, rows_per_sample, FP64)
-    xhat = (x - mean) * invstd
-    _store_channel_partial(sum_dy_ptr, dy, pid_m, pid_l, rows, cols, row_ok, col_ok, M, L, CHANNELS_LAST)
-    _store_channel_partial(
-        sum_dy_xhat_ptr, dy * xhat, pid_m, pid_l, rows, cols, row_ok, col_ok, M, L, CHANNELS_LAST
-    )
-    if NEED_K:
-        _store_channel_partial(
-            grad_k_ptr, g * (u_prev - u), pid_m, pid_l, rows, cols, row_ok, col_ok, M, L, CHANNELS_LAST
-        )
+    out = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, out, mask=ok)
+    if WRITE_MASK:
+        bits = tl.where(ok & _passes(out, out_ptr.dtype.element_ty), 1 << (cols % 8).to(tl.int32), 0)
+        byte = tl.sum(tl.reshape(bits, [BLOCK_M, BLOCK_L // 8, 8]), axis=2)
+        byte_cols = (tl.program_id(0) % num_l_blocks) * (BLOCK_L // 8) + tl.arange(0, BLOCK_L // 8)[None, :]
+        byte_ok = (rows < M) & (byte_cols < mask_row_bytes)
+        tl.store(mask_ptr + rows * mask_row_bytes + byte_cols, byte.to(tl.uint8), mask=byte_ok)
 
 
 @triton.jit
 def batch_norm_lm_step_backward_kernel(
     g_ptr,
     grad_shortcut_ptr,
-    out_ptr,
     x_ptr,
+    mask_ptr,
     mean_ptr,
     invstd_ptr,
-    gain_ptr,
+    weight_ptr,
     bias_ptr,
-    mean_dy_ptr,
-    mean_dy_xhat_ptr,
+    sum_dy_ptr,
+    sum_dy_xhat_ptr,
     k_ptr,
     scale_ptr,
     grad_x_ptr,
     grad_u_ptr,
     grad_u_prev_ptr,
     M,
-    L,
+    L_vec,
     C,
     rows_per_sample,
     num_l_blocks,
+    mask_row_bytes,
+    per_channel,
+    HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     RELU: tl.constexpr,
@@ -334,137 +565,215 @@ def batch_norm_lm_step_backward_kernel(
     NEED_U_PREV: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     FP64: tl.constexpr,
+    VEC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    """grad_x = gain (dy - mean(dy) - xhat mean(dy xhat)) (training; gain dy in evaluation),
+    """grad_x = gain (dy - sum(dy) / n - xhat sum(dy xhat) / n) (training; gain dy in evaluation),
     grad_u = (1 - k) g (+ grad_shortcut, unmasked), grad_u_prev = k g, on one tile."""
-    pid = tl.program_id(0)
-    _, _, rows, cols, row_ok, col_ok, offs, mask = _tile(pid, M, L, num_l_blocks, BLOCK_M, BLOCK_L)
-    x = 0.0  # read only where the mask or grad_x needs it
+    L = L_vec * VEC
+    rows, cols, offs, ok = _tile(tl.program_id(0), M, L, num_l_blocks, BLOCK_M, BLOCK_L)
+    chan, chan_ok, sample = _channel_and_sample(rows, cols, M, L, C, rows_per_sample, CHANNELS_LAST)
+    # Every load before the first store (Triton must assume the pointers may alias).
+    g = _acc(tl.load(g_ptr + offs, mask=ok, other=0.0), FP64)
+    x = 0.0
     if (NEED_X and TRAINING) or (RELU and MASK_FROM_X):
-        x = _acc(tl.load(x_ptr + offs, mask=mask, other=0.0), FP64)
-    # The mask is recomputed only in the no-state mode (from x); with the states this pass gets out.
-    g = _masked_gradient(
-        g_ptr, out_ptr, x_ptr, x, 0.0, 0.0, 0.0, mean_ptr, gain_ptr, bias_ptr, scale_ptr, offs, mask, rows,
-        cols, row_ok, col_ok, C, rows_per_sample, False, HAS_BIAS, HAS_SCALE, RELU, MASK_FROM_X,
-        CHANNELS_LAST, FP64,
-    )  # fmt: skip
-    if HAS_SHORTCUT and NEED_U:  # loaded before the first store (see lm_step's _gradients)
-        shortcut = _acc(tl.load(grad_shortcut_ptr + offs, mask=mask, other=0.0), FP64)
+        x = _acc(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64)
+    if HAS_SHORTCUT and NEED_U:
+        shortcut = _acc(tl.load(grad_shortcut_ptr + offs, mask=ok, other=0.0), FP64)
+    s = 1.0
+    if HAS_SCALE:
+        s = _vector(scale_ptr, sample, rows < M, FP64)
+    mean = _vector(mean_ptr, chan, chan_ok, FP64)
+    gain = _gain(invstd_ptr, weight_ptr, chan, chan_ok, HAS_WEIGHT, FP64)
+    if RELU:
+        if MASK_FROM_X:
+            bias = 0.0
+            if HAS_BIAS:
+                bias = _vector(bias_ptr, chan, chan_ok, FP64)
+            pre = _pre_activation(x, 0.0, 0.0, 0.0, mean, gain, bias, s, False, HAS_BIAS, HAS_SCALE)
+            g = tl.where(_passes(pre, x_ptr.dtype.element_ty), g, 0.0)
+        else:
+            g = tl.where(_mask_bits(mask_ptr, rows, cols, ok, mask_row_bytes) != 0, g, 0.0)
     if NEED_X:
-        dy = g
-        if HAS_SCALE:
-            dy = g * _sample_scale(scale_ptr, rows, row_ok, rows_per_sample, FP64)
-        gain = _per_channel(gain_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
+        dy = g * s if HAS_SCALE else g
         if TRAINING:
-            mean = _per_channel(mean_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
-            invstd = _per_channel(invstd_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
-            mean_dy = _per_channel(mean_dy_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
-            mean_dy_xhat = _per_channel(mean_dy_xhat_ptr, rows, cols, row_ok, col_ok, C, CHANNELS_LAST, FP64)
+            count = tl.cast(per_channel, tl.float64 if FP64 else tl.float32)
+            invstd = _vector(invstd_ptr, chan, chan_ok, FP64)
+            mean_dy = _vector(sum_dy_ptr, chan, chan_ok, FP64) / count
+            mean_dy_xhat = _vector(sum_dy_xhat_ptr, chan, chan_ok, FP64) / count
             dy = dy - mean_dy - (x - mean) * invstd * mean_dy_xhat
-        tl.store(grad_x_ptr + offs, (gain * dy).to(grad_x_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_x_ptr + offs, (gain * dy).to(grad_x_ptr.dtype.element_ty), mask=ok)
     if NEED_U or NEED_U_PREV:
-        k = _coefficient_k(k_ptr, rows, cols, row_ok, col_ok, C, PER_CHANNEL_K, CHANNELS_LAST, FP64)
+        if PER_CHANNEL_K:
+            k = _vector(k_ptr, chan, chan_ok, FP64)
+        else:
+            k = _acc(tl.load(k_ptr), FP64)
         if NEED_U:
             grad_u = (1.0 - k) * g
             if HAS_SHORTCUT:
                 grad_u += shortcut  # the gradient of u itself: not masked by the ReLU; one rounding below
-            tl.store(grad_u_ptr + offs, grad_u.to(grad_u_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_u_ptr + offs, grad_u.to(grad_u_ptr.dtype.element_ty), mask=ok)
         if NEED_U_PREV:
-            tl.store(grad_u_prev_ptr + offs, (k * g).to(grad_u_prev_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_u_prev_ptr + offs, (k * g).to(grad_u_prev_ptr.dtype.element_ty), mask=ok)
 
 
 # --------------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------------
 
+NUM_WARPS = 4
+_THREADS = 32 * NUM_WARPS
+MAX_PARTIALS = 128  # row groups per channel block: at most 128 x C staged values per sum
+_TARGET_PROGRAMS = 4 * 132  # 4 CTAs on each SM of an H100/H200: enough programs to fill it
+_MERGE_ROWS = 16
 
-_TILE_ELEMENTS = 4096  # elements per program: 8 KiB of bf16 per tensor keeps enough bytes in flight
+
+def _vec(L: int, element_size: int) -> int:
+    """The largest power of two dividing L, up to 16 bytes of elements: rows start on it."""
+    vec = 1
+    while vec * element_size < 16 and L % (2 * vec) == 0:
+        vec *= 2
+    return vec
 
 
-@functools.lru_cache(maxsize=256)
-def _block_shape(channels_last: bool, rows: int, L: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_L, num_warps): a fixed function of the shape, so partial buffers are known up front."""
+def _tile_elements(element_size: int, bytes_per_thread: int) -> int:
+    return _THREADS * max(1, bytes_per_thread // element_size)
+
+
+@functools.lru_cache(maxsize=512)
+def elementwise_shape(channels_last: bool, rows: int, L: int, element_size: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_L, num_programs) of the forward and backward: 32 bytes per thread and tensor (two
+    128-bit accesses), rows of at least 8 (a byte of the mask)."""
+    tile = _tile_elements(element_size, 32)
     if channels_last:
-        block_l = min(triton.next_power_of_2(L), _TILE_ELEMENTS)
+        block_l = max(8, min(triton.next_power_of_2(L), tile))
     else:
         # Rows are spatial planes (3136, 784, 196, 49 in a ResNet): the power of two that wastes the fewest
         # masked lanes, longer rows on ties.
-        candidates = [b for b in (32, 64, 128, 256, 512, 1024) if b <= max(32, triton.next_power_of_2(L))]
+        candidates = [
+            b for b in (8, 16, 32, 64, 128, 256, 512, 1024) if b <= max(8, triton.next_power_of_2(L))
+        ]
         block_l = min(candidates, key=lambda b: (_cdiv(L, b) * b, -b))
-    block_m = max(1, min(triton.next_power_of_2(rows), _TILE_ELEMENTS // block_l))
-    return block_m, block_l, 8 if block_m * block_l >= 4096 else 4
+    block_m = max(1, min(triton.next_power_of_2(rows), tile // block_l))
+    return block_m, block_l, _cdiv(rows, block_m) * _cdiv(L, block_l)
 
 
-def _tiling(plan: Plan) -> tuple[int, int, int, int, int]:
-    """(num_programs, num_l_blocks, BLOCK_M, BLOCK_L, num_warps) of a plan; shapes are specialised."""
-    block_m, block_l, num_warps = _block_shape(plan.channels_last, int(plan.rows), int(plan.row_len))
-    num_l_blocks = _cdiv(int(plan.row_len), block_l)
-    return _cdiv(int(plan.rows), block_m) * num_l_blocks, num_l_blocks, block_m, block_l, num_warps
+@functools.lru_cache(maxsize=512)
+def reduction_shape(plan: Plan, element_size: int, bytes_per_thread: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_A, BLOCK_B, num_l_blocks, num_items, P x B grid as (P, B)) of a reduction: tiles of
+    ``bytes_per_thread`` per thread and tensor, channel blocks narrowed (down to 32-byte rows) until
+    MAX_PARTIALS row groups per block give _TARGET_PROGRAMS programs, at most MAX_PARTIALS per block."""
+    tile = _tile_elements(element_size, bytes_per_thread)
+    C, L = int(plan.channels), int(plan.row_len)
+    if plan.channels_last:
+        block_c = min(triton.next_power_of_2(C), tile)
+        narrowest = max(1, 32 // element_size)
+        while _cdiv(C, block_c) * MAX_PARTIALS < _TARGET_PROGRAMS and block_c // 2 >= narrowest:
+            block_c //= 2
+        block_a, block_b = max(1, tile // block_c), block_c
+        num_l_blocks, num_items = 1, _cdiv(int(plan.rows), block_a)
+    else:
+        block_b = min(elementwise_shape(False, int(plan.rows), L, element_size)[1], tile)
+        block_a = max(1, min(triton.next_power_of_2(C), tile // block_b))
+        num_l_blocks = _cdiv(L, block_b)
+        num_items = (int(plan.rows) // C) * num_l_blocks
+        block_c = block_a
+    blocks = _cdiv(C, block_c)
+    partials = max(1, min(MAX_PARTIALS, num_items, _cdiv(_TARGET_PROGRAMS, blocks)))
+    return block_a, block_b, num_l_blocks, num_items, (partials, blocks)
+
+
+_COUNTERS: dict[tuple, Tensor] = {}
+
+
+def _traced(t: Tensor) -> bool:
+    """A fake or functional tensor (torch.compile tracing the launcher), not a real one."""
+    return type(t) not in (torch.Tensor, torch.nn.Parameter)
+
+
+def _counters(like: Tensor, count: int) -> Tensor:
+    """``count`` int32 ticket counters, zero at launch (module docstring, "Counters")."""
+    if _traced(like):
+        return torch.zeros(count, dtype=torch.int32, device=like.device)
+    stream = torch.cuda.current_stream(like.device).cuda_stream if like.device.type == "cuda" else 0
+    key = (like.device, stream)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < count:
+        counters = _COUNTERS[key] = torch.zeros(max(count, 1024), dtype=torch.int32, device=like.device)
+    return counters
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _partials(plan: Plan, count: int, like: Tensor) -> list[Tensor]:
-    """``count`` partial-sum buffers, one value per channel and tile; ``_channel_totals`` sums them."""
-    num_programs, num_l_blocks, *_ = _tiling(plan)
-    rows = num_programs // num_l_blocks if plan.channels_last else num_l_blocks
-    shape = (rows, plan.row_len) if plan.channels_last else (rows, plan.rows)
-    return [torch.empty(shape, dtype=_acc_dtype(like), device=like.device) for _ in range(count)]
+def _stand_in(t: Tensor | None, other: Tensor) -> Tensor:
+    """``t`` contiguous and aligned (a parameter may be a view into a larger buffer; every launcher treats
+    k, bias, weight and scale alike), or ``other`` for the pointer of a tensor a variant does not read."""
+    return _aligned(t.contiguous()) if t is not None else other
 
 
-def _channel_totals(partial: Tensor, channels: int) -> Tensor:
-    """The per-channel totals of a partial buffer: every row holds channel-major runs of C partials."""
-    return partial.reshape(-1, channels).sum(0)
-
-
-def _channel_first_elements(x: Tensor) -> Tensor:
-    """x[0, c, 0, ..., 0] for every channel c, in the accumulation dtype: the statistics' shift."""
-    return x[(0, slice(None)) + (0,) * (x.dim() - 2)].to(_acc_dtype(x))
-
-
-def batch_norm_stats_triton(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of ``x`` (float32; float64 for float64 x)."""
+def batch_norm_stats_triton(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """One launch: per-channel mean and invstd (float32; float64 for float64 x) and, in training, the running
+    statistics updated in place; in evaluation of the running statistics (x not read)."""
+    channels = x.shape[1]
+    acc = _acc_dtype(x)
+    mean = x.new_empty((channels,), dtype=acc)
+    invstd = x.new_empty((channels,), dtype=acc)
+    fp64 = acc == torch.float64
+    if not training:
+        block_c = min(1024, triton.next_power_of_2(max(channels, 1)))
+        _launcher(batch_norm_eval_stats_kernel)[(_cdiv(channels, block_c),)](
+            _stand_in(running_mean, mean), _stand_in(running_var, mean), mean, invstd, channels, float(eps),
+            FP64=fp64, BLOCK_C=block_c, num_warps=NUM_WARPS,
+        )  # fmt: skip
+        return mean, invstd
+    if x.numel() == 0:  # as F.batch_norm: nothing to average, running statistics untouched
+        return mean.zero_(), invstd.fill_(1.0 / (1.0 + eps) ** 0.5)
     plan = plan_layout(x)
-    # Triton compiles a variant per pointer alignment, whose register layout sets the order of the in-tile
-    # sums: a misaligned view (rare) is copied, so the same values always give the same bits.
     x = _aligned(to_layout(x, plan.channels_last))
-    shift = _channel_first_elements(x).contiguous()
-    num_programs, num_l_blocks, block_m, block_l, num_warps = _tiling(plan)
-    sums, sumsqs = _partials(plan, 2, x)
-    _launcher(batch_norm_stats_kernel)[(num_programs,)](
+    vec = _vec(int(plan.row_len), x.element_size())
+    block_a, block_b, num_l_blocks, num_items, grid = reduction_shape(plan, x.element_size(), 64)
+    partials = torch.empty((2, grid[0], channels), dtype=acc, device=x.device)
+    has_running = running_mean is not None
+    _launcher(batch_norm_stats_kernel)[grid](
         x,
-        shift,
-        sums,
-        sumsqs,
+        partials,
+        _counters(x, grid[1]),
+        mean,
+        invstd,
+        running_mean if has_running else mean,  # in place: F.batch_norm's own (contiguous) buffers
+        running_var if has_running else invstd,
         plan.rows,
-        plan.row_len,
-        plan.channels,
+        plan.row_len // vec,
+        channels,
         num_l_blocks,
+        num_items,
+        x.numel() // channels,
+        float(momentum),
+        float(eps),
+        HAS_RUNNING=has_running,
         CHANNELS_LAST=plan.channels_last,
-        FP64=x.dtype == torch.float64,
-        BLOCK_M=block_m,
-        BLOCK_L=block_l,
-        num_warps=num_warps,
+        FP64=fp64,
+        VEC=vec,
+        BLOCK_A=block_a,
+        BLOCK_B=block_b,
+        MERGE_ROWS=_MERGE_ROWS,
+        num_warps=NUM_WARPS,
     )
-    count = x.numel() // plan.channels
-    centred_mean = _channel_totals(sums, plan.channels) / count
-    var = (_channel_totals(sumsqs, plan.channels) / count - centred_mean.square()).clamp_min(0.0)
-    return shift + centred_mean, var
+    return mean, invstd
 
 
-def _gain(invstd: Tensor, weight: Tensor | None) -> Tensor:
-    return invstd if weight is None else invstd * weight.to(invstd.dtype)
-
-
-def _vector(t: Tensor | None, stand_in: Tensor) -> Tensor:
-    """A per-channel or per-sample vector, contiguous and aligned (a parameter may be a view into a larger
-    buffer, and the compiled variant, hence the order of the in-tile sums, follows pointer alignment);
-    ``stand_in`` for the unused pointer when it is None."""
-    return _aligned(t.contiguous()) if t is not None else stand_in
+def _mask_row_bytes(plan: Plan) -> int:
+    return _cdiv(int(plan.row_len), 8)
 
 
 def batch_norm_lm_step_forward_triton(
@@ -481,51 +790,62 @@ def batch_norm_lm_step_forward_triton(
     training: bool,
     relu: bool,
     noise_std: float,
-) -> Tensor:
-    """Launch the forward kernel; inputs are validated by lmfused.batch_norm_step. The output has u's planned
-    layout; without u and u_prev (the no-state mode: act(s BN(x) + noise), k unread) x's."""
+    write_mask: bool,
+) -> tuple[Tensor, Tensor]:
+    """One launch: out in u's planned layout (without u and u_prev, the no-state mode, x's) and, with
+    ``write_mask``, the ReLU's 1-bit mask of it. Inputs are validated by lmfused.batch_norm_step."""
     has_state = u is not None
     plan = plan_layout(u if has_state else x)
-    x = to_layout(x, plan.channels_last)
-    out = empty_in_layout(x.shape, plan.channels_last, dtype=x.dtype, device=x.device)
+    layout = plan.channels_last
+    x = to_layout(x, layout)
+    out = empty_in_layout(x.shape, layout, dtype=x.dtype, device=x.device)
+    mask_row_bytes = _mask_row_bytes(plan)
+    mask = x.new_empty((plan.rows, mask_row_bytes) if write_mask else (0,), dtype=torch.uint8)
     if x.numel() == 0:
-        return out
+        return out, mask
     if has_state:
-        u, u_prev = to_layout(u, plan.channels_last), to_layout(u_prev, plan.channels_last)
-    mean, gain = mean.contiguous(), _gain(invstd, weight).contiguous()
-    k = k.contiguous()
+        u, u_prev = to_layout(u, layout), to_layout(u_prev, layout)
+    vec = _vec(int(plan.row_len), x.element_size())
+    block_m, block_l, num_programs = elementwise_shape(
+        layout, int(plan.rows), int(plan.row_len), x.element_size()
+    )
     has_noise = noise_std > 0.0
-    num_programs, num_l_blocks, block_m, block_l, num_warps = _tiling(plan)
     _launcher(batch_norm_lm_step_forward_kernel)[(num_programs,)](
         x,
         mean,
-        gain,
-        _vector(bias, mean),  # unused pointers stand in for tensors a variant does not read
-        u if has_state else x,
+        invstd,
+        _stand_in(weight, mean),
+        _stand_in(bias, mean),
+        u if has_state else x,  # unused pointers stand in for tensors a variant does not read
         u_prev if has_state else x,
-        k,
-        _vector(scale, k),
-        seed if has_noise else k,
+        _stand_in(k, mean),
+        _stand_in(scale, mean),
+        seed if has_noise else mean,
         out,
+        mask if write_mask else out,
         plan.rows,
-        plan.row_len,
+        plan.row_len // vec,
         plan.channels,
         plan.rows_per_sample,
-        num_l_blocks,
+        _cdiv(int(plan.row_len), block_l),
+        mask_row_bytes,
         float(noise_std),
         HAS_STATE=has_state,
+        HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None,
         RELU=relu,
         HAS_NOISE=has_noise,
+        WRITE_MASK=write_mask,
         PER_CHANNEL_K=has_state and k.numel() > 1,
-        CHANNELS_LAST=plan.channels_last,
+        CHANNELS_LAST=layout,
         FP64=x.dtype == torch.float64,
+        VEC=vec,
         BLOCK_M=block_m,
         BLOCK_L=block_l,
-        num_warps=num_warps,
+        num_warps=NUM_WARPS,
     )
-    return out
+    return out, mask
 
 
 def batch_norm_lm_step_backward_reduce_triton(
@@ -538,67 +858,69 @@ def batch_norm_lm_step_backward_reduce_triton(
     u: Tensor | None,
     u_prev: Tensor | None,
     k: Tensor,
-    out: Tensor | None,
+    mask: Tensor | None,
     scale: Tensor | None,
     relu: bool,
     need_k: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the reduction kernel and sum its partials in a fixed order: per-channel sum of dy, of dy * xhat
-    and (``need_k``) of g * (u_prev - u). With ``relu`` and no ``out`` (noise-free calls) the ReLU's mask is
-    recomputed from x, and u, u_prev and k when given, as the forward computes the pre-activation."""
+    """One launch: per-channel sums of dy and dy * xhat and (``need_k``) grad_k = sum g * (u_prev - u) in
+    k's shape, merged in the kernel. With ``relu`` the forward's mask, or without one (the no-state mode)
+    the mask recomputed from x as the forward computes the pre-activation."""
     plan = plan_layout(x)
     layout, channels = plan.channels_last, plan.channels
-    g = to_layout(grad_out, layout)
-    acc = _acc_dtype(g)
-    if g.numel() == 0:
-        zeros = [g.new_zeros((channels,), dtype=acc) for _ in range(3)]
-        return zeros[0], zeros[1], zeros[2] if need_k else g.new_empty((0,), dtype=acc)
-    # Aligned operands (see batch_norm_stats_triton): the sums' bits depend only on the values.
-    g, x = _aligned(g), _aligned(to_layout(x, layout))
-    mask_from_x = relu and out is None
-    mask_from_state = mask_from_x and u is not None  # the pre-activation's state terms: read u, u_prev, k
-    out = _aligned(to_layout(out, layout)) if relu and not mask_from_x else g
-    read_state = need_k or mask_from_state
-    if read_state:
+    acc = _acc_dtype(grad_out)
+    sum_dy = x.new_empty((channels,), dtype=acc)
+    sum_dy_xhat = x.new_empty((channels,), dtype=acc)
+    grad_k = x.new_empty(tuple(k.shape) if need_k else (0,), dtype=acc)
+    if x.numel() == 0:
+        return sum_dy.zero_(), sum_dy_xhat.zero_(), grad_k.zero_()
+    # Aligned operands (see the module docstring): the sums' bits depend only on the values.
+    g, x = _aligned(to_layout(grad_out, layout)), _aligned(to_layout(x, layout))
+    if need_k:
         u, u_prev = _aligned(to_layout(u, layout)), _aligned(to_layout(u_prev, layout))
-    mean = _vector(mean, g)
-    num_programs, num_l_blocks, block_m, block_l, num_warps = _tiling(plan)
-    sum_dy, sum_dy_xhat, grad_k = _partials(plan, 3, g)
-    _launcher(batch_norm_lm_step_backward_reduce_kernel)[(num_programs,)](
+    mask_from_x = relu and mask is None
+    vec = _vec(int(plan.row_len), x.element_size())
+    block_a, block_b, num_l_blocks, num_items, grid = reduction_shape(plan, x.element_size(), 32)
+    partials = torch.empty((4 if need_k else 2, grid[0], channels), dtype=acc, device=x.device)
+    _launcher(batch_norm_lm_step_backward_reduce_kernel)[grid](
         g,
-        out,
         x,
-        u if read_state else g,  # unused pointers stand in for tensors a variant does not read
-        u_prev if read_state else g,
-        _vector(k, mean) if mask_from_state else mean,
+        u if need_k else g,  # unused pointers stand in for tensors a variant does not read
+        u_prev if need_k else g,
+        mask if relu and not mask_from_x else g,
         mean,
-        _vector(invstd, mean),
-        _vector(_gain(invstd, weight), mean) if mask_from_x else mean,
-        _vector(bias, mean),
-        _vector(scale, mean),
+        invstd,
+        _stand_in(weight, mean),
+        _stand_in(bias, mean),
+        _stand_in(scale, mean),
+        partials,
+        _counters(x, grid[1] + 1),
         sum_dy,
         sum_dy_xhat,
-        grad_k,
+        grad_k if need_k else sum_dy,
         plan.rows,
-        plan.row_len,
+        plan.row_len // vec,
         channels,
-        plan.rows_per_sample,
         num_l_blocks,
-        HAS_STATE=mask_from_state,
+        num_items,
+        plan.rows_per_sample,
+        _mask_row_bytes(plan),
+        HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None,
         RELU=relu,
         MASK_FROM_X=mask_from_x,
-        PER_CHANNEL_K=mask_from_state and k.numel() > 1,
         NEED_K=need_k,
+        SCALAR_K=k.numel() == 1,
         CHANNELS_LAST=layout,
-        FP64=g.dtype == torch.float64,
-        BLOCK_M=block_m,
-        BLOCK_L=block_l,
-        num_warps=num_warps,
+        FP64=acc == torch.float64,
+        VEC=vec,
+        BLOCK_A=block_a,
+        BLOCK_B=block_b,
+        MERGE_ROWS=_MERGE_ROWS,
+        num_warps=NUM_WARPS,
     )
-    totals = [_channel_totals(partial, channels) for partial in (sum_dy, sum_dy_xhat)]
-    return totals[0], totals[1], _channel_totals(grad_k, channels) if need_k else g.new_empty((0,), dtype=acc)
+    return sum_dy, sum_dy_xhat, grad_k
 
 
 def batch_norm_lm_step_backward_triton(
@@ -609,9 +931,9 @@ def batch_norm_lm_step_backward_triton(
     invstd: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    mean_dy: Tensor,
-    mean_dy_xhat: Tensor,
-    out: Tensor | None,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    mask: Tensor | None,
     k: Tensor,
     scale: Tensor | None,
     training: bool,
@@ -620,9 +942,9 @@ def batch_norm_lm_step_backward_triton(
     need_u: bool,
     need_u_prev: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the kernel that writes grad_x, grad_u (+ ``grad_shortcut``, the gradient of the step's shortcut
-    output) and grad_u_prev (the needed ones; others empty). With ``relu`` and no ``out`` the ReLU's mask is
-    recomputed from x (the no-state mode)."""
+    """One launch: grad_x, grad_u (+ ``grad_shortcut``, the gradient of the step's shortcut output) and
+    grad_u_prev (the needed ones; others empty). With ``relu`` the forward's mask, or without one (the
+    no-state mode) the mask recomputed from x."""
     plan = plan_layout(x)
     layout = plan.channels_last
     g = to_layout(grad_out, layout)
@@ -639,31 +961,35 @@ def batch_norm_lm_step_backward_triton(
     if has_shortcut:
         grad_shortcut = to_layout(grad_shortcut, layout)  # read where grad_out is: the same plan
     x = to_layout(x, layout)
-    mask_from_x = relu and out is None
-    out = to_layout(out, layout) if relu and not mask_from_x else g
-    mean, k = mean.contiguous(), k.contiguous()
-    num_programs, num_l_blocks, block_m, block_l, num_warps = _tiling(plan)
+    mask_from_x = relu and mask is None
+    vec = _vec(int(plan.row_len), x.element_size())
+    block_m, block_l, num_programs = elementwise_shape(
+        layout, int(plan.rows), int(plan.row_len), x.element_size()
+    )
     _launcher(batch_norm_lm_step_backward_kernel)[(num_programs,)](
         g,
         grad_shortcut if has_shortcut else g,  # unused pointers stand in for tensors a variant does not use
-        out,
         x,
+        mask if relu and not mask_from_x else g,
         mean,
-        invstd.contiguous(),
-        _gain(invstd, weight).contiguous(),
-        _vector(bias, mean),
-        mean_dy.contiguous(),
-        mean_dy_xhat.contiguous(),
-        k,
-        _vector(scale, k),
+        invstd,
+        _stand_in(weight, mean),
+        _stand_in(bias, mean),
+        sum_dy,
+        sum_dy_xhat,
+        _stand_in(k, mean),
+        _stand_in(scale, mean),
         grad_x if need_x else g,
         grad_u if need_u else g,
         grad_u_prev if need_u_prev else g,
         plan.rows,
-        plan.row_len,
+        plan.row_len // vec,
         plan.channels,
         plan.rows_per_sample,
-        num_l_blocks,
+        _cdiv(int(plan.row_len), block_l),
+        _mask_row_bytes(plan),
+        x.numel() // plan.channels,
+        HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None,
         RELU=relu,
@@ -676,8 +1002,9 @@ def batch_norm_lm_step_backward_triton(
         NEED_U_PREV=need_u_prev,
         CHANNELS_LAST=layout,
         FP64=g.dtype == torch.float64,
+        VEC=vec,
         BLOCK_M=block_m,
         BLOCK_L=block_l,
-        num_warps=num_warps,
+        num_warps=NUM_WARPS,
     )
     return grad_x, grad_u, grad_u_prev

@@ -52,6 +52,15 @@ def _acc(x, FP64: tl.constexpr):
 
 
 @triton.jit
+def four_normals(seed, counter):
+    """Four standard normals per ``counter`` from one Philox4x32-10 call (``tl.randn4x``), shape
+    ``counter.shape + [2, 2]`` with lane 2 a + b at [..., a, b]: reshaping the last three dims into one puts a
+    counter's four lanes at consecutive elements (the caller's counter: element offset // 4)."""
+    n0, n1, n2, n3 = tl.randn4x(seed, counter)
+    return tl.join(tl.join(n0, n2), tl.join(n1, n3))
+
+
+@triton.jit
 def _divmod_near(x0, inc, d, magic, shift, SMALL: tl.constexpr):
     """(q, r) with x0 + inc = q * d + r and 0 <= r < d, for a scalar 0 <= x0 < d and 0 <= inc < BLOCK.
 
@@ -148,8 +157,8 @@ def lm_step_forward_kernel(
         # One Philox call per 4 elements: counter = offset // 4, lane = offset % 4 (BLOCK is a multiple
         # of 4). Reproducible from the seed alone, no host sync.
         seed = tl.load(seed_ptr)
-        n0, n1, n2, n3 = tl.randn4x(seed, pid.to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4))
-        acc += noise_std * tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK])
+        normals = four_normals(seed, pid.to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4))
+        acc += noise_std * tl.reshape(normals, [BLOCK])
     if RELU:
         # As torch.relu: NaN stays NaN (tl.maximum would return 0 for it and hide a diverging run).
         acc = tl.where(acc < 0.0, 0.0, acc)
