@@ -508,10 +508,11 @@ __device__ __forceinline__ void next_positions(Cur& cur, const Geometry& g, Pos 
 
 // Elementwise kernels: channels-last units are one vector; contiguous units are 8 elements, so that
 // a unit owns one byte of the 1-bit mask (BYTES: the kernel writes it), whatever the dtype; float64
-// ones are 4 elements unless BYTES (eight doubles of each tensor would hold more registers).
+// ones are 2 elements (one 128-bit vector) unless BYTES: eight doubles of each tensor would hold
+// more registers than the kernels have.
 template <typename T, bool CL, int VEC, bool BYTES = false>
 __host__ __device__ constexpr int elementwise_unit() {
-  return CL ? VEC : BYTES || sizeof(T) < 8 ? 8 : 4;
+  return CL ? VEC : BYTES || sizeof(T) < 8 ? 8 : 2;
 }
 // Positions per step of an elementwise kernel with units of UW elements that reads TENSORS
 // activation tensors: enough for 32 bytes of loads in flight per thread (32 KB per SM at 1024
