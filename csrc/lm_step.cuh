@@ -118,11 +118,12 @@ struct BackwardArgs {
 };
 
 // One step of the backward: U positions of UW-element units, VEC-wide accesses. Writes the
-// requested gradients and (NEED_K) adds each element's g * (u_prev - u) to acc[element of the
+// requested gradients (those whose pointers are set: runtime flags, uniform over the grid; each
+// adds a store, no arithmetic worth a specialisation) and (NEED_K) adds each element's g * (u_prev - u) to acc[element of the
 // unit] (NA == UW) or to acc[0] (NA == 1), in position and element order (the reduction's order:
 // independent of VEC).
-template <typename T, int U, int UW, int VEC, bool RELU, bool HAS_SCALE, bool NEED_U, bool NEED_UP,
-          bool NEED_F, bool NEED_K, int NA, typename KC>
+template <typename T, int U, int UW, int VEC, bool RELU, bool HAS_SCALE, bool NEED_K, int NA,
+          typename KC>
 __device__ __forceinline__ void lm_step_backward_step(const BackwardArgs<T>& a, const Pos (&p)[U],
                                                       const KC& kc, bool shortcut,
                                                       acc_t<T> (&acc)[NA]) {
@@ -153,8 +154,6 @@ __device__ __forceinline__ void lm_step_backward_step(const BackwardArgs<T>& a, 
 #pragma unroll
   for (int i = 0; i < U; ++i) {
     if (!p[i].ok) continue;
-    A s = A(1);
-    if constexpr (NEED_F && HAS_SCALE) s = a.scale[p[i].n];
 #pragma unroll
     for (int q = 0; q < SUB; ++q) {
       if (!sub_live<VEC>(q, p[i].live)) break;
@@ -171,7 +170,7 @@ __device__ __forceinline__ void lm_step_backward_step(const BackwardArgs<T>& a, 
           acc[NA == 1 ? 0 : q * VEC + j] += gj[j] * (to_acc(pp[i][q].v[j]) - to_acc(pu[i][q].v[j]));
         }
       }
-      if constexpr (NEED_U) {
+      if (a.grad_u != nullptr) {
         if (NEED_K && shortcut) ps[i][q] = load_pack<T, VEC>(a.grad_shortcut, off);
         Pack<T, VEC> gu;
 #pragma unroll
@@ -183,13 +182,15 @@ __device__ __forceinline__ void lm_step_backward_step(const BackwardArgs<T>& a, 
         }
         store_pack<T, VEC>(a.grad_u, off, gu);
       }
-      if constexpr (NEED_UP) {
+      if (a.grad_u_prev != nullptr) {
         Pack<T, VEC> gup;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) gup.v[j] = from_acc<T>(kc.get(0, q * VEC + j) * gj[j]);
         store_pack<T, VEC>(a.grad_u_prev, off, gup);
       }
-      if constexpr (NEED_F) {
+      if (a.grad_f != nullptr) {
+        A s = A(1);
+        if constexpr (HAS_SCALE) s = a.scale[p[i].n];  // (only with grad_f)
         Pack<T, VEC> gf;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) gf.v[j] = from_acc<T>(HAS_SCALE ? s * gj[j] : gj[j]);
@@ -200,8 +201,7 @@ __device__ __forceinline__ void lm_step_backward_step(const BackwardArgs<T>& a, 
 }
 
 // The backward without grad_k: elementwise.
-template <typename T, int VEC, bool CL, bool RELU, bool HAS_SCALE, bool NEED_U, bool NEED_UP,
-          bool NEED_F>
+template <typename T, int VEC, bool CL, bool RELU, bool HAS_SCALE>
 __global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
     lm_step_backward_kernel(const BackwardArgs<T> a, const Geometry g) {
   using A = acc_t<T>;
@@ -210,14 +210,15 @@ __global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
   __shared__ A coef_smem[CL ? kMaxColUnits * UW : 1];
   // A runtime (grid-uniform) flag rather than a template one: it only adds one read to grad_u's
   // path, and a template flag would add half again as many backward specialisations.
-  const bool shortcut = NEED_U && a.grad_shortcut != nullptr;
+  const bool shortcut = a.grad_u != nullptr && a.grad_shortcut != nullptr;
+  const bool read_k = a.grad_u != nullptr || a.grad_u_prev != nullptr;
   Coefs<CL, 1, UW, A> kc;
   A unused[1];
   const ItemRange items = cta_items(g);
   int64_t loaded = -1;
   for (int64_t item = items.begin; item < items.end; item += items.stride) {
     const int64_t group = item_group(g, item);
-    if ((NEED_U || NEED_UP) && group != loaded) {
+    if (read_k && group != loaded) {
       kc.load(g, group, coef_smem, [&](int, int64_t c) { return a.k[a.k_per_channel ? c : 0]; });
       loaded = group;
     }
@@ -225,22 +226,28 @@ __global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
     for (int64_t step = 0; step < g.steps; ++step) {
       Pos p[U];
       next_positions(cur, g, p);
-      lm_step_backward_step<T, U, UW, VEC, RELU, HAS_SCALE, NEED_U, NEED_UP, NEED_F, false>(
-          a, p, kc, shortcut, unused);
+      lm_step_backward_step<T, U, UW, VEC, RELU, HAS_SCALE, false>(a, p, kc, shortcut, unused);
     }
   }
 }
 
+// The backward with grad_k's CTAs per SM: 3 (80 registers), 2 in channels-last with 8-element units
+// and relu, whose four tensors and eight accumulators need more registers (its 64 bytes of loads per
+// thread still make 32 KB in flight per SM).
+template <bool CL, int W, bool RELU>
+__host__ __device__ constexpr int grad_k_blocks_per_sm() {
+  return CL && W == 8 && RELU ? 2 : kReductionBlocksPerSM;
+}
+
 // The backward with grad_k: a reduction (one CTA per item; units of W, the row length's widest
 // vector, loaded VEC at a time), its merge in the same launch. smem: kBlock * W values.
-template <typename T, int W, int VEC, bool CL, bool RELU, bool HAS_SCALE, bool NEED_U,
-          bool NEED_UP, bool NEED_F>
-__global__ void __launch_bounds__(kBlock, kReductionBlocksPerSM)
+template <typename T, int W, int VEC, bool CL, bool RELU, bool HAS_SCALE>
+__global__ void __launch_bounds__(kBlock, grad_k_blocks_per_sm<CL, W, RELU>())
     lm_step_backward_grad_k_kernel(const BackwardArgs<T> a, const Geometry g) {
   using A = acc_t<T>;
   __shared__ A smem[kBlock * W];
   __shared__ A coef_smem[CL ? kMaxColUnits * W : 1];
-  const bool shortcut = NEED_U && a.grad_shortcut != nullptr;
+  const bool shortcut = a.grad_u != nullptr && a.grad_shortcut != nullptr;
   const int64_t group = reduction_group(g), chunk = reduction_chunk(g);
   Coefs<CL, 1, W, A> kc;
   kc.load(g, group, coef_smem, [&](int, int64_t c) { return a.k[a.k_per_channel ? c : 0]; });
@@ -252,8 +259,7 @@ __global__ void __launch_bounds__(kBlock, kReductionBlocksPerSM)
   for (int64_t step = 0; step < g.steps; ++step) {
     Pos p[1];
     next_positions(cur, g, p);
-    lm_step_backward_step<T, 1, W, VEC, RELU, HAS_SCALE, NEED_U, NEED_UP, NEED_F, true>(
-        a, p, kc, shortcut, acc[0]);
+    lm_step_backward_step<T, 1, W, VEC, RELU, HAS_SCALE, true>(a, p, kc, shortcut, acc[0]);
   }
   if (!publish_partials<1, WA>(acc, g, group, chunk, a.merge, smem)) return;
   merge_partials<1, W>(g, group, a.merge, smem, [&](int64_t c, const A (&tot)[1]) {

@@ -117,20 +117,9 @@ cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const vo
   auto flags = [&](auto&& launch) {
     return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
       return LMF_BOOL_SWITCH(relu, RELU, [&] {
-        return LMF_BOOL_SWITCH(need_u, NEED_U, [&] {
-          return LMF_BOOL_SWITCH(need_up, NEED_UP, [&] {
-            return LMF_BOOL_SWITCH(need_f, NEED_F, [&] {
-              return LMF_BOOL_SWITCH(has_scale, HAS_SCALE, [&] {
-                if constexpr (HAS_SCALE && !NEED_F) {
-                  return cudaErrorInvalidValue;  // unreachable: has_scale implies need_f
-                } else {
-                  return launch(std::bool_constant<CL>{}, std::bool_constant<RELU>{},
-                                std::bool_constant<HAS_SCALE>{}, std::bool_constant<NEED_U>{},
-                                std::bool_constant<NEED_UP>{}, std::bool_constant<NEED_F>{});
-                }
-              });
-            });
-          });
+        return LMF_BOOL_SWITCH(has_scale, HAS_SCALE, [&] {
+          return launch(std::bool_constant<CL>{}, std::bool_constant<RELU>{},
+                        std::bool_constant<HAS_SCALE>{});
         });
       });
     });
@@ -138,27 +127,21 @@ cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const vo
   if (need_k) {
     const Geometry g = grad_k_geometry<T>(sh);
     return with_reduction_widths<T>(L, buffers, [&](auto w, auto v) {
-      return flags([&](auto cl, auto relu_, auto hs, auto nu, auto nup, auto nf) {
+      return flags([&](auto cl, auto relu_, auto hs) {
         return launch_reduction<lm_step_backward_grad_k_kernel<
             T, decltype(w)::value, decltype(v)::value, decltype(cl)::value, decltype(relu_)::value,
-            decltype(hs)::value, decltype(nu)::value, decltype(nup)::value, decltype(nf)::value>>(
-            g, stream, args);
+            decltype(hs)::value>>(g, stream, args);
       });
     });
   }
   const int width = vector_width<T>(L, buffers);
   return LMF_VEC_SWITCH(T, width, VEC, [&] {
-    return flags([&](auto cl, auto relu_, auto hs, auto nu, auto nup, auto nf) {
+    return flags([&](auto cl, auto relu_, auto hs) {
       constexpr bool CL = decltype(cl)::value, RELU = decltype(relu_)::value;
-      if constexpr (!(decltype(nu)::value || decltype(nup)::value || decltype(nf)::value)) {
-        return cudaSuccess;  // unreachable: nothing to do returned above
-      } else {
-        const Geometry g = elementwise_geometry(sh, elementwise_unit<T, CL, VEC>(),
-                                                backward_positions<T, CL, VEC, RELU ? 2 : 1>());
-        return launch_elementwise<lm_step_backward_kernel<
-            T, VEC, CL, RELU, decltype(hs)::value, decltype(nu)::value, decltype(nup)::value,
-            decltype(nf)::value>>(g, stream, args);
-      }
+      const Geometry g = elementwise_geometry(sh, elementwise_unit<T, CL, VEC>(),
+                                              backward_positions<T, CL, VEC, RELU ? 2 : 1>());
+      return launch_elementwise<lm_step_backward_kernel<T, VEC, CL, RELU, decltype(hs)::value>>(
+          g, stream, args);
     });
   });
 }

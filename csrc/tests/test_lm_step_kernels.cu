@@ -1,6 +1,6 @@
 // Kernel tests for the torch-free LM-step launchers (csrc/lm_step.h), against a float64 CPU
 // reference. Covers every flag combination, both layouts, float/half/bf16/double, odd sizes
-// (scalar path), multi-tile reductions, misaligned buffers, out-of-bounds writes, grad_k
+// (scalar path), multi-chunk reductions, misaligned buffers, out-of-bounds writes, grad_k
 // determinism, and the Philox noise (golden integers from triton.language.random, statistics,
 // reproducibility); its main also runs the batch-norm-fused kernels' tests
 // (test_batch_norm_kernels.cu). Exits 0 with "skipped: no CUDA device" when there is no GPU.
@@ -483,15 +483,15 @@ void run_dtype(std::mt19937_64& rng) {
   const Case cases[] = {
       {2, 3, 5, false},     // tiny, odd row length: scalar path
       {3, 4, 16, false},    // vector path for every dtype
-      {4, 3, 2053, false},  // several tiles per channel, scalar path
-      {4, 3, 2056, false},  // several tiles per channel, vector path
+      {4, 3, 2053, false},  // several chunks per channel, scalar path
+      {4, 3, 2056, false},  // several chunks per channel, vector path
       {2, 1, 33, false},    // one channel
       {2, 3, 196, false},   // 14x14: 64-bit vectors for half/bf16, 128-bit for float
       {3, 2, 6, false},     // 64-bit vectors for float (and double's 128-bit), scalar for half/bf16
       {2, 12, 5, true},     // channels-last, C = 12: 64-bit vectors for half/bf16
-      {2, 264, 9, true},    // channels-last, several column tiles, partial last one
+      {2, 264, 9, true},    // channels-last, several column groups, partial last one
       {3, 300, 7, true},    // channels-last, C not a multiple of 8
-      {4, 8, 1100, true},   // channels-last, several row tiles
+      {4, 8, 1100, true},   // channels-last, several row chunks
       {5, 7, 1, true},      // rank-2 (N, C)
       {1, 1, 1, true},      // a single element
   };
