@@ -1,27 +1,28 @@
-// Kernels and typed launchers of the batch-norm-fused LM step (batch_norm_lm_step.h). They walk
-// the LM step's tiles (lm_step.cuh: Geometry, cursors, vector packs, Philox, per-tile partial sums
-// and their fixed-order reduction), so one tile holds one channel (contiguous) or one set of
-// columns (channels-last), and per-channel sums fall out of the iteration as grad_k's do.
-//
-// Reductions (statistics, backward_reduce) separate two widths: W, the widest vector the row
-// length allows (a function of the shape only), sets the tiles and each thread's W accumulators;
-// VEC <= W, the widest the buffers' alignment also allows, sets the loads (W / VEC of them per W
-// elements). So the summation order, hence the bits, never depend on where the buffers are.
-// The elementwise kernels (forward, backward) have no sums: there W = VEC.
-// Instantiated per dtype in batch_norm_lm_step_<dtype>.cu.
+// Kernels and typed launchers of the batch-norm-fused LM step (batch_norm_lm_step.h), over the
+// shared work decomposition (kernel_common.cuh):
+//   batch_norm_stats_kernel                    reduction: shifted sums, merge, mean / invstd and
+//                                              the running statistics finished by the last CTAs
+//   batch_norm_eval_stats_kernel               per channel: evaluation statistics
+//   batch_norm_lm_step_forward_kernel          elementwise, optionally writing the 1-bit mask
+//   batch_norm_lm_step_backward_reduce_kernel  reduction: sum dy, sum dy xhat, grad_k (k's shape)
+//   batch_norm_lm_step_backward_kernel         elementwise: grad_x, grad_u, grad_u_prev
+// The reductions' units are W elements (the row length's widest vector) loaded VEC <= W at a time,
+// so their sums' order depends on the shape alone. Instantiated per dtype in
+// batch_norm_lm_step_<dtype>.cu.
 #pragma once
 
 #include "batch_norm_lm_step.h"
 #include "batch_norm_lm_step_dispatch.h"
-#include "lm_step.cuh"
+#include "kernel_common.cuh"
 
 namespace lmfused {
 namespace detail {
 
 // Rounded one by one (no fused multiply-add): the batch norm's output is then the same bits in
 // every kernel that computes it (the backward's recomputed ReLU mask must match the forward's
-// output), and the same as torch's unfused arithmetic. (The CPU emulation builds for a target
-// without FMA, where plain operators are already rounded one by one.)
+// output), and the same as torch's unfused arithmetic, so the forward's output and its mask are
+// bitwise the reference backend's. (The CPU emulation builds for a target without FMA, where
+// plain operators are already rounded one by one.)
 __device__ __forceinline__ float mul_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
   return __fmul_rn(a, b);
@@ -57,17 +58,14 @@ __device__ __forceinline__ A bn_xhat(A x, A mean, A invstd) {
   return mul_rn(add_rn(x, -mean), invstd);
 }
 
-// The update's branch term z = s * (xhat * weight + bias): the forward adds it to the state; the
-// backward recomputes it, by this same code, for the recomputed ReLU masks.
+// The update's branch term s * (xhat * weight + bias): the forward adds it to the state; the
+// no-state backward recomputes it, by this same code, for its ReLU mask.
 template <typename A>
 __device__ __forceinline__ A bn_branch(A s, A xhat, A weight, A bias) {
   return mul_rn(s, add_rn(mul_rn(xhat, weight), bias));
 }
 
-// The noise-free pre-activation with state, ((1 - k) * u + k * u_prev) + branch, one rounding per
-// operation in this order: the forward computes it by this code and the backward reduction
-// recomputes it by this code for the ReLU mask with state, so both get the same bits (no fused
-// multiply-add can differ between the two kernels).
+// The noise-free pre-activation with state, ((1 - k) * u + k * u_prev) + branch: torch's order.
 template <typename A>
 __device__ __forceinline__ A bn_update(A k, A u, A u_prev, A branch) {
   return add_rn(add_rn(mul_rn(add_rn(A(1), -k), u), mul_rn(k, u_prev)), branch);
@@ -75,34 +73,26 @@ __device__ __forceinline__ A bn_update(A k, A u, A u_prev, A branch) {
 
 // How the backward masks g by the ReLU.
 enum : int {
-  kMaskNone = 0,  // no ReLU
-  kMaskOut = 1,   // 0 where the forward's output <= 0 (a NaN output passes g on)
-  // Recomputed from the forward's noise-free pre-activation z: 0 where z, rounded to the
-  // activation dtype, <= 0 (a NaN z passes g on). Bitwise the mask of the forward's output.
-  kMaskRecompute = 2,       // no-state mode: z = branch
-  kMaskRecomputeState = 3,  // with state (reduction only): z = bn_update(k, u, u_prev, branch)
+  kMaskNone = 0,       // no ReLU
+  kMaskBits = 1,       // the forward's 1-bit mask
+  kMaskRecompute = 2,  // no-state mode: 0 where the branch term, rounded to T, is <= 0 (NaN passes)
 };
-
-// g through the ReLU mask. out: the forward's output (kMaskOut); k, u, u_prev: the state
-// (kMaskRecomputeState). A NaN z or out passes g on, as torch's threshold_backward.
-template <int MASK, typename T, typename A>
-__device__ __forceinline__ A relu_mask(A g, A out, A s, A xhat, A weight, A bias, A k = A(0),
-                                       A u = A(0), A u_prev = A(0)) {
-  if constexpr (MASK == kMaskOut) {
-    return out <= A(0) ? A(0) : g;
-  } else if constexpr (MASK == kMaskRecompute) {
-    const A z = to_acc(from_acc<T>(bn_branch(s, xhat, weight, bias)));
-    return z <= A(0) ? A(0) : g;
-  } else if constexpr (MASK == kMaskRecomputeState) {
-    const A z = to_acc(from_acc<T>(bn_update(k, u, u_prev, bn_branch(s, xhat, weight, bias))));
-    return z <= A(0) ? A(0) : g;
-  } else {
-    return g;
-  }
-}
 
 // grad_x's modes.
 enum : int { kGradXNone = 0, kGradXEval = 1, kGradXTrain = 2 };
+
+// Per-channel coefficients (Coefs), in this order; each kernel reads the ones it needs.
+enum : int {
+  kCoefMean = 0,
+  kCoefInvstd,
+  kCoefWeight,
+  kCoefBias,
+  kCoefK,
+  kCoefGain,     // weight * invstd (grad_x)
+  kCoefMeanDy,   // sum_dy / count
+  kCoefDyXhat,   // invstd * sum_dy_xhat / count
+  kNumCoefs
+};
 
 template <typename T>
 struct BatchNormArgs {
@@ -110,48 +100,98 @@ struct BatchNormArgs {
   const T* x;
   const T* u;
   const T* u_prev;
-  const T* out;  // the forward's output (read by the backward's mask)
   const T* grad_out;
   const T* grad_shortcut;
+  const uint8_t* mask;  // to read
   const A* mean;
   const A* invstd;
   const A* weight;  // nullptr = 1
   const A* bias;    // nullptr = 0
   const A* k;
   const A* scale;  // nullptr = 1
-  const A* mean_dy;
-  const A* mean_dy_xhat;
+  const A* sum_dy;
+  const A* sum_dy_xhat;
   const int64_t* seed;
   T* result;  // the forward's output
+  uint8_t* mask_out;
   T* grad_x;
   T* grad_u;
   T* grad_u_prev;
-  A* partials;
-  A noise_std;
+  A* out0;  // per-channel outputs
+  A* out1;
+  A* out2;
+  void* running_mean;
+  void* running_var;
+  DType running_dtype;
+  MergeScratch<A> merge;
+  A noise_std, eps, momentum, count, unbias;
   bool k_per_channel;
-};
 
-// The per-channel values of a cursor's V elements, `fallback` where p is nullptr.
-template <int V, typename Cur, typename A>
-__device__ __forceinline__ void load_channel(const Cur& cur, const A* __restrict__ p, A fallback,
-                                             A (&v)[V]) {
-  if (p == nullptr) {
-#pragma unroll
-    for (int j = 0; j < V; ++j) v[j] = fallback;
-  } else {
-    load_k(cur, p, /*per_channel=*/true, v);
+  // Coefficient q of channel c (kCoef*).
+  __device__ __forceinline__ A coef(int q, int64_t c) const {
+    const A inv = invstd != nullptr ? invstd[c] : A(1);
+    const A w = weight != nullptr ? weight[c] : A(1);
+    switch (q) {
+      case kCoefMean:
+        return mean != nullptr ? mean[c] : A(0);
+      case kCoefInvstd:
+        return inv;
+      case kCoefWeight:
+        return w;
+      case kCoefBias:
+        return bias != nullptr ? bias[c] : A(0);
+      case kCoefK:
+        return k != nullptr ? k[k_per_channel ? c : 0] : A(0);
+      case kCoefGain:
+        return mul_rn(inv, w);
+      case kCoefMeanDy:
+        return sum_dy != nullptr ? sum_dy[c] / count : A(0);
+      default:
+        return sum_dy_xhat != nullptr ? inv * (sum_dy_xhat[c] / count) : A(0);
+    }
   }
-}
+};
 
 template <typename A>
 __device__ __forceinline__ A sample_scale(const A* __restrict__ scale, int64_t n) {
   return scale != nullptr ? scale[n] : A(1);  // a runtime flag: s = 1 is exact
 }
 
-// W elements from W / VEC loads of VEC (a reduction's logical vector, see the top).
+// A running statistic of any float dtype, read and written in the accumulator type.
+template <typename A>
+__device__ __forceinline__ A load_running(const void* p, DType d, int64_t c) {
+  switch (d) {
+    case DType::kFloat64:
+      return static_cast<A>(static_cast<const double*>(p)[c]);
+    case DType::kFloat16:
+      return static_cast<A>(__half2float(static_cast<const __half*>(p)[c]));
+    case DType::kBFloat16:
+      return static_cast<A>(__bfloat162float(static_cast<const __nv_bfloat16*>(p)[c]));
+    default:
+      return static_cast<A>(static_cast<const float*>(p)[c]);
+  }
+}
+template <typename A>
+__device__ __forceinline__ void store_running(void* p, DType d, int64_t c, A v) {
+  switch (d) {
+    case DType::kFloat64:
+      static_cast<double*>(p)[c] = static_cast<double>(v);
+      break;
+    case DType::kFloat16:
+      static_cast<__half*>(p)[c] = __float2half_rn(static_cast<float>(v));
+      break;
+    case DType::kBFloat16:
+      static_cast<__nv_bfloat16*>(p)[c] = __float2bfloat16_rn(static_cast<float>(v));
+      break;
+    default:
+      static_cast<float*>(p)[c] = static_cast<float>(v);
+  }
+}
+
+// W elements from W / VEC loads of VEC (a reduction's unit, see the top).
 template <typename T, int W, int VEC>
 __device__ __forceinline__ Pack<T, W> load_wide(const T* __restrict__ p, int64_t off) {
-  static_assert(W % VEC == 0, "the load width divides the logical width");
+  static_assert(W % VEC == 0, "the load width divides the unit");
   Pack<T, W> r;
 #pragma unroll
   for (int i = 0; i < W / VEC; ++i) {
@@ -166,234 +206,352 @@ __device__ __forceinline__ Pack<T, W> load_wide(const T* __restrict__ p, int64_t
 // Kernels
 // ---------------------------------------------------------------------------------------------
 
-// Per-tile, per-channel partial sums of d = x - shift and d^2, shift = the channel's first
-// element: partials[0 .. P) and partials[P .. 2P), P = g.num_partials.
+// Training statistics: each CTA sums d = x - shift and d^2 over its item (4 rows or units per step
+// in flight), shift = the channel's first element; the group's last CTA merges the partials and
+// finishes mean, invstd and the running statistics.
 template <typename T, int W, int VEC, bool CL>
-__global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
+__global__ void __launch_bounds__(kBlock, kReductionBlocksPerSM)
     batch_norm_stats_kernel(const BatchNormArgs<T> a, const Geometry g) {
   using A = acc_t<T>;
+  constexpr int U = 4;
   __shared__ A smem[kBlock * W];
-  for (int64_t tile = blockIdx.x; tile < g.num_tiles; tile += gridDim.x) {
-    Cursor<CL, W> cur(g, tile);
-    A s1[W], s2[W];
+  __shared__ A coef_smem[CL ? kMaxColUnits * W : 1];
+  const int64_t group = reduction_group(g), chunk = reduction_chunk(g);
+  // The shift of channel c: x at (n = 0, s = 0, c).
+  auto shift_of = [&](int, int64_t c) { return to_acc(a.x[CL ? c : c * g.L]); };
+  Coefs<CL, 1, W, A> shift;
+  shift.load(g, group, coef_smem, shift_of);
+  constexpr int WA = accumulators<CL, W>();
+  A acc[2][WA];
 #pragma unroll
-    for (int j = 0; j < W; ++j) s1[j] = s2[j] = A(0);
-    if (cur.ok()) {  // no early exit: the whole block must reach the partial-sum barriers
-      A shift[W];
+  for (int j = 0; j < WA; ++j) acc[0][j] = acc[1][j] = A(0);
+  Cursor<CL, W> cur(g, group, chunk);
+  for (int64_t step = 0; step < g.steps; ++step) {
+    Pos p[U];
+    next_positions(cur, g, p);
+    Pack<T, W> px[U];
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      if (p[i].ok) px[i] = load_wide<T, W, VEC>(a.x, p[i].off);
+    }
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      if (!p[i].ok) continue;
 #pragma unroll
       for (int j = 0; j < W; ++j) {
-        shift[j] = to_acc(a.x[CL ? cur.channel(j) : cur.channel(j) * g.L]);  // (0, c, 0...)
-      }
-      for (; cur.ok(); cur.next(g)) {
-        const Pack<T, W> px = load_wide<T, W, VEC>(a.x, cur.offset(g));
-#pragma unroll
-        for (int j = 0; j < W; ++j) {
-          const A d = to_acc(px.v[j]) - shift[j];
-          s1[j] += d;
-          s2[j] += d * d;
-        }
+        const A d = to_acc(px[i].v[j]) - shift.get(0, j);
+        acc[0][CL ? j : 0] += d;
+        acc[1][CL ? j : 0] += d * d;
       }
     }
-    store_tile_partials<CL, W>(s1, g, tile, true, a.partials, smem);
-    store_tile_partials<CL, W>(s2, g, tile, true, a.partials + g.num_partials, smem);
   }
+  if (!publish_partials<2, WA>(acc, g, group, chunk, a.merge, smem)) return;
+  merge_partials<2, W>(g, group, a.merge, smem, [&](int64_t c, const A (&tot)[2]) {
+    const A centred = tot[0] / a.count;
+    A var = tot[1] / a.count - centred * centred;
+    var = var < A(0) ? A(0) : var;  // (NaN stays NaN)
+    const A mean = shift_of(0, c) + centred;
+    a.out0[c] = mean;
+    a.out1[c] = A(1) / std::sqrt(var + a.eps);
+    if (a.running_mean != nullptr) {
+      const A keep = A(1) - a.momentum;
+      const A rm = load_running<A>(a.running_mean, a.running_dtype, c);
+      store_running(a.running_mean, a.running_dtype, c, rm * keep + a.momentum * mean);
+      const A rv = load_running<A>(a.running_var, a.running_dtype, c);
+      store_running(a.running_var, a.running_dtype, c, rv * keep + a.momentum * (var * a.unbias));
+    }
+  });
 }
 
-// mean, var hold the channel sums of d and d^2; turned in place into the mean and the biased
-// variance (clamped at 0; NaN stays NaN).
+// Evaluation statistics (and a training batch without values): mean = running_mean (0 without),
+// invstd = 1 / sqrt(running_var + eps) (running_var 1 without).
 template <typename T>
 __global__ void __launch_bounds__(kBlock)
-    batch_norm_stats_finalize_kernel(const T* __restrict__ x, acc_t<T>* __restrict__ mean,
-                                     acc_t<T>* __restrict__ var, int64_t C, int64_t first_stride,
-                                     acc_t<T> count) {
+    batch_norm_eval_stats_kernel(const BatchNormArgs<T> a, const Geometry g) {
   using A = acc_t<T>;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x;
-  if (c >= C) return;
-  const A centred_mean = mean[c] / count;
-  const A v = var[c] / count - centred_mean * centred_mean;
-  mean[c] = to_acc(x[c * first_stride]) + centred_mean;
-  var[c] = v < A(0) ? A(0) : v;
+  if (c >= g.C) return;
+  const bool running = a.running_mean != nullptr;
+  const A var = running ? load_running<A>(a.running_var, a.running_dtype, c) : A(1);
+  a.out0[c] = running ? load_running<A>(a.running_mean, a.running_dtype, c) : A(0);
+  a.out1[c] = A(1) / std::sqrt(var + a.eps);
 }
 
-template <typename T, int VEC, bool CL, bool STATE, bool RELU, bool HAS_NOISE>
-__global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
+template <typename T, int VEC, bool CL, bool STATE, bool RELU, bool HAS_NOISE, bool MASK>
+__global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
     batch_norm_lm_step_forward_kernel(const BatchNormArgs<T> a, const Geometry g) {
   using A = acc_t<T>;
+  constexpr int UW = elementwise_unit<T, CL, VEC, MASK>();
+  constexpr int U = elementwise_positions<T, UW, STATE ? 3 : 1, HAS_NOISE ? 1 : 4>();
+  constexpr int SUB = UW / VEC, NC = kCoefK + 1;
+  static_assert(!MASK || (STATE && RELU), "the mask is written with state and relu");
+  __shared__ A coef_smem[CL ? NC * kMaxColUnits * UW : 1];
   uint32_t key0 = 0, key1 = 0;
   if constexpr (HAS_NOISE) {
     const uint64_t seed = static_cast<uint64_t>(*a.seed);  // on device: graph-capturable
     key0 = static_cast<uint32_t>(seed);
     key1 = static_cast<uint32_t>(seed >> 32);
   }
-  for (int64_t tile = blockIdx.x; tile < g.num_tiles; tile += gridDim.x) {
-    Cursor<CL, VEC> cur(g, tile);
-    if (!cur.ok()) continue;
-    A mean[VEC], invstd[VEC], wt[VEC], bs[VEC], kk[VEC];
-    load_channel(cur, a.mean, A(0), mean);
-    load_channel(cur, a.invstd, A(1), invstd);
-    load_channel(cur, a.weight, A(1), wt);
-    load_channel(cur, a.bias, A(0), bs);
-    if constexpr (STATE) load_k(cur, a.k, a.k_per_channel, kk);
-    constexpr int B = positions_per_step<VEC>();
-    for (; cur.ok(); cur.next(g)) {
-      int64_t off[B], sample[B];
-      const int live = gather_positions<B>(cur, g, off, sample);
-      Pack<T, VEC> px[B], pu[B], pp[B];
+  Coefs<CL, NC, UW, A> cf;
+  const ItemRange items = cta_items(g);
+  int64_t loaded = -1;
+  for (int64_t item = items.begin; item < items.end; item += items.stride) {
+    const int64_t group = item_group(g, item);
+    if (group != loaded) {
+      cf.load(g, group, coef_smem, [&](int q, int64_t c) { return a.coef(q, c); });
+      loaded = group;
+    }
+    Cursor<CL, UW> cur(g, group, item_chunk(g, item));
+    for (int64_t step = 0; step < g.steps; ++step) {
+      Pos p[U];
+      next_positions(cur, g, p);
+      Pack<T, VEC> px[U][SUB], pu[U][SUB], pp[U][SUB];
+      // Every sub-vector's loads first (preload_step), except with noise (Philox's registers):
+      // then each one's just before its use.
+      auto load = [&](int i, int q) {
+        const int64_t off = p[i].off + q * VEC;
+        px[i][q] = load_pack<T, VEC>(a.x, off);
+        if constexpr (STATE) {
+          pu[i][q] = load_pack<T, VEC>(a.u, off);
+          pp[i][q] = load_pack<T, VEC>(a.u_prev, off);
+        }
+      };
+      constexpr bool kPreload = !HAS_NOISE && preload_step<T, U, SUB, VEC, STATE ? 3 : 1>();
+      if constexpr (kPreload) {
 #pragma unroll
-      for (int b = 0; b < B; ++b) {
-        if (b < live) {
-          px[b] = load_pack<T, VEC>(a.x, off[b]);
-          if constexpr (STATE) {
-            pu[b] = load_pack<T, VEC>(a.u, off[b]);
-            pp[b] = load_pack<T, VEC>(a.u_prev, off[b]);
+        for (int i = 0; i < U; ++i) {
+#pragma unroll
+          for (int q = 0; q < SUB; ++q) {
+            if (p[i].ok && sub_live<VEC>(q, p[i].live)) load(i, q);
           }
         }
       }
 #pragma unroll
-      for (int b = 0; b < B; ++b) {
-        if (b >= live) break;
-        const A s = sample_scale(a.scale, sample[b]);
-        Pack<T, VEC> po;
-        constexpr int G = VEC % 4 == 0 ? 4 : VEC;  // normals per Philox call used here
-        float xi[G];
+      for (int i = 0; i < U; ++i) {
+        unsigned bits = 0;
+        if (p[i].ok) {
+          const A s = sample_scale(a.scale, p[i].n);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          A v = bn_branch(s, bn_xhat(to_acc(px[b].v[j]), mean[j], invstd[j]), wt[j], bs[j]);
-          if constexpr (STATE) v = bn_update(kk[j], to_acc(pu[b].v[j]), to_acc(pp[b].v[j]), v);
-          if constexpr (HAS_NOISE) {
-            if (j % G == 0) philox_normals<G>(key0, key1, static_cast<uint64_t>(off[b] + j), xi);
-            v += a.noise_std * static_cast<A>(xi[j % G]);
+          for (int q = 0; q < SUB; ++q) {
+            if (!sub_live<VEC>(q, p[i].live)) break;
+            if constexpr (!kPreload) load(i, q);
+            const int64_t off = p[i].off + q * VEC;
+            Pack<T, VEC> po;
+            constexpr int G = VEC % 4 == 0 ? 4 : VEC;  // normals per Philox call used here
+            float xi[G];
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+              const int e = q * VEC + j;
+              const A xhat =
+                  bn_xhat(to_acc(px[i][q].v[j]), cf.get(kCoefMean, e), cf.get(kCoefInvstd, e));
+              A v = bn_branch(s, xhat, cf.get(kCoefWeight, e), cf.get(kCoefBias, e));
+              if constexpr (STATE) {
+                v = bn_update(cf.get(kCoefK, e), to_acc(pu[i][q].v[j]), to_acc(pp[i][q].v[j]), v);
+              }
+              if constexpr (HAS_NOISE) {
+                if (j % G == 0) philox_normals<G>(key0, key1, static_cast<uint64_t>(off + j), xi);
+                v += a.noise_std * static_cast<A>(xi[j % G]);
+              }
+              if constexpr (RELU) v = v < A(0) ? A(0) : v;  // keeps NaN, like torch.relu
+              po.v[j] = from_acc<T>(v);
+              // The gradient passes where the stored output is not <= 0.
+              if constexpr (MASK) bits |= (to_acc(po.v[j]) <= A(0) ? 0u : 1u) << e;
+            }
+            store_pack<T, VEC>(a.result, off, po);
           }
-          if constexpr (RELU) v = v < A(0) ? A(0) : v;  // keeps NaN, like torch.relu
-          po.v[j] = from_acc<T>(v);
         }
-        store_pack<T, VEC>(a.result, off[b], po);
+        if constexpr (MASK) store_mask<UW>(a.mask_out, p[i], bits, p[i].ok);
       }
     }
   }
 }
 
-// Per-tile, per-channel partial sums of dy = s * g, dy * xhat and (NEED_K) g * (u_prev - u):
-// partials[0 .. P), [P .. 2P), [2P .. 3P). kMaskRecomputeState reads u and u_prev for the mask
-// (and k), the reads NEED_K makes anyway, instead of out.
+// g through the ReLU (MASK) for element e of a unit: `bits` are the unit's mask bits; the
+// recomputed mask needs the branch term's operands.
+template <int MASK, typename T, typename A, typename CF>
+__device__ __forceinline__ A relu_gradient(A g, unsigned bits, int e, A s, A x, const CF& cf) {
+  if constexpr (MASK == kMaskBits) {
+    return (bits >> e) & 1u ? g : A(0);
+  } else if constexpr (MASK == kMaskRecompute) {
+    const A xhat = bn_xhat(x, cf.get(kCoefMean, e), cf.get(kCoefInvstd, e));
+    const A z = to_acc(from_acc<T>(bn_branch(s, xhat, cf.get(kCoefWeight, e), cf.get(kCoefBias, e))));
+    return z <= A(0) ? A(0) : g;
+  } else {
+    return g;
+  }
+}
+
+// Per-channel sums of dy = s * g, dy * (x - mean) (times invstd when finished: sum dy xhat) and
+// (NEED_K) g * (u_prev - u); two rows or units per step (one with NEED_K, which reads four
+// tensors): at least four 128-bit loads in flight per thread.
 template <typename T, int W, int VEC, bool CL, int MASK, bool NEED_K>
-__global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
+__global__ void __launch_bounds__(kBlock, kReductionBlocksPerSM)
     batch_norm_lm_step_backward_reduce_kernel(const BatchNormArgs<T> a, const Geometry g) {
   using A = acc_t<T>;
-  constexpr bool kRecompute = MASK == kMaskRecompute || MASK == kMaskRecomputeState;
-  constexpr bool kReadState = NEED_K || MASK == kMaskRecomputeState;
+  constexpr int U = NEED_K ? 1 : 2, NS = NEED_K ? 3 : 2;
+  constexpr int NC = MASK == kMaskRecompute ? kCoefBias + 1 : kCoefMean + 1;
   __shared__ A smem[kBlock * W];
-  for (int64_t tile = blockIdx.x; tile < g.num_tiles; tile += gridDim.x) {
-    Cursor<CL, W> cur(g, tile);
-    A sdy[W], sdyx[W], sk[W];
+  __shared__ A coef_smem[CL ? NC * kMaxColUnits * W : 1];
+  const int64_t group = reduction_group(g), chunk = reduction_chunk(g);
+  Coefs<CL, NC, W, A> cf;
+  cf.load(g, group, coef_smem, [&](int q, int64_t c) { return a.coef(q, c); });
+  constexpr int WA = accumulators<CL, W>();
+  A acc[NS][WA];
 #pragma unroll
-    for (int j = 0; j < W; ++j) sdy[j] = sdyx[j] = sk[j] = A(0);
-    if (cur.ok()) {  // no early exit: the whole block must reach the partial-sum barriers
-      A mean[W], invstd[W], wt[W], bs[W], kk[W];
-      load_channel(cur, a.mean, A(0), mean);
-      load_channel(cur, a.invstd, A(1), invstd);
-      load_channel(cur, kRecompute ? a.weight : nullptr, A(1), wt);
-      load_channel(cur, kRecompute ? a.bias : nullptr, A(0), bs);
-      if constexpr (MASK == kMaskRecomputeState) {
-        load_k(cur, a.k, a.k_per_channel, kk);
-      } else {
-        load_channel(cur, static_cast<const A*>(nullptr), A(0), kk);
-      }
-      for (; cur.ok(); cur.next(g)) {
-        const int64_t off = cur.offset(g);
-        const A s = sample_scale(a.scale, cur.sample());
-        const Pack<T, W> pg = load_wide<T, W, VEC>(a.grad_out, off);
-        const Pack<T, W> px = load_wide<T, W, VEC>(a.x, off);
-        Pack<T, W> po{}, pu{}, pp{};
-        if constexpr (MASK == kMaskOut) po = load_wide<T, W, VEC>(a.out, off);
-        if constexpr (kReadState) {
-          pu = load_wide<T, W, VEC>(a.u, off);
-          pp = load_wide<T, W, VEC>(a.u_prev, off);
-        }
+  for (int s = 0; s < NS; ++s) {
 #pragma unroll
-        for (int j = 0; j < W; ++j) {
-          const A xhat = bn_xhat(to_acc(px.v[j]), mean[j], invstd[j]);
-          const A gj = relu_mask<MASK, T>(to_acc(pg.v[j]), to_acc(po.v[j]), s, xhat, wt[j], bs[j],
-                                          kk[j], to_acc(pu.v[j]), to_acc(pp.v[j]));
-          const A dy = s * gj;
-          sdy[j] += dy;
-          sdyx[j] += dy * xhat;
-          if constexpr (NEED_K) sk[j] += gj * (to_acc(pp.v[j]) - to_acc(pu.v[j]));
+    for (int j = 0; j < WA; ++j) acc[s][j] = A(0);
+  }
+  Cursor<CL, W> cur(g, group, chunk);
+  for (int64_t step = 0; step < g.steps; ++step) {
+    Pos p[U];
+    next_positions(cur, g, p);
+    Pack<T, W> pg[U], px[U], pu[U], pp[U];
+    unsigned bits[U];
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      bits[i] = 0;
+      if (p[i].ok) {
+        pg[i] = load_wide<T, W, VEC>(a.grad_out, p[i].off);
+        px[i] = load_wide<T, W, VEC>(a.x, p[i].off);
+        if constexpr (NEED_K) {
+          pu[i] = load_wide<T, W, VEC>(a.u, p[i].off);
+          pp[i] = load_wide<T, W, VEC>(a.u_prev, p[i].off);
         }
+        if constexpr (MASK == kMaskBits) bits[i] = load_mask<W>(a.mask, p[i]);
       }
     }
-    store_tile_partials<CL, W>(sdy, g, tile, true, a.partials, smem);
-    store_tile_partials<CL, W>(sdyx, g, tile, true, a.partials + g.num_partials, smem);
-    if constexpr (NEED_K) {
-      store_tile_partials<CL, W>(sk, g, tile, true, a.partials + 2 * g.num_partials, smem);
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      if (!p[i].ok) continue;
+      const A s = sample_scale(a.scale, p[i].n);
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        const A x = to_acc(px[i].v[j]);
+        const A gj = relu_gradient<MASK, T>(to_acc(pg[i].v[j]), bits[i], j, s, x, cf);
+        const A dy = s * gj;
+        const int t = CL ? j : 0;
+        acc[0][t] += dy;
+        acc[1][t] += dy * (x - cf.get(kCoefMean, j));
+        if constexpr (NEED_K) acc[NS - 1][t] += gj * (to_acc(pp[i].v[j]) - to_acc(pu[i].v[j]));
+      }
     }
   }
+  if (!publish_partials<NS, WA>(acc, g, group, chunk, a.merge, smem)) return;
+  merge_partials<NS, W>(g, group, a.merge, smem, [&](int64_t c, const A (&tot)[NS]) {
+    a.out0[c] = tot[0];
+    a.out1[c] = tot[1] * a.invstd[c];
+    if constexpr (NEED_K) {
+      if (a.k_per_channel) {
+        a.out2[c] = tot[NS - 1];
+      } else {
+        a.merge.stage[c] = tot[NS - 1];
+      }
+    }
+  });
+  if (NEED_K && !a.k_per_channel) merge_channels(g, a.merge, smem, a.out2);
+}
+
+// The backward reads x for grad_x in training and for the recomputed mask.
+template <int MASK, int GRAD_X>
+__host__ __device__ constexpr bool backward_reads_x() {
+  return GRAD_X == kGradXTrain || MASK == kMaskRecompute;
 }
 
 // grad_x (GRAD_X), grad_u and grad_u_prev (where their pointers are set: runtime flags, as
 // grad_shortcut; they add a store or a read but no arithmetic worth a specialisation).
 template <typename T, int VEC, bool CL, int MASK, int GRAD_X>
-__global__ void __launch_bounds__(kBlock, kMinBlocksPerSM)
+__global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
     batch_norm_lm_step_backward_kernel(const BatchNormArgs<T> a, const Geometry g) {
   using A = acc_t<T>;
-  constexpr bool kReadX = GRAD_X == kGradXTrain || MASK == kMaskRecompute;
+  constexpr bool kReadX = backward_reads_x<MASK, GRAD_X>();
+  constexpr int UW = elementwise_unit<T, CL, VEC>(), U = backward_positions<T, CL, VEC, 1 + kReadX>();
+  constexpr int SUB = UW / VEC;
+  __shared__ A coef_smem[CL ? kNumCoefs * kMaxColUnits * UW : 1];
   const bool need_u = a.grad_u != nullptr, need_up = a.grad_u_prev != nullptr;
   const bool shortcut = need_u && a.grad_shortcut != nullptr;
-  for (int64_t tile = blockIdx.x; tile < g.num_tiles; tile += gridDim.x) {
-    Cursor<CL, VEC> cur(g, tile);
-    if (!cur.ok()) continue;
-    A mean[VEC], invstd[VEC], wt[VEC], bs[VEC], mdy[VEC], mdyx[VEC], kk[VEC], gain[VEC];
-    load_channel(cur, a.mean, A(0), mean);
-    load_channel(cur, a.invstd, A(1), invstd);
-    load_channel(cur, a.weight, A(1), wt);
-    load_channel(cur, MASK == kMaskRecompute ? a.bias : nullptr, A(0), bs);
-    load_channel(cur, GRAD_X == kGradXTrain ? a.mean_dy : nullptr, A(0), mdy);
-    load_channel(cur, GRAD_X == kGradXTrain ? a.mean_dy_xhat : nullptr, A(0), mdyx);
-    if (need_u || need_up) {
-      load_k(cur, a.k, a.k_per_channel, kk);
-    } else {
-      load_channel(cur, static_cast<const A*>(nullptr), A(0), kk);
+  Coefs<CL, kNumCoefs, UW, A> cf;
+  const ItemRange items = cta_items(g);
+  int64_t loaded = -1;
+  for (int64_t item = items.begin; item < items.end; item += items.stride) {
+    const int64_t group = item_group(g, item);
+    if (group != loaded) {
+      cf.load(g, group, coef_smem, [&](int q, int64_t c) { return a.coef(q, c); });
+      loaded = group;
     }
+    Cursor<CL, UW> cur(g, group, item_chunk(g, item));
+    for (int64_t step = 0; step < g.steps; ++step) {
+      Pos p[U];
+      next_positions(cur, g, p);
+      Pack<T, VEC> pg[U][SUB], px[U][SUB], psc[U][SUB];
+      unsigned bits[U];
+      auto load = [&](int i, int q) {
+        const int64_t off = p[i].off + q * VEC;
+        pg[i][q] = load_pack<T, VEC>(a.grad_out, off);
+        if constexpr (kReadX) px[i][q] = load_pack<T, VEC>(a.x, off);
+        if (shortcut) psc[i][q] = load_pack<T, VEC>(a.grad_shortcut, off);
+      };
+      constexpr bool kPreload = preload_step<T, U, SUB, VEC, 1 + kReadX>();
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) gain[j] = invstd[j] * wt[j];
-    constexpr int B = positions_per_step<VEC>();
-    for (; cur.ok(); cur.next(g)) {
-      int64_t off[B], sample[B];
-      const int live = gather_positions<B>(cur, g, off, sample);
-      Pack<T, VEC> pg[B], po[B], px[B], psc[B];
+      for (int i = 0; i < U; ++i) {
+        bits[i] = 0;
+        if (!p[i].ok) continue;
+        if constexpr (MASK == kMaskBits) bits[i] = load_mask<UW>(a.mask, p[i]);
+        if constexpr (kPreload) {
 #pragma unroll
-      for (int b = 0; b < B; ++b) {
-        if (b < live) {
-          pg[b] = load_pack<T, VEC>(a.grad_out, off[b]);
-          if constexpr (MASK == kMaskOut) po[b] = load_pack<T, VEC>(a.out, off[b]);
-          if constexpr (kReadX) px[b] = load_pack<T, VEC>(a.x, off[b]);
-          if (shortcut) psc[b] = load_pack<T, VEC>(a.grad_shortcut, off[b]);
+          for (int q = 0; q < SUB; ++q) {
+            if (sub_live<VEC>(q, p[i].live)) load(i, q);
+          }
         }
       }
 #pragma unroll
-      for (int b = 0; b < B; ++b) {
-        if (b >= live) break;
-        const A s = sample_scale(a.scale, sample[b]);
-        Pack<T, VEC> gx, gu, gup;
+      for (int i = 0; i < U; ++i) {
+        if (!p[i].ok) continue;
+        const A s = sample_scale(a.scale, p[i].n);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const A xhat = kReadX ? bn_xhat(to_acc(px[b].v[j]), mean[j], invstd[j]) : A(0);
-          const A out = MASK == kMaskOut ? to_acc(po[b].v[j]) : A(0);
-          const A gj = relu_mask<MASK, T>(to_acc(pg[b].v[j]), out, s, xhat, wt[j], bs[j]);
-          if constexpr (GRAD_X != kGradXNone) {
-            A dy = s * gj;
-            if constexpr (GRAD_X == kGradXTrain) dy = dy - mdy[j] - xhat * mdyx[j];
-            gx.v[j] = from_acc<T>(dy * gain[j]);
+        for (int q = 0; q < SUB; ++q) {
+          if (!sub_live<VEC>(q, p[i].live)) break;
+          if constexpr (!kPreload) load(i, q);
+          const int64_t off = p[i].off + q * VEC;
+          // One gradient at a time (fewer registers live than all three at once).
+          A gj[VEC];
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            const A x = kReadX ? to_acc(px[i][q].v[j]) : A(0);
+            gj[j] = relu_gradient<MASK, T>(to_acc(pg[i][q].v[j]), bits[i], q * VEC + j, s, x, cf);
           }
-          // The shortcut's gradient is a gradient of u itself: not masked, one rounding.
-          A guj = (A(1) - kk[j]) * gj;
-          if (shortcut) guj += to_acc(psc[b].v[j]);
-          gu.v[j] = from_acc<T>(guj);
-          gup.v[j] = from_acc<T>(kk[j] * gj);
+          if constexpr (GRAD_X != kGradXNone) {
+            Pack<T, VEC> gx;
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+              const int e = q * VEC + j;
+              A dy = s * gj[j];
+              if constexpr (GRAD_X == kGradXTrain) {
+                const A xc = to_acc(px[i][q].v[j]) - cf.get(kCoefMean, e);
+                dy = dy - cf.get(kCoefMeanDy, e) - xc * cf.get(kCoefDyXhat, e);
+              }
+              gx.v[j] = from_acc<T>(dy * cf.get(kCoefGain, e));
+            }
+            store_pack<T, VEC>(a.grad_x, off, gx);
+          }
+          if (need_u) {
+            Pack<T, VEC> gu;
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+              // The shortcut's gradient is a gradient of u itself: not masked, one rounding.
+              A guj = (A(1) - cf.get(kCoefK, q * VEC + j)) * gj[j];
+              if (shortcut) guj += to_acc(psc[i][q].v[j]);
+              gu.v[j] = from_acc<T>(guj);
+            }
+            store_pack<T, VEC>(a.grad_u, off, gu);
+          }
+          if (need_up) {
+            Pack<T, VEC> gup;
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) gup.v[j] = from_acc<T>(cf.get(kCoefK, q * VEC + j) * gj[j]);
+            store_pack<T, VEC>(a.grad_u_prev, off, gup);
+          }
         }
-        if constexpr (GRAD_X != kGradXNone) store_pack<T, VEC>(a.grad_x, off[b], gx);
-        if (need_u) store_pack<T, VEC>(a.grad_u, off[b], gu);
-        if (need_up) store_pack<T, VEC>(a.grad_u_prev, off[b], gup);
       }
     }
   }
@@ -410,94 +568,90 @@ BatchNormArgs<T> make_args(const BatchNormOperands& o) {
   a.x = static_cast<const T*>(o.x);
   a.u = static_cast<const T*>(o.u);
   a.u_prev = static_cast<const T*>(o.u_prev);
-  a.out = static_cast<const T*>(o.out);
   a.grad_out = static_cast<const T*>(o.grad_out);
   a.grad_shortcut = static_cast<const T*>(o.grad_shortcut);
+  a.mask = static_cast<const uint8_t*>(o.mask);
   a.mean = static_cast<const A*>(o.mean);
   a.invstd = static_cast<const A*>(o.invstd);
   a.weight = static_cast<const A*>(o.weight);
   a.bias = static_cast<const A*>(o.bias);
   a.k = static_cast<const A*>(o.k);
   a.scale = static_cast<const A*>(o.scale);
-  a.mean_dy = static_cast<const A*>(o.mean_dy);
-  a.mean_dy_xhat = static_cast<const A*>(o.mean_dy_xhat);
+  a.sum_dy = static_cast<const A*>(o.sum_dy);
+  a.sum_dy_xhat = static_cast<const A*>(o.sum_dy_xhat);
   a.seed = o.seed;
   a.result = static_cast<T*>(o.result);
+  a.mask_out = static_cast<uint8_t*>(o.mask_out);
   a.grad_x = static_cast<T*>(o.grad_x);
   a.grad_u = static_cast<T*>(o.grad_u);
   a.grad_u_prev = static_cast<T*>(o.grad_u_prev);
-  a.partials = static_cast<A*>(o.workspace);
+  a.out0 = static_cast<A*>(o.out0);
+  a.out1 = static_cast<A*>(o.out1);
+  a.out2 = static_cast<A*>(o.out2);
+  a.running_mean = o.running_mean;
+  a.running_var = o.running_var;
+  a.running_dtype = o.running_dtype;
   a.noise_std = static_cast<A>(o.noise_std);
+  a.eps = static_cast<A>(o.eps);
+  a.momentum = static_cast<A>(o.momentum);
+  const int64_t count = o.shape.N * o.shape.S;
+  a.count = static_cast<A>(count);
+  a.unbias = static_cast<A>(static_cast<double>(count) / static_cast<double>(count - 1));
   a.k_per_channel = o.k_numel != 1;
   return a;
 }
 
 inline int64_t row_length(const LMStepShape& sh) { return sh.channels_last ? sh.C : sh.S; }
 
-// The reductions' tiles: sized by the logical width W (the shape's), never the loads' width.
+// The reductions' geometries: units of the row length's widest vector (a function of the shape).
 template <typename T>
-Geometry reduction_geometry(const LMStepShape& sh) {
-  return make_geometry(sh, vector_width<T>(row_length(sh), {}), tile_iters(sh, false));
+Geometry stats_geometry(const LMStepShape& sh) {
+  return reduction_geometry(sh, vector_width<T>(row_length(sh), {}), 4, sizeof(T));
+}
+template <typename T>
+Geometry reduce_geometry(const LMStepShape& sh, bool need_k) {
+  return reduction_geometry(sh, vector_width<T>(row_length(sh), {}), need_k ? 1 : 2, sizeof(T));
 }
 
 template <typename T>
-size_t bn_workspace_bytes_typed(const LMStepShape& sh) {
-  const Geometry g = reduction_geometry<T>(sh);
-  return static_cast<size_t>(3 * g.num_partials + column_segment_values(g, sh)) *
-         sizeof(acc_t<T>);
+MergeScratch<acc_t<T>> merge_scratch(const Geometry& g, int sums, const ReductionScratch& s) {
+  acc_t<T>* values = static_cast<acc_t<T>*>(s.workspace);
+  return {values, s.counters, values + merge_values(g, sums, false)};
 }
 
-// Launches KERNEL<T, W, VEC, ...> (a reduction) for the shape's W and the buffers' VEC: the
-// lambda gets both as constexpr ints.
-template <typename T, typename F>
-cudaError_t with_reduction_widths(const LMStepShape& sh, std::initializer_list<const void*> bufs,
-                                  F&& launch) {
-  const int wide = vector_width<T>(row_length(sh), {});
-  const int width = vector_width<T>(row_length(sh), bufs);  // <= wide, and divides it
-  return LMF_VEC_SWITCH(T, wide, W, [&] {
-    return LMF_VEC_SWITCH(T, width, VEC, [&] {
-      if constexpr (VEC > W) {
-        return cudaErrorInvalidValue;  // unreachable: width <= wide
-      } else {
-        return launch(std::integral_constant<int, W>{}, std::integral_constant<int, VEC>{});
-      }
-    });
-  });
-}
-
-// The per-channel totals of `count` partial arrays (see the kernels) into outs[0 .. count).
-template <typename A>
-cudaError_t reduce_channel_sums(A* partials, A* const* outs, int count, const Geometry& g,
-                                const LMStepShape& sh, cudaStream_t stream) {
-  for (int i = 0; i < count; ++i) {
-    const cudaError_t err = reduce_tile_partials<A>(partials + i * g.num_partials, outs[i],
-                                                    partials + 3 * g.num_partials, g, sh,
-                                                    /*per_channel=*/true, stream);
-    if (err != cudaSuccess) return err;
+template <typename T>
+ReductionScratch bn_scratch_typed(const LMStepShape& sh) {
+  int64_t values = 0, counters = 0;
+  for (const Geometry& g : {stats_geometry<T>(sh), reduce_geometry<T>(sh, false),
+                            reduce_geometry<T>(sh, true)}) {
+    const int64_t v = merge_values(g, 3, true), c = merge_counters(g);
+    values = v > values ? v : values;
+    counters = c > counters ? c : counters;
   }
-  return cudaSuccess;
+  ReductionScratch s;
+  s.workspace_bytes = static_cast<size_t>(values) * sizeof(acc_t<T>);
+  s.counter_count = static_cast<size_t>(counters);
+  return s;
 }
 
 template <typename T>
 cudaError_t bn_stats_typed(const BatchNormOperands& o, cudaStream_t stream) {
-  using A = acc_t<T>;
   const LMStepShape& sh = o.shape;
-  const BatchNormArgs<T> args = make_args<T>(o);
-  const Geometry g = reduction_geometry<T>(sh);
-  cudaError_t err = with_reduction_widths<T>(sh, {o.x}, [&](auto w, auto v) {
+  BatchNormArgs<T> args = make_args<T>(o);
+  if (!o.training) {
+    Geometry g{};
+    g.C = sh.C;
+    return launch_kernel<batch_norm_eval_stats_kernel<T>>(ceil_div(sh.C, kBlock), stream, args, g);
+  }
+  const Geometry g = stats_geometry<T>(sh);
+  args.merge = merge_scratch<T>(g, 2, o.scratch);
+  return with_reduction_widths<T>(row_length(sh), {o.x}, [&](auto w, auto v) {
     return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
-      return launch_tiles(batch_norm_stats_kernel<T, decltype(w)::value, decltype(v)::value, CL>,
-                          args, g, stream);
+      return launch_reduction<
+          batch_norm_stats_kernel<T, decltype(w)::value, decltype(v)::value, CL>>(g, stream,
+                                                                                  args);
     });
   });
-  if (err != cudaSuccess) return err;
-  A* outs[2] = {static_cast<A*>(o.sum0), static_cast<A*>(o.sum1)};
-  err = reduce_channel_sums<A>(args.partials, outs, 2, g, sh, stream);
-  if (err != cudaSuccess) return err;
-  LMF_LAUNCH(batch_norm_stats_finalize_kernel<T>, static_cast<unsigned>(ceil_div(sh.C, kBlock)),
-             kBlock, stream, args.x, outs[0], outs[1], sh.C, sh.channels_last ? int64_t{1} : sh.S,
-             static_cast<A>(sh.N * sh.S));
-  return cudaGetLastError();
 }
 
 template <typename T>
@@ -507,14 +661,21 @@ cudaError_t bn_forward_typed(const BatchNormOperands& o, cudaStream_t stream) {
   const bool state = o.u != nullptr;
   const int width = vector_width<T>(row_length(sh), {o.x, o.u, o.u_prev, o.result});
   return LMF_VEC_SWITCH(T, width, VEC, [&] {
-    const Geometry g = make_geometry(sh, VEC, tile_iters(sh, /*forward=*/true));
     return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
       return LMF_BOOL_SWITCH(state, STATE, [&] {
         return LMF_BOOL_SWITCH(o.relu, RELU, [&] {
           return LMF_BOOL_SWITCH(o.noise_std != 0.0, HAS_NOISE, [&] {
-            return launch_tiles(
-                batch_norm_lm_step_forward_kernel<T, VEC, CL, STATE, RELU, HAS_NOISE>, args, g,
-                stream);
+            return LMF_BOOL_SWITCH(o.mask_out != nullptr, MASK, [&] {
+              if constexpr (MASK && !(STATE && RELU)) {
+                return cudaErrorInvalidValue;  // rejected by the caller
+              } else {
+                constexpr int UW = elementwise_unit<T, CL, VEC, MASK>();
+                const Geometry g = elementwise_geometry(
+                    sh, UW, elementwise_positions<T, UW, STATE ? 3 : 1, HAS_NOISE ? 1 : 4>());
+                return launch_elementwise<batch_norm_lm_step_forward_kernel<
+                    T, VEC, CL, STATE, RELU, HAS_NOISE, MASK>>(g, stream, args);
+              }
+            });
           });
         });
       });
@@ -522,12 +683,10 @@ cudaError_t bn_forward_typed(const BatchNormOperands& o, cudaStream_t stream) {
   });
 }
 
-// The mask from the operands: the recomputed one with state when u is given (the reduction's
-// launcher passes u only when it is read; the backward's never with a recomputed mask).
+// The mask mode of a backward pass's operands.
 inline int mask_mode(const BatchNormOperands& o) {
   if (!o.relu) return kMaskNone;
-  if (o.out != nullptr) return kMaskOut;
-  return o.u != nullptr ? kMaskRecomputeState : kMaskRecompute;
+  return o.mask != nullptr ? kMaskBits : kMaskRecompute;
 }
 
 // Expands __VA_ARGS__ (a lambda) with NAME a constexpr int equal to VALUE, one of 0, 1, 2.
@@ -545,70 +704,52 @@ inline int mask_mode(const BatchNormOperands& o) {
     }                                     \
   }()
 
-// The same for 0, 1, 2, 3.
-#define LMF_INT4_SWITCH(VALUE, NAME, ...)                \
-  [&] {                                                  \
-    if ((VALUE) == 3) {                                  \
-      constexpr int NAME = 3;                            \
-      return __VA_ARGS__();                              \
-    } else {                                             \
-      return LMF_INT3_SWITCH(VALUE, NAME, __VA_ARGS__);  \
-    }                                                    \
-  }()
-
 template <typename T>
 cudaError_t bn_reduce_typed(const BatchNormOperands& o, cudaStream_t stream) {
-  using A = acc_t<T>;
   const LMStepShape& sh = o.shape;
-  const BatchNormArgs<T> args = make_args<T>(o);
-  const bool need_k = o.sum2 != nullptr;
+  BatchNormArgs<T> args = make_args<T>(o);
+  const bool need_k = o.out2 != nullptr;
   const int mask = mask_mode(o);
-  const bool read_state = need_k || mask == kMaskRecomputeState;
-  const Geometry g = reduction_geometry<T>(sh);
-  cudaError_t err = with_reduction_widths<T>(
-      sh,
-      {o.grad_out, o.x, mask == kMaskOut ? o.out : nullptr, read_state ? o.u : nullptr,
-       read_state ? o.u_prev : nullptr},
-      [&](auto w, auto v) {
+  const Geometry g = reduce_geometry<T>(sh, need_k);
+  args.merge = merge_scratch<T>(g, need_k ? 3 : 2, o.scratch);
+  return with_reduction_widths<T>(
+      row_length(sh), {o.grad_out, o.x, o.u, o.u_prev}, [&](auto w, auto v) {
         constexpr int W = decltype(w)::value, VEC = decltype(v)::value;
         return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
-          return LMF_INT4_SWITCH(mask, MASK, [&] {
+          return LMF_INT3_SWITCH(mask, MASK, [&] {
             return LMF_BOOL_SWITCH(need_k, NEED_K, [&] {
               if constexpr (MASK == kMaskRecompute && NEED_K) {
                 return cudaErrorInvalidValue;  // rejected by the caller: no state, no k
               } else {
-                return launch_tiles(
-                    batch_norm_lm_step_backward_reduce_kernel<T, W, VEC, CL, MASK, NEED_K>, args,
-                    g, stream);
+                return launch_reduction<
+                    batch_norm_lm_step_backward_reduce_kernel<T, W, VEC, CL, MASK, NEED_K>>(
+                    g, stream, args);
               }
             });
           });
         });
       });
-  if (err != cudaSuccess) return err;
-  A* outs[3] = {static_cast<A*>(o.sum0), static_cast<A*>(o.sum1), static_cast<A*>(o.sum2)};
-  return reduce_channel_sums<A>(args.partials, outs, need_k ? 3 : 2, g, sh, stream);
 }
 
 template <typename T>
 cudaError_t bn_backward_typed(const BatchNormOperands& o, cudaStream_t stream) {
   const LMStepShape& sh = o.shape;
-  BatchNormArgs<T> args = make_args<T>(o);
-  if (o.grad_u == nullptr) args.grad_shortcut = nullptr;  // only grad_u reads it
+  const BatchNormArgs<T> args = make_args<T>(o);
   const int mask = mask_mode(o);
-  if (mask == kMaskRecomputeState) return cudaErrorInvalidValue;  // the launcher passes no u
   const int grad_x = o.grad_x == nullptr ? kGradXNone : o.training ? kGradXTrain : kGradXEval;
   const bool read_x = grad_x == kGradXTrain || mask == kMaskRecompute;
-  const int width = vector_width<T>(
-      row_length(sh), {o.grad_out, args.grad_shortcut, mask == kMaskOut ? o.out : nullptr,
-                       read_x ? o.x : nullptr, o.grad_x, o.grad_u, o.grad_u_prev});
+  const int width = vector_width<T>(row_length(sh), {o.grad_out, o.grad_shortcut,
+                                                     read_x ? o.x : nullptr, o.grad_x, o.grad_u,
+                                                     o.grad_u_prev});
   return LMF_VEC_SWITCH(T, width, VEC, [&] {
-    const Geometry g = make_geometry(sh, VEC, tile_iters(sh, /*forward=*/true));
     return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
       return LMF_INT3_SWITCH(mask, MASK, [&] {
         return LMF_INT3_SWITCH(grad_x, GRAD_X, [&] {
-          return launch_tiles(batch_norm_lm_step_backward_kernel<T, VEC, CL, MASK, GRAD_X>, args,
-                              g, stream);
+          const Geometry g = elementwise_geometry(
+              sh, elementwise_unit<T, CL, VEC>(),
+              backward_positions<T, CL, VEC, 1 + backward_reads_x<MASK, GRAD_X>()>());
+          return launch_elementwise<batch_norm_lm_step_backward_kernel<T, VEC, CL, MASK, GRAD_X>>(
+              g, stream, args);
         });
       });
     });
@@ -622,7 +763,7 @@ cudaError_t bn_backward_typed(const BatchNormOperands& o, cudaStream_t stream) {
 #define LMF_INSTANTIATE_BATCH_NORM_LAUNCHERS(T)                                               \
   namespace lmfused {                                                                        \
   namespace detail {                                                                         \
-  template size_t bn_workspace_bytes_typed<T>(const LMStepShape&);                          \
+  template ReductionScratch bn_scratch_typed<T>(const LMStepShape&);                        \
   template cudaError_t bn_stats_typed<T>(const BatchNormOperands&, cudaStream_t);            \
   template cudaError_t bn_forward_typed<T>(const BatchNormOperands&, cudaStream_t);          \
   template cudaError_t bn_reduce_typed<T>(const BatchNormOperands&, cudaStream_t);           \

@@ -6,15 +6,18 @@
 //
 // Buffers, layouts and dtypes as in lm_step.h: every activation-sized buffer (x, u, u_prev, out,
 // grad_out, grad_shortcut, and the gradients) is dense in the normalised layout of `shape`, in
-// one activation dtype. Per-channel vectors (mean, invstd, weight, bias, k, mean_dy,
-// mean_dy_xhat, and the per-channel outputs) and scale (N values) are in the accumulator type
-// (float, double for kFloat64); nullptr for an optional one (weight = 1, bias = 0, scale = 1).
+// one activation dtype. Per-channel vectors (mean, invstd, weight, bias, k, sum_dy, sum_dy_xhat,
+// and the per-channel outputs) and scale (N values) are in the accumulator type (float, double
+// for kFloat64); nullptr for an optional one (weight = 1, bias = 0, scale = 1).
 //
-// Reductions (statistics, backward sums) are deterministic and independent of the buffers'
-// alignment: per-tile partial sums over tiles that depend only on the shape, then fixed-order
-// reduction kernels (no atomics). A misaligned buffer is read with narrower loads, but the
-// summation order stays that of the widest vector the row length allows, so identical values
-// give bitwise identical sums at any address.
+// The 1-bit ReLU mask: uint8, over the 2-D view of lm_step.h (M rows of L), row-major with
+// ceil(L / 8) bytes per row; bit j % 8 of byte [r, j / 8] is 1 iff the gradient passes at element
+// (r, j), i.e. NOT (out <= 0) on the value stored in out (out > 0, or NaN); padding bits 0.
+//
+// Each reduction (statistics, backward_reduce) is one launch: per-CTA partial sums in an order
+// set by the shape alone (never by the buffers' alignment, which only narrows the loads), merged
+// in a fixed order by the last CTA of each group (lm_step.h, ReductionScratch): the same inputs
+// give bitwise the same results at any address and in any CTA order.
 #pragma once
 
 #include <cstddef>
@@ -26,55 +29,60 @@
 
 namespace lmfused {
 
-// Bytes of device workspace the two reductions (statistics, backward_reduce) need (0 if empty).
-size_t batch_norm_workspace_bytes(DType dtype, const LMStepShape& shape);
+// The scratch (lm_step.h) any of the two reductions needs for this shape.
+ReductionScratch batch_norm_scratch(DType dtype, const LMStepShape& shape);
 
-// Per-channel mean and biased variance of x over (N, spatial), in the accumulator type. The sums
-// are taken of x - x[n = 0, s = 0, c] (the channel's first element), so a large mean does not
-// cancel the variance's digits: mean = shift + sum(d) / count, var = sum(d^2) / count - (sum(d)
-// / count)^2, clamped at 0. An empty channel (N * S == 0) gives NaN for both.
+// Per-channel mean and invstd = 1 / sqrt(var + eps) (accumulator type, C values each).
+// training: of x over (N, spatial), var biased; the sums are taken of x - x[n = 0, s = 0, c] (the
+// channel's first element), so a large mean does not cancel the variance's digits. running_mean
+// and running_var (C values of running_dtype, or both nullptr) are updated in place as
+// F.batch_norm does: r = (1 - momentum) r + momentum * stat, with the unbiased variance
+// var * count / (count - 1). One launch, its merge and the finishing inside (scratch required).
+// Evaluation: mean = running_mean, invstd = 1 / sqrt(running_var + eps) (both required), x not
+// read, nothing mutated: one small per-channel launch. A training batch without values (N * S ==
+// 0): mean 0, invstd 1 / sqrt(1 + eps), running statistics untouched (the same small launch).
 cudaError_t launch_batch_norm_stats(DType dtype, const LMStepShape& shape, const void* x,
-                                    void* mean, void* var, void* workspace,
-                                    size_t workspace_bytes, cudaStream_t stream);
+                                    bool training, double momentum, double eps,
+                                    void* running_mean, void* running_var, DType running_dtype,
+                                    void* mean, void* invstd, const ReductionScratch& scratch,
+                                    cudaStream_t stream);
 
 // Forward. u and u_prev both given (with state) or both nullptr (no-state mode: k is not read).
-// k: k_numel (1 or C) values. seed: device int64, required iff noise_std != 0.
+// k: k_numel (1 or C) values. seed: device int64, required iff noise_std != 0. mask: nullptr, or
+// (relu with state only) the 1-bit mask of out to write, M * ceil(L / 8) bytes.
 cudaError_t launch_batch_norm_lm_step_forward(DType dtype, const LMStepShape& shape,
                                               const void* x, const void* mean, const void* invstd,
                                               const void* weight, const void* bias, const void* u,
                                               const void* u_prev, const void* k, int64_t k_numel,
                                               const void* scale, const int64_t* seed,
-                                              double noise_std, bool relu, void* out,
+                                              double noise_std, bool relu, void* out, void* mask,
                                               cudaStream_t stream);
 
 // First backward pass: per-channel sums (C values each, accumulator type) of dy = s * g and of
-// dy * xhat, xhat = (x - mean) * invstd, and, when grad_k_per_channel is given, of
-// g * (u_prev - u) (u, u_prev required then). g = grad_out through the ReLU mask when relu:
-// 0 where out <= 0 if out is given (a NaN out passes g on, as torch's threshold_backward), else
-// (noise-free steps) 0 where the forward's pre-activation z, recomputed exactly as the forward
-// computes it and rounded to the activation dtype, is <= 0: z = s * y without state (u, u_prev
-// nullptr), z = (1 - k) * u + k * u_prev + s * y with state (u, u_prev and k: k_numel = 1 or C
-// values). The mask is then bitwise the one out gives, and the pass reads g, x (u, u_prev), never
-// out. k is read only for that mask with state.
+// dy * xhat, xhat = (x - mean) * invstd, and, when grad_k is given, of g * (u_prev - u) reduced to
+// k's shape (k_numel = 1: the sum over channels too, in a fixed order; C: per channel); u and
+// u_prev are read only then. g = grad_out through the ReLU when relu: 0 where the mask's bit is 0;
+// without a mask (only the no-state mode, so not with grad_k), 0 where the forward's no-state
+// pre-activation s * y, recomputed by the forward's own code and rounded to the activation dtype,
+// is <= 0 (a NaN passes g on). One launch, its merge inside (scratch required).
 cudaError_t launch_batch_norm_lm_step_backward_reduce(
     DType dtype, const LMStepShape& shape, const void* grad_out, const void* x, const void* mean,
     const void* invstd, const void* weight, const void* bias, const void* u, const void* u_prev,
-    const void* k, int64_t k_numel, const void* out, const void* scale, bool relu, void* sum_dy,
-    void* sum_dy_xhat, void* grad_k_per_channel, void* workspace, size_t workspace_bytes,
-    cudaStream_t stream);
+    const void* mask, const void* scale, bool relu, void* sum_dy, void* sum_dy_xhat,
+    void* grad_k, int64_t k_numel, const ReductionScratch& scratch, cudaStream_t stream);
 
 // Second backward pass, writing the requested (non-null) gradients:
-//   grad_x      = weight * invstd * (dy - mean_dy - xhat * mean_dy_xhat)   (training)
-//               = weight * invstd * dy                                     (evaluation)
+//   grad_x      = weight * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)  (training)
+//               = weight * invstd * dy                                               (evaluation)
 //   grad_u      = (1 - k) * g + grad_shortcut    (grad_shortcut optional, not masked)
 //   grad_u_prev = k * g
-// g as in backward_reduce (bias and scale enter the recomputed mask), except that the recomputed
-// mask is only the no-state one: with grad_u or grad_u_prev and relu, out is required.
-// mean_dy, mean_dy_xhat: C values, read only for grad_x in training.
+// count = N * S. g as in backward_reduce: with grad_u or grad_u_prev and relu the mask is
+// required (the recomputed mask is the no-state one). sum_dy, sum_dy_xhat: C values, read only
+// for grad_x in training.
 cudaError_t launch_batch_norm_lm_step_backward(
     DType dtype, const LMStepShape& shape, const void* grad_out, const void* grad_shortcut,
     const void* x, const void* mean, const void* invstd, const void* weight, const void* bias,
-    const void* mean_dy, const void* mean_dy_xhat, const void* out, const void* k,
+    const void* sum_dy, const void* sum_dy_xhat, const void* mask, const void* k,
     int64_t k_numel, const void* scale, bool training, bool relu, void* grad_x, void* grad_u,
     void* grad_u_prev, cudaStream_t stream);
 

@@ -1,22 +1,34 @@
 #!/usr/bin/env python3
-"""Store widths of the LM-step and batch-norm-fused kernels, read from their sm_90 SASS (no GPU).
+"""Static checks and counts of the lmfused CUDA kernels from their compiled code (no GPU).
 
-    python3 csrc/check_sass.py [-v] FILE...     (cubins or object files holding sm_90 code)
+    python3 csrc/check_sass.py [-v] [--arch sm_90] [--table] FILE...   (cubins or objects)
 
-For every kernel of the LM step (lm_step_forward/backward_kernel) and of the batch-norm-fused step
-(batch_norm_stats_kernel, batch_norm_lm_step_forward/backward_reduce/backward_kernel) it counts the
-global stores (STG, and generic ST) and loads (LDG) by width, and prints one row per (dtype, kernel,
-layout, vector width). It fails (exit 1) when
-  * an elementwise kernel on a vector path (VEC > 1) stores narrower than it loads: every activation
-    store must be one VEC * sizeof(T)-byte access. The only narrower stores allowed are the grad_k
-    partial sums of an LM-step NEED_K backward (accumulator width: 4 bytes, 8 for double), at most
-    MAX_PARTIAL_STORES store instructions;
-  * a reduction (statistics, backward_reduce: no activation stores) stores anything but its partial
-    sums (accumulator width, at most MAX_PARTIAL_STORES per sum), or, on a vector path, never loads
-    VEC * sizeof(T) bytes at once.
--v prints every kernel.
+Reads every lmfused kernel's SASS (cuobjdump -sass) and resource usage (cuobjdump
+--dump-resource-usage) and fails (exit 1) when
+  * a kernel uses local memory (a stack frame or local bytes: register spills, or arrays the
+    compiler could not keep in registers), on any arch given;
+  * an elementwise kernel on a vector path (VEC > 1) stores, in its main loop, narrower than it
+    loads (every activation store one VEC * sizeof(T)-byte access; the 1-bit ReLU mask's byte
+    stores of a forward that writes it excepted);
+  * a reduction (statistics, backward reduction) stores in its main loop (its sums stay in
+    registers until the merge), or, on a vector path, never loads VEC * sizeof(T) bytes at once.
 
-The disassembler is cuobjdump -sass, which runs nvdisasm; both are found on PATH, in $CUDA_HOME/bin, or
+The main loop is the smallest loop (a backward branch) holding at least half the global-load bytes
+of the kernel's busiest loop. From it and the resource usage, --table prints per kernel family
+(dtype, kernel, layout, vector width; the worst instantiation of each figure), for sm_90:
+  regs        registers per thread
+  local       local memory bytes (stack + local)
+  CTA/SM      resident CTAs of 256 threads per SM (registers, shared memory, 2048 threads)
+  inflight    bytes of global loads a thread issues in the main loop before the first use of one
+              of them (its loads in flight), times the resident threads: KB per SM
+  wide        fraction of the main loop's global load and store bytes moved by 128-bit accesses
+  ldg<=32     global loads of 4 bytes or less in the main loop (per-channel values, scale, mask)
+  H100 H200   predicted fraction of copy bandwidth (Little's law): inflight per SM over the bytes
+              per SM that keep the memory busy, bandwidth x latency / SMs, capped at 1
+with LATENCY_NS of loaded DRAM latency on both (132 SMs; H100 SXM 3.35 TB/s, H200 4.8 TB/s).
+-v prints every instantiation.
+
+The disassembler is cuobjdump, which runs nvdisasm; both are found on PATH, in $CUDA_HOME/bin, or
 in the bin/ folder of their wheels (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm).
 """
 
@@ -30,29 +42,43 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field
 
-MAX_PARTIAL_STORES = 2  # store_tile_partials: one store for a tile sum, one for a column sum
+LATENCY_NS = 700.0  # loaded HBM latency assumed for H100 and H200
+SMS = 132
+PEAK_TBS = {"H100": 3.35, "H200": 4.8}
+GOAL_KB = 32  # the streaming kernels' goal: at least this many KB of loads in flight per SM
 
-# Template arguments after the element type, in order (csrc/lm_step.cuh, csrc/batch_norm_lm_step.cuh),
-# by kernel: (short name, argument names, reduction?). A reduction has a logical width W (its sums'
-# order) and a load width VEC <= W; an elementwise kernel has VEC only.
+# Template arguments after the element type, by kernel: (short name, argument names, kind), kind
+# "elementwise" | "reduction" | "other". A reduction has a unit width W (its sums' order) and a
+# load width VEC <= W; an elementwise kernel has VEC only.
 KERNELS = {
-    "lm_step_forward_kernel": ("forward", ("VEC", "CL", "HAS_F", "HAS_SCALE", "RELU", "HAS_NOISE"), False),
-    "lm_step_backward_kernel": (
-        "backward",
-        ("VEC", "CL", "RELU", "HAS_SCALE", "NEED_U", "NEED_UP", "NEED_F", "NEED_K"),
-        False,
+    "lm_step_forward_kernel": (
+        "lm_fwd",
+        ("VEC", "CL", "HAS_F", "HAS_SCALE", "RELU", "HAS_NOISE"),
+        "elementwise",
     ),
-    "batch_norm_stats_kernel": ("bn_stats", ("W", "VEC", "CL"), True),
-    "batch_norm_lm_step_forward_kernel": ("bn_fwd", ("VEC", "CL", "STATE", "RELU", "HAS_NOISE"), False),
-    "batch_norm_lm_step_backward_reduce_kernel": ("bn_red", ("W", "VEC", "CL", "MASK", "NEED_K"), True),
-    "batch_norm_lm_step_backward_kernel": ("bn_bwd", ("VEC", "CL", "MASK", "GRAD_X"), False),
+    "lm_step_backward_kernel": ("lm_bwd", ("VEC", "CL", "RELU", "HAS_SCALE"), "elementwise"),
+    "lm_step_backward_grad_k_kernel": ("lm_bwd_k", ("W", "VEC", "CL", "RELU", "HAS_SCALE"), "reduction"),
+    "batch_norm_stats_kernel": ("bn_stats", ("W", "VEC", "CL"), "reduction"),
+    "batch_norm_eval_stats_kernel": ("bn_eval", (), "other"),
+    "batch_norm_lm_step_forward_kernel": (
+        "bn_fwd",
+        ("VEC", "CL", "STATE", "RELU", "HAS_NOISE", "MASK"),
+        "elementwise",
+    ),
+    "batch_norm_lm_step_backward_reduce_kernel": (
+        "bn_red",
+        ("W", "VEC", "CL", "MASK", "NEED_K"),
+        "reduction",
+    ),
+    "batch_norm_lm_step_backward_kernel": ("bn_bwd", ("VEC", "CL", "MASK", "GRAD_X"), "elementwise"),
 }
 DTYPES = {"13__nv_bfloat16": ("bf16", 2, 4), "6__half": ("f16", 2, 4), "f": ("f32", 4, 4), "d": ("f64", 8, 8)}
-# The mangled name's length prefix (a digit) comes right before the kernel's name, so that
-# lm_step_forward_kernel does not match inside batch_norm_lm_step_forward_kernel.
-KERNEL_RE = re.compile(r"(?<=\d)(" + "|".join(KERNELS) + r")I(13__nv_bfloat16|6__half|f|d)((?:L[ib]\d+E)+)")
-WIDTHS = (128, 64, 32, 16, 8)
+# Any lmfused::detail kernel: its name and template arguments (element type first).
+KERNEL_RE = re.compile(r"_ZN7lmfused6detail\d+(\w+?)I(13__nv_bfloat16|6__half|f|d)((?:L[ib]\d+E)*)E")
+INSN_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+REG_RE = re.compile(r"(?<![\w.])R(\d+)(\.64)?")
 
 
 def find_tool(name: str) -> str:
@@ -76,166 +102,334 @@ def find_tool(name: str) -> str:
     sys.exit(f"check_sass: {name} not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
 
 
-def access_width(opcode: str, default: int = 32) -> int:
+def access_bits(opcode: str, default: int = 32) -> int:
     """Bits moved by a load/store opcode: STG.E.128 -> 128, STG.E.U16 -> 16, STG.E -> 32."""
     for part in opcode.split(".")[1:]:
         digits = part.lstrip("USB")
-        if digits.isdigit() and int(digits) in WIDTHS:
+        if digits.isdigit() and int(digits) in (128, 64, 32, 16, 8):
             return int(digits)
     return default
 
 
-def parse_sass(text: str) -> dict[str, collections.Counter]:
-    """{mangled kernel name: Counter of ('st'|'ld', width)} for each function in cuobjdump's output."""
-    kernels: dict[str, collections.Counter] = {}
+def registers(text: str) -> set[int]:
+    """General registers named in an operand string (R4.64 names R4 and R5; RZ none)."""
+    regs = set()
+    for m in REG_RE.finditer(text):
+        r = int(m.group(1))
+        regs.add(r)
+        if m.group(2):
+            regs.add(r + 1)
+    return regs
+
+
+@dataclass
+class Insn:
+    addr: int
+    opcode: str
+    operands: str
+
+    @property
+    def base(self) -> str:
+        return self.opcode.split(".")[0]
+
+    def split(self) -> list[str]:
+        return [o.strip() for o in self.operands.split(",")] if self.operands.strip() else []
+
+    def sources(self) -> set[int]:
+        ops = self.split()
+        if self.base in ("STG", "ST", "STS", "STL", "RED", "ATOM", "ATOMG", "BRA", "BAR"):
+            return registers(",".join(ops))
+        return registers(",".join(ops[1:]))
+
+
+@dataclass
+class Kernel:
+    mangled: str
+    insns: list[Insn] = field(default_factory=list)
+    regs: int = 0
+    local: int = 0
+    shared: int = 0
+
+
+def parse_sass(text: str) -> dict[str, Kernel]:
+    kernels: dict[str, Kernel] = {}
     current = None
     for line in text.splitlines():
         m = re.match(r"\s*Function : (\S+)", line)
         if m:
-            current = kernels.setdefault(m.group(1), collections.Counter())
+            current = kernels.setdefault(m.group(1), Kernel(m.group(1)))
             continue
-        if current is None:
-            continue
-        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
-        if not m:
-            continue
-        opcode = m.group(1)
-        base = opcode.split(".")[0]
-        if base in ("STG", "ST"):
-            current[("st", access_width(opcode))] += 1
-        elif base == "LDG":
-            current[("ld", access_width(opcode))] += 1
+        m = INSN_RE.search(line)
+        if current is not None and m:
+            current.insns.append(Insn(int(m.group(1), 16), m.group(3), m.group(4)))
     return kernels
 
 
+def parse_resources(text: str, kernels: dict[str, Kernel]) -> None:
+    for name, reg, stack, shared, local in re.findall(
+        r"Function (\S+):\n\s+REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text
+    ):
+        k = kernels.setdefault(name, Kernel(name))
+        k.regs, k.local, k.shared = int(reg), int(stack) + int(local), int(shared)
+
+
+def main_loop(k: Kernel) -> list[Insn]:
+    """The kernel's streaming loop: of the loops (backward branches) that neither fill shared memory
+    (STS: the per-channel coefficients) nor read through L2 only (LDG.STRONG: the merge's partial
+    sums), the smallest holding at least half the global-load bytes of the busiest one."""
+    index = {insn.addr: i for i, insn in enumerate(k.insns)}
+    loops = []
+    for i, insn in enumerate(k.insns):
+        if insn.base == "BRA":
+            m = re.search(r"0x([0-9a-f]+)", insn.operands)
+            if m and int(m.group(1), 16) < insn.addr and int(m.group(1), 16) in index:
+                body = k.insns[index[int(m.group(1), 16)] : i + 1]
+                if any(b.base == "STS" or (b.base == "LDG" and "STRONG" in b.opcode) for b in body):
+                    continue
+                load = sum(access_bits(b.opcode) for b in body if b.base == "LDG")
+                loops.append((load, body))
+    busiest = max((load for load, _ in loops), default=0)
+    if not busiest:
+        return k.insns
+    return min((b for load, b in loops if load * 2 >= busiest), key=len)
+
+
+def loads_before_first_use(body: list[Insn]) -> int:
+    """Bytes of global loads a thread has in flight in the loop: the largest batch of loads issued
+    (in address order, from any load on) before one of their values is read."""
+    best = 0
+    for start, first_insn in enumerate(body):
+        if first_insn.base != "LDG":
+            continue
+        pending: set[int] = set()
+        total = 0
+        for insn in body[start:]:
+            if pending & insn.sources():
+                break
+            if insn.base == "LDG":
+                bits = access_bits(insn.opcode)
+                dest = registers(insn.split()[0]) if insn.split() else set()
+                if dest:
+                    first = min(dest)
+                    pending |= set(range(first, first + max(1, bits // 32)))
+                total += bits // 8
+        best = max(best, total)
+    return best
+
+
+def ctas_per_sm(k: Kernel, threads: int = 256) -> int:
+    """Resident CTAs per SM on sm_90 (65536 registers allocated per warp in 256s, 228 KB shared
+    memory with 1 KB reserved per CTA, 2048 threads, 32 CTAs)."""
+    warps = threads // 32
+    regs_per_warp = -(-max(k.regs, 1) * 32 // 256) * 256
+    by_regs = 65536 // (regs_per_warp * warps)
+    by_smem = 233472 // (k.shared + 1024)
+    return max(0, min(by_regs, by_smem, 2048 // threads, 32))
+
+
 def describe(mangled: str):
-    """(kernel, dtype, elem bytes, acc bytes, VEC, template arguments dict, reduction?) or None for
-    other functions."""
+    """(kernel short name, dtype, element bytes, acc bytes, {arg: value}, kind) or None."""
     m = KERNEL_RE.search(mangled)
     if not m:
         return None
     name, tcode, args = m.groups()
-    kernel, arg_names, reduction = KERNELS[name]
-    dtype, size, acc = DTYPES[tcode]
     values = [int(v) for v in re.findall(r"L[ib](\d+)E", args)]
-    flags = dict(zip(arg_names, values, strict=True))
-    return kernel, dtype, size, acc, flags["VEC"], flags, reduction
+    short, arg_names, kind = KERNELS.get(name, (name, tuple(f"a{i}" for i in range(len(values))), "other"))
+    if len(arg_names) != len(values):
+        arg_names = tuple(f"a{i}" for i in range(len(values)))
+    dtype, size, acc = DTYPES[tcode]
+    return short, dtype, size, acc, dict(zip(arg_names, values, strict=True)), kind
 
 
-def partial_sums(kernel: str, flags: dict) -> int:
-    """How many partial-sum arrays a kernel writes (store_tile_partials calls)."""
-    if kernel == "backward":
-        return 1 if flags["NEED_K"] else 0
-    if kernel == "bn_stats":
-        return 2
-    if kernel == "bn_red":
-        return 3 if flags["NEED_K"] else 2
-    return 0
+@dataclass
+class Row:
+    mangled: str
+    short: str
+    dtype: str
+    flags: dict
+    kind: str
+    regs: int
+    local: int
+    ctas: int
+    inflight_kb: float
+    wide: float
+    narrow_loads: int
+    why: str | None
 
 
-def check(kernel: str, info, counts: collections.Counter) -> str | None:
-    """Why this kernel fails the store-width rule, or None."""
-    name, _dtype, size, acc, vec, flags, reduction = info
-    if vec == 1:
+def analyse(k: Kernel) -> Row | None:
+    info = describe(k.mangled)
+    if info is None:
         return None
-    wide = size * vec * 8
-    allowed = {acc * 8: MAX_PARTIAL_STORES * partial_sums(name, flags)}
-    if reduction:  # no activation stores at all; the loads must use the vector width
-        bad = {w: n for (kind, w), n in counts.items() if kind == "st" and n > allowed.get(w, 0)}
-        if not bad and counts[("ld", wide)] == 0:
-            return f"no {wide}-bit global load on a vector path"
-    else:
-        narrow = {w: n for (kind, w), n in counts.items() if kind == "st" and w < wide and n}
-        bad = {w: n for w, n in narrow.items() if n > allowed.get(w, 0)}
-    if bad:
-        listing = ", ".join(f"{n} x {w}-bit" for w, n in sorted(bad.items(), reverse=True))
-        return f"{listing} global stores, vector width {wide} bits"
-    return None
+    short, dtype, size, _acc, flags, kind = info
+    body = main_loop(k)
+    ldg = [i for i in body if i.base == "LDG"]
+    stg = [i for i in body if i.base in ("STG", "ST")]
+    moved = [(access_bits(i.opcode), i) for i in ldg + stg]
+    total = sum(b for b, _ in moved)
+    wide = sum(b for b, _ in moved if b == 128) / total if total else 0.0
+    ctas = ctas_per_sm(k)
+    inflight = loads_before_first_use(body) * ctas * 256 / 1024
+    why = None
+    if k.local:
+        why = f"{k.local} bytes of local memory"
+    vec = flags.get("VEC", 1)
+    bits = size * vec * 8
+    if why is None and vec > 1 and kind == "elementwise":
+        narrow = [i for b, i in ((access_bits(i.opcode), i) for i in stg) if b < bits]
+        if short == "bn_fwd" and flags.get("MASK"):
+            narrow = [i for i in narrow if access_bits(i.opcode) != 8]
+        if narrow:
+            why = f"{len(narrow)} stores narrower than {bits} bits in the main loop"
+    if why is None and kind == "reduction" and short != "lm_bwd_k" and stg:
+        why = f"{len(stg)} stores in the main loop"
+    if (
+        why is None
+        and kind == "reduction"
+        and vec > 1
+        and not any(access_bits(i.opcode) == bits for i in ldg)
+    ):
+        why = f"no {bits}-bit load in the main loop"
+    narrow_loads = sum(1 for i in ldg if access_bits(i.opcode) <= 32)
+    return Row(k.mangled, short, dtype, flags, kind, k.regs, k.local, ctas, inflight, wide, narrow_loads, why)
+
+
+def needed_kb(gpu: str) -> float:
+    return PEAK_TBS[gpu] * 1e12 * LATENCY_NS * 1e-9 / SMS / 1024
+
+
+def predicted(inflight_kb: float, gpu: str) -> float:
+    return min(1.0, inflight_kb / needed_kb(gpu))
+
+
+def flag_text(flags: dict) -> str:
+    shown = [
+        f"{k}={v}" if k in ("W", "MASK", "GRAD_X") else k
+        for k, v in flags.items()
+        if v and k not in ("CL", "VEC")
+    ]
+    return ",".join(shown) or "-"
+
+
+def run_cuobjdump(files: list[str], arch: str) -> dict[str, Kernel]:
+    cuobjdump = find_tool("cuobjdump")
+    # cuobjdump -sass runs nvdisasm, which it looks for on PATH (the wheels do not put it there).
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(find_tool("nvdisasm")) + os.pathsep + env.get("PATH", "")
+    kernels: dict[str, Kernel] = {}
+    for path in files:
+        for args, parse in (
+            (["-sass", "-arch", arch], parse_sass),
+            (["--dump-resource-usage", "-arch", arch], None),
+        ):
+            result = subprocess.run(
+                [cuobjdump, *args, path], capture_output=True, text=True, check=False, env=env
+            )
+            if result.returncode != 0:
+                sys.exit(f"check_sass: cuobjdump failed on {path}: {result.stderr.strip()}")
+            if parse is not None:
+                for name, k in parse(result.stdout).items():
+                    kernels.setdefault(name, k).insns = k.insns
+            else:
+                parse_resources(result.stdout, kernels)
+    return kernels
+
+
+def print_table(rows: list[Row], arch: str) -> None:
+    groups: dict[tuple, list[Row]] = collections.defaultdict(list)
+    for r in rows:
+        layout = "chlast" if r.flags.get("CL") else "contig" if "CL" in r.flags else "-"
+        width = r.flags.get("W", r.flags.get("VEC", 1))
+        groups[(r.dtype, r.short, layout, width, r.flags.get("VEC", 1))].append(r)
+    print(f"Static table: lmfused CUDA kernels ({arch}; per family the worst instantiation of each figure)")
+    print(
+        f"loads in flight per SM needed at {LATENCY_NS:.0f} ns: H100 {needed_kb('H100'):.1f} KB, "
+        f"H200 {needed_kb('H200'):.1f} KB (goal {GOAL_KB} KB)"
+    )
+    print(
+        f"{'dtype':5s} {'kernel':8s} {'layout':6s} {'W':>2s} {'VEC':>3s} {'n':>4s} {'regs':>4s} "
+        f"{'local':>5s} {'CTA/SM':>6s} {'inflight':>8s} {'wide':>5s} {'ldg<=32':>7s} "
+        f"{'H100':>5s} {'H200':>5s}"
+    )
+    order = sorted(groups, key=lambda key: (key[0], key[1], key[2], -key[3], -key[4]))
+    for key in order:
+        g = groups[key]
+        dtype, short, layout, width, vec = key
+        kb = min(r.inflight_kb for r in g)
+        regs, local, ctas = max(r.regs for r in g), max(r.local for r in g), min(r.ctas for r in g)
+        wide, narrow = min(r.wide for r in g), max(r.narrow_loads for r in g)
+        print(
+            f"{dtype:5s} {short:8s} {layout:6s} {width:2d} {vec:3d} {len(g):4d} {regs:4d} {local:5d} "
+            f"{ctas:6d} {kb:6.1f}KB {wide:5.2f} {narrow:7d} {predicted(kb, 'H100'):5.2f} "
+            f"{predicted(kb, 'H200'):5.2f}"
+        )
+
+
+# The kernels of the models' junctions (bf16 channels-last, 128-bit units): (row label, kernel, flags).
+MODEL_PATH = [
+    ("bn_lm_step stats", "bn_stats", {"W": 8, "VEC": 8, "CL": 1}),
+    ("bn_lm_step forward", "bn_fwd", {"VEC": 8, "CL": 1, "STATE": 1, "RELU": 1, "HAS_NOISE": 0, "MASK": 1}),
+    ("bn_lm_step reduce", "bn_red", {"W": 8, "VEC": 8, "CL": 1, "MASK": 1, "NEED_K": 1}),
+    ("bn_lm_step backward", "bn_bwd", {"VEC": 8, "CL": 1, "MASK": 1, "GRAD_X": 2}),
+    ("bn_relu forward", "bn_fwd", {"VEC": 8, "CL": 1, "STATE": 0, "RELU": 1, "HAS_NOISE": 0, "MASK": 0}),
+    ("bn_relu reduce", "bn_red", {"W": 8, "VEC": 8, "CL": 1, "MASK": 2, "NEED_K": 0}),
+    ("bn_relu backward", "bn_bwd", {"VEC": 8, "CL": 1, "MASK": 2, "GRAD_X": 2}),
+    ("lm_step forward", "lm_fwd", {"VEC": 8, "CL": 1, "HAS_F": 1, "HAS_SCALE": 1, "RELU": 1, "HAS_NOISE": 0}),
+    ("lm_step backward", "lm_bwd_k", {"W": 8, "VEC": 8, "CL": 1, "RELU": 1, "HAS_SCALE": 1}),
+]
+
+
+def print_model_path(rows: list[Row]) -> None:
+    print("The junctions' kernels (bf16, channels-last, 128-bit units), as the models run them:")
+    for label, short, flags in MODEL_PATH:
+        match = [r for r in rows if r.dtype == "bf16" and r.short == short and r.flags == flags]
+        for r in match:
+            print(
+                f"  {label:20s} regs {r.regs:3d} local {r.local} CTA/SM {r.ctas} inflight "
+                f"{r.inflight_kb:5.1f}KB wide {r.wide:4.2f} ldg<=32 {r.narrow_loads:2d} "
+                f"H100 {predicted(r.inflight_kb, 'H100'):4.2f} H200 {predicted(r.inflight_kb, 'H200'):4.2f}"
+            )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+")
-    parser.add_argument("-v", "--verbose", action="store_true", help="one row per kernel")
-    parser.add_argument("--arch", default="sm_90")
+    parser.add_argument("-v", "--verbose", action="store_true", help="one row per kernel instantiation")
+    parser.add_argument("--arch", action="append", help="archs to check (repeatable; default sm_90)")
+    parser.add_argument("--table", action="store_true", help="the static table (first arch)")
     args = parser.parse_args()
-    cuobjdump = find_tool("cuobjdump")
-    # cuobjdump -sass runs nvdisasm, which it looks for on PATH (the wheels do not put it there).
-    env = dict(os.environ)
-    env["PATH"] = os.path.dirname(find_tool("nvdisasm")) + os.pathsep + env.get("PATH", "")
-
-    kernels: dict[str, collections.Counter] = {}
-    for path in args.files:
-        result = subprocess.run(
-            [cuobjdump, "-sass", "-arch", args.arch, path],
-            capture_output=True,
-            text=True,
-            check=False,
-            env=env,
-        )
-        if result.returncode != 0:
-            sys.exit(f"check_sass: cuobjdump failed on {path}: {result.stderr.strip()}")
-        kernels.update(parse_sass(result.stdout))
-
-    groups: dict[tuple, list] = collections.defaultdict(list)
+    archs = args.arch or ["sm_90"]
     failures = []
-    for name, counts in sorted(kernels.items()):
-        info = describe(name)
-        if info is None:
-            continue
-        direction, dtype, _size, _acc, vec, flags, _reduction = info
-        layout = "chlast" if flags["CL"] else "contig"
-        groups[(dtype, direction, layout, vec)].append(counts)
-        why = check(name, info, counts)
-        if why:
-            failures.append((name, why))
-        if args.verbose:
-            on = (
-                ",".join(
-                    f"{k}={v}" if k in ("W", "MASK", "GRAD_X") else k
-                    for k, v in flags.items()
-                    if v and k not in ("CL", "VEC")
+    for n, arch in enumerate(archs):
+        kernels = run_cuobjdump(args.files, arch)
+        rows = [r for r in (analyse(k) for k in kernels.values()) if r is not None]
+        if not rows:
+            sys.exit(f"check_sass: no lmfused kernels for {arch} in {' '.join(args.files)}")
+        for r in rows:
+            if r.why:
+                failures.append((arch, r))
+            if args.verbose:
+                layout = "chlast" if r.flags.get("CL") else "contig"
+                print(
+                    f"{arch} {r.dtype:4s} {r.short:8s} {layout} VEC={r.flags.get('VEC', 1):<2d} "
+                    f"{flag_text(r.flags):36s} regs {r.regs:3d} local {r.local:4d} CTA/SM {r.ctas} "
+                    f"inflight {r.inflight_kb:6.1f}KB wide {r.wide:4.2f}  {r.why or 'ok'}"
                 )
-                or "-"
-            )
-            stores = " ".join(f"{counts[('st', w)]:4d}" for w in WIDTHS)
-            print(f"{dtype:4s} {direction:8s} {layout} VEC={vec:<2d} {on:38s} STG {stores}  {why or 'ok'}")
-    if not groups:
-        sys.exit(f"check_sass: no lmfused kernels for {args.arch} in {' '.join(args.files)}")
-
-    head = "STG.128 STG.64 STG.32 STG.16 STG.8 | LDG.128 LDG.64 LDG.32 LDG.16"
-    print(f"{'dtype':5s} {'dir':8s} {'layout':6s} {'VEC':>3s} {'kernels':>7s}  {head}  narrow-store kernels")
-    order = sorted(groups, key=lambda key: (key[0], key[1], key[2], -key[3]))
-    for dtype, direction, layout, vec in order:
-        rows = groups[(dtype, direction, layout, vec)]
-        total = sum(rows, collections.Counter())
-        names = head.split(" |")[0].split()
-        st = " ".join(f"{total[('st', w)]:>{len(h)}d}" for w, h in zip(WIDTHS, names, strict=True))
-        ld = " ".join(f"{total[('ld', w)]:>7d}" for w in WIDTHS[:4])
-        n_bad = sum(1 for name, _ in failures if _group_of(name) == (dtype, direction, layout, vec))
-        bad = str(n_bad) if vec > 1 else "-"
-        print(f"{dtype:5s} {direction:8s} {layout:6s} {vec:3d} {len(rows):7d}  {st} | {ld}  {bad}")
+        if n == 0 and args.table:
+            print_table(rows, arch)
+            print_model_path(rows)
+        local = sum(1 for r in rows if r.local)
+        print(f"check_sass: {arch}: {len(rows)} kernels, {local} with local memory")
     if failures:
-        print(f"\ncheck_sass: FAILED: {len(failures)} vector-path kernels break the store-width rule:")
-        for name, why in failures[:40]:
-            print(f"  {name}: {why}")
+        print(f"\ncheck_sass: FAILED: {len(failures)} kernels:")
+        for arch, r in failures[:40]:
+            print(f"  {arch} {r.mangled}: {r.why}")
         return 1
-    n_vec = sum(len(r) for k, r in groups.items() if k[3] > 1 and not k[1].startswith(REDUCTIONS))
-    n_red = sum(len(r) for k, r in groups.items() if k[3] > 1 and k[1].startswith(REDUCTIONS))
     print(
-        f"\ncheck_sass: OK: {n_vec} vector-path kernels store as wide as they load, {n_red} vector-path "
-        f"reductions store only their partial sums ({args.arch})"
+        f"check_sass: OK ({', '.join(archs)}): no local memory; vector paths store as wide as they load; "
+        "reductions store nothing in their main loop"
     )
     return 0
-
-
-REDUCTIONS = tuple(short for short, _args, reduction in KERNELS.values() if reduction)
-
-
-def _group_of(name: str):
-    info = describe(name)
-    direction, dtype, _size, _acc, vec, flags, _reduction = info
-    return dtype, direction, "chlast" if flags["CL"] else "contig", vec
 
 
 if __name__ == "__main__":

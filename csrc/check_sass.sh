@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Check the store widths of the LM-step and batch-norm-fused kernels in their sm_90 SASS, without a
-# GPU: every vector-path kernel must store as wide as it loads (csrc/check_sass.py has the rule).
+# Check the LM-step and batch-norm-fused kernels in their compiled code, without a GPU: no kernel
+# uses local memory on sm_80 or sm_90, vector paths store as wide as they load, reductions store
+# nothing in their main loop (csrc/check_sass.py has the rules), and print the static table of the
+# sm_90 kernels (registers, local bytes, CTAs per SM, loads in flight, wide accesses, predicted
+# fraction of copy bandwidth).
 #   csrc/check_sass.sh [BUILD_DIR]      (default: build/sass, relative to the repo root)
-# Reuses the sm_90 objects of csrc/check_compile.sh when BUILD_DIR is its build folder (they are
-# under CMakeFiles/); otherwise compiles the eight per-dtype kernel files to sm_90 cubins in
-# BUILD_DIR (device code only, several minutes on 2 cores).
+# Reuses the objects of csrc/check_compile.sh (sm_80 and sm_90 code) when BUILD_DIR is its build
+# folder (they are under CMakeFiles/); otherwise compiles the eight per-dtype kernel files to
+# cubins for both archs in BUILD_DIR (device code only, several minutes on 2 cores).
 # Needs nvcc (PATH or CUDA_HOME) and cuobjdump: PATH, $CUDA_HOME/bin, or
 #   pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
-# Env: SASS_VERBOSE=1 prints one row per kernel; SASS_NVCC_FLAGS (extra nvcc flags, e.g.
-#      "-Xptxas -v" for register and spill counts); PYTHON (python3).
+# Env: SASS_VERBOSE=1 prints one row per kernel; SASS_NVCC_FLAGS (extra nvcc flags); PYTHON
+#      (python3).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,7 +21,7 @@ mkdir -p "$build_dir"
 python="${PYTHON:-python3}"
 units=()
 for d in f32 f16 bf16 f64; do units+=("lm_step_$d" "batch_norm_lm_step_$d"); done
-headers=(lm_step.cuh lm_step_impl.cuh batch_norm_lm_step.cuh)
+headers=(kernel_common.cuh lm_step.cuh lm_step_impl.cuh batch_norm_lm_step.cuh)
 
 inputs=()
 for u in "${units[@]}"; do
@@ -39,12 +42,12 @@ if [ "${#inputs[@]}" -ne "${#units[@]}" ]; then
   inputs=()
   pids=()
   for u in "${units[@]}"; do  # the flags of the CMake and torch builds (see CMakeLists.txt)
-    cubin="$build_dir/$u.sm_90.cubin"
-    inputs+=("$cubin")
-    "$nvcc_bin" -cubin -arch=sm_90 -O3 -std=c++17 \
-      -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+    obj="$build_dir/$u.o"
+    inputs+=("$obj")
+    "$nvcc_bin" -c -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+      -O3 -std=c++17 -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
       -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
-      ${SASS_NVCC_FLAGS:-} -I"$root/csrc" "$root/csrc/$u.cu" -o "$cubin" \
+      ${SASS_NVCC_FLAGS:-} -I"$root/csrc" "$root/csrc/$u.cu" -o "$obj" \
       2> "$build_dir/$u.nvcc.log" &
     pids+=($!)
   done
@@ -59,4 +62,4 @@ fi
 
 verbose=()
 [ "${SASS_VERBOSE:-0}" = "1" ] && verbose=(-v)
-"$python" "$root/csrc/check_sass.py" "${verbose[@]}" "${inputs[@]}"
+"$python" "$root/csrc/check_sass.py" "${verbose[@]}" --table --arch sm_90 --arch sm_80 "${inputs[@]}"

@@ -2,6 +2,7 @@
 // in lm_step_impl.cuh and are instantiated per dtype in lm_step_<dtype>.cu.
 #include "lm_step.h"
 
+#include "kernel_common.cuh"
 #include "lm_step_dispatch.h"
 
 namespace lmfused {
@@ -21,9 +22,10 @@ cudaError_t launch_lm_step_forward(DType dtype, const LMStepShape& shape, const 
                             noise_std, relu, out, stream);
 }
 
-size_t lm_step_backward_workspace_bytes(DType dtype, const LMStepShape& shape) {
-  if (!valid_dtype(dtype) || shape.N <= 0 || shape.C <= 0 || shape.S <= 0) return 0;
-  return LMF_DISPATCH_DTYPE(dtype, workspace_bytes_typed, shape);
+ReductionScratch lm_step_backward_scratch(DType dtype, const LMStepShape& shape) {
+  if (!valid_dtype(dtype) || empty_shape(shape) || shape.N < 0 || shape.C < 0 || shape.S < 0)
+    return {};
+  return LMF_DISPATCH_DTYPE(dtype, scratch_typed, shape);
 }
 
 cudaError_t launch_lm_step_backward(DType dtype, const LMStepShape& shape, const void* grad_out,
@@ -31,22 +33,28 @@ cudaError_t launch_lm_step_backward(DType dtype, const LMStepShape& shape, const
                                     const void* u_prev, const void* out, const void* k,
                                     int64_t k_numel, const void* scale, bool relu,
                                     void* grad_u, void* grad_u_prev, void* grad_f, void* grad_k,
-                                    void* workspace, size_t workspace_bytes,
-                                    cudaStream_t stream) {
+                                    const ReductionScratch& scratch, cudaStream_t stream) {
   if (!valid_dtype(dtype) || shape.N < 0 || shape.C < 0 || shape.S < 0)
     return cudaErrorInvalidValue;
   if (k_numel != 1 && k_numel != shape.C) return cudaErrorInvalidValue;
   if (empty_shape(shape)) {  // grad_k of an empty sum is 0
     if (grad_k == nullptr) return cudaSuccess;
     const size_t acc = dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
-    return cudaMemsetAsync(grad_k, 0, static_cast<size_t>(k_numel) * acc, stream);
+    return detail::memset_async(grad_k, 0, static_cast<size_t>(k_numel) * acc, stream);
   }
   if (grad_out == nullptr || k == nullptr || (relu && out == nullptr))
     return cudaErrorInvalidValue;
   return LMF_DISPATCH_DTYPE(dtype, backward_typed, shape, grad_out, grad_shortcut, u, u_prev, out,
-                            k, k_numel, scale, relu, grad_u, grad_u_prev, grad_f, grad_k, workspace,
-                            workspace_bytes, stream);
+                            k, k_numel, scale, relu, grad_u, grad_u_prev, grad_f, grad_k, scratch,
+                            stream);
 }
+
+namespace {
+thread_local std::vector<std::string>* g_launch_log = nullptr;
+}  // namespace
+
+void set_launch_log(std::vector<std::string>* log) { g_launch_log = log; }
+std::vector<std::string>* launch_log() { return g_launch_log; }
 
 #define LMF_STR2(...) #__VA_ARGS__  // variadic: the list holds commas
 #define LMF_STR(...) LMF_STR2(__VA_ARGS__)

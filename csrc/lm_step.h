@@ -15,6 +15,9 @@
 
 #include <cuda_runtime_api.h>
 
+#include <string>
+#include <vector>
+
 namespace lmfused {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
@@ -35,9 +38,22 @@ cudaError_t launch_lm_step_forward(DType dtype, const LMStepShape& shape, const 
                                    int64_t k_numel, const void* scale, const int64_t* seed,
                                    double noise_std, bool relu, void* out, cudaStream_t stream);
 
-// Bytes of device workspace launch_lm_step_backward needs to compute grad_k (an upper bound over
-// the vectorised and scalar paths; 0 for an empty tensor).
-size_t lm_step_backward_workspace_bytes(DType dtype, const LMStepShape& shape);
+// The scratch memory of a reduction (launch_lm_step_backward with grad_k, and the batch-norm
+// reductions, batch_norm_lm_step.h), which merges its partial sums in the same launch: the group
+// of CTAs that finishes last (an atomic ticket per group) sums the others' partial sums in a fixed
+// order. `workspace`: device memory, any contents. `counters`: device unsigned ints, all zero at
+// launch; the launch leaves them zero again (each group's last CTA resets its ticket), so one
+// zeroed buffer serves any number of launches that run one after another (one stream). Launches
+// that may run at the same time (on other streams, or concurrent CUDA-graph replays) each need
+// their own counters. The size functions return the bytes and count needed (pointers null).
+struct ReductionScratch {
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  unsigned* counters = nullptr;
+  size_t counter_count = 0;
+};
+
+ReductionScratch lm_step_backward_scratch(DType dtype, const LMStepShape& shape);
 
 // Backward. grad_out: activation dtype. out: required iff relu (grad is masked by out > 0).
 // grad_shortcut: activation dtype, same layout, or nullptr: the gradient that reached the step's
@@ -46,23 +62,24 @@ size_t lm_step_backward_workspace_bytes(DType dtype, const LMStepShape& shape);
 // u itself). Ignored unless grad_u is requested.
 // u, u_prev: required iff grad_k is requested. k, scale: as in the forward.
 // Outputs are requested by passing non-null pointers: grad_u, grad_u_prev, grad_f (activation
-// dtype, same layout) and grad_k (accumulator type, k_numel values). grad_k needs `workspace`
-// of at least lm_step_backward_workspace_bytes(); it is reduced deterministically: per-tile
-// partial sums, then fixed-order reduction kernels (no atomics), so identical inputs on the same
-// device give bitwise identical grad_k. What its bits depend on, exactly: the values, the shape,
-// the layout, k_numel, relu, and the vector width, because the tiles (hence the summation
-// order) are sized in vectors. The width is the widest of 128-bit, 64-bit and scalar that
-// divides the row length and that every buffer touched (grad_out, grad_shortcut if used, out if
-// relu, u, u_prev, and the requested gradients) is aligned to. The same values at other addresses
-// of the same alignment (16-byte aligned, or 8-byte aligned, or neither) give the same bits; across
-// alignments they may differ in the last bits. The torch binding copies a misaligned operand of
-// a grad_k backward to an aligned buffer, so through torch the alignment never matters.
+// dtype, same layout) and grad_k (accumulator type, k_numel values, reduced to k's shape in the
+// kernel). grad_k needs `scratch` (lm_step_backward_scratch). It is deterministic: its partial
+// sums run in an order set by the shape alone (units of the widest vector the row length allows,
+// whatever the buffers' alignment, which only narrows the loads), merged in a fixed order, so the
+// same values give bitwise the same grad_k at any address and in any CTA order.
 cudaError_t launch_lm_step_backward(DType dtype, const LMStepShape& shape, const void* grad_out,
                                     const void* grad_shortcut, const void* u,
                                     const void* u_prev, const void* out, const void* k,
                                     int64_t k_numel, const void* scale, bool relu,
                                     void* grad_u, void* grad_u_prev, void* grad_f, void* grad_k,
-                                    void* workspace, size_t workspace_bytes, cudaStream_t stream);
+                                    const ReductionScratch& scratch, cudaStream_t stream);
+
+// Launch recording (lmfused._C.launch_plan counts what a call launches, without a GPU): while a
+// log is installed on the calling thread, the launchers make no CUDA call at all; they append the
+// name of each kernel they would launch (with its template arguments) and "cudaMemsetAsync" for
+// each memset. nullptr uninstalls it.
+void set_launch_log(std::vector<std::string>* log);
+std::vector<std::string>* launch_log();
 
 // The archs the kernels were compiled for, from nvcc's __CUDA_ARCH_LIST__ (e.g. "800,900"),
 // and the CUDA runtime version they were compiled against (CUDART_VERSION).

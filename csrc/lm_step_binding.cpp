@@ -8,8 +8,9 @@
 //                         Tensor? u_prev, Tensor? out, Tensor k, Tensor? scale, bool relu,
 //                         bool need_u, bool need_u_prev, bool need_f, bool need_k)
 //                         -> (Tensor, Tensor, Tensor, Tensor)
-// and a pybind11 helper build_info(). Nothing here syncs with the host, so both ops can be
-// captured in CUDA graphs (the noise seed is read by the kernel from device memory).
+// and the pybind11 helpers build_info() and launch_plan() (launch_plan.cpp). Nothing here syncs
+// with the host, so both ops can be captured in CUDA graphs (the noise seed is read by the kernel
+// from device memory). A grad_k backward is one launch, its merge inside (lm_step.h).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>  // (ATen/cuda/CUDAContext.h would pull in cuBLAS/cuSPARSE)
@@ -30,24 +31,8 @@
 #define TORCH_EXTENSION_NAME _C
 #endif
 
-namespace {
-
-using at::Tensor;
-using namespace lmfused::binding;  // NOLINT: the shared checks and layout helpers
-
-// grad_k's summation order follows the tiles, whose size follows the vector width, which the
-// launcher picks from the row length and the alignment of every buffer (lm_step.h). So that
-// through torch grad_k's bits depend on the values, shape, layout and flags only, a grad_k
-// backward copies an operand whose data pointer is not 16-byte aligned (a view at a storage
-// offset; fresh tensors are always aligned) to a fresh buffer when its rows could take a vector
-// path: one extra pass over that tensor, in a rare case.
-Tensor aligned_for_grad_k(const Tensor& t, bool need_k, int64_t row_length) {
-  if (!need_k || !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0) return t;
-  const int64_t elem = static_cast<int64_t>(t.element_size());
-  const int64_t narrowest_vector = elem == 8 ? 2 : 8 / elem;  // 64-bit (128-bit for double)
-  if (row_length % narrowest_vector != 0) return t;            // the scalar path in any case
-  return t.clone();  // preserve_format: a dense tensor keeps its strides
-}
+namespace lmfused {
+namespace binding {
 
 Tensor lm_step_cuda(const Tensor& u, const Tensor& u_prev, const std::optional<Tensor>& f,
                     const Tensor& k, const std::optional<Tensor>& scale,
@@ -62,7 +47,7 @@ Tensor lm_step_cuda(const Tensor& u, const Tensor& u_prev, const std::optional<T
   const bool has_noise = noise_std != 0.0;
   if (has_noise) check_seed(seed, op, u);
 
-  const c10::cuda::CUDAGuard guard(u.device());
+  const DeviceGuard guard(u);
   const Layout layout = choose_layout(u);
   const Tensor u_n = normalise(u, layout);
   Tensor out = at::empty_like(u_n);  // dense input: empty_like keeps its exact strides
@@ -75,13 +60,11 @@ Tensor lm_step_cuda(const Tensor& u, const Tensor& u_prev, const std::optional<T
   const Tensor seed_c = has_noise ? seed->contiguous() : Tensor();
 
   const lmfused::LMStepShape shape{N, C, S, layout.channels_last_view};
-  const cudaError_t err = lmfused::launch_lm_step_forward(
-      to_dtype(u.scalar_type()), shape, u_n.data_ptr(), up_n.data_ptr(),
-      f_n.defined() ? f_n.data_ptr() : nullptr, k_acc.data_ptr(), k_acc.numel(),
-      s_acc.defined() ? s_acc.data_ptr() : nullptr,
-      has_noise ? seed_c.data_ptr<int64_t>() : nullptr, noise_std, relu, out.data_ptr(),
-      c10::cuda::getCurrentCUDAStream().stream());
-  check_launch(err, op);
+  check_launch(lmfused::launch_lm_step_forward(
+                   to_dtype(u.scalar_type()), shape, ptr(u_n), ptr(up_n), ptr(f_n), ptr(k_acc),
+                   k_acc.numel(), ptr(s_acc), static_cast<const int64_t*>(ptr(seed_c)),
+                   noise_std, relu, ptr(out), current_stream()),
+               op);
   return out;
 }
 
@@ -108,59 +91,55 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lm_step_cuda_backward(
   check_k(k, op, C, grad_out);
   check_scale(scale, op, N, grad_out);
 
-  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const DeviceGuard guard(grad_out);
   // Gradients take u's normalised layout (grad_out's when u is not passed), as the fake impl does.
   const Layout layout = choose_layout(need_k ? *u : grad_out);
-  const int64_t row_length = layout.channels_last_view ? C : S;
-  const Tensor g_n = aligned_for_grad_k(normalise(grad_out, layout), need_k, row_length);
+  const Tensor g_n = normalise(grad_out, layout);
   const at::ScalarType acc = acc_type(grad_out.scalar_type());
   // Placeholders for gradients not asked for: distinct (non-aliasing) empty tensors.
   auto grad_like = [&](bool needed) {
     return needed ? at::empty_like(g_n) : at::empty({0}, grad_out.options());
   };
   Tensor grad_u = grad_like(need_u), grad_up = grad_like(need_u_prev), grad_f = grad_like(need_f);
-  Tensor grad_k = need_k ? at::empty_like(k) : at::empty({0}, k.options());
+  // grad_k is reduced in the compute type, to k's shape, in the kernel; copied only when k's
+  // dtype differs.
+  const bool write_direct = need_k && k.scalar_type() == acc && k.is_contiguous();
+  Tensor grad_k = need_k ? at::empty_like(k, at::MemoryFormat::Contiguous)
+                         : at::empty({0}, k.options());
   if (grad_out.numel() == 0 || !(need_u || need_u_prev || need_f || need_k)) {
     if (need_k) grad_k.zero_();  // an empty sum
     return {grad_u, grad_up, grad_f, grad_k};
   }
 
-  const Tensor u_n =
-      need_k ? aligned_for_grad_k(normalise(*u, layout), true, row_length) : Tensor();
-  const Tensor up_n =
-      need_k ? aligned_for_grad_k(normalise(*u_prev, layout), true, row_length) : Tensor();
-  const Tensor out_n =
-      relu ? aligned_for_grad_k(normalise(*out, layout), need_k, row_length) : Tensor();
-  const Tensor shortcut_n =
-      has_shortcut ? aligned_for_grad_k(normalise(*grad_shortcut, layout), need_k, row_length)
-                   : Tensor();
+  const Tensor u_n = need_k ? normalise(*u, layout) : Tensor();
+  const Tensor up_n = need_k ? normalise(*u_prev, layout) : Tensor();
+  const Tensor out_n = relu ? normalise(*out, layout) : Tensor();
+  const Tensor shortcut_n = has_shortcut ? normalise(*grad_shortcut, layout) : Tensor();
   const Tensor k_acc = k.reshape({-1}).to(acc).contiguous();
   const Tensor s_acc = scale.has_value() && need_f ? scale->to(acc).contiguous() : Tensor();
-  // grad_k is reduced in the compute type into a flat buffer, then copied if k differs in either.
-  const bool write_direct = need_k && k.scalar_type() == acc && grad_k.is_contiguous();
-  Tensor grad_k_acc = !need_k      ? Tensor()
+  Tensor grad_k_acc = !need_k        ? Tensor()
                       : write_direct ? grad_k
                                      : at::empty({k.numel()}, k.options().dtype(acc));
   const lmfused::DType dtype = to_dtype(grad_out.scalar_type());
   const lmfused::LMStepShape shape{N, C, S, layout.channels_last_view};
-  const size_t ws_bytes = need_k ? lmfused::lm_step_backward_workspace_bytes(dtype, shape) : 0;
-  const int64_t acc_size = acc == at::kDouble ? 8 : 4;
-  const Tensor workspace =
-      need_k ? at::empty({static_cast<int64_t>(ws_bytes) / acc_size}, k_acc.options())
-             : Tensor();
-
-  const cudaError_t err = lmfused::launch_lm_step_backward(
-      dtype, shape, g_n.data_ptr(), has_shortcut ? shortcut_n.data_ptr() : nullptr,
-      need_k ? u_n.data_ptr() : nullptr,
-      need_k ? up_n.data_ptr() : nullptr, relu ? out_n.data_ptr() : nullptr, k_acc.data_ptr(),
-      k_acc.numel(), s_acc.defined() ? s_acc.data_ptr() : nullptr, relu,
-      need_u ? grad_u.data_ptr() : nullptr, need_u_prev ? grad_up.data_ptr() : nullptr,
-      need_f ? grad_f.data_ptr() : nullptr, need_k ? grad_k_acc.data_ptr() : nullptr,
-      need_k ? workspace.data_ptr() : nullptr, ws_bytes, c10::cuda::getCurrentCUDAStream().stream());
-  check_launch(err, op);
-  if (need_k && !grad_k_acc.is_same(grad_k)) grad_k.copy_(grad_k_acc.view(k.sizes()));
+  std::vector<Tensor> keep;
+  const lmfused::ReductionScratch scratch =
+      need_k ? reduction_scratch(lmfused::lm_step_backward_scratch(dtype, shape), grad_out, keep)
+             : lmfused::ReductionScratch{};
+  check_launch(lmfused::launch_lm_step_backward(
+                   dtype, shape, ptr(g_n), ptr(shortcut_n), ptr(u_n), ptr(up_n), ptr(out_n),
+                   ptr(k_acc), k_acc.numel(), ptr(s_acc), relu, need_u ? ptr(grad_u) : nullptr,
+                   need_u_prev ? ptr(grad_up) : nullptr, need_f ? ptr(grad_f) : nullptr,
+                   ptr(grad_k_acc), scratch, current_stream()),
+               op);
+  if (need_k && !write_direct) grad_k.copy_(grad_k_acc.view(k.sizes()));
   return {grad_u, grad_up, grad_f, grad_k};
 }
+
+}  // namespace binding
+}  // namespace lmfused
+
+namespace {
 
 #define LMF_STR2(...) #__VA_ARGS__
 #define LMF_STR(...) LMF_STR2(__VA_ARGS__)
@@ -172,6 +151,7 @@ std::string cuda_version_string(int v) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lmfused, CUDA, m) {
+  using namespace lmfused::binding;  // NOLINT
   m.impl("lm_step_cuda", TORCH_FN(lm_step_cuda));
   m.impl("lm_step_cuda_backward", TORCH_FN(lm_step_cuda_backward));
 }
@@ -196,4 +176,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return d;
       },
       "Archs, torch and CUDA versions this extension was compiled for.");
+  m.def("launch_plan", &lmfused::binding::launch_plan, pybind11::arg("op"),
+        pybind11::arg("shape"), pybind11::arg("dtype"), pybind11::arg("channels_last"),
+        pybind11::arg("flags") = std::map<std::string, bool>{},
+        "The launches (kernels with their template arguments, memsets, computing aten ops) that "
+        "the CUDA op `op` makes for the given activation shape, dtype, layout and flags, recorded "
+        "by running the binding's own host code on meta tensors with the launchers recording "
+        "instead of launching: no CUDA call, no GPU needed.");
 }

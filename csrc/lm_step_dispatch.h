@@ -36,14 +36,14 @@ cudaError_t forward_typed(const LMStepShape& sh, const void* u, const void* u_pr
                           double noise_std, bool relu, void* out, cudaStream_t stream);
 
 template <typename T>
-size_t workspace_bytes_typed(const LMStepShape& sh);
+ReductionScratch scratch_typed(const LMStepShape& sh);
 
 template <typename T>
 cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const void* grad_shortcut,
                            const void* u, const void* u_prev, const void* out, const void* k,
                            int64_t k_numel, const void* scale, bool relu, void* grad_u,
-                           void* grad_u_prev, void* grad_f, void* grad_k, void* workspace,
-                           size_t workspace_bytes, cudaStream_t stream);
+                           void* grad_u_prev, void* grad_f, void* grad_k,
+                           const ReductionScratch& scratch, cudaStream_t stream);
 
 }  // namespace detail
 }  // namespace lmfused

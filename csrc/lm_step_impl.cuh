@@ -32,18 +32,20 @@ cudaError_t forward_typed(const LMStepShape& sh, const void* u, const void* u_pr
   const int width = vector_width<T>(L, {u, u_prev, f, out});
 
   return LMF_VEC_SWITCH(T, width, VEC, [&] {
-    const Geometry g = make_geometry(sh, VEC, tile_iters(sh, /*forward=*/true));
     return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
       return LMF_BOOL_SWITCH(has_f, HAS_F, [&] {
         return LMF_BOOL_SWITCH(has_scale, HAS_SCALE, [&] {
           return LMF_BOOL_SWITCH(relu, RELU, [&] {
             return LMF_BOOL_SWITCH(has_noise, HAS_NOISE, [&] {
+              constexpr int UW = elementwise_unit<T, CL, VEC>();
+              const Geometry g = elementwise_geometry(
+                  sh, UW, elementwise_positions<T, UW, HAS_F ? 3 : 2, HAS_NOISE ? 1 : 4>());
               if constexpr (HAS_SCALE && !HAS_F) {
                 return cudaErrorInvalidValue;  // unreachable: has_scale implies has_f
               } else {
-                return launch_tiles(
-                    lm_step_forward_kernel<T, VEC, CL, HAS_F, HAS_SCALE, RELU, HAS_NOISE>, args,
-                    g, stream);
+                return launch_elementwise<
+                    lm_step_forward_kernel<T, VEC, CL, HAS_F, HAS_SCALE, RELU, HAS_NOISE>>(
+                    g, stream, args);
               }
             });
           });
@@ -53,29 +55,37 @@ cudaError_t forward_typed(const LMStepShape& sh, const void* u, const void* u_pr
   });
 }
 
+// grad_k's geometry: units of the row length's widest vector, one position per step.
 template <typename T>
-size_t workspace_bytes_typed(const LMStepShape& sh) {
-  int64_t values = 0;  // the most any vector width needs
-  for (int vec = max_vec<T>(); vec >= 1; vec /= 2) {
-    const Geometry g = make_geometry(sh, vec, tile_iters(sh, /*forward=*/false));
-    const int64_t v = g.num_partials + column_segment_values(g, sh);
-    values = v > values ? v : values;
-  }
-  return static_cast<size_t>(values) * sizeof(acc_t<T>);
+Geometry grad_k_geometry(const LMStepShape& sh) {
+  const int w = vector_width<T>(sh.channels_last ? sh.C : sh.S, {});
+  return reduction_geometry(sh, w, 1, sizeof(T));
+}
+
+template <typename T>
+ReductionScratch scratch_typed(const LMStepShape& sh) {
+  const Geometry g = grad_k_geometry<T>(sh);
+  ReductionScratch s;
+  s.workspace_bytes = static_cast<size_t>(merge_values(g, 1, true)) * sizeof(acc_t<T>);
+  s.counter_count = static_cast<size_t>(merge_counters(g));
+  return s;
 }
 
 template <typename T>
 cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const void* grad_shortcut,
                            const void* u, const void* u_prev, const void* out, const void* k,
                            int64_t k_numel, const void* scale, bool relu, void* grad_u,
-                           void* grad_u_prev, void* grad_f, void* grad_k, void* workspace,
-                           size_t workspace_bytes, cudaStream_t stream) {
+                           void* grad_u_prev, void* grad_f, void* grad_k,
+                           const ReductionScratch& scratch, cudaStream_t stream) {
   using A = acc_t<T>;
   const bool need_u = grad_u != nullptr, need_up = grad_u_prev != nullptr;
   const bool need_f = grad_f != nullptr, need_k = grad_k != nullptr;
   if (need_k) {
-    if (u == nullptr || u_prev == nullptr || workspace == nullptr) return cudaErrorInvalidValue;
-    if (workspace_bytes < workspace_bytes_typed<T>(sh)) return cudaErrorInvalidValue;
+    const ReductionScratch need = scratch_typed<T>(sh);
+    if (u == nullptr || u_prev == nullptr || scratch.workspace == nullptr ||
+        scratch.counters == nullptr || scratch.workspace_bytes < need.workspace_bytes ||
+        scratch.counter_count < need.counter_count)
+      return cudaErrorInvalidValue;
   }
   if (!(need_u || need_up || need_f || need_k)) return cudaSuccess;
 
@@ -90,46 +100,50 @@ cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const vo
   args.grad_u = static_cast<T*>(grad_u);
   args.grad_u_prev = static_cast<T*>(grad_u_prev);
   args.grad_f = static_cast<T*>(grad_f);
-  args.partials = static_cast<A*>(workspace);
+  args.grad_k = static_cast<A*>(grad_k);
+  if (need_k) {
+    const Geometry g = grad_k_geometry<T>(sh);
+    A* values = static_cast<A*>(scratch.workspace);
+    args.merge = {values, scratch.counters, values + merge_values(g, 1, false)};
+  }
   args.k_per_channel = k_numel != 1;
 
   const bool has_scale = need_f && scale != nullptr;  // s only enters grad_f
   const int64_t L = sh.channels_last ? sh.C : sh.S;
   // Only the buffers the specialisation touches need to be aligned.
-  const int width =
-      vector_width<T>(L, {grad_out, args.grad_shortcut, relu ? out : nullptr, need_k ? u : nullptr,
-                          need_k ? u_prev : nullptr, grad_u, grad_u_prev, grad_f});
-
-  Geometry g{};
-  cudaError_t err = LMF_VEC_SWITCH(T, width, VEC, [&] {
-    g = make_geometry(sh, VEC, tile_iters(sh, /*forward=*/false));
+  const std::initializer_list<const void*> buffers = {
+      grad_out, args.grad_shortcut, relu ? out : nullptr, need_k ? u : nullptr,
+      need_k ? u_prev : nullptr, grad_u, grad_u_prev, grad_f};
+  auto flags = [&](auto&& launch) {
     return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
       return LMF_BOOL_SWITCH(relu, RELU, [&] {
-        return LMF_BOOL_SWITCH(need_k, NEED_K, [&] {
-          return LMF_BOOL_SWITCH(need_u, NEED_U, [&] {
-            return LMF_BOOL_SWITCH(need_up, NEED_UP, [&] {
-              return LMF_BOOL_SWITCH(need_f, NEED_F, [&] {
-                return LMF_BOOL_SWITCH(has_scale, HAS_SCALE, [&] {
-                  if constexpr (HAS_SCALE && !NEED_F) {
-                    return cudaErrorInvalidValue;  // unreachable: has_scale implies need_f
-                  } else {
-                    return launch_tiles(lm_step_backward_kernel<T, VEC, CL, RELU, HAS_SCALE,
-                                                                NEED_U, NEED_UP, NEED_F, NEED_K>,
-                                        args, g, stream);
-                  }
-                });
-              });
-            });
-          });
+        return LMF_BOOL_SWITCH(has_scale, HAS_SCALE, [&] {
+          return launch(std::bool_constant<CL>{}, std::bool_constant<RELU>{},
+                        std::bool_constant<HAS_SCALE>{});
         });
       });
     });
+  };
+  if (need_k) {
+    const Geometry g = grad_k_geometry<T>(sh);
+    return with_reduction_widths<T>(L, buffers, [&](auto w, auto v) {
+      return flags([&](auto cl, auto relu_, auto hs) {
+        return launch_reduction<lm_step_backward_grad_k_kernel<
+            T, decltype(w)::value, decltype(v)::value, decltype(cl)::value, decltype(relu_)::value,
+            decltype(hs)::value>>(g, stream, args);
+      });
+    });
+  }
+  const int width = vector_width<T>(L, buffers);
+  return LMF_VEC_SWITCH(T, width, VEC, [&] {
+    return flags([&](auto cl, auto relu_, auto hs) {
+      constexpr bool CL = decltype(cl)::value, RELU = decltype(relu_)::value;
+      const Geometry g = elementwise_geometry(sh, elementwise_unit<T, CL, VEC>(),
+                                              backward_positions<T, CL, VEC, RELU ? 2 : 1>());
+      return launch_elementwise<lm_step_backward_kernel<T, VEC, CL, RELU, decltype(hs)::value>>(
+          g, stream, args);
+    });
   });
-  if (err != cudaSuccess || !need_k) return err;
-
-  A* partials = static_cast<A*>(workspace);
-  return reduce_tile_partials(partials, static_cast<A*>(grad_k), partials + g.num_partials, g, sh,
-                              k_numel != 1, stream);
 }
 
 }  // namespace detail
@@ -142,11 +156,10 @@ cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const vo
   template cudaError_t forward_typed<T>(const LMStepShape&, const void*, const void*,        \
                                         const void*, const void*, int64_t, const void*,      \
                                         const int64_t*, double, bool, void*, cudaStream_t);  \
-  template size_t workspace_bytes_typed<T>(const LMStepShape&);                             \
+  template ReductionScratch scratch_typed<T>(const LMStepShape&);                           \
   template cudaError_t backward_typed<T>(const LMStepShape&, const void*, const void*,       \
                                          const void*, const void*, const void*, const void*, \
-                                         int64_t,                                            \
-                                         const void*, bool, void*, void*, void*, void*, void*, \
-                                         size_t, cudaStream_t);                              \
+                                         int64_t, const void*, bool, void*, void*, void*,    \
+                                         void*, const ReductionScratch&, cudaStream_t);      \
   }                                                                                          \
   }

@@ -1,13 +1,22 @@
 // Torch-side helpers shared by the bindings (lm_step_binding.cpp, batch_norm_lm_step_binding.cpp):
-// dtype mapping, argument checks, and the layout normalisation that maps a tensor onto the
-// kernels' two layouts (lm_step.h).
+// dtype mapping, argument checks, the layout normalisation that maps a tensor onto the kernels'
+// two layouts (lm_step.h), the reductions' scratch, and the launch plan's mode (launch_plan.cpp):
+// while the launchers record (lmfused::launch_log() set), the ops take meta tensors and make no
+// CUDA call (no device guard, no stream, fake aligned data pointers, no counters buffer).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "lm_step.h"
@@ -89,13 +98,81 @@ inline Tensor normalise(const Tensor& t, const Layout& layout) {
   return layout.channels_last_memory ? to_channels_last(t) : t.contiguous();
 }
 
+// The launch plan's mode: the launchers record instead of launching (launch_plan.cpp).
+inline bool planning() { return lmfused::launch_log() != nullptr; }
+
 inline void check_activation(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), op, ": ", name,
                    " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() >= 2, op, ": ", name, " must have rank >= 2 (N, C, *spatial), got ",
                     "shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ",
-                    t.device());
+  TORCH_CHECK_VALUE(t.is_cuda() || (planning() && t.is_meta()), op, ": ", name,
+                    " must be a CUDA tensor, got device ", t.device());
+}
+
+// A data pointer for the launchers (nullptr for an undefined tensor). While planning: a fake one,
+// 256-byte aligned as the caching allocator's (the plan is of aligned, model-layout operands).
+inline void* ptr(const Tensor& t) {
+  if (!t.defined()) return nullptr;
+  if (planning()) return reinterpret_cast<void*>(uintptr_t{1} << 20);
+  return t.data_ptr();
+}
+
+// The device guard and the current stream, none while planning.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(const Tensor& t) {
+    if (!planning()) guard_.set_device(t.device());
+  }
+
+ private:
+  c10::cuda::OptionalCUDAGuard guard_;
+};
+inline cudaStream_t current_stream() {
+  return planning() ? nullptr : c10::cuda::getCurrentCUDAStream().stream();
+}
+
+// The scratch of a reduction (lm_step.h, ReductionScratch) launched on the current stream:
+// the workspace from the caching allocator (any contents); the ticket counters from one zeroed
+// buffer per (device, stream), which every launch leaves zero again, so the launches of one stream
+// (one after another) share it and launches on other streams never do. While the stream is being
+// captured into a CUDA graph, a zeroed buffer of its own per launch instead (a memset node the
+// graph runs at each replay, from the graph's memory pool): replays never share counters with
+// other work. `keep` holds the tensors until the launch is queued.
+inline lmfused::ReductionScratch reduction_scratch(const lmfused::ReductionScratch& need,
+                                                   const Tensor& ref, std::vector<Tensor>& keep) {
+  lmfused::ReductionScratch s = need;
+  if (need.workspace_bytes == 0 && need.counter_count == 0) return s;
+  if (planning()) {  // fake pointers: nothing is launched
+    s.workspace = reinterpret_cast<void*>(uintptr_t{1} << 21);
+    s.counters = reinterpret_cast<unsigned*>(uintptr_t{1} << 22);
+    return s;
+  }
+  const auto bytes = ref.options().dtype(at::kByte);
+  keep.push_back(at::empty({static_cast<int64_t>(need.workspace_bytes)}, bytes));
+  s.workspace = keep.back().data_ptr();
+  const cudaStream_t stream = current_stream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  const auto ints = ref.options().dtype(at::kInt);
+  const int64_t count = static_cast<int64_t>(need.counter_count);
+  if (capture != cudaStreamCaptureStatusNone) {
+    keep.push_back(at::zeros({count}, ints));
+    s.counters = static_cast<unsigned*>(keep.back().data_ptr());
+    return s;
+  }
+  static std::mutex mutex;
+  static std::map<std::pair<int, cudaStream_t>, Tensor> buffers;
+  const std::lock_guard<std::mutex> lock(mutex);
+  Tensor& buffer = buffers[{static_cast<int>(ref.get_device()), stream}];
+  if (!buffer.defined() || buffer.numel() < count) {  // grown in powers of two (a memset, once)
+    int64_t size = 256;
+    while (size < count) size *= 2;
+    buffer = at::zeros({size}, ints);
+  }
+  s.counters = static_cast<unsigned*>(buffer.data_ptr());
+  s.counter_count = static_cast<size_t>(buffer.numel());
+  return s;
 }
 
 inline void check_like(const Tensor& t, const char* op, const char* name, const Tensor& ref,
@@ -146,8 +223,46 @@ inline void check_launch(cudaError_t err, const char* op) {
               err == cudaErrorNoKernelImageForDevice
                   ? " (lmfused._C was not built for this GPU; see lmfused._C.build_info())"
                   : "");
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!planning()) C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+// The ops the bindings register (lm_step_binding.cpp, batch_norm_lm_step_binding.cpp), for the
+// launch plan (launch_plan.cpp), which calls them on meta tensors.
+Tensor lm_step_cuda(const Tensor& u, const Tensor& u_prev, const std::optional<Tensor>& f,
+                    const Tensor& k, const std::optional<Tensor>& scale,
+                    const std::optional<Tensor>& seed, bool relu, double noise_std);
+std::tuple<Tensor, Tensor, Tensor, Tensor> lm_step_cuda_backward(
+    const Tensor& grad_out, const std::optional<Tensor>& grad_shortcut,
+    const std::optional<Tensor>& u, const std::optional<Tensor>& u_prev,
+    const std::optional<Tensor>& out, const Tensor& k, const std::optional<Tensor>& scale,
+    bool relu, bool need_u, bool need_u_prev, bool need_f, bool need_k);
+std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& x,
+                                                 const std::optional<Tensor>& running_mean,
+                                                 const std::optional<Tensor>& running_var,
+                                                 bool training, double momentum, double eps);
+std::tuple<Tensor, Tensor> batch_norm_lm_step_cuda(
+    const Tensor& x, const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& u,
+    const std::optional<Tensor>& u_prev, const Tensor& k, const std::optional<Tensor>& scale,
+    const std::optional<Tensor>& seed, bool training, bool relu, double noise_std,
+    bool write_mask);
+std::tuple<Tensor, Tensor, Tensor> batch_norm_lm_step_cuda_backward_reduce(
+    const Tensor& grad_out, const Tensor& x, const Tensor& mean, const Tensor& invstd,
+    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& u, const std::optional<Tensor>& u_prev, const Tensor& k,
+    const std::optional<Tensor>& mask, const std::optional<Tensor>& scale, bool relu,
+    bool need_k);
+std::tuple<Tensor, Tensor, Tensor> batch_norm_lm_step_cuda_backward(
+    const Tensor& grad_out, const std::optional<Tensor>& grad_shortcut, const Tensor& x,
+    const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const Tensor& sum_dy, const Tensor& sum_dy_xhat,
+    const std::optional<Tensor>& mask, const Tensor& k, const std::optional<Tensor>& scale,
+    bool training, bool relu, bool need_x, bool need_u, bool need_u_prev);
+
+// lmfused._C.launch_plan (launch_plan.cpp).
+std::vector<std::string> launch_plan(const std::string& op, const std::vector<int64_t>& shape,
+                                     const std::string& dtype, bool channels_last,
+                                     const std::map<std::string, bool>& flags);
 
 }  // namespace binding
 }  // namespace lmfused

@@ -75,6 +75,7 @@ _SOURCE_NAMES = (
     "batch_norm_lm_step_f64.cu",
     "lm_step_binding.cpp",
     "batch_norm_lm_step_binding.cpp",
+    "launch_plan.cpp",
 )
 
 # Written next to the package by setup.py when the ahead-of-time build of lmfused._C failed (the install

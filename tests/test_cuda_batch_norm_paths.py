@@ -1,10 +1,11 @@
 """The CUDA batch-norm-fused kernels on their vector and scalar paths (GPU only).
 
-Each of the four registered CUDA ops (statistics, forward, backward reduction, backward) against the reference
-backend's op on the same inputs, in both layouts, on shapes whose rows take 128-bit, 64-bit and scalar
-accesses, with and without state, and the reductions' bits across misaligned views: the kernels sum in an
-order set by the shape alone, so a view at a storage offset gives the same bits. With state, the backward
-reduction's ReLU mask recomputed from x, u, u_prev and k (out None) gives the bits of the one read from out.
+Each of the four registered CUDA ops (statistics with the running statistics, forward with the 1-bit ReLU
+mask, backward reduction, backward) against the reference backend's op on the same inputs, in both layouts,
+on shapes whose rows take 128-bit, 64-bit and scalar accesses, with and without state; the forward's output
+bitwise the reference's (one rounding per operation, torch's order: no fused multiply-add), so its mask is
+the reference's, also on data where the sign hangs on the roundings; the mask's format (bits over the planned
+2-D view, padding 0); the reductions' bits across misaligned views (their order is the shape's).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import itertools
 import pytest
 import torch
 
+from lmfused._layout import plan_layout
 from tests.conftest import DEVICE
 from tests.helpers import backends
 
@@ -53,6 +55,21 @@ def _close(got, want, dtype, what):
     assert err <= TOL[dtype] * scale, f"{what}: max error {err}"
 
 
+def _packed_mask(out):
+    """The spec's mask of ``out``: bit j % 8 of byte [r, j // 8] over plan_layout(out)'s 2-D view is 1 iff
+    NOT (out <= 0); padding bits 0."""
+    plan = plan_layout(out)
+    if plan.channels_last:
+        view = out.permute(0, *range(2, out.dim()), 1).reshape(plan.rows, plan.row_len)
+    else:
+        view = out.reshape(plan.rows, plan.row_len)
+    passes = ~(view <= 0)
+    pad = (-plan.row_len) % 8
+    passes = torch.nn.functional.pad(passes.to(torch.uint8), (0, pad)).reshape(plan.rows, -1, 8)
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=out.device)
+    return (passes * weights).sum(-1, dtype=torch.uint8)
+
+
 CASES = list(itertools.product(SHAPES, [torch.float32, torch.bfloat16], [False, True]))
 
 
@@ -60,56 +77,68 @@ CASES = list(itertools.product(SHAPES, [torch.float32, torch.bfloat16], [False, 
 def test_ops_match_reference(shape, dtype, channels_last):
     _need_cuda()
     x, u, u_prev, g, shortcut, weight, bias, k = _inputs(shape, dtype, channels_last, seed=7)
-    mean, var = _op("batch_norm_stats_{b}", "cuda")(x)
-    ref_mean, ref_var = _op("batch_norm_stats_{b}", "reference")(x)
-    _close(mean, ref_mean, torch.float32, "mean")
-    _close(var, ref_var, torch.float32, "var")
-    invstd = torch.rsqrt(ref_var + 1e-5)
+    stats = {}
+    for backend in ("cuda", "reference"):
+        running = (torch.zeros(shape[1], device=DEVICE), torch.ones(shape[1], device=DEVICE))
+        mean, invstd = _op("batch_norm_stats_{b}", backend)(x, *running, True, 0.1, 1e-5)
+        stats[backend] = (mean, invstd, *running)
+    for name, a, b in zip(("mean", "invstd", "running_mean", "running_var"), *stats.values(), strict=True):
+        _close(a, b, torch.float32, name)
+    mean, invstd = stats["reference"][:2]
     scale = torch.rand(shape[0], device=DEVICE) + 0.5
+    count = x.numel() // shape[1]
     for state, relu in itertools.product([False, True], repeat=2):
         us = (u, u_prev) if state else (None, None)
-        args = (x, ref_mean, invstd, weight, bias, *us, k, scale, None, True, relu, 0.0)
-        out = _op("batch_norm_lm_step_{b}", "cuda")(*args)
-        ref_out = _op("batch_norm_lm_step_{b}", "reference")(*args)
-        _close(out, ref_out, dtype, f"forward state={state} relu={relu}")
+        write_mask = state and relu
+        args = (x, mean, invstd, weight, bias, *us, k, scale, None, True, relu, 0.0, write_mask)
+        out, mask = _op("batch_norm_lm_step_{b}", "cuda")(*args)
+        ref_out, ref_mask = _op("batch_norm_lm_step_{b}", "reference")(*args)
+        assert torch.equal(out, ref_out), f"forward state={state} relu={relu}: not the reference's bits"
         assert out.stride() == ref_out.stride()
-        saved_out = out if state else None  # the no-state mode recomputes the ReLU mask
+        if write_mask:
+            assert mask.dtype == torch.uint8 and torch.equal(mask, _packed_mask(out))
+            assert torch.equal(mask, ref_mask)
+        else:
+            assert mask.numel() == 0
+        mask_arg = mask if write_mask else None
         need_k = state  # (no state: u, u_prev are None)
-        red = (g, x, ref_mean, invstd, weight, bias, *us, k, saved_out, scale, relu, need_k)
+        red = (g, x, mean, invstd, weight, bias, *us, k, mask_arg, scale, relu, need_k)
         sums = _op("batch_norm_lm_step_{b}_backward_reduce", "cuda")(*red)
         ref_sums = _op("batch_norm_lm_step_{b}_backward_reduce", "reference")(*red)
         for name, a, b in zip(("sum_dy", "sum_dy_xhat", "grad_k"), sums, ref_sums, strict=True):
-            _close(a / x[:, 0].numel(), b / x[:, 0].numel(), torch.float32, name)
-        if state:  # the mask recomputed from x, u, u_prev and k: the bits of the mask read from out
-            red_recomputed = (g, x, ref_mean, invstd, weight, bias, *us, k, None, scale, relu, need_k)
-            recomputed = _op("batch_norm_lm_step_{b}_backward_reduce", "cuda")(*red_recomputed)
-            for name, a, b in zip(("sum_dy", "sum_dy_xhat", "grad_k"), recomputed, sums, strict=True):
-                assert torch.equal(a, b), f"{name} relu={relu}: recomputed mask differs from out's"
-        count = x.numel() // shape[1]
-        means = (ref_sums[0] / count, ref_sums[1] / count)
+            assert a.shape == b.shape, name
+            _close(a / count, b / count, torch.float32, name)
         sc = shortcut if state else None
-        bwd = (
-            g,
-            sc,
-            x,
-            ref_mean,
-            invstd,
-            weight,
-            bias,
-            *means,
-            saved_out,
-            k,
-            scale,
-            True,
-            relu,
-            True,
-            state,
-            state,
-        )
+        bwd = (g, sc, x, mean, invstd, weight, bias, *ref_sums[:2], mask_arg, k, scale, True, relu, True,
+               state, state)  # fmt: skip
         grads = _op("batch_norm_lm_step_{b}_backward", "cuda")(*bwd)
         ref_grads = _op("batch_norm_lm_step_{b}_backward", "reference")(*bwd)
         for name, a, b in zip(("grad_x", "grad_u", "grad_u_prev"), grads, ref_grads, strict=True):
             _close(a, b, dtype, f"{name} state={state} relu={relu}")
+
+
+@pytest.mark.parametrize("per_channel_k", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_on_adversarial_data_is_the_reference(dtype, channels_last, per_channel_k):
+    """u_prev chosen so that (1 - k) u + k u_prev + s BN(x) is 0 up to u_prev's rounding: the output's sign
+    then hangs on every rounding, and a fused multiply-add anywhere would flip some of them. The forward's
+    output (and so its mask) must be bitwise the reference backend's."""
+    _need_cuda()
+    shape = (8, 64, 14, 14)
+    x, u, _, _, _, weight, bias, _ = _inputs(shape, dtype, channels_last, seed=5)
+    k = torch.full((shape[1] if per_channel_k else 1,), 0.375, device=DEVICE)
+    mean, invstd = _op("batch_norm_stats_{b}", "reference")(x, None, None, True, 0.1, 1e-5)
+    scale = torch.rand(shape[0], device=DEVICE) + 0.5
+    view = (1, -1, 1, 1)
+    y = ((x.float() - mean.view(view)) * invstd.view(view)) * weight.view(view) + bias.view(view)
+    kk = k.view(view) if per_channel_k else k
+    u_prev = (-(scale.view(-1, 1, 1, 1) * y + (1 - kk) * u.float()) / kk).to(dtype)
+    args = (x, mean, invstd, weight, bias, u, u_prev, k, scale, None, True, True, 0.0, True)
+    out, mask = _op("batch_norm_lm_step_{b}", "cuda")(*args)
+    ref_out, ref_mask = _op("batch_norm_lm_step_{b}", "reference")(*args)
+    assert torch.equal(out, ref_out) and torch.equal(mask, ref_mask)
+    assert 0 < int((out > 0).sum()) < out.numel()  # the data does sit on the edge
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -127,15 +156,53 @@ def test_reduction_bits_do_not_depend_on_alignment(channels_last):
         view.copy_(t)
         return view
 
-    mean, var = _op("batch_norm_stats_{b}", "cuda")(x)
-    mean2, var2 = _op("batch_norm_stats_{b}", "cuda")(shifted(x))
-    assert torch.equal(mean, mean2) and torch.equal(var, var2)
-    invstd = torch.rsqrt(var + 1e-5)
+    stats = _op("batch_norm_stats_{b}", "cuda")
+    mean, invstd = stats(x, None, None, True, 0.1, 1e-5)
+    again = stats(shifted(x), None, None, True, 0.1, 1e-5)
+    assert torch.equal(mean, again[0]) and torch.equal(invstd, again[1])
     red = _op("batch_norm_lm_step_{b}_backward_reduce", "cuda")
-    k = torch.full((1,), 0.3, device=DEVICE)
-    for relu in (False, True):  # relu: the mask recomputed with state (reads u, u_prev, k; no out)
-        tail = (k, None, None, relu, True)
+    for k in (torch.full((1,), 0.3, device=DEVICE), torch.full((shape[1],), 0.3, device=DEVICE)):
+        _, mask = _op("batch_norm_lm_step_{b}", "cuda")(
+            x, mean, invstd, weight, bias, u, u_prev, k, None, None, True, True, 0.0, True
+        )
+        tail = (k, mask, None, True, True)
         a = red(g, x, mean, invstd, weight, bias, u, u_prev, *tail)
         b = red(*map(shifted, (g, x)), mean, invstd, weight, bias, *map(shifted, (u, u_prev)), *tail)
+        assert a[2].shape == k.shape
         for s, t in zip(a, b, strict=True):
             assert torch.equal(s, t)
+
+
+def test_statistics_in_evaluation_and_empty_batch():
+    """Evaluation: the running statistics as mean and 1 / sqrt(var + eps), nothing mutated; a training batch
+    without values: mean 0, invstd 1 / sqrt(1 + eps), running statistics untouched."""
+    _need_cuda()
+    stats = _op("batch_norm_stats_{b}", "cuda")
+    rm, rv = torch.randn(8, device=DEVICE), torch.rand(8, device=DEVICE) + 0.5
+    x = torch.randn(4, 8, 3, 3, device=DEVICE)
+    mean, invstd = stats(x, rm, rv, False, 0.1, 1e-3)
+    assert torch.equal(mean, rm)
+    torch.testing.assert_close(invstd, torch.rsqrt(rv + 1e-3))
+    rm0, rv0 = rm.clone(), rv.clone()
+    mean, invstd = stats(x[:0], rm, rv, True, 0.1, 1e-3)
+    assert torch.equal(mean, torch.zeros(8, device=DEVICE))
+    torch.testing.assert_close(invstd, torch.full((8,), (1 + 1e-3) ** -0.5, device=DEVICE))
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+@pytest.mark.parametrize(
+    "running_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str
+)
+def test_running_statistics_of_any_float_dtype(running_dtype):
+    """The statistics kernel updates running statistics of the model's dtype in place (model.half())."""
+    _need_cuda()
+    x = torch.randn(8, 16, 5, 5, device=DEVICE) * 2 + 1
+    outs = {}
+    for backend in ("cuda", "reference"):
+        rm = torch.zeros(16, device=DEVICE, dtype=running_dtype)
+        rv = torch.ones(16, device=DEVICE, dtype=running_dtype)
+        _op("batch_norm_stats_{b}", backend)(x, rm, rv, True, 0.25, 1e-5)
+        outs[backend] = (rm, rv)
+    tol = {"rtol": 1e-2, "atol": 1e-2} if running_dtype in (torch.float16, torch.bfloat16) else {}
+    for a, b in zip(*outs.values(), strict=True):
+        torch.testing.assert_close(a, b, **tol)

@@ -104,10 +104,10 @@ def _offset_copy(t: torch.Tensor, shift: int) -> torch.Tensor:
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_bits_do_not_depend_on_alignment_on_vector_paths(dtype, layout):
-    """The launcher sizes its tiles (hence grad_k's summation order) in vectors, and picks the vector width
-    from the alignment of the buffers too (csrc/lm_step.h); the binding copies a misaligned operand of a
-    grad_k backward to an aligned buffer. So the same values in views at storage offsets of 16, 8, 2 or 6
-    bytes (128-bit, 64-bit and scalar alignment) give bitwise the output and gradients of aligned ones."""
+    """grad_k's summation order is set by the shape alone (units of the row length's widest vector; the
+    buffers' alignment only narrows the loads, csrc/lm_step.h), with no copy of a misaligned operand. So the
+    same values in views at storage offsets of 16, 8, 2 or 6 bytes (128-bit, 64-bit and scalar alignment)
+    give bitwise the output and gradients of aligned ones."""
     _need_cuda()
     shape = (8, 64, 28, 28)
     u, u_prev, f, k, scale = make_inputs(

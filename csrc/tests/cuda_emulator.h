@@ -9,6 +9,9 @@
 //   barrier opens. Blocks run one after the other, so a `static` array is a block's __shared__.
 // * Warp shuffles exchange values through a block-wide slot array between two barriers, which
 //   is right for code that, like block_sum, calls them with the whole block.
+// * Blocks run one at a time, in blockIdx order or, for the tests of orders (set_block_order),
+//   in reverse or in a shuffled order: a reduction's result must not depend on which block
+//   finishes last. Atomics are plain read-modify-writes and fences no-ops (one OS thread).
 // * Device memory is host memory; streams are ignored; launches complete before they return.
 // It checks indexing, reductions, tiling and flags, not timing or memory-model subtleties.
 #pragma once
@@ -29,6 +32,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <utility>
 #include <vector>
 
 namespace lmf_emu {
@@ -42,6 +46,9 @@ struct Fiber {
   bool done = false;
 };
 
+// The order in which a launch runs its blocks.
+enum class BlockOrder { kForward, kReverse, kShuffled };
+
 struct State {
   uint3 thread_idx{0, 0, 0};
   uint3 block_idx{0, 0, 0};
@@ -52,6 +59,8 @@ struct State {
   jmp_buf scheduler{};
   std::function<void()> body;
   std::vector<uint64_t> shuffle_slots;
+  BlockOrder order = BlockOrder::kForward;
+  uint64_t shuffle_seed = 0x9E3779B97F4A7C15ull;
 };
 
 inline State& state() {
@@ -122,6 +131,26 @@ inline void run_block(unsigned threads) {
   }
 }
 
+inline void set_block_order(BlockOrder order) { state().order = order; }
+
+// The block indices of a grid in the current order (a shuffle differs from launch to launch).
+inline std::vector<unsigned> block_order(unsigned grid) {
+  State& s = state();
+  std::vector<unsigned> order(grid);
+  for (unsigned b = 0; b < grid; ++b) order[b] = b;
+  if (s.order == BlockOrder::kReverse) {
+    for (unsigned b = 0; b < grid / 2; ++b) std::swap(order[b], order[grid - 1 - b]);
+  } else if (s.order == BlockOrder::kShuffled) {
+    for (unsigned b = grid; b > 1; --b) {  // Fisher-Yates with a xorshift generator
+      s.shuffle_seed ^= s.shuffle_seed << 13;
+      s.shuffle_seed ^= s.shuffle_seed >> 7;
+      s.shuffle_seed ^= s.shuffle_seed << 17;
+      std::swap(order[b - 1], order[s.shuffle_seed % b]);
+    }
+  }
+  return order;
+}
+
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
   State& s = state();
@@ -129,7 +158,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
   s.grid_dim = grid;
   s.block_dim = block;
   s.body = [&] { kernel(args...); };
-  for (unsigned b = 0; b < grid.x; ++b) {
+  for (unsigned b : block_order(grid.x)) {
     s.block_idx = uint3{b, 0, 0};
     run_block(block.x);
   }
@@ -147,18 +176,49 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
 
 inline void __syncthreads() { ::lmf_emu::sync_threads(); }
 
-template <typename T>
-T __shfl_down_sync(unsigned /*mask*/, T value, unsigned delta, int width = 32) {
+namespace lmf_emu {
+// The value `value` of thread src (in the calling thread's warp; src_of(lane) < 0: its own).
+template <typename T, typename F>
+T shuffle(T value, F&& src_of) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a type wider than 8 bytes");
-  lmf_emu::State& s = lmf_emu::state();
+  State& s = state();
   const unsigned t = static_cast<unsigned>(s.current);
   std::memcpy(&s.shuffle_slots[t], &value, sizeof(T));
   __syncthreads();
   T result = value;
-  const unsigned lane = t % static_cast<unsigned>(width);
-  if (lane + delta < static_cast<unsigned>(width)) {
-    std::memcpy(&result, &s.shuffle_slots[t + delta], sizeof(T));
-  }
+  const int src = src_of(t);
+  if (src >= 0) std::memcpy(&result, &s.shuffle_slots[static_cast<unsigned>(src)], sizeof(T));
   __syncthreads();
   return result;
+}
+}  // namespace lmf_emu
+
+template <typename T>
+T __shfl_down_sync(unsigned /*mask*/, T value, unsigned delta, int width = 32) {
+  return lmf_emu::shuffle(value, [&](unsigned t) {
+    const unsigned lane = t % static_cast<unsigned>(width);
+    return lane + delta < static_cast<unsigned>(width) ? static_cast<int>(t + delta) : -1;
+  });
+}
+
+template <typename T>
+T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask, int width = 32) {
+  return lmf_emu::shuffle(value, [&](unsigned t) {
+    const unsigned w = static_cast<unsigned>(width), base = t - t % w;
+    const unsigned src = base + ((t % w) ^ static_cast<unsigned>(lane_mask));
+    return src < base + w ? static_cast<int>(src) : -1;
+  });
+}
+
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address = old + value;
+  return old;
+}
+
+inline void __threadfence() {}
+
+template <typename T>
+T __ldcg(const T* p) {
+  return *p;
 }

@@ -109,6 +109,60 @@ struct DevBuf {
   }
 };
 
+// A reduction's scratch (lm_step.h): the workspace poisoned (0xFF: it may hold anything), the
+// counters zeroed, as the launchers require; every launch must leave the counters zero again.
+struct Scratch {
+  lmfused::ReductionScratch s;
+  explicit Scratch(const lmfused::ReductionScratch& need) : s(need) {
+    CUDA_OK(cudaMalloc(&s.workspace, s.workspace_bytes + 16));
+    CUDA_OK(cudaMemset(s.workspace, 0xFF, s.workspace_bytes + 16));
+    CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&s.counters), (s.counter_count + 1) * sizeof(unsigned)));
+    CUDA_OK(cudaMemset(s.counters, 0, (s.counter_count + 1) * sizeof(unsigned)));
+  }
+  ~Scratch() {
+    cudaFree(s.workspace);
+    cudaFree(s.counters);
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  bool counters_zero() const {
+    std::vector<unsigned> h(s.counter_count + 1);
+    CUDA_OK(cudaMemcpy(h.data(), s.counters, h.size() * sizeof(unsigned), cudaMemcpyDeviceToHost));
+    for (unsigned v : h)
+      if (v != 0) return false;
+    return true;
+  }
+};
+
+// Runs `launch` (a reduction, then its results' download into a byte string) once per order of
+// the CTAs the emulation can impose (blockIdx order, reverse, shuffled; on a GPU, the hardware's
+// order twice) and returns true if every run gives the same bytes: the merge's result must not
+// depend on which CTA finishes last. `first` receives the first run's bytes.
+template <typename F>
+bool same_in_every_block_order(F&& launch, std::string* first = nullptr) {
+  std::vector<std::string> results;
+#ifdef LMF_CUDA_EMULATION
+  using lmf_emu::BlockOrder;
+  for (BlockOrder order : {BlockOrder::kForward, BlockOrder::kReverse, BlockOrder::kShuffled}) {
+    lmf_emu::set_block_order(order);
+    results.push_back(launch());
+  }
+  lmf_emu::set_block_order(BlockOrder::kForward);
+#else
+  results.push_back(launch());
+  results.push_back(launch());
+#endif
+  if (first != nullptr) *first = results[0];
+  for (const std::string& r : results)
+    if (r != results[0]) return false;
+  return true;
+}
+
+template <typename A>
+std::string bytes_of(const std::vector<A>& v) {
+  return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(A));
+}
+
 struct Case {
   int64_t N, C, S;
   bool cl;

@@ -1,6 +1,6 @@
 // Kernel tests for the torch-free LM-step launchers (csrc/lm_step.h), against a float64 CPU
 // reference. Covers every flag combination, both layouts, float/half/bf16/double, odd sizes
-// (scalar path), multi-tile reductions, misaligned buffers, out-of-bounds writes, grad_k
+// (scalar path), multi-chunk reductions, misaligned buffers, out-of-bounds writes, grad_k
 // determinism, and the Philox noise (golden integers from triton.language.random, statistics,
 // reproducibility); its main also runs the batch-norm-fused kernels' tests
 // (test_batch_norm_kernels.cu). Exits 0 with "skipped: no CUDA device" when there is no GPU.
@@ -33,11 +33,15 @@ using namespace lmf_test;  // NOLINT: the shared test helpers
 
 // ----- one (dtype, shape, alignment mode): every forward and backward flag combination --------
 // mode 0: all buffers aligned; 1: every buffer shifted by one element; 2: only outputs shifted;
-// 3: every buffer shifted by 8 bytes (64-bit vectors allowed, 128-bit not).
+// 3: every buffer shifted by 8 bytes (64-bit vectors allowed, 128-bit not). The data come from
+// `data_seed`, the same for every mode; returns grad_k's bits of each grad_k backward, in order (they
+// must not depend on the mode: the sums' order is the shape's).
 template <typename T>
-void run_case(const Case& cs, int mode, std::mt19937_64& rng) {
+std::vector<std::string> run_case(const Case& cs, int mode, uint64_t data_seed) {
   using A = lmfused::detail::acc_t<T>;
   using Tr = Traits<T>;
+  std::mt19937_64 rng(data_seed);
+  std::vector<std::string> grad_k_bits;
   const int64_t numel = cs.N * cs.C * cs.S;
   const size_t n = static_cast<size_t>(numel);
   const LMStepShape shape{cs.N, cs.C, cs.S, cs.cl};
@@ -67,19 +71,16 @@ void run_case(const Case& cs, int mode, std::mt19937_64& rng) {
   df.upload(hf);
   dg.upload(hg);
   dsc.upload(hsc);
-  A *dk = nullptr, *ds = nullptr, *dgk = nullptr, *dgk2 = nullptr;
+  A *dk = nullptr, *ds = nullptr, *dgk = nullptr;
   int64_t* dseed = nullptr;
   CUDA_OK(cudaMalloc(&dk, hk.size() * sizeof(A)));
   CUDA_OK(cudaMalloc(&ds, hs.size() * sizeof(A)));
   CUDA_OK(cudaMalloc(&dgk, hk.size() * sizeof(A)));
-  CUDA_OK(cudaMalloc(&dgk2, hk.size() * sizeof(A)));
   CUDA_OK(cudaMalloc(&dseed, sizeof(int64_t)));
   CUDA_OK(cudaMemcpy(dk, hk.data(), hk.size() * sizeof(A), cudaMemcpyHostToDevice));
   CUDA_OK(cudaMemcpy(ds, hs.data(), hs.size() * sizeof(A), cudaMemcpyHostToDevice));
   CUDA_OK(cudaMemcpy(dseed, &seed, sizeof seed, cudaMemcpyHostToDevice));
-  const size_t ws_bytes = lmfused::lm_step_backward_workspace_bytes(Tr::dtype, shape);
-  void* dws = nullptr;
-  CUDA_OK(cudaMalloc(&dws, ws_bytes));
+  const Scratch scratch(lmfused::lm_step_backward_scratch(Tr::dtype, shape));
 
   // Channel and sample of the element at memory offset i of the normalised layout.
   auto chan = [&](size_t i) -> size_t {
@@ -138,16 +139,25 @@ void run_case(const Case& cs, int mode, std::mt19937_64& rng) {
     dgu.poison();
     dgp.poison();
     dgf.poison();
-    auto launch = [&](A* gk) {
-      return lmfused::launch_lm_step_backward(
+    auto launch = [&] {
+      CUDA_OK(lmfused::launch_lm_step_backward(
           Tr::dtype, shape, dg.data(), sc ? dsc.data() : nullptr, nk ? du.data() : nullptr,
           nk ? dp.data() : nullptr, relu ? dout.data() : nullptr, dk, k_numel,
           has_s ? ds : nullptr, relu,
           nu ? dgu.data() : nullptr, nup ? dgp.data() : nullptr, nf ? dgf.data() : nullptr,
-          nk ? gk : nullptr, nk ? dws : nullptr, ws_bytes, nullptr);
+          nk ? dgk : nullptr, scratch.s, nullptr));
+      CUDA_OK(cudaDeviceSynchronize());
+      std::vector<A> got(hk.size());
+      CUDA_OK(cudaMemcpy(got.data(), dgk, got.size() * sizeof(A), cudaMemcpyDeviceToHost));
+      return bytes_of(got);
     };
-    CUDA_OK(launch(dgk));
-    if (nk) CUDA_OK(launch(dgk2));  // determinism: a second run must agree bitwise
+    // grad_k: the same bits whichever CTA finishes last (every CTA order the emulation can run)
+    bool same_bits = true;
+    if (nk) {
+      same_bits = same_in_every_block_order(launch);
+    } else {
+      launch();
+    }
     CUDA_OK(cudaDeviceSynchronize());
     ++g_checks;
     char what[200];
@@ -194,9 +204,8 @@ void run_case(const Case& cs, int mode, std::mt19937_64& rng) {
         ref[per_ch ? chan(i) : 0] += t;
         mag[per_ch ? chan(i) : 0] += std::fabs(t);
       }
-      std::vector<A> got(ref.size()), got2(ref.size());
+      std::vector<A> got(ref.size());
       CUDA_OK(cudaMemcpy(got.data(), dgk, got.size() * sizeof(A), cudaMemcpyDeviceToHost));
-      CUDA_OK(cudaMemcpy(got2.data(), dgk2, got2.size() * sizeof(A), cudaMemcpyDeviceToHost));
       const double acc_eps = sizeof(A) == 8 ? 1e-13 : 1e-5;  // accumulation in float / double
       for (size_t c = 0; c < ref.size(); ++c) {
         if (!(std::fabs(got[c] - ref[c]) <= acc_eps * (mag[c] + 1.0))) {
@@ -206,19 +215,23 @@ void run_case(const Case& cs, int mode, std::mt19937_64& rng) {
           break;
         }
       }
-      if (std::memcmp(got.data(), got2.data(), got.size() * sizeof(A)) != 0) {
-        std::snprintf(what, sizeof what, "backward bits=%d grad_k not bitwise deterministic",
+      if (!same_bits) {
+        std::snprintf(what, sizeof what, "backward bits=%d grad_k depends on the CTA order",
                       bits);
         fail(describe(Tr::name, cs, mode, what));
       }
+      if (!scratch.counters_zero()) {
+        std::snprintf(what, sizeof what, "backward bits=%d left a ticket counter non-zero", bits);
+        fail(describe(Tr::name, cs, mode, what));
+      }
+      grad_k_bits.push_back(bytes_of(got));
     }
   }
   cudaFree(dk);
   cudaFree(ds);
   cudaFree(dgk);
-  cudaFree(dgk2);
   cudaFree(dseed);
-  cudaFree(dws);
+  return grad_k_bits;
 }
 
 // ----- Philox: the integers bit-exact against triton.language.random (values from its
@@ -365,14 +378,14 @@ void test_noise_stats() {
   cudaFree(seed);
 }
 
-// ----- channels-last grad_k over many row tiles (reduce_columns_kernel with several segments), and
-// what its bits depend on: the same values at another address of the same alignment class (here
-// 16 bytes further) give the same bits; a vector width change (8-byte shift) may change them ------
+// ----- channels-last grad_k over the most chunks a reduction takes (kMaxPartials per group), merged
+// by the last CTA, and what its bits depend on: nothing but the values and the shape (the same
+// values at addresses that allow 128-bit, 64-bit and scalar loads give the same bits) ---------------
 template <typename T>
-void test_many_row_tiles(int64_t C, std::mt19937_64& rng) {
+void test_many_chunks(int64_t C, std::mt19937_64& rng) {
   using A = lmfused::detail::acc_t<T>;
   using Tr = Traits<T>;
-  const LMStepShape shape{2, C, 4200, true};  // 8400 rows of C: > 256 row tiles
+  const LMStepShape shape{2, C, 4200, true};  // 8400 rows of C
   const size_t n = static_cast<size_t>(2 * C * 4200);
   std::uniform_real_distribution<double> uni(-1.0, 1.0);
   std::vector<T> hu(n), hp(n), hg(n);
@@ -386,9 +399,7 @@ void test_many_row_tiles(int64_t C, std::mt19937_64& rng) {
   CUDA_OK(cudaMalloc(&dk, C * sizeof(A)));
   CUDA_OK(cudaMalloc(&dgk, C * sizeof(A)));
   CUDA_OK(cudaMemcpy(dk, hk.data(), C * sizeof(A), cudaMemcpyHostToDevice));
-  const size_t ws_bytes = lmfused::lm_step_backward_workspace_bytes(Tr::dtype, shape);
-  void* dws = nullptr;
-  CUDA_OK(cudaMalloc(&dws, ws_bytes));
+  const Scratch scratch(lmfused::lm_step_backward_scratch(Tr::dtype, shape));
   std::vector<double> ref(static_cast<size_t>(C), 0.0), mag(ref.size(), 0.0);
   for (size_t i = 0; i < n; ++i) {
     const double t = Tr::val(hg[i]) * (Tr::val(hp[i]) - Tr::val(hu[i]));
@@ -397,14 +408,14 @@ void test_many_row_tiles(int64_t C, std::mt19937_64& rng) {
   }
   std::vector<std::vector<A>> bits;
   const size_t elems16 = 16 / sizeof(T);
-  for (size_t shift : {size_t{0}, elems16, elems16 / 2}) {  // aligned, +16 bytes, +8 bytes
+  for (size_t shift : {size_t{0}, elems16, elems16 / 2, size_t{1}}) {
     DevBuf<T> du(n, shift), dp(n, shift), dg(n, shift);
     du.upload(hu);
     dp.upload(hp);
     dg.upload(hg);
     CUDA_OK(lmfused::launch_lm_step_backward(Tr::dtype, shape, dg.data(), nullptr, du.data(),
                                              dp.data(), nullptr, dk, C, nullptr, false, nullptr,
-                                             nullptr, nullptr, dgk, dws, ws_bytes, nullptr));
+                                             nullptr, nullptr, dgk, scratch.s, nullptr));
     CUDA_OK(cudaDeviceSynchronize());
     std::vector<A> got(static_cast<size_t>(C));
     CUDA_OK(cudaMemcpy(got.data(), dgk, C * sizeof(A), cudaMemcpyDeviceToHost));
@@ -413,20 +424,22 @@ void test_many_row_tiles(int64_t C, std::mt19937_64& rng) {
       if (!(std::fabs(got[c] - ref[c]) <= 1e-5 * (mag[c] + 1.0))) {
         char what[160];
         std::snprintf(what, sizeof what,
-                      "many row tiles, C=%lld shift=%zu: grad_k[%zu] %.9g want %.9g",
+                      "many chunks, C=%lld shift=%zu: grad_k[%zu] %.9g want %.9g",
                       static_cast<long long>(C), shift, c, static_cast<double>(got[c]), ref[c]);
         fail(std::string(Tr::name) + " " + what);
         break;
       }
     }
+    if (!scratch.counters_zero()) fail(std::string(Tr::name) + " many chunks: counters left set");
     bits.push_back(got);
   }
   ++g_checks;
-  if (std::memcmp(bits[0].data(), bits[1].data(), C * sizeof(A)) != 0)
-    fail(std::string(Tr::name) + " many row tiles: grad_k bits changed with a 16-byte shift");
+  for (size_t i = 1; i < bits.size(); ++i) {
+    if (std::memcmp(bits[0].data(), bits[i].data(), C * sizeof(A)) != 0)
+      fail(std::string(Tr::name) + " many chunks: grad_k bits changed with the alignment");
+  }
   cudaFree(dk);
   cudaFree(dgk);
-  cudaFree(dws);
 }
 
 // ----- argument validation and empty tensors ---------------------------------------------------
@@ -441,7 +454,7 @@ void test_api_edges() {
   CUDA_OK(cudaMemset(buf, 0xFF, 3 * sizeof(float)));
   if (lmfused::launch_lm_step_backward(DType::kFloat32, empty, buf, nullptr, buf, buf, nullptr,
                                        buf, 3, nullptr, false, nullptr, nullptr, nullptr, buf,
-                                       nullptr, 0, nullptr) != cudaSuccess)
+                                       lmfused::ReductionScratch{}, nullptr) != cudaSuccess)
     fail("empty backward should succeed");
   float h[3];
   CUDA_OK(cudaMemcpy(h, buf, sizeof h, cudaMemcpyDeviceToHost));
@@ -453,10 +466,14 @@ void test_api_edges() {
   if (lmfused::launch_lm_step_forward(DType::kFloat32, s, buf, buf, nullptr, buf, 1, nullptr,
                                       nullptr, 0.5, false, buf, nullptr) != cudaErrorInvalidValue)
     fail("noise without a seed must be rejected");
+  lmfused::ReductionScratch small = lmfused::lm_step_backward_scratch(DType::kFloat32, s);
+  small.workspace = buf;
+  small.counters = reinterpret_cast<unsigned*>(buf);
+  small.counter_count -= 1;
   if (lmfused::launch_lm_step_backward(DType::kFloat32, s, buf, nullptr, buf, buf, nullptr,
                                        buf, 1, nullptr, false, nullptr, nullptr, nullptr, buf,
-                                       buf, 0, nullptr) != cudaErrorInvalidValue)
-    fail("too small a workspace must be rejected");
+                                       small, nullptr) != cudaErrorInvalidValue)
+    fail("too few ticket counters must be rejected");
   cudaGetLastError();
   cudaFree(buf);
 }
@@ -466,20 +483,27 @@ void run_dtype(std::mt19937_64& rng) {
   const Case cases[] = {
       {2, 3, 5, false},     // tiny, odd row length: scalar path
       {3, 4, 16, false},    // vector path for every dtype
-      {4, 3, 2053, false},  // several tiles per channel, scalar path
-      {4, 3, 2056, false},  // several tiles per channel, vector path
+      {4, 3, 2053, false},  // several chunks per channel, scalar path
+      {4, 3, 2056, false},  // several chunks per channel, vector path
       {2, 1, 33, false},    // one channel
       {2, 3, 196, false},   // 14x14: 64-bit vectors for half/bf16, 128-bit for float
       {3, 2, 6, false},     // 64-bit vectors for float (and double's 128-bit), scalar for half/bf16
       {2, 12, 5, true},     // channels-last, C = 12: 64-bit vectors for half/bf16
-      {2, 264, 9, true},    // channels-last, several column tiles, partial last one
+      {2, 264, 9, true},    // channels-last, several column groups, partial last one
       {3, 300, 7, true},    // channels-last, C not a multiple of 8
-      {4, 8, 1100, true},   // channels-last, several row tiles
+      {4, 8, 1100, true},   // channels-last, several row chunks
       {5, 7, 1, true},      // rank-2 (N, C)
       {1, 1, 1, true},      // a single element
   };
-  for (const Case& c : cases)
-    for (int mode = 0; mode < 4; ++mode) run_case<T>(c, mode, rng);
+  for (const Case& c : cases) {
+    const uint64_t seed = rng();
+    const std::vector<std::string> aligned = run_case<T>(c, 0, seed);
+    for (int mode = 1; mode < 4; ++mode) {
+      ++g_checks;
+      if (run_case<T>(c, mode, seed) != aligned)
+        fail(describe(Traits<T>::name, c, mode, "grad_k bits differ from the aligned run's"));
+    }
+  }
   std::printf("%-8s ok so far: %d failures after %d checks\n", Traits<T>::name, g_failures,
               g_checks);
 }
@@ -503,11 +527,6 @@ int main() {
       std::string(",") + (ops_env != nullptr ? ops_env : "lm_step,batch_norm") + ",";
   const bool lm_step_tests = ops.find(",lm_step,") != std::string::npos;
   const bool batch_norm_tests = ops.find(",batch_norm,") != std::string::npos;
-  if (lm_step_tests) {
-    test_philox_golden();
-    test_api_edges();
-    test_noise_stats();
-  }
   // compute-sanitizer is slow, so the dtypes can be split over several runs:
   // LMFUSED_KERNEL_TESTS_DTYPES=float,bf16,half,double (any subset; default all), and
   // LMFUSED_KERNEL_TESTS_QUICK=1 is short for float,bf16.
@@ -521,9 +540,12 @@ int main() {
     return list.find(std::string(",") + name + ",") != std::string::npos;
   };
   if (lm_step_tests) {
-    if (wanted("float")) {
-      test_many_row_tiles<float>(128, rng);  // 128-bit vectors, 263 row tiles: 2 segments
-      test_many_row_tiles<float>(33, rng);   // scalar path, 263 row tiles
+    if (wanted("float")) {  // (the dtype-independent tests run with float's)
+      test_philox_golden();
+      test_api_edges();
+      test_noise_stats();
+      test_many_chunks<float>(128, rng);  // 128-bit units
+      test_many_chunks<float>(33, rng);   // scalar units
       run_dtype<float>(rng);
     }
     if (wanted("bf16")) run_dtype<__nv_bfloat16>(rng);
