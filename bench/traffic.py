@@ -20,10 +20,12 @@ has the output's size (exact for bottleneck blocks, whose inner tensors are narr
 ReLU and batch norm count too, as does a projection shortcut's batch norm). The batch norm stays inside the
 junction so that the unfused and the batch-norm-fused LM step (lmfused.batch_norm_lm_step) compare alike.
 
-Convention: an op is one pass. A batch norm in training really reads x twice forward (statistics, then
-normalisation) and its inputs twice backward (per-channel sums, then grad_x) unless they fit in cache; the
-fused op's passes are separate ops here (statistics, forward, backward reduction, backward), so the count is
-exact for lmfused and optimistic for an unfused batch norm.
+Two conventions, side by side. One pass per op: every op reads its inputs once. As a GPU runs it
+(``gpu_*`` keys): aten's batch norm in training reads x twice forward (statistics, then normalisation) and
+(grad_out, x) twice backward (per-channel sums, then grad_x), and a convolution backward reads grad_out once
+for dgrad and once for wgrad (two kernels), since none of these tensors fits in cache at the model's sizes.
+lmfused's passes are separate ops here (statistics, forward, backward reduction, backward), so both counts
+are the same for them; the first count is optimistic for aten's batch norm and convolution backward.
 """
 
 from __future__ import annotations
@@ -100,6 +102,43 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+# aten's batch norms (forward, backward) and convolution backward: the ops a GPU runs in two passes.
+_BATCH_NORM_FORWARD = (
+    "native_batch_norm",
+    "_native_batch_norm_legit",
+    "_native_batch_norm_legit_functional",
+    "cudnn_batch_norm",
+    "miopen_batch_norm",
+)
+_BATCH_NORM_BACKWARD = (
+    "native_batch_norm_backward",
+    "batch_norm_backward",
+    "cudnn_batch_norm_backward",
+    "miopen_batch_norm_backward",
+)
+
+
+def second_pass_reads(func, args: tuple, kwargs: dict) -> int:
+    """Bytes an aten op reads a second time as a GPU runs it (DESIGN.md 1d): a batch norm in training reads x
+    again to normalise it, its backward reads grad_out and x again to write grad_x after the per-channel
+    sums, and a convolution backward that computes both dgrad and wgrad reads grad_out in each."""
+    if func.namespace != "aten":
+        return 0
+    name = func._schema.name.split("::")[-1]
+    values = dict(zip((a.name for a in func._schema.arguments), args, strict=False)) | kwargs
+    if name in _BATCH_NORM_FORWARD:
+        return _nbytes([values["input"]]) if values.get("training") else 0
+    if name in _BATCH_NORM_BACKWARD:
+        grad = values.get("grad_out", values.get("grad_output"))
+        training = values.get("train", values.get("update", True))  # cudnn/miopen: training only
+        wants_grad_x = values.get("output_mask", (True,))[0]
+        return _nbytes([grad, values["input"]]) if training and wants_grad_x else 0
+    if name == "convolution_backward":
+        dgrad, wgrad = values["output_mask"][:2]
+        return _nbytes([values["grad_output"]]) if dgrad and wgrad else 0
+    return 0
+
+
 @dataclass
 class OpRecord:
     op: str
@@ -109,6 +148,17 @@ class OpRecord:
     read: int
     written: int
     largest: int  # elements of the largest tensor the op touches
+    reread: int = 0  # bytes read a second time as a GPU runs the op (second_pass_reads)
+
+    @property
+    def bytes(self) -> int:
+        """One pass per op."""
+        return self.read + self.written
+
+    @property
+    def gpu_bytes(self) -> int:
+        """As a GPU runs it."""
+        return self.read + self.reread + self.written
 
 
 @dataclass
@@ -140,6 +190,7 @@ class TrafficCounter(TorchDispatchMode):
                 read=0 if func._schema.name.split("::")[-1] in _WRITE_ONLY else _nbytes(inputs),
                 written=_nbytes(outputs),
                 largest=max((t.numel() for t in everything), default=0),
+                reread=second_pass_reads(func, args, kwargs),
             )
         )
         return out
@@ -208,24 +259,35 @@ def count_training_step(build: Callable[[], torch.nn.Module], batch: int, size: 
 
 
 def summarize(records: list[OpRecord], sizes: dict[str, int], itemsize: int = 2) -> dict:
-    """Totals per category and per block (bytes), and each block's junction traffic in units of its output."""
+    """Totals per category and per block (bytes), and each block's junction traffic in units of its output;
+    each once with one pass per op and once as a GPU runs it (``gpu_`` keys)."""
     by_category: dict[str, int] = defaultdict(int)
+    gpu_by_category: dict[str, int] = defaultdict(int)
     blocks: dict[str, dict] = {}
     for r in records:
-        by_category[r.category] += r.read + r.written
+        by_category[r.category] += r.bytes
+        gpu_by_category[r.category] += r.gpu_bytes
         if r.block == "-":
             continue
-        block = blocks.setdefault(r.block, {"block": r.block, "bytes": 0, "junction_bytes": 0})
-        block["bytes"] += r.read + r.written
+        block = blocks.setdefault(
+            r.block,
+            {"block": r.block, "bytes": 0, "junction_bytes": 0, "gpu_bytes": 0, "gpu_junction_bytes": 0},
+        )
+        block["bytes"] += r.bytes
+        block["gpu_bytes"] += r.gpu_bytes
         if r.category in _JUNCTION_CATEGORIES and r.largest == sizes.get(r.block):
-            block["junction_bytes"] += r.read + r.written
+            block["junction_bytes"] += r.bytes
+            block["gpu_junction_bytes"] += r.gpu_bytes
     for name, block in blocks.items():
         x = sizes[name] * itemsize
         block["output_bytes"] = x
         block["junction_x"] = block["junction_bytes"] / x
+        block["gpu_junction_x"] = block["gpu_junction_bytes"] / x
     return {
         "total_bytes": sum(by_category.values()),
         "by_category": {c: by_category.get(c, 0) for c in CATEGORIES},
+        "gpu_total_bytes": sum(gpu_by_category.values()),
+        "gpu_by_category": {c: gpu_by_category.get(c, 0) for c in CATEGORIES},
         "blocks": list(blocks.values()),
     }
 
@@ -254,6 +316,7 @@ def compare(model_name: str, batch: int, size: int, backend: str = "reference") 
         records, sizes = count_training_step(build, batch, size)
         result[key] = summarize(records, sizes)
     result["ratio"] = result["lm"]["total_bytes"] / result["plain"]["total_bytes"]
+    result["gpu_ratio"] = result["lm"]["gpu_total_bytes"] / result["plain"]["gpu_total_bytes"]
     return result
 
 
@@ -272,37 +335,43 @@ def main(argv: list[str] | None = None) -> None:
     write_json(args.out / f"traffic-{args.model}.json", {"environment": env, **result})
     print(f"# {args.model} vs {result['counterpart']}: batch {args.batch}, {args.size}px, bf16 autocast, "
           f"channels_last, forward + backward (commit {env['commit']})")  # fmt: skip
+    lm, plain = result["lm"], result["plain"]
     rows = [
         {
             "category": c,
-            "lm_gb": result["lm"]["by_category"][c] / 1e9,
-            "plain_gb": result["plain"]["by_category"][c] / 1e9,
+            "lm_gb": lm["by_category"][c] / 1e9,
+            "plain_gb": plain["by_category"][c] / 1e9,
+            "lm_gpu_gb": lm["gpu_by_category"][c] / 1e9,
+            "plain_gpu_gb": plain["gpu_by_category"][c] / 1e9,
         }
         for c in CATEGORIES
     ]
     rows.append(
-        {"category": "total", "lm_gb": result["lm"]["total_bytes"] / 1e9,
-         "plain_gb": result["plain"]["total_bytes"] / 1e9}
+        {"category": "total", "lm_gb": lm["total_bytes"] / 1e9, "plain_gb": plain["total_bytes"] / 1e9,
+         "lm_gpu_gb": lm["gpu_total_bytes"] / 1e9, "plain_gpu_gb": plain["gpu_total_bytes"] / 1e9}
     )  # fmt: skip
-    print_table(rows, [("category", "s"), ("lm_gb", ".3f"), ("plain_gb", ".3f")])
-    print(f"LM / plain: {result['ratio']:.3f}x")
+    print("one pass per op (lm_gb, plain_gb) | as a GPU runs it (lm_gpu_gb, plain_gpu_gb): aten's batch norm "
+          "2 passes each way, convolution backward reads grad_out for dgrad and for wgrad")  # fmt: skip
+    print_table(rows, [("category", "s")] + [(key, ".3f") for key in ("lm_gb", "plain_gb", "lm_gpu_gb",
+                                                                       "plain_gpu_gb")])  # fmt: skip
+    print(f"LM / plain: {result['ratio']:.3f}x one pass per op, {result['gpu_ratio']:.3f}x as a GPU runs it")
     if args.blocks:
-        plain_blocks = {b["block"]: b for b in result["plain"]["blocks"]}
-        block_rows = [
-            {
+        plain_blocks = {b["block"]: b for b in plain["blocks"]}
+        block_rows = []
+        for b in lm["blocks"]:
+            twin = plain_blocks.get(b["block"], {})
+            block_rows.append({
                 "block": b["block"],
                 "lm_junction_x": b["junction_x"],
-                "plain_junction_x": plain_blocks.get(b["block"], {}).get("junction_x"),
+                "plain_junction_x": twin.get("junction_x"),
+                "lm_gpu_junction_x": b["gpu_junction_x"],
+                "plain_gpu_junction_x": twin.get("gpu_junction_x"),
                 "lm_mb": b["bytes"] / 1e6,
-                "plain_mb": plain_blocks[b["block"]]["bytes"] / 1e6 if b["block"] in plain_blocks else None,
-            }
-            for b in result["lm"]["blocks"]
-        ]
-        print_table(
-            block_rows,
-            [("block", "s"), ("lm_junction_x", ".1f"), ("plain_junction_x", ".1f"), ("lm_mb", ".0f"),
-             ("plain_mb", ".0f")],
-        )  # fmt: skip
+                "plain_mb": twin["bytes"] / 1e6 if twin else None,
+            })  # fmt: skip
+        junctions = ("lm_junction_x", "plain_junction_x", "lm_gpu_junction_x", "plain_gpu_junction_x")
+        print_table(block_rows, [("block", "s"), *((key, ".1f") for key in junctions), ("lm_mb", ".0f"),
+                                 ("plain_mb", ".0f")])  # fmt: skip
 
 
 if __name__ == "__main__":
