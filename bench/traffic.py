@@ -288,6 +288,7 @@ def summarize(records: list[OpRecord], sizes: dict[str, int], itemsize: int = 2)
         "by_category": {c: by_category.get(c, 0) for c in CATEGORIES},
         "gpu_total_bytes": sum(gpu_by_category.values()),
         "gpu_by_category": {c: gpu_by_category.get(c, 0) for c in CATEGORIES},
+        "lmfused_ops": sum(r.op.startswith("lmfused.") for r in records),
         "blocks": list(blocks.values()),
     }
 
@@ -306,15 +307,23 @@ def counterpart(model_name: str) -> tuple[str, Callable[[], torch.nn.Module]]:
 
 
 def compare(model_name: str, batch: int, size: int, backend: str = "reference") -> dict:
-    """Traffic of ``model_name`` (its lm_step on ``backend``'s registered op) and of its plain counterpart."""
+    """Traffic of ``model_name`` with the lmfused ops (``backend``'s registered ops), of the same LM network
+    in plain PyTorch (``lm_pytorch``: bench.models.plain_pytorch_lm) and of its plain counterpart; each
+    network's ``ran`` says what it is, its ``lmfused_ops`` how many lmfused ops its step dispatched."""
+    from bench.models import plain_pytorch_lm
+
     plain_name, plain_build = counterpart(model_name)
     result = {"model": model_name, "counterpart": plain_name, "batch": batch, "image_size": size}
-    for key, build in (
-        ("lm", lambda: lmfused.models.create_model(model_name, backend=backend)),
-        ("plain", plain_build),
-    ):
+    networks = {
+        "lm": (f"{model_name}, lmfused ops ({backend} backend's registered ops)",
+               lambda: lmfused.models.create_model(model_name, backend=backend)),
+        "lm_pytorch": (f"{model_name} with every lmfused op replaced by plain PyTorch",
+                       lambda: plain_pytorch_lm(lmfused.models.create_model(model_name))),
+        "plain": (plain_name, plain_build),
+    }  # fmt: skip
+    for key, (what, build) in networks.items():
         records, sizes = count_training_step(build, batch, size)
-        result[key] = summarize(records, sizes)
+        result[key] = {"ran": what, **summarize(records, sizes)}
     result["ratio"] = result["lm"]["total_bytes"] / result["plain"]["total_bytes"]
     result["gpu_ratio"] = result["lm"]["gpu_total_bytes"] / result["plain"]["gpu_total_bytes"]
     return result
@@ -335,26 +344,26 @@ def main(argv: list[str] | None = None) -> None:
     write_json(args.out / f"traffic-{args.model}.json", {"environment": env, **result})
     print(f"# {args.model} vs {result['counterpart']}: batch {args.batch}, {args.size}px, bf16 autocast, "
           f"channels_last, forward + backward (commit {env['commit']})")  # fmt: skip
-    lm, plain = result["lm"], result["plain"]
+    lm, pytorch, plain = result["lm"], result["lm_pytorch"], result["plain"]
+    networks = {"lm": lm, "pt": pytorch, "tv": plain}
+
+    def gb(net: dict, key: str, category: str | None) -> float:
+        return (net[f"{key}by_category"][category] if category else net[f"{key}total_bytes"]) / 1e9
+
     rows = [
-        {
-            "category": c,
-            "lm_gb": lm["by_category"][c] / 1e9,
-            "plain_gb": plain["by_category"][c] / 1e9,
-            "lm_gpu_gb": lm["gpu_by_category"][c] / 1e9,
-            "plain_gpu_gb": plain["gpu_by_category"][c] / 1e9,
-        }
-        for c in CATEGORIES
-    ]
-    rows.append(
-        {"category": "total", "lm_gb": lm["total_bytes"] / 1e9, "plain_gb": plain["total_bytes"] / 1e9,
-         "lm_gpu_gb": lm["gpu_total_bytes"] / 1e9, "plain_gpu_gb": plain["gpu_total_bytes"] / 1e9}
-    )  # fmt: skip
-    print("one pass per op (lm_gb, plain_gb) | as a GPU runs it (lm_gpu_gb, plain_gpu_gb): aten's batch norm "
-          "2 passes each way, convolution backward reads grad_out for dgrad and for wgrad")  # fmt: skip
-    print_table(rows, [("category", "s")] + [(key, ".3f") for key in ("lm_gb", "plain_gb", "lm_gpu_gb",
-                                                                       "plain_gpu_gb")])  # fmt: skip
-    print(f"LM / plain: {result['ratio']:.3f}x one pass per op, {result['gpu_ratio']:.3f}x as a GPU runs it")
+        {"category": c or "total"}
+        | {f"{name}{suffix}": gb(net, key, c) for key, suffix in (("", "_gb"), ("gpu_", "_gpu_gb"))
+           for name, net in networks.items()}
+        for c in (*CATEGORIES, None)
+    ]  # fmt: skip
+    for name, net in networks.items():
+        print(f"{name}: {net['ran']} ({net['lmfused_ops']} lmfused ops)")
+    print("*_gb: one pass per op | *_gpu_gb: as a GPU runs it (aten's batch norm 2 passes each way, "
+          "convolution backward reads grad_out for dgrad and for wgrad)")  # fmt: skip
+    print_table(rows, [("category", "s")] + [(key, ".3f") for key in rows[0] if key != "category"])
+    print(f"lm / tv: {result['ratio']:.3f}x one pass per op, {result['gpu_ratio']:.3f}x as a GPU runs it; "
+          f"pt / tv: {pytorch['total_bytes'] / plain['total_bytes']:.3f}x, "
+          f"{pytorch['gpu_total_bytes'] / plain['gpu_total_bytes']:.3f}x")  # fmt: skip
     if args.blocks:
         plain_blocks = {b["block"]: b for b in plain["blocks"]}
         block_rows = []

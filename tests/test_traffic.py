@@ -126,3 +126,8 @@ def test_whole_step_both_ways():
     conv = [net["gpu_by_category"]["convolution"] - net["by_category"]["convolution"] for net in (lm, plain)]
     assert conv[0] == conv[1] > 0
     assert lm["gpu_total_bytes"] > lm["total_bytes"] and result["gpu_ratio"] < result["ratio"]
+    # The plain-PyTorch LM network is counted too, and is plain: the same convolutions, no lmfused op.
+    pytorch = result["lm_pytorch"]
+    assert pytorch["lmfused_ops"] == plain["lmfused_ops"] == 0 < lm["lmfused_ops"]
+    assert pytorch["by_category"]["convolution"] == plain["by_category"]["convolution"]
+    assert "plain PyTorch" in pytorch["ran"] and "lmfused ops" in lm["ran"]
