@@ -39,7 +39,6 @@ from torch import Tensor, nn
 import lmfused
 from bench.common import ROOT, dispatched_ops, environment, lmfused_ops, print_table, write_json
 from lmfused.nn import LMStep, ResidualStep
-from lmfused.reference import compute_dtype, lm_step_computed
 
 MODELS = {"resnext50_32x4d": "lm_resnext50_32x4d", "resnet50": "lm_resnet50"}
 PLAIN_PYTORCH = "plain-pytorch"  # the LM network with every lmfused op replaced by plain PyTorch
@@ -74,20 +73,24 @@ def plain_update(
     u: Tensor, u_prev: Tensor | None, f: Tensor | None, k: Tensor | None, scale: Tensor | None, relu: bool,
     noise_std: float,
 ) -> Tensor:  # fmt: skip
-    """The LM update (Lu et al., ICML 2018, eq. 5) as plain PyTorch ops with the fused op's numerics: float32
-    arithmetic (float64 for float64 states), one rounding to the states' dtype. ``k`` None: the ResNet step
-    ``act(u + s f + noise)`` (the first block of a stage), written without the LM terms."""
-    cd = compute_dtype(u.dtype)
-    noise = noise_std * torch.randn(u.shape, dtype=cd, device=u.device) if noise_std > 0 else None
+    """The LM update (Lu et al., ICML 2018, eq. 5) as a user writes it in PyTorch, with the fused op's
+    numerics: k is a float32 parameter viewed as (1, C or 1, 1, 1), so type promotion computes every term in
+    float32 from the bf16 states (exact upcasts, nothing cast in memory) and the sum is rounded once to the
+    states' dtype, before the ReLU (which commutes with rounding: the same bits, and the ReLU keeps its
+    output in the states' dtype for its backward, not in float32). ``k`` None: the ResNet step
+    ``act(u + s f + noise)`` (a stage's first block), which without scale or noise is the states' own
+    addition, rounded once, as torchvision's ``out += identity``."""
+    out = u
     if k is not None:
-        return lm_step_computed(u, u_prev, f, k, scale, relu, noise).to(u.dtype)
-    out = u.to(cd)
+        kc = k.reshape((1, -1) + (1,) * (u.dim() - 2))
+        out = (1 - kc) * u + kc * u_prev
     if f is not None:
-        branch = f.to(cd)
-        out = out + (branch if scale is None else scale.to(cd).reshape((-1,) + (1,) * (u.dim() - 1)) * branch)
-    if noise is not None:
-        out = out + noise
-    return (torch.relu(out) if relu else out).to(u.dtype)
+        out = out + (f if scale is None else scale.reshape((-1,) + (1,) * (u.dim() - 1)) * f)
+    if noise_std > 0:
+        dtype = torch.promote_types(u.dtype, torch.float32)
+        out = out + noise_std * torch.randn(u.shape, dtype=dtype, device=u.device)
+    out = out.to(u.dtype)
+    return torch.relu(out) if relu else out
 
 
 class _PlainPyTorchUpdate:
@@ -161,7 +164,7 @@ def ran(model_name: str, provider: str) -> str:
         return f"torchvision {model_name}"
     if base in (PLAIN_PYTORCH, "eager"):
         return (f"{MODELS[model_name]} with every lmfused op replaced by plain PyTorch (nn.BatchNorm2d, "
-                "ReLU, the LM update as float32 torch ops)")  # fmt: skip
+                "ReLU, the LM update as torch ops in float32 by type promotion)")  # fmt: skip
     settings = " ".join(f"{k}={v}" for k, v in VARIANTS[variant].items()) if variant else "default settings"
     return f"{MODELS[model_name]}, lmfused ops on the {base} backend ({settings})"
 

@@ -205,14 +205,15 @@ def test_plain_pytorch_training_step_dispatches_no_lmfused_op(name, size, option
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("k_shape", [(1,), (3,), None])
-def test_plain_update_rounds_as_the_fused_op(dtype, k_shape):
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_plain_update_rounds_as_the_fused_op(dtype, k_shape, with_scale):
     """The plain update's numerics are the fused op's: float32 arithmetic, one rounding (bitwise equal to
     the reference backend); without k it is the ResNet step u + s f."""
     from bench import models
 
     u, u_prev, f = (torch.randn(2, 3, 4, 5).to(dtype) for _ in range(3))
     k = torch.rand(k_shape) - 0.5 if k_shape else None
-    scale = torch.tensor([0.0, 1.25])
+    scale = torch.tensor([0.0, 1.25]) if with_scale else None
     got = models.plain_update(u, u_prev if k is not None else None, f, k, scale, True, 0.0)
     want = lmfused.lm_step(u, u if k is None else u_prev, f, torch.zeros(1) if k is None else k, scale=scale,
                            relu=True, backend="reference")  # fmt: skip
