@@ -269,6 +269,7 @@ def measure_step(build: Callable[[], torch.nn.Module], batch: int, size: int) ->
         counter.persistent = {_key(t) for t in [*state, images, labels]}
         parameter_bytes = sum(p.untyped_storage().nbytes() for p in model.parameters())
         buffer_bytes = sum(b.untyped_storage().nbytes() for b in model.buffers())
+        input_bytes = images.untyped_storage().nbytes() + labels.untyped_storage().nbytes()
         hooks = (block_attribution(model, counter), block_outputs(model, counter, is_block),
                  downsample_attribution(model, counter))  # fmt: skip
         with contextlib.ExitStack() as stack:
@@ -291,14 +292,16 @@ def measure_step(build: Callable[[], torch.nn.Module], batch: int, size: int) ->
         "peak_by_role": by_role(counter.peak),
         "parameter_bytes": parameter_bytes,
         "buffer_bytes": buffer_bytes,
+        "input_bytes": input_bytes,
     }
 
 
 def predicted_peak_bytes(result: dict) -> int:
     """What ``torch.cuda.max_memory_allocated`` should show over bench.models' timed steps: the step's peak
-    of live bytes, plus the parameters, buffers and SGD's momentum (one per parameter) that live throughout
-    (workspaces and allocator rounding not included)."""
-    return result["peak_bytes"] + 2 * result["parameter_bytes"] + result["buffer_bytes"]
+    of live bytes, plus what lives throughout: the parameters, buffers, SGD's momentum (one per parameter)
+    and the synthetic batch (cuDNN/cuBLAS workspaces and the allocator's rounding not included)."""
+    state = 2 * result["parameter_bytes"] + result["buffer_bytes"] + result["input_bytes"]
+    return result["peak_bytes"] + state
 
 
 @dataclass(frozen=True)

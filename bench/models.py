@@ -280,9 +280,27 @@ def add_ratios(rows: list[dict]) -> None:
         )
 
 
+def add_memory_predictions(rows: list[dict], size: int, on_row=lambda: None) -> None:
+    """``predicted_peak_gb`` of every row that ran: bench.memory's count of its eager training step on fake
+    tensors (:func:`bench.memory.predicted_peak_bytes`), to hold against ``peak_mem_gb``; one count per
+    distinct network and setting (every lmfused backend keeps the same tensors)."""
+    from bench import memory
+
+    counted: dict = {}
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        row = memory.provider_row(r["model"], r["provider"])
+        if (row, r["batch"]) not in counted:
+            counted[row, r["batch"]] = memory.predicted_peak_bytes(memory.measure(row, r["batch"], size))
+        r["predicted_peak_gb"] = counted[row, r["batch"]] / 1e9
+        on_row()
+
+
 COLUMNS = [
     ("model", "s"), ("provider", "s"), ("compiled", "d"), ("batch", "d"), ("img_per_s", ".1f"),
-    ("vs_torchvision", ".3f"), ("peak_mem_gb", ".2f"), ("warmup_s", ".1f"), ("status", "s"),
+    ("vs_torchvision", ".3f"), ("peak_mem_gb", ".2f"), ("predicted_peak_gb", ".2f"), ("warmup_s", ".1f"),
+    ("lmfused_ops", "d"), ("status", "s"),
 ]  # fmt: skip
 
 
@@ -305,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-compile", action="store_true", help="no torch.compile rows")
     parser.add_argument(
         "--time-budget", type=float, default=None, help="seconds; rows not started by then are skipped"
+    )
+    parser.add_argument(
+        "--no-memory-prediction", action="store_true", help="no bench.memory prediction of the peaks"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
     args = parser.parse_args(argv)
@@ -351,6 +372,9 @@ def main(argv: list[str] | None = None) -> None:
         add_ratios(rows)
         print(row, flush=True)
         write_json(path, {"environment": env, "image_size": size, "steps": steps, "rows": rows})
+    if not args.no_memory_prediction:  # after every timed row, so that a time limit cuts these first
+        payload = {"environment": env, "image_size": size, "steps": steps, "rows": rows}
+        add_memory_predictions(rows, size, on_row=lambda: write_json(path, payload))
     print(
         f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "
         f"commit {env['commit']} | batch {batch} | {size}x{size} | bf16 autocast, channels_last"

@@ -264,9 +264,8 @@ def test_model_benchmark_cpu_smoke(tmp_path):
     what ran and how many lmfused ops one step dispatched (none for the plain-PyTorch LM)."""
     from bench import models
 
-    models.main(
-        ["--models", "resnet50", "--batch", "2", "--size", "32", "--steps", "1", "--out", str(tmp_path)]
-    )
+    arguments = ["--models", "resnet50", "--batch", "2", "--size", "32", "--steps", "1"]
+    models.main([*arguments, "--out", str(tmp_path), "--no-memory-prediction"])
     (path,) = tmp_path.glob("models-*.json")
     payload = json.loads(path.read_text())
     assert {r["status"] for r in payload["rows"]} == {"ok"}
@@ -275,6 +274,28 @@ def test_model_benchmark_cpu_smoke(tmp_path):
     assert all(r["img_per_s"] > 0 and r["ran"] for r in payload["rows"])
     assert rows["plain-pytorch"]["lmfused_ops"] == 0 and "plain PyTorch" in rows["plain-pytorch"]["ran"]
     assert rows["reference"]["lmfused_ops"] > 0
+
+
+def test_model_rows_get_the_memory_prediction(monkeypatch):
+    """Every row that ran gets bench.memory's prediction of its peak, counted once per network and setting
+    (the lmfused backends keep the same tensors); rows that did not run get none."""
+    from bench import memory, models
+
+    counted = []
+
+    def measure(row, batch, size):
+        counted.append((row.name, batch, size))
+        return {"peak_bytes": 10**9, "parameter_bytes": 10**8, "buffer_bytes": 0, "input_bytes": 0}
+
+    monkeypatch.setattr(memory, "measure", measure)
+    rows = [{"model": "resnet50", "provider": p, "batch": 8, "status": "ok"}
+            for p in ("torchvision", "cuda", "triton", "cuda+unfused-bn")]  # fmt: skip
+    rows.append(
+        {"model": "resnet50", "provider": "plain-pytorch", "batch": 8, "status": "skipped (time budget)"}
+    )
+    models.add_memory_predictions(rows, size=64)
+    assert counted == [("torchvision", 8, 64), ("lm", 8, 64), ("LMFUSED_FUSE_BN=0", 8, 64)]
+    assert [r.get("predicted_peak_gb") for r in rows] == [1.2, 1.2, 1.2, 1.2, None]
 
 
 def test_kernels_once_shards_cover_the_headline_grid():

@@ -91,9 +91,9 @@ def test_lm_keeps_the_projected_shortcuts_more(resnet50_rows):
         assert result["saved_naive_bytes"] >= result["saved_bytes"]
         assert result["peak_bytes"] >= result["saved_bytes"] - result["saved_state_bytes"]
         assert sum(result["saved_by_role"].values()) == result["saved_bytes"]
-        assert memory.predicted_peak_bytes(result) == (
-            result["peak_bytes"] + 2 * result["parameter_bytes"] + result["buffer_bytes"]
-        )
+        state = 2 * result["parameter_bytes"] + result["buffer_bytes"] + result["input_bytes"]
+        assert memory.predicted_peak_bytes(result) == result["peak_bytes"] + state
+        assert result["input_bytes"] == 2 * 3 * 64 * 64 * 4 + 2 * 8  # the batch: float32 images, int64 labels
 
 
 def test_provider_rows():
