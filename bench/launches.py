@@ -94,6 +94,10 @@ class Launch:
     inside: str | None  # the lmfused op it ran in; None: the Python glue around the ops
     moves: str | None = None  # a torch op that only moves data: "copy" (same dtype) or "cast"
 
+    def __str__(self) -> str:
+        where = f"in {self.inside}" if self.inside else "glue"
+        return f"{self.phase} {self.kind} {self.name} ({where}{', ' + self.moves if self.moves else ''})"
+
 
 def _base_name(func) -> str:
     return func._schema.name.split("::")[-1]
@@ -365,7 +369,7 @@ def summarize(launches: list[Launch]) -> dict:
     row["glue_ops"] = sum(x.inside is None for x in launches)
     row["copies"] = sum(x.moves == "copy" for x in launches)
     row["casts"] = sum(x.moves == "cast" for x in launches)
-    row["launches"] = [asdict(x) for x in launches]
+    row["launches"] = [str(x) for x in launches]
     return row
 
 

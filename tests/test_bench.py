@@ -247,7 +247,16 @@ def test_model_table_ratios_and_skipped_rows():
 
     rows = [
         {"model": "m", "provider": "torchvision", "compiled": False, "batch": 2, "img_per_s": 100.0},
-        {"model": "m", "provider": "cuda", "compiled": False, "batch": 2, "img_per_s": 97.0},
+        {
+            "model": "m",
+            "provider": "cuda",
+            "compiled": False,
+            "batch": 2,
+            "img_per_s": 97.0,
+            "peak_mem_gb": 8.23,
+            "predicted_peak_gb": 8.1,
+            "ran": "lm_m, lmfused ops on the cuda backend",
+        },
         {"model": "m", "provider": "cuda", "compiled": True, "batch": 2, "status": "skipped (time budget)"},
     ]
     models.add_ratios(rows)
@@ -257,6 +266,7 @@ def test_model_table_ratios_and_skipped_rows():
     table = report.models_table({"environment": env, "image_size": 8, "rows": rows})
     assert "| m | cuda | 0 | 2 | 97 | 0.970 |" in table
     assert "skipped (time budget)" in table  # a row without a number is shown, never dropped
+    assert "| 8.2 | 8.1 |" in table and "`cuda`: lm_m, lmfused ops on the cuda backend" in table  # what ran
 
 
 def test_model_benchmark_cpu_smoke(tmp_path):
