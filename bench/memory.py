@@ -9,7 +9,8 @@ creates (its producing op, block and role) and when it dies (no reference left).
 
 - saved for backward: every tensor autograd keeps from the forward to the backward (seen through
   ``torch.autograd.graph.saved_tensors_hooks``), counted naively (each saved tensor's bytes, as often as it
-  is saved) and each storage once (what it costs); parameters and buffers, which exist anyway, apart;
+  is saved) and each storage once (what it costs); the parameters it saves (BatchNorm weights, a few
+  hundred kB, which exist anyway) are included as their own role, as issue 20 counts them;
 - the peak of live bytes over the step: the storages the step created and still held, after every op (the
   gradients included; parameters, buffers and the optimizer's state apart, see ``state_bytes``);
 - a breakdown of both by role: BatchNorm inputs (convolution outputs), convolution inputs (BatchNorm + ReLU
@@ -424,8 +425,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "gpu_prediction_gb": predicted_peak_bytes(r) / 1e9,
         })  # fmt: skip
     print(f"# memory of one training step (commit {env['commit']}): batch {args.batch}, {args.size}px, bf16 "
-          "autocast, channels_last; saved = each storage once (parameters apart), naive = each saved tensor; "
-          "peak = live bytes the step created")  # fmt: skip
+          "autocast, channels_last; saved = each storage once, naive = each saved tensor; peak = live bytes "
+          "the step created; gpu_prediction = peak + parameters, momentum, buffers, batch")  # fmt: skip
     formats = {"saved_mb": ",.1f", "vs_tv": ".3f", "naive_mb": ",.1f", "peak_mb": ",.1f", "peak_vs_tv": ".3f",
                "gpu_prediction_gb": ".2f"}  # fmt: skip
     print_table(table, [("model", "s"), ("row", "s"), *formats.items()])
