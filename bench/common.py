@@ -3,6 +3,7 @@ ops a function really dispatches."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -10,7 +11,7 @@ import statistics
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -147,6 +148,21 @@ def dispatched_ops(fn: Callable[[], object]) -> Counter[str]:
 def lmfused_ops(names: Counter[str]) -> int:
     """How many of the dispatched ops were lmfused's."""
     return sum(count for name, count in names.items() if name.startswith("lmfused."))
+
+
+@contextlib.contextmanager
+def environment_settings(settings: dict[str, str]) -> Iterator[None]:
+    """Set environment variables (``LMFUSED_*`` switches) for the duration of the context."""
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -47,9 +47,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import lmfused
-from bench.common import ROOT, environment, print_table, write_json
+from bench.common import ROOT, environment, environment_settings, print_table, write_json
 from bench.models import MODELS, VARIANTS, plain_pytorch_lm
-from bench.traffic import block_attribution, counterpart
+from bench.traffic import block_attribution, counterpart, is_block, training_inputs
 
 ROLES = (
     "BatchNorm inputs",
@@ -255,16 +255,9 @@ def block_outputs(model: torch.nn.Module, counter: MemoryCounter, is_block) -> I
 def measure_step(build: Callable[[], torch.nn.Module], batch: int, size: int) -> dict:
     """Saved-for-backward and peak live bytes of one training step of ``build()`` (fake tensors, bf16
     autocast, channels_last), with their breakdown by role, and the bytes of the model's state."""
-    from bench.traffic import is_block
-
     counter = MemoryCounter()
     with FakeTensorMode():
-        model = build()
-        for parameter in model.parameters():
-            if parameter.dim() == 4:  # channels_last without Module.to (which cannot swap fake parameters)
-                parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
-        model.train()
-        images = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+        model, images = training_inputs(build, batch, size)
         labels = torch.randint(0, 1000, (batch,))
         state = list(model.parameters()) + list(model.buffers())
         counter.persistent = {_key(t) for t in [*state, images, labels]}
@@ -351,26 +344,9 @@ def rows_for(model: str) -> list[Row]:
     ]
 
 
-@contextlib.contextmanager
-def settings_environment(settings: tuple[tuple[str, str], ...]) -> Iterator[None]:
-    """The row's LMFUSED_* settings, for its duration."""
-    import os
-
-    saved = {key: os.environ.get(key) for key, _ in settings}
-    os.environ.update(dict(settings))
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key)
-            else:
-                os.environ[key] = value
-
-
 def measure(row: Row, batch: int, size: int) -> dict:
     """The memory of ``row``'s training step."""
-    with settings_environment(row.settings):
+    with environment_settings(dict(row.settings)):
         result = measure_step(row.build(), batch, size)
     return {
         "model": row.model,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import time
 from pathlib import Path
@@ -37,7 +36,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lmfused
-from bench.common import ROOT, dispatched_ops, environment, lmfused_ops, print_table, write_json
+from bench.common import (
+    ROOT,
+    dispatched_ops,
+    environment,
+    environment_settings,
+    lmfused_ops,
+    print_table,
+    write_json,
+)
 from lmfused.nn import LMStep, ResidualStep
 
 MODELS = {"resnext50_32x4d": "lm_resnext50_32x4d", "resnet50": "lm_resnet50"}
@@ -56,17 +63,8 @@ VARIANTS = {
 def variant_environment(provider: str):
     """Set the environment of ``provider``'s variant (if any) for the duration of its row."""
     _, _, variant = provider.partition("+")
-    settings = VARIANTS[variant] if variant else {}
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
-    try:
+    with environment_settings(VARIANTS[variant] if variant else {}):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key)
-            else:
-                os.environ[key] = value
 
 
 def plain_update(

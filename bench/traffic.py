@@ -238,17 +238,23 @@ def block_attribution(model: torch.nn.Module, counter: TrafficCounter) -> Iterat
             handle.remove()
 
 
+def training_inputs(build: Callable[[], torch.nn.Module], batch: int, size: int):
+    """(``build()`` in training mode with channels_last weights, a channels_last image batch): under a
+    FakeTensorMode, the model and batch of a counted step."""
+    model = build()
+    for parameter in model.parameters():
+        if parameter.dim() == 4:  # channels_last without Module.to (which cannot swap fake parameters)
+            parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
+    model.train()
+    return model, torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+
+
 def count_training_step(build: Callable[[], torch.nn.Module], batch: int, size: int):
     """(records, block output sizes) of one forward + backward of ``build()`` on fake tensors, bf16 autocast,
     channels_last (the model benchmark's setting)."""
     counter = TrafficCounter()
     with FakeTensorMode():
-        model = build()
-        for parameter in model.parameters():
-            if parameter.dim() == 4:  # channels_last without Module.to (which cannot swap fake parameters)
-                parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
-        model.train()
-        images = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+        model, images = training_inputs(build, batch, size)
         with block_attribution(model, counter) as sizes, counter:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 logits = model(images)
