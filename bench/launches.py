@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before lmfused is imported: the kernels run on CPU tensors
+if __name__ == "__main__":  # before lmfused is imported: the Triton kernels run on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
