@@ -1,17 +1,21 @@
-"""What every benchmark needs: the environment stamp, a median timer, and the copy-bandwidth yardstick."""
+"""What every benchmark needs: the environment stamp, a median timer, the copy-bandwidth yardstick, and the
+ops a function really dispatches."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,6 +124,45 @@ def copy_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), device)
     return 2 * nbytes / ms / 1e6
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names[f"{func.namespace}.{func._schema.name.split('::')[-1]}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(fn: Callable[[], object]) -> Counter[str]:
+    """How often ``fn()`` dispatched each op (``aten.convolution``, ``lmfused.lm_step_cuda``, ...), below
+    autograd: what a row really ran."""
+    mode = _OpNames()
+    with mode:
+        fn()
+    return mode.names
+
+
+def lmfused_ops(names: Counter[str]) -> int:
+    """How many of the dispatched ops were lmfused's."""
+    return sum(count for name, count in names.items() if name.startswith("lmfused."))
+
+
+@contextlib.contextmanager
+def environment_settings(settings: dict[str, str]) -> Iterator[None]:
+    """Set environment variables (``LMFUSED_*`` switches) for the duration of the context."""
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
 
 
 def write_json(path: Path, payload: dict) -> None:

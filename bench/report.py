@@ -86,23 +86,34 @@ def brief(payload: dict) -> str:
 
 
 def models_table(payload: dict) -> str:
-    """Markdown table of the model benchmark: img/s, its ratio to eager torchvision, peak memory, and why a
-    row has no number (skipped or failed) instead of leaving it out."""
+    """Markdown table of the model benchmark: img/s, its ratio to eager torchvision, peak memory beside
+    bench.memory's prediction of it, and why a row has no number (skipped or failed) instead of leaving it
+    out. What each provider ran is said under the table, from the rows' ``ran`` where they have it."""
     env = payload["environment"]
     lines = [
         f"Training step on {env['device']} (torch {env['torch']}, Triton {env.get('triton')}, commit "
-        f"{env['commit']}), {payload['image_size']}px, bf16 autocast, channels_last, SGD; `eager` = the LM "
-        "update in plain PyTorch ops, `cuda`/`triton` = the fused op:",
+        f"{env['commit']}), {payload['image_size']}px, bf16 autocast, channels_last, SGD:",
         "",
-        "| model | provider | compiled | batch | img/s | vs torchvision eager | peak GB |",
-        "|---|---|---|---|---|---|---|",
+        "| model | provider | compiled | batch | img/s | vs torchvision eager | peak GB | predicted GB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    ran: dict[str, str] = {}
+    base = {r["model"]: r["img_per_s"] for r in payload["rows"]
+            if r["provider"] == "torchvision" and not r["compiled"] and r.get("img_per_s")}  # fmt: skip
     for r in payload["rows"]:
+        if r.get("vs_torchvision") is None and r.get("img_per_s") and r["model"] in base:  # older results
+            r = dict(r, vs_torchvision=r["img_per_s"] / base[r["model"]])
         speed = _fmt(r.get("img_per_s"), ".0f") if r.get("img_per_s") else r.get("status", "-")
         lines.append(
             f"| {r['model']} | {r['provider']} | {int(r['compiled'])} | {r['batch']} | {speed} "
-            f"| {_fmt(r.get('vs_torchvision'), '.3f')} | {_fmt(r.get('peak_mem_gb'), '.1f')} |"
+            f"| {_fmt(r.get('vs_torchvision'), '.3f')} | {_fmt(r.get('peak_mem_gb'), '.1f')} "
+            f"| {_fmt(r.get('predicted_peak_gb'), '.1f')} |"
         )
+        if r.get("ran") and not r["compiled"] and r["model"] == payload["rows"][0]["model"]:
+            ran.setdefault(r["provider"], r["ran"])
+    if ran:
+        lines += ["", "What ran (first model; the others alike): " + "; ".join(
+            f"`{p}`: {what}" for p, what in ran.items()) + "."]  # fmt: skip
     return "\n".join(lines)
 
 

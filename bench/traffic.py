@@ -20,10 +20,12 @@ has the output's size (exact for bottleneck blocks, whose inner tensors are narr
 ReLU and batch norm count too, as does a projection shortcut's batch norm). The batch norm stays inside the
 junction so that the unfused and the batch-norm-fused LM step (lmfused.batch_norm_lm_step) compare alike.
 
-Convention: an op is one pass. A batch norm in training really reads x twice forward (statistics, then
-normalisation) and its inputs twice backward (per-channel sums, then grad_x) unless they fit in cache; the
-fused op's passes are separate ops here (statistics, forward, backward reduction, backward), so the count is
-exact for lmfused and optimistic for an unfused batch norm.
+Two conventions, side by side. One pass per op: every op reads its inputs once. As a GPU runs it
+(``gpu_*`` keys): aten's batch norm in training reads x twice forward (statistics, then normalisation) and
+(grad_out, x) twice backward (per-channel sums, then grad_x), and a convolution backward reads grad_out once
+for dgrad and once for wgrad (two kernels), since none of these tensors fits in cache at the model's sizes.
+lmfused's passes are separate ops here (statistics, forward, backward reduction, backward), so both counts
+are the same for them; the first count is optimistic for aten's batch norm and convolution backward.
 """
 
 from __future__ import annotations
@@ -100,6 +102,43 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+# aten's batch norms (forward, backward) and convolution backward: the ops a GPU runs in two passes.
+_BATCH_NORM_FORWARD = (
+    "native_batch_norm",
+    "_native_batch_norm_legit",
+    "_native_batch_norm_legit_functional",
+    "cudnn_batch_norm",
+    "miopen_batch_norm",
+)
+_BATCH_NORM_BACKWARD = (
+    "native_batch_norm_backward",
+    "batch_norm_backward",
+    "cudnn_batch_norm_backward",
+    "miopen_batch_norm_backward",
+)
+
+
+def second_pass_reads(func, args: tuple, kwargs: dict) -> int:
+    """Bytes an aten op reads a second time as a GPU runs it (DESIGN.md 1d): a batch norm in training reads x
+    again to normalise it, its backward reads grad_out and x again to write grad_x after the per-channel
+    sums, and a convolution backward that computes both dgrad and wgrad reads grad_out in each."""
+    if func.namespace != "aten":
+        return 0
+    name = func._schema.name.split("::")[-1]
+    values = dict(zip((a.name for a in func._schema.arguments), args, strict=False)) | kwargs
+    if name in _BATCH_NORM_FORWARD:
+        return _nbytes([values["input"]]) if values.get("training") else 0
+    if name in _BATCH_NORM_BACKWARD:
+        grad = values.get("grad_out", values.get("grad_output"))
+        training = values.get("train", values.get("update", True))  # cudnn/miopen: training only
+        wants_grad_x = values.get("output_mask", (True,))[0]
+        return _nbytes([grad, values["input"]]) if training and wants_grad_x else 0
+    if name == "convolution_backward":
+        dgrad, wgrad = values["output_mask"][:2]
+        return _nbytes([values["grad_output"]]) if dgrad and wgrad else 0
+    return 0
+
+
 @dataclass
 class OpRecord:
     op: str
@@ -109,6 +148,17 @@ class OpRecord:
     read: int
     written: int
     largest: int  # elements of the largest tensor the op touches
+    reread: int = 0  # bytes read a second time as a GPU runs the op (second_pass_reads)
+
+    @property
+    def bytes(self) -> int:
+        """One pass per op."""
+        return self.read + self.written
+
+    @property
+    def gpu_bytes(self) -> int:
+        """As a GPU runs it."""
+        return self.read + self.reread + self.written
 
 
 @dataclass
@@ -140,6 +190,7 @@ class TrafficCounter(TorchDispatchMode):
                 read=0 if func._schema.name.split("::")[-1] in _WRITE_ONLY else _nbytes(inputs),
                 written=_nbytes(outputs),
                 largest=max((t.numel() for t in everything), default=0),
+                reread=second_pass_reads(func, args, kwargs),
             )
         )
         return out
@@ -187,17 +238,23 @@ def block_attribution(model: torch.nn.Module, counter: TrafficCounter) -> Iterat
             handle.remove()
 
 
+def training_inputs(build: Callable[[], torch.nn.Module], batch: int, size: int):
+    """(``build()`` in training mode with channels_last weights, a channels_last image batch): under a
+    FakeTensorMode, the model and batch of a counted step."""
+    model = build()
+    for parameter in model.parameters():
+        if parameter.dim() == 4:  # channels_last without Module.to (which cannot swap fake parameters)
+            parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
+    model.train()
+    return model, torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+
+
 def count_training_step(build: Callable[[], torch.nn.Module], batch: int, size: int):
     """(records, block output sizes) of one forward + backward of ``build()`` on fake tensors, bf16 autocast,
     channels_last (the model benchmark's setting)."""
     counter = TrafficCounter()
     with FakeTensorMode():
-        model = build()
-        for parameter in model.parameters():
-            if parameter.dim() == 4:  # channels_last without Module.to (which cannot swap fake parameters)
-                parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
-        model.train()
-        images = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+        model, images = training_inputs(build, batch, size)
         with block_attribution(model, counter) as sizes, counter:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 logits = model(images)
@@ -208,24 +265,36 @@ def count_training_step(build: Callable[[], torch.nn.Module], batch: int, size: 
 
 
 def summarize(records: list[OpRecord], sizes: dict[str, int], itemsize: int = 2) -> dict:
-    """Totals per category and per block (bytes), and each block's junction traffic in units of its output."""
+    """Totals per category and per block (bytes), and each block's junction traffic in units of its output;
+    each once with one pass per op and once as a GPU runs it (``gpu_`` keys)."""
     by_category: dict[str, int] = defaultdict(int)
+    gpu_by_category: dict[str, int] = defaultdict(int)
     blocks: dict[str, dict] = {}
     for r in records:
-        by_category[r.category] += r.read + r.written
+        by_category[r.category] += r.bytes
+        gpu_by_category[r.category] += r.gpu_bytes
         if r.block == "-":
             continue
-        block = blocks.setdefault(r.block, {"block": r.block, "bytes": 0, "junction_bytes": 0})
-        block["bytes"] += r.read + r.written
+        block = blocks.setdefault(
+            r.block,
+            {"block": r.block, "bytes": 0, "junction_bytes": 0, "gpu_bytes": 0, "gpu_junction_bytes": 0},
+        )
+        block["bytes"] += r.bytes
+        block["gpu_bytes"] += r.gpu_bytes
         if r.category in _JUNCTION_CATEGORIES and r.largest == sizes.get(r.block):
-            block["junction_bytes"] += r.read + r.written
+            block["junction_bytes"] += r.bytes
+            block["gpu_junction_bytes"] += r.gpu_bytes
     for name, block in blocks.items():
         x = sizes[name] * itemsize
         block["output_bytes"] = x
         block["junction_x"] = block["junction_bytes"] / x
+        block["gpu_junction_x"] = block["gpu_junction_bytes"] / x
     return {
         "total_bytes": sum(by_category.values()),
         "by_category": {c: by_category.get(c, 0) for c in CATEGORIES},
+        "gpu_total_bytes": sum(gpu_by_category.values()),
+        "gpu_by_category": {c: gpu_by_category.get(c, 0) for c in CATEGORIES},
+        "lmfused_ops": sum(r.op.startswith("lmfused.") for r in records),
         "blocks": list(blocks.values()),
     }
 
@@ -244,16 +313,25 @@ def counterpart(model_name: str) -> tuple[str, Callable[[], torch.nn.Module]]:
 
 
 def compare(model_name: str, batch: int, size: int, backend: str = "reference") -> dict:
-    """Traffic of ``model_name`` (its lm_step on ``backend``'s registered op) and of its plain counterpart."""
+    """Traffic of ``model_name`` with the lmfused ops (``backend``'s registered ops), of the same LM network
+    in plain PyTorch (``lm_pytorch``: bench.models.plain_pytorch_lm) and of its plain counterpart; each
+    network's ``ran`` says what it is, its ``lmfused_ops`` how many lmfused ops its step dispatched."""
+    from bench.models import plain_pytorch_lm
+
     plain_name, plain_build = counterpart(model_name)
     result = {"model": model_name, "counterpart": plain_name, "batch": batch, "image_size": size}
-    for key, build in (
-        ("lm", lambda: lmfused.models.create_model(model_name, backend=backend)),
-        ("plain", plain_build),
-    ):
+    networks = {
+        "lm": (f"{model_name}, lmfused ops ({backend} backend's registered ops)",
+               lambda: lmfused.models.create_model(model_name, backend=backend)),
+        "lm_pytorch": (f"{model_name} with every lmfused op replaced by plain PyTorch",
+                       lambda: plain_pytorch_lm(lmfused.models.create_model(model_name))),
+        "plain": (plain_name, plain_build),
+    }  # fmt: skip
+    for key, (what, build) in networks.items():
         records, sizes = count_training_step(build, batch, size)
-        result[key] = summarize(records, sizes)
+        result[key] = {"ran": what, **summarize(records, sizes)}
     result["ratio"] = result["lm"]["total_bytes"] / result["plain"]["total_bytes"]
+    result["gpu_ratio"] = result["lm"]["gpu_total_bytes"] / result["plain"]["gpu_total_bytes"]
     return result
 
 
@@ -272,37 +350,43 @@ def main(argv: list[str] | None = None) -> None:
     write_json(args.out / f"traffic-{args.model}.json", {"environment": env, **result})
     print(f"# {args.model} vs {result['counterpart']}: batch {args.batch}, {args.size}px, bf16 autocast, "
           f"channels_last, forward + backward (commit {env['commit']})")  # fmt: skip
+    lm, pytorch, plain = result["lm"], result["lm_pytorch"], result["plain"]
+    networks = {"lm": lm, "pt": pytorch, "tv": plain}
+
+    def gb(net: dict, key: str, category: str | None) -> float:
+        return (net[f"{key}by_category"][category] if category else net[f"{key}total_bytes"]) / 1e9
+
     rows = [
-        {
-            "category": c,
-            "lm_gb": result["lm"]["by_category"][c] / 1e9,
-            "plain_gb": result["plain"]["by_category"][c] / 1e9,
-        }
-        for c in CATEGORIES
-    ]
-    rows.append(
-        {"category": "total", "lm_gb": result["lm"]["total_bytes"] / 1e9,
-         "plain_gb": result["plain"]["total_bytes"] / 1e9}
-    )  # fmt: skip
-    print_table(rows, [("category", "s"), ("lm_gb", ".3f"), ("plain_gb", ".3f")])
-    print(f"LM / plain: {result['ratio']:.3f}x")
+        {"category": c or "total"}
+        | {f"{name}{suffix}": gb(net, key, c) for key, suffix in (("", "_gb"), ("gpu_", "_gpu_gb"))
+           for name, net in networks.items()}
+        for c in (*CATEGORIES, None)
+    ]  # fmt: skip
+    for name, net in networks.items():
+        print(f"{name}: {net['ran']} ({net['lmfused_ops']} lmfused ops)")
+    print("*_gb: one pass per op | *_gpu_gb: as a GPU runs it (aten's batch norm 2 passes each way, "
+          "convolution backward reads grad_out for dgrad and for wgrad)")  # fmt: skip
+    print_table(rows, [("category", "s")] + [(key, ".3f") for key in rows[0] if key != "category"])
+    print(f"lm / tv: {result['ratio']:.3f}x one pass per op, {result['gpu_ratio']:.3f}x as a GPU runs it; "
+          f"pt / tv: {pytorch['total_bytes'] / plain['total_bytes']:.3f}x, "
+          f"{pytorch['gpu_total_bytes'] / plain['gpu_total_bytes']:.3f}x")  # fmt: skip
     if args.blocks:
-        plain_blocks = {b["block"]: b for b in result["plain"]["blocks"]}
-        block_rows = [
-            {
+        plain_blocks = {b["block"]: b for b in plain["blocks"]}
+        block_rows = []
+        for b in lm["blocks"]:
+            twin = plain_blocks.get(b["block"], {})
+            block_rows.append({
                 "block": b["block"],
                 "lm_junction_x": b["junction_x"],
-                "plain_junction_x": plain_blocks.get(b["block"], {}).get("junction_x"),
+                "plain_junction_x": twin.get("junction_x"),
+                "lm_gpu_junction_x": b["gpu_junction_x"],
+                "plain_gpu_junction_x": twin.get("gpu_junction_x"),
                 "lm_mb": b["bytes"] / 1e6,
-                "plain_mb": plain_blocks[b["block"]]["bytes"] / 1e6 if b["block"] in plain_blocks else None,
-            }
-            for b in result["lm"]["blocks"]
-        ]
-        print_table(
-            block_rows,
-            [("block", "s"), ("lm_junction_x", ".1f"), ("plain_junction_x", ".1f"), ("lm_mb", ".0f"),
-             ("plain_mb", ".0f")],
-        )  # fmt: skip
+                "plain_mb": twin["bytes"] / 1e6 if twin else None,
+            })  # fmt: skip
+        junctions = ("lm_junction_x", "plain_junction_x", "lm_gpu_junction_x", "plain_gpu_junction_x")
+        print_table(block_rows, [("block", "s"), *((key, ".1f") for key in junctions), ("lm_mb", ".0f"),
+                                 ("plain_mb", ".0f")])  # fmt: skip
 
 
 if __name__ == "__main__":

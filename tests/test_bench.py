@@ -155,9 +155,9 @@ def test_model_rows_run_eager_first_then_the_needed_compiled_rows():
     ops, then decomposed for Inductor), so a time limit cuts only the least needed rows."""
     from bench import models
 
-    names = ["torchvision", "eager", "cuda", "triton"]
+    names = ["torchvision", "plain-pytorch", "cuda", "triton"]
     compiled = models.default_compile_providers(names, torch.device("cuda"))
-    assert compiled == ["torchvision", "eager", "cuda", "cuda+decomposed", "triton"]
+    assert compiled == ["torchvision", "plain-pytorch", "cuda", "cuda+decomposed", "triton"]
     assert models.default_compile_providers(names, torch.device("cpu")) == []
     rows = models.plan(["resnext50_32x4d", "resnet50"], names, compiled[:4])
     eager = [*names, "cuda+unfused-bn", "cuda+no-passthrough"]
@@ -176,9 +176,70 @@ def test_model_variants_set_their_environment(monkeypatch):
         assert os.environ["LMFUSED_COMPILE_JUNCTION"] == "decompose"
     assert "LMFUSED_COMPILE_JUNCTION" not in os.environ
     monkeypatch.setenv("LMFUSED_FUSE_BN", "1")
-    with models.eager_updates():
-        assert os.environ["LMFUSED_FUSE_BN"] == "0"  # the plain-PyTorch rows keep nn.BatchNorm2d
+    with models.eager_updates():  # bench.profile's context: nothing the plain-PyTorch provider needs now
+        assert os.environ["LMFUSED_FUSE_BN"] == "0"
     assert os.environ["LMFUSED_FUSE_BN"] == "1"
+
+
+ZOO_STEPS = [
+    ("lm_resnext50_32x4d", 64, {}),
+    ("lm_resnet20", 32, {"survival_prob": 0.8, "noise_std": 0.1, "per_channel_k": True}),
+]
+
+
+@pytest.mark.parametrize(("name", "size", "options"), ZOO_STEPS)
+def test_plain_pytorch_training_step_dispatches_no_lmfused_op(name, size, options):
+    """The plain-PyTorch LM provider is plain: a whole training step (fake tensors, bf16 autocast,
+    channels_last) dispatches no lmfused op, where the zoo's own network dispatches them in every block."""
+    from bench import models, traffic
+
+    def ops(build):
+        return {r.op for r in traffic.count_training_step(build, batch=2, size=size)[0]}
+
+    plain = ops(lambda: models.plain_pytorch_lm(lmfused.models.create_model(name, **options)))
+    assert not {op for op in plain if op.startswith("lmfused.")}
+    assert {"aten.native_batch_norm", "aten.relu"} <= plain
+    fused = ops(lambda: lmfused.models.create_model(name, **options))
+    assert {op for op in fused if op.startswith("lmfused.")}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k_shape", [(1,), (3,), None])
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_plain_update_rounds_as_the_fused_op(dtype, k_shape, with_scale):
+    """The plain update's numerics are the fused op's: float32 arithmetic, one rounding (bitwise equal to
+    the reference backend); without k it is the ResNet step u + s f."""
+    from bench import models
+
+    u, u_prev, f = (torch.randn(2, 3, 4, 5).to(dtype) for _ in range(3))
+    k = torch.rand(k_shape) - 0.5 if k_shape else None
+    scale = torch.tensor([0.0, 1.25]) if with_scale else None
+    got = models.plain_update(u, u_prev if k is not None else None, f, k, scale, True, 0.0)
+    want = lmfused.lm_step(u, u if k is None else u_prev, f, torch.zeros(1) if k is None else k, scale=scale,
+                           relu=True, backend="reference")  # fmt: skip
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_plain_pytorch_lm_trains_as_the_fused_network():
+    """Same weights, same batch, same stochastic-depth draws: the plain-PyTorch network's logits and
+    gradients are the zoo network's (float64, where the batch norms' different summation orders do not
+    show; in float32 a batch norm's backward amplifies them)."""
+    from bench import models
+
+    options = {"per_channel_k": True, "survival_prob": 0.8}
+    fused = lmfused.models.create_model("lm_resnet20", k_init=(-0.3, 0.3), **options).double()
+    plain = models.plain_pytorch_lm(lmfused.models.create_model("lm_resnet20", **options)).double()
+    plain.load_state_dict(fused.state_dict())
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in fused.named_parameters()]
+    images, labels = torch.randn(8, 3, 32, 32, dtype=torch.float64), torch.arange(8)
+    logits = []
+    for model in (fused, plain):
+        torch.manual_seed(1)  # the same per-sample masks in both
+        logits.append(model(images))
+        torch.nn.functional.cross_entropy(logits[-1], labels).backward()
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-10, atol=1e-12)
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_model_table_ratios_and_skipped_rows():
@@ -186,7 +247,16 @@ def test_model_table_ratios_and_skipped_rows():
 
     rows = [
         {"model": "m", "provider": "torchvision", "compiled": False, "batch": 2, "img_per_s": 100.0},
-        {"model": "m", "provider": "cuda", "compiled": False, "batch": 2, "img_per_s": 97.0},
+        {
+            "model": "m",
+            "provider": "cuda",
+            "compiled": False,
+            "batch": 2,
+            "img_per_s": 97.0,
+            "peak_mem_gb": 8.23,
+            "predicted_peak_gb": 8.1,
+            "ran": "lm_m, lmfused ops on the cuda backend",
+        },
         {"model": "m", "provider": "cuda", "compiled": True, "batch": 2, "status": "skipped (time budget)"},
     ]
     models.add_ratios(rows)
@@ -196,20 +266,46 @@ def test_model_table_ratios_and_skipped_rows():
     table = report.models_table({"environment": env, "image_size": 8, "rows": rows})
     assert "| m | cuda | 0 | 2 | 97 | 0.970 |" in table
     assert "skipped (time budget)" in table  # a row without a number is shown, never dropped
+    assert "| 8.2 | 8.1 |" in table and "`cuda`: lm_m, lmfused ops on the cuda backend" in table  # what ran
 
 
 def test_model_benchmark_cpu_smoke(tmp_path):
-    """One tiny eager row per provider on CPU, written to JSON with the environment stamp."""
+    """One tiny eager row per provider on CPU, written to JSON with the environment stamp; each row says
+    what ran and how many lmfused ops one step dispatched (none for the plain-PyTorch LM)."""
     from bench import models
 
-    models.main(
-        ["--models", "resnet50", "--batch", "2", "--size", "32", "--steps", "1", "--out", str(tmp_path)]
-    )
+    arguments = ["--models", "resnet50", "--batch", "2", "--size", "32", "--steps", "1"]
+    models.main([*arguments, "--out", str(tmp_path), "--no-memory-prediction"])
     (path,) = tmp_path.glob("models-*.json")
     payload = json.loads(path.read_text())
     assert {r["status"] for r in payload["rows"]} == {"ok"}
-    assert {"eager", "reference"} <= {r["provider"] for r in payload["rows"]}
-    assert all(r["img_per_s"] > 0 for r in payload["rows"])
+    rows = {r["provider"]: r for r in payload["rows"]}
+    assert {"plain-pytorch", "reference"} <= rows.keys()
+    assert all(r["img_per_s"] > 0 and r["ran"] for r in payload["rows"])
+    assert rows["plain-pytorch"]["lmfused_ops"] == 0 and "plain PyTorch" in rows["plain-pytorch"]["ran"]
+    assert rows["reference"]["lmfused_ops"] > 0
+
+
+def test_model_rows_get_the_memory_prediction(monkeypatch):
+    """Every row that ran gets bench.memory's prediction of its peak, counted once per network and setting
+    (the lmfused backends keep the same tensors); rows that did not run get none."""
+    from bench import memory, models
+
+    counted = []
+
+    def measure(row, batch, size):
+        counted.append((row.name, batch, size))
+        return {"peak_bytes": 10**9, "parameter_bytes": 10**8, "buffer_bytes": 0, "input_bytes": 0}
+
+    monkeypatch.setattr(memory, "measure", measure)
+    rows = [{"model": "resnet50", "provider": p, "batch": 8, "status": "ok"}
+            for p in ("torchvision", "cuda", "triton", "cuda+unfused-bn")]  # fmt: skip
+    rows.append(
+        {"model": "resnet50", "provider": "plain-pytorch", "batch": 8, "status": "skipped (time budget)"}
+    )
+    models.add_memory_predictions(rows, size=64)
+    assert counted == [("torchvision", 8, 64), ("lm", 8, 64), ("LMFUSED_FUSE_BN=0", 8, 64)]
+    assert [r.get("predicted_peak_gb") for r in rows] == [1.2, 1.2, 1.2, 1.2, None]
 
 
 def test_kernels_once_shards_cover_the_headline_grid():

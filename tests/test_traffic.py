@@ -87,3 +87,48 @@ def test_lm_and_plain_junction_of_inner_bottleneck_blocks(
         assert result["ratio"] <= 1.0  # the issue's target: at most torchvision's bytes
     else:
         assert 1.0 < result["ratio"] < 1.15
+
+
+def _rereads(fn, *args):
+    return [(r.op.split(".")[1], r.reread) for r in _count(fn, *args) if r.reread]
+
+
+def test_second_passes_as_a_gpu_runs_them():
+    """As a GPU runs them: aten's batch norm reads x again to normalise it in training (not in evaluation),
+    its backward reads grad_out and x again for grad_x; a convolution backward reads grad_out for dgrad and
+    again for wgrad (once when only one of them is needed); an elementwise op reads once."""
+    x = torch.randn(SHAPE, requires_grad=True)
+    weight, bias = torch.rand(SHAPE[1], requires_grad=True), torch.rand(SHAPE[1], requires_grad=True)
+    stats = torch.zeros(SHAPE[1]), torch.ones(SHAPE[1])
+    records = _count(lambda: torch.nn.functional.batch_norm(x, *stats, weight, bias, True).sum().backward())
+    by_op = {r.op.split(".")[1]: r for r in records}
+    assert by_op["native_batch_norm"].reread == _x(x)
+    assert by_op["native_batch_norm_backward"].reread == 2 * _x(x)  # grad_out and x, both of x's size
+    assert by_op["native_batch_norm"].gpu_bytes == by_op["native_batch_norm"].bytes + _x(x)
+    assert _rereads(lambda: torch.nn.functional.batch_norm(x.detach(), *stats, training=False)) == []
+    conv = torch.nn.Conv2d(SHAPE[1], 4, 3, padding=1, bias=False)
+    grad_out_bytes = SHAPE[0] * 4 * SHAPE[2] * SHAPE[3] * 4
+    assert _rereads(lambda: conv(x).sum().backward()) == [("convolution_backward", grad_out_bytes)]
+    assert _rereads(lambda: conv(x.detach()).sum().backward()) == []  # wgrad only
+    assert _rereads(torch.relu, x.detach()) == []
+
+
+def test_whole_step_both_ways():
+    """The step and the junction counted both ways: torchvision's inner junction is 3 X more as a GPU runs
+    it (the batch norm's second passes: x forward, grad_out and x backward), the LM junction's lmfused ops
+    are exact both ways; the convolutions add the same second reads of grad_out in both networks."""
+    import_or_skip("torchvision")
+    result = traffic.compare("lm_resnext50_32x4d", batch=64, size=224)
+    lm, plain = result["lm"], result["plain"]
+    plain_block = {b["block"]: b for b in plain["blocks"]}["layer3.2"]
+    assert plain_block["gpu_junction_x"] == pytest.approx(plain_block["junction_x"] + 3.0, abs=0.01)
+    lm_block = {b["block"]: b for b in lm["blocks"]}["layer3.2"]
+    assert lm_block["gpu_junction_x"] == pytest.approx(lm_block["junction_x"], abs=0.01)
+    conv = [net["gpu_by_category"]["convolution"] - net["by_category"]["convolution"] for net in (lm, plain)]
+    assert conv[0] == conv[1] > 0
+    assert lm["gpu_total_bytes"] > lm["total_bytes"] and result["gpu_ratio"] < result["ratio"]
+    # The plain-PyTorch LM network is counted too, and is plain: the same convolutions, no lmfused op.
+    pytorch = result["lm_pytorch"]
+    assert pytorch["lmfused_ops"] == plain["lmfused_ops"] == 0 < lm["lmfused_ops"]
+    assert pytorch["by_category"]["convolution"] == plain["by_category"]["convolution"]
+    assert "plain PyTorch" in pytorch["ran"] and "lmfused ops" in lm["ran"]
