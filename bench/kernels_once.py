@@ -111,8 +111,8 @@ def _number(text: str) -> float | None:
 
 def ncu_table(csv_text: str) -> str:
     """The short table of ``ncu --import REPORT --csv --page raw --print-units base``: one line per kernel
-    launch with the columns of NCU_COLUMNS that the report has; the backend is cuda for a C++ (demangled,
-    with a parameter list) kernel name, triton otherwise."""
+    launch with the columns of NCU_COLUMNS that the report has. The backend: aten for PyTorch's own kernels,
+    cuda for the other C++ ones (a demangled name has a parameter list), triton for the rest."""
     rows = [r for r in csv.DictReader(io.StringIO(csv_text)) if (r.get("ID") or "").strip().isdigit()]
     if not rows:
         return "ncu: no kernel in the report"
@@ -120,7 +120,7 @@ def ncu_table(csv_text: str) -> str:
     lines = [f"{'kernel':44} {'backend':7} " + " ".join(f"{head:>11}" for _, head, _ in columns)]
     for r in rows:
         name = r.get("Kernel Name", "?")
-        backend = "cuda" if "(" in name else "triton"
+        backend = "aten" if "at::native" in name else "cuda" if "(" in name else "triton"
         short = name.split("(")[0].split("<")[0].split("::")[-1].removeprefix("void ")
         cells = []
         for metric, _, scale in columns:

@@ -127,9 +127,11 @@ def test_ncu_table_reads_the_raw_csv():
         ["0", "void lmfused::lm_step_forward_kernel<__nv_bfloat16, true>(lmfused::ForwardArgs)", "12,500",
          "51,380,224", "40"],
         ["1", "batch_norm_lm_step_forward_kernel", "30,000", "1,000,000", "64"],
+        ["2", "void at::native::reduce_kernel<512, 1>(at::native::ReduceOp<float>)", "1,000", "8", "32"],
     ]  # fmt: skip
     table = kernels_once.ncu_table("\n".join(",".join(f'"{cell}"' for cell in row) for row in rows))
     lines = table.splitlines()
     assert lines[1].split()[:5] == ["lm_step_forward_kernel", "cuda", "12.5", "51.4", "40"]
     assert lines[2].split()[:5] == ["batch_norm_lm_step_forward_kernel", "triton", "30", "1", "64"]
+    assert lines[3].split()[:2] == ["reduce_kernel", "aten"]
     assert "not in the report" in lines[-1]
