@@ -297,13 +297,15 @@ def _ratio(got: Tensor, want: Tensor, elementwise: bool, dtype: torch.dtype) -> 
 
 def _noise_ratio(out: Tensor, pre: Tensor) -> tuple[float, str]:
     """How far out - pre (pre: the noise-free float64 update) is from N(0, NOISE_STD^2), where pre is clear of
-    the ReLU: 1 = at the limit (standard deviation within 10%, mean within 5 standard errors)."""
+    the ReLU: 1 = at the limit (standard deviation within 10%; mean within 5 standard errors, plus the
+    rounding of out, which Triton's interpreter biases toward zero in bfloat16)."""
     keep = pre > 4 * NOISE_STD
     d = (out.double() - pre)[keep]
     if d.numel() < 100:
         return math.inf, f"only {d.numel()} elements clear of the ReLU"
     std, mean = d.std().item(), d.mean().item()
-    ratio = max(abs(std / NOISE_STD - 1) / 0.1, abs(mean) / (5 * NOISE_STD / math.sqrt(d.numel())))
+    mean_tol = 5 * NOISE_STD / math.sqrt(d.numel()) + TOLERANCES[out.dtype][0] / 2 * pre[keep].mean().item()
+    ratio = max(abs(std / NOISE_STD - 1) / 0.1, abs(mean) / mean_tol)
     return ratio, f"noise mean {mean:+.4f} std {std:.4f} (want 0, {NOISE_STD}) over {d.numel()} elements"
 
 
