@@ -76,8 +76,9 @@ cuda-emulated:
 	LMFUSED_KERNEL_TESTS_DTYPES=float,bf16 bash csrc/tests/run_emulated.sh build/emulated-ubsan
 	LMFUSED_KERNEL_TESTS_DTYPES=half,double bash csrc/tests/run_emulated.sh build/emulated
 
-# On a GPU machine, two commands of about five minutes each (OUT=folder): PHASE=correctness (builds, ctest,
-# GPU op tests, compute-sanitizer), then PHASE=speed (op grid with CUDA-graph times, model table).
+# On a GPU machine, two commands of about five minutes each (OUT=folder): PHASE=correctness (builds,
+# python -m lmfused.check, ctest, compute-sanitizer, the GPU tests), then PHASE=speed (junction rows, op grid
+# with CUDA-graph times, model table with peak memory, Nsight Compute). DRY_RUN=1 prints the plan.
 PHASE ?= correctness
 device-check:
 	bash bench/device_check.sh $(OUT) $(PHASE)

@@ -1,30 +1,38 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, as two prepared commands of about five minutes each, on a machine with CUDA
 # torch, Triton and nvcc (no network needed). Every step has its own time limit, and the whole command a
-# deadline: a slow step is cut, the steps after it still run, and what was measured stays in OUT.
+# deadline: a slow step is cut, the steps after it still run, and what was measured stays in OUT, which is
+# written as the steps end (log.txt gets each step's log, summary.txt its status line, JSON results grow
+# row by row), so even a command killed from outside leaves what it had.
 #
-#   bench/device_check.sh OUT correctness   # 1: builds (setup.py, JIT, CMake), ctest, GPU op tests on the
-#                                           #    cuda and triton backends, memcheck (all dtypes), racecheck
-#                                           #    (bf16), and the Triton kernels of the speed grid compiled
-#   bench/device_check.sh OUT speed         # 2: the headline op grid with CUDA-graph times, then the model
-#                                           #    table (torchvision / plain-PyTorch LM / fused, eager and
-#                                           #    compiled); builds _C first only if it is not importable
-#   bench/device_check.sh OUT STEP ...      # single steps: setup jit ctest info tests sanitizer warm built
-#                                           #    ops models ops-full train profile ncu
+#   bench/device_check.sh OUT correctness   # 1: the builds (setup.py, JIT, CMake) side by side; then, most
+#                                           #    needed first: python -m lmfused.check, the adversarial-mask
+#                                           #    tests, the GPU-marked tests file by file, the op tests on the
+#                                           #    GPU backends; beside them ctest, memcheck (all dtypes),
+#                                           #    racecheck (bf16), and the speed runs' Triton kernels compiled
+#   bench/device_check.sh OUT speed         # 2: the junction rows (batch_norm_lm_step, batch_norm_relu against
+#                                           #    torchvision's and plain PyTorch, eager and compiled), the
+#                                           #    headline lm_step grid, the model table (img/s, peak memory),
+#                                           #    Nsight Compute on the lm_step and batch-norm kernels; builds _C
+#                                           #    first only if it is not importable
+#   bench/device_check.sh OUT STEP ...      # single steps: setup jit ctest sanitizer info check mask gpu-tests
+#                                           #    op-tests warm built junction ops models ncu ops-full train
+#                                           #    profile
 #   DRY_RUN=1 bench/device_check.sh OUT correctness   # print the plan (steps and limits) and exit
 #
-# Env: DEADLINE_S (whole command, default 300), TESTS_TIMEOUT (default 150), TEST_WORKERS (default 12),
-#      RACECHECK_DTYPES (default bf16), OPS_TIMEOUT (default 140), MODELS_TIMEOUT (default 170),
-#      MODELS_ARGS (extra bench.models flags), TORCH_CUDA_ARCH_LIST (default 9.0), LMFUSED_COMMIT (the
-#      commit measured, for machines without the git history).
-# OUT ends with log.txt (every step's output), summary.txt (one line per step) and the JSON results; the
-# short table (step status, % of copy per layout/provider/mode, the model table) is printed last.
+# Env: DEADLINE_S (whole command, default 300), CHECK_TIMEOUT (75), TESTS_TIMEOUT (GPU-marked tests, 75),
+#      GPU_TEST_WORKERS (8), TEST_WORKERS (op tests, 12), RACECHECK_DTYPES (bf16), JUNCTION_TIMEOUT (65),
+#      OPS_TIMEOUT (70), MODELS_TIMEOUT (170, less what ncu keeps), NCU_TIMEOUT (50), MODELS_ARGS (extra
+#      bench.models flags), TORCH_CUDA_ARCH_LIST (9.0), LMFUSED_COMMIT (the commit measured, for machines
+#      without the git history).
+# OUT ends with log.txt (every step's output), summary.txt (one line per step, then the short tables) and the
+# JSON results (and ncu.csv + the ncu report); the short table is printed last.
 set -uo pipefail
 OUT=${1:?usage: bench/device_check.sh OUT correctness|speed|STEP...}
 shift
 case "${*:-correctness}" in
-  correctness) STEPS="setup jit ctest info tests sanitizer warm" ;;
-  speed) STEPS="built ops models" ;;
+  correctness) STEPS="setup jit ctest sanitizer info check mask gpu-tests op-tests warm" ;;
+  speed) STEPS="built junction ops models ncu" ;;
   *) STEPS="$*" ;;
 esac
 mkdir -p "$OUT"
@@ -35,93 +43,173 @@ export LMFUSED_CACHE_DIR=${LMFUSED_CACHE_DIR:-/tmp/lmfused-jit}
 export LMFUSED_COMMIT=${LMFUSED_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
 PY=${PYTHON:-python3}
 CMAKE_DIR=/tmp/lmfused-cmake
+WORK=$(mktemp -d /tmp/lmfused-device-check.XXXXXX)  # step logs until each step ends, the ncu report
+LOGS=$WORK/logs
 START=$(date +%s)
 DEADLINE=$((START + ${DEADLINE_S:-300}))
-mkdir -p "$OUT/logs"
+NCU_TIMEOUT=${NCU_TIMEOUT:-50}
+mkdir -p "$LOGS"
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
+SPENT=0  # a dry run's clock: every step before used its whole limit (the worst case)
+now() { if [ "${DRY_RUN:-0}" = 1 ]; then echo $((START + SPENT)); else date +%s; fi; }
+left() { echo $((DEADLINE - $(now) - ${1:-0})); }  # seconds to the deadline, less a reserve
 
 if [ "${DRY_RUN:-0}" = 1 ]; then
-  echo "steps: $STEPS (deadline ${DEADLINE_S:-300} s)"
+  echo "steps: $STEPS (deadline ${DEADLINE_S:-300} s; each limit as if every step before used all of its own)"
 fi
 
+append() {  # append FILE < text: one writer at a time (steps run side by side)
+  if command -v flock >/dev/null 2>&1; then
+    (flock 9 && cat >>"$1") 9>"$WORK/lock"
+  else
+    cat >>"$1"
+  fi
+}
+
 run_step() {  # run_step NAME LIMIT_S CMD...: its own log, one summary line, cut at the command's deadline
-  local name=$1 limit=$2 start rc left
+  local name=$1 limit=$2 start rc
   shift 2
-  left=$((DEADLINE - $(date +%s)))
-  ((limit > left)) && limit=$left
+  ((limit > $(left))) && limit=$(left)
   if [ "${DRY_RUN:-0}" = 1 ]; then
-    printf '%-12s limit %4ss  %s\n' "$name" "$limit" "$*"
+    ((limit < 5)) && limit=0
+    printf '%-12s limit %4ss %-8s %s\n' "$name" "$limit" "${BESIDE:-}" "$*"
+    [ -z "${BESIDE:-}" ] && SPENT=$((SPENT + limit))
     return 0
   fi
   if ((limit < 5)); then
-    printf '%-12s %-14s %4ss\n' "$name" "SKIPPED(time)" 0 >>"$OUT/summary.txt"
+    printf '%-12s %-14s %4ss\n' "$name" "SKIPPED(time)" 0 | append "$OUT/summary.txt"
     return 124
   fi
   start=$(date +%s)
-  echo "\$ $*" >"$OUT/logs/$name.log"
-  timeout -k 10 "$limit" "$@" >>"$OUT/logs/$name.log" 2>&1
+  echo "\$ $*" >"$LOGS/$name.log"
+  timeout -k 10 "$limit" "$@" >>"$LOGS/$name.log" 2>&1
   rc=$?
   local status=ok
   ((rc == 124 || rc == 137)) && status="TIMEOUT(${limit}s)"
   ((rc != 0 && rc != 124 && rc != 137)) && status="FAILED($rc)"
-  printf '%-12s %-14s %4ss\n' "$name" "$status" $(($(date +%s) - start)) >>"$OUT/summary.txt"
+  { echo "==== $name ($status)"; sed '$a\' "$LOGS/$name.log"; } | append "$OUT/log.txt"  # (a cut last line ended)
+  printf '%-12s %-14s %4ss\n' "$name" "$status" $(($(date +%s) - start)) | append "$OUT/summary.txt"
   return $rc
 }
 
-: >"$OUT/summary.txt"
+background() {  # background CMD...: run beside the steps that follow (in order in a dry run)
+  if [ "${DRY_RUN:-0}" = 1 ]; then
+    BESIDE="(beside)" "$@"
+  else
+    BESIDE="(beside)" "$@" &
+  fi
+}
+
+skip_step() {  # skip_step NAME WHY: a summary line for a step that has nothing to run here
+  if [ "${DRY_RUN:-0}" = 1 ]; then
+    printf '%-12s skipped: %s\n' "$1" "$2"
+  else
+    printf '%-12s %-14s %4ss  %s\n' "$1" "SKIPPED" 0 "$2" | append "$OUT/summary.txt"
+  fi
+}
+
 if [ "${DRY_RUN:-0}" != 1 ]; then
+  : >"$OUT/log.txt"
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-    echo "commit $LMFUSED_COMMIT"; } >"$OUT/environment.txt" 2>&1
+    echo "commit $LMFUSED_COMMIT"; } >"$OUT/summary.txt" 2>&1
 fi
 
 # ---- 1. correctness -----------------------------------------------------------------------------------
 # Builds side by side (CPU-bound): setup.py in place, the JIT path (LMFUSED_FORCE_JIT ignores the prebuilt
 # _C), and the CMake kernel library + C++ kernel tests, which then run on the GPU (ctest) and under
-# compute-sanitizer as soon as they are built, beside the Python tests.
-setup_pid=
-if wants setup; then
-  run_step setup-build 120 $PY -m pip install --no-build-isolation --no-deps --no-index -e . &
-  setup_pid=$!
-fi
-wants jit && run_step jit-build 120 env LMFUSED_FORCE_JIT=1 $PY -c "
+# compute-sanitizer as soon as they are built, beside the Python steps.
+kernel_tests() {  # the C++ kernel tests: built and run (ctest), then under compute-sanitizer
+  wants ctest && run_step ctest 120 env CUDA_ARCHS=90 RUN_TESTS=1 bash csrc/check_compile.sh "$CMAKE_DIR"
+  if wants sanitizer; then
+    run_step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 "$CMAKE_DIR/lmfused_kernel_tests"
+    run_step racecheck 130 env LMFUSED_KERNEL_TESTS_DTYPES="${RACECHECK_DTYPES:-bf16}" \
+      compute-sanitizer --tool racecheck --error-exitcode 9 "$CMAKE_DIR/lmfused_kernel_tests"
+  fi
+}
+(wants ctest || wants sanitizer) && background kernel_tests
+wants jit && background run_step jit-build 120 env LMFUSED_FORCE_JIT=1 $PY -c "
 import lmfused._cuda_build as b
 m = b.load_cuda_extension()
 assert m is not None, b.cuda_unavailable_reason()
-print('JIT build ok:', m.build_info())" &
-if wants ctest || wants sanitizer; then
-  (
-    wants ctest && run_step ctest 120 env CUDA_ARCHS=90 RUN_TESTS=1 bash csrc/check_compile.sh "$CMAKE_DIR"
-    if wants sanitizer; then
-      run_step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 "$CMAKE_DIR/lmfused_kernel_tests"
-      run_step racecheck 130 env LMFUSED_KERNEL_TESTS_DTYPES="${RACECHECK_DTYPES:-bf16}" \
-        compute-sanitizer --tool racecheck --error-exitcode 9 "$CMAKE_DIR/lmfused_kernel_tests"
-    fi
-  ) &
-fi
-[ -n "$setup_pid" ] && wait "$setup_pid"  # the Python steps need _C; the other builds go on meanwhile
-wants info && run_step info 40 $PY -m lmfused.info
-if wants warm; then  # compile the speed grid's Triton kernels into the on-disk cache, 4 processes at once
+print('JIT build ok:', m.build_info())"
+# The Python steps need _C; the other builds go on meanwhile.
+wants setup && run_step setup-build 120 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+wants info && run_step info 30 $PY -m lmfused.info
+# What a user runs first: every default path of the zoo on both backends against the float64 reference.
+wants check && run_step check "${CHECK_TIMEOUT:-75}" $PY -m lmfused.check -v --json "$OUT/check.json"
+if wants warm; then  # compile the speed runs' Triton kernels into the on-disk cache, 4 processes at once
   for shard in 0 1 2 3; do
-    run_step "warm-$shard" 150 $PY -m bench.kernels_once --all-flags --shard "$shard/4" &
+    background run_step "warm-$shard" 150 $PY -m bench.kernels_once --all-flags --shard "$shard/4"
   done
 fi
-if wants tests; then  # the op tests on the GPU backends; -v names every result even if the step is cut
-  test_files=$(ls tests/test_lm_step.py tests/test_errors.py tests/test_nonfinite.py tests/test_dtypes.py \
-    tests/test_cuda*.py tests/test_batch_norm_step.py tests/test_batch_norm_relu.py \
-    tests/test_shortcut_gradient.py tests/test_batch_norm_modules.py 2>/dev/null)
-  run_step tests "${TESTS_TIMEOUT:-150}" $PY -m pytest $test_files -v -rfE -p no:cacheprovider \
-    -n "${TEST_WORKERS:-12}" -k "not reference" --tb=short
+# The tests, most needed first; -v names every result even if a step is cut.
+pytest_args=(-v -rfE -p no:cacheprovider --tb=short)
+if wants mask; then  # ReLU masks on data whose pre-activations cancel to rounding level, both backends
+  if [ -e tests/test_mask_adversarial.py ]; then
+    run_step mask 45 $PY -m pytest tests/test_mask_adversarial.py "${pytest_args[@]}" -n 4
+  else
+    skip_step mask "no tests/test_mask_adversarial.py"
+  fi
+fi
+if wants gpu-tests; then  # every test marked gpu, file by file (vector paths, 2^31 elements, CUDA graphs, decode)
+  gpu_files=$( (ls tests/test_lm_step.py tests/test_cuda_vector_paths.py tests/test_cuda_batch_norm_paths.py \
+    tests/test_data.py; grep -l "mark.gpu" tests/test_*.py) 2>/dev/null | grep -v test_mask_adversarial |
+    awk '!seen[$0]++')
+  run_step gpu-tests "${TESTS_TIMEOUT:-75}" $PY -m pytest $gpu_files -m gpu "${pytest_args[@]}" \
+    -n "${GPU_TEST_WORKERS:-8}"
+fi
+if wants op-tests; then  # the op tests (CI runs them on the interpreter) on the compiled kernels and cuda
+  op_files=$(ls tests/test_lm_step.py tests/test_batch_norm_step.py tests/test_batch_norm_relu.py \
+    tests/test_shortcut_gradient.py tests/test_nonfinite.py tests/test_dtypes.py tests/test_errors.py \
+    tests/test_batch_norm_modules.py 2>/dev/null)
+  run_step op-tests "$(left 5)" $PY -m pytest $op_files -m "not gpu" -k "not reference" "${pytest_args[@]}" \
+    -n "${TEST_WORKERS:-12}"
 fi
 wait
 
 # ---- 2. speed (one thing at a time on the GPU) ----------------------------------------------------------
-if wants built && ! $PY -c "import lmfused._C" 2>/dev/null; then
+if wants built && [ "${DRY_RUN:-0}" = 1 ]; then  # (not counted: the correctness command built it)
+  BESIDE="(no _C)" run_step setup-build 120 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+elif wants built && ! $PY -c "import lmfused._C" 2>/dev/null; then
   run_step setup-build 120 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
 fi
-wants ops && run_step ops "${OPS_TIMEOUT:-140}" $PY -m bench.ops --grid headline --cuda-graph --out "$OUT"
-wants models && run_step models "${MODELS_TIMEOUT:-170}" $PY -m bench.models --out "$OUT" --steps 10 \
-  --warmup 3 --time-budget $((${MODELS_TIMEOUT:-170} - 50)) ${MODELS_ARGS:-}
+# The junction at the four ResNeXt-50 stage shapes: eager rows first, compiled ones while time is left.
+junction_s=${JUNCTION_TIMEOUT:-65}
+wants junction && run_step junction "$junction_s" $PY -m bench.junction --out "$OUT" \
+  --time-budget $((junction_s - 20))
+wants ops && run_step ops "${OPS_TIMEOUT:-70}" $PY -m bench.ops --grid headline --cuda-graph \
+  --providers eager compile triton cuda --out "$OUT"
+if wants models; then  # what is left but ncu's share; rows not started within the budget are listed
+  reserve=0
+  wants ncu && reserve=$NCU_TIMEOUT
+  models_s=$(left "$reserve")
+  ((models_s > ${MODELS_TIMEOUT:-170})) && models_s=${MODELS_TIMEOUT:-170}
+  run_step models "$models_s" $PY -m bench.models --out "$OUT" --steps 10 --warmup 3 \
+    --time-budget $((models_s > 80 ? models_s - 50 : models_s / 2)) ${MODELS_ARGS:-}
+fi
+# Nsight Compute (clocks left alone) on each lm_step and batch-norm kernel at 64x256x56x56 bf16 channels_last:
+# the metrics of bench.kernels_once.NCU_COLUMNS that this ncu knows (dram bytes and bandwidth, lsu
+# wavefronts, local-memory traffic, achieved occupancy, registers); the report and its CSV come back.
+if wants ncu; then
+  metrics="(bench.kernels_once.NCU_COLUMNS known to this ncu)"
+  if [ "${DRY_RUN:-0}" != 1 ]; then
+    ncu --query-metrics >"$WORK/ncu-metrics.txt" 2>&1
+    metrics=$($PY -m bench.kernels_once --ncu-metrics "$WORK/ncu-metrics.txt" || echo gpu__time_duration.sum)
+  fi
+  ncu_args=(--clock-control none --kernel-name-base demangled -k "regex:lm_step|batch_norm|reduce_" -f
+    -o "$WORK/ncu")
+  if ! run_step ncu "$NCU_TIMEOUT" ncu "${ncu_args[@]}" --metrics "$metrics" \
+    $PY -m bench.kernels_once --layouts channels_last; then  # a metric it refused: its standard sections
+    run_step ncu-sections "$NCU_TIMEOUT" ncu "${ncu_args[@]}" --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+      $PY -m bench.kernels_once --layouts channels_last
+  fi
+  if [ -e "$WORK/ncu.ncu-rep" ]; then
+    ncu --import "$WORK/ncu.ncu-rep" --csv --page raw --print-units base >"$OUT/ncu.csv" 2>>"$OUT/log.txt"
+    cp "$WORK/ncu.ncu-rep" "$OUT/"
+  fi
+fi
 # Extra steps, by name only.
 wants ops-full && run_step ops-full 300 $PY -m bench.ops --grid full --providers eager triton cuda --out "$OUT"
 if wants train; then
@@ -132,29 +220,27 @@ if wants train; then
   done
 fi
 wants profile && run_step profile 200 $PY -m bench.profile --out "$OUT"
-# Nsight Compute on each lm_step kernel (clocks left alone): throughput vs peak, memory, occupancy.
-wants ncu && run_step ncu 300 ncu --clock-control none -k regex:'lm_step|reduce_partials' \
-  --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
-  $PY -m bench.kernels_once
-[ "${DRY_RUN:-0}" = 1 ] && exit 0
+[ "${DRY_RUN:-0}" = 1 ] && rm -r "$WORK" && exit 0
 
-# ---- what comes back: one log, one summary, the JSON results; the short table last ----------------------
+# ---- the short tables, after the step lines of summary.txt; printed last --------------------------------
 {
-  cat "$OUT/environment.txt"
-  cat "$OUT/summary.txt"
-  grep -h -E "^(FAILED|ERROR) |\] (FAILED|ERROR) " "$OUT/logs/tests.log" 2>/dev/null | sed 's/^/  /' | sort -u
-  tail -n 2 "$OUT/logs/memcheck.log" "$OUT/logs/racecheck.log" 2>/dev/null
-} >"$OUT/summary.tmp"
-mv "$OUT/summary.tmp" "$OUT/summary.txt"
-for f in "$OUT"/logs/*.log; do echo "==== $(basename "$f")"; cat "$f"; done >"$OUT/log.txt"
-rm -r "$OUT/logs" "$OUT/environment.txt"
-echo "== total $(($(date +%s) - START)) s"
+  echo "== total $(($(date +%s) - START)) s"
+  grep -h -E "^(FAILED|ERROR) |\] (FAILED|ERROR) " "$LOGS"/{mask,gpu-tests,op-tests}.log 2>/dev/null |
+    sed 's/^/  /' | sort -u
+  for name in memcheck racecheck; do
+    [ -s "$LOGS/$name.log" ] && echo "$name: $(grep -v '^\s*$' "$LOGS/$name.log" | tail -n 1)"
+  done
+  [ -e "$LOGS/check.log" ] && sed -n '/^lmfused.check: /,$p' "$LOGS/check.log"
+  for f in "$OUT"/junction-*.json; do [ -e "$f" ] && $PY -m bench.junction --report "$f"; done
+  models=$(ls "$OUT"/models-*.json 2>/dev/null | head -n 1)
+  for f in "$OUT"/ops-*.json; do
+    [ -e "$f" ] && $PY -m bench.report "$f" --brief ${models:+--models "$models"}
+  done
+  if [ -n "$models" ] && ! ls "$OUT"/ops-*.json >/dev/null 2>&1; then
+    $PY -c "import json, sys; from bench.report import models_table; print(models_table(json.load(open(sys.argv[1]))))" \
+      "$models"
+  fi
+  [ -s "$OUT/ncu.csv" ] && $PY -m bench.kernels_once --ncu-table "$OUT/ncu.csv"
+} 2>&1 | append "$OUT/summary.txt"
+rm -r "$WORK"
 cat "$OUT/summary.txt"
-models=$(ls "$OUT"/models-*.json 2>/dev/null | head -n 1)
-for f in "$OUT"/ops-*.json; do
-  [ -e "$f" ] && $PY -m bench.report "$f" --brief ${models:+--models "$models"} | tee -a "$OUT/summary.txt"
-done
-if [ -n "$models" ] && ! ls "$OUT"/ops-*.json >/dev/null 2>&1; then
-  $PY -c "import json, sys; from bench.report import models_table; print(models_table(json.load(open(sys.argv[1]))))" \
-    "$models" | tee -a "$OUT/summary.txt"
-fi
