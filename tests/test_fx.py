@@ -48,14 +48,17 @@ def feature_modules(model: nn.Module) -> list[str]:
     ("lm_resnet50", 32, {}),
 ])  # fmt: skip
 def test_symbolic_trace_eval_is_the_eager_model(name, size, kwargs, monkeypatch):
-    """One op node per block (the update), the norms as modules; the graph computes the eager model's output
-    (bitwise that of the eager model with the norms unfused, as in the graph)."""
+    """One op node per block (the update), the norms as modules, the stem's feature module called; the graph
+    computes the eager model's output (bitwise that of the eager model with the norms unfused, as in the
+    graph)."""
     torch.manual_seed(0)
     model = create_model(name, **kwargs).eval()
     graph = torch.fx.symbolic_trace(model)
     functions = called_functions(graph)
     assert functions.count("lm_step_with_shortcut") == len(blocks(model))
     assert not {"batch_norm_lm_step_with_shortcut", "batch_norm_relu"} & set(functions)
+    modules = {n.target for n in graph.graph.nodes if n.op == "call_module"}
+    assert feature_modules(model)[0] in modules  # the stem's map: a call of the module feature_info names
     x = images(2, size)
     with torch.no_grad():
         fused = model(x)
