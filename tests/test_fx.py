@@ -12,6 +12,7 @@ import torch
 import torch.fx
 from torch import nn
 
+import lmfused
 from lmfused.models import create_model
 from lmfused.nn import LMStep
 from tests.conftest import import_or_skip
@@ -65,6 +66,23 @@ def test_symbolic_trace_eval_is_the_eager_model(name, size, kwargs, monkeypatch)
         monkeypatch.setenv("LMFUSED_FUSE_BN", "0")
         assert torch.equal(graph(x), model(x))
         torch.testing.assert_close(graph(x), fused, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("library, name", [("torchvision", "resnet18"), ("timm", "resnet18d")])
+def test_symbolic_trace_of_converted_models(library, name, monkeypatch):
+    """A torchvision or timm ResNet converted by lmfused.convert_to_lm traces as the zoo does."""
+    torch.manual_seed(0)
+    if library == "timm":
+        model = import_or_skip("timm").create_model(name)
+    else:
+        model = getattr(import_or_skip("torchvision.models"), name)()
+    model = lmfused.convert_to_lm(model, k_init=(-0.1, 0.0)).eval()
+    graph = torch.fx.symbolic_trace(model)
+    assert called_functions(graph).count("lm_step_with_shortcut") == len(blocks(model))
+    monkeypatch.setenv("LMFUSED_FUSE_BN", "0")
+    x = images(2, 32)
+    with torch.no_grad():
+        assert torch.equal(graph(x), model(x))
 
 
 def test_symbolic_trace_train_is_the_eager_model(monkeypatch):
