@@ -68,6 +68,20 @@ def test_symbolic_trace_eval_is_the_eager_model(name, size, kwargs, monkeypatch)
         torch.testing.assert_close(graph(x), fused, rtol=1e-5, atol=1e-5)
 
 
+def test_symbolic_trace_without_the_gradient_pass_through(monkeypatch):
+    """LMFUSED_GRADIENT_PASSTHROUGH=0: the steps call lm_step, a leaf too."""
+    monkeypatch.setenv("LMFUSED_GRADIENT_PASSTHROUGH", "0")
+    monkeypatch.setenv("LMFUSED_FUSE_BN", "0")
+    torch.manual_seed(0)
+    model = create_model("lm_resnet20").eval()
+    graph = torch.fx.symbolic_trace(model)
+    functions = called_functions(graph)
+    assert functions.count("lm_step") == len(blocks(model)) and "lm_step_with_shortcut" not in functions
+    x = images(2, 16)
+    with torch.no_grad():
+        assert torch.equal(graph(x), model(x))
+
+
 @pytest.mark.parametrize("library, name", [("torchvision", "resnet18"), ("timm", "resnet18d")])
 def test_symbolic_trace_of_converted_models(library, name, monkeypatch):
     """A torchvision or timm ResNet converted by lmfused.convert_to_lm traces as the zoo does."""

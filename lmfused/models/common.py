@@ -173,8 +173,8 @@ class LMNet(nn.Module):
 
     def _make_head(self) -> None:
         """The classifier for ``num_classes`` over the pooled features (identity when 0)."""
-        classes = self.num_classes
         self.head_hidden_size = self.num_features * (2 if self.global_pool == "catavgmax" else 1)
+        classes = self.num_classes
         self.fc = nn.Linear(self.head_hidden_size, classes) if classes > 0 else nn.Identity()
 
     def _init_weights(self) -> None:

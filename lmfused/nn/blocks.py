@@ -43,8 +43,6 @@ from lmfused.nn.step import (
     has_hooks,
 )
 
-torch.fx.wrap("batch_norm_relu")  # a leaf for torch.fx, as the steps' ops (see lmfused.nn.step)
-
 __all__ = ["LMBlock", "LMStage", "PostActBlock", "PreActBlock", "norm_relu", "set_grad_checkpointing"]
 
 

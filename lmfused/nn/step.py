@@ -44,14 +44,13 @@ from lmfused.batch_norm_step import batch_norm_lm_step, batch_norm_lm_step_with_
 from lmfused.ops import lm_step, lm_step_with_shortcut
 from lmfused.reference import compute_dtype, lm_step_computed
 
-# The ops are leaves for torch.fx: symbolic tracing (torch.fx.symbolic_trace, torchvision's
+# The update is a leaf for torch.fx: symbolic tracing (torch.fx.symbolic_trace, torchvision's
 # create_feature_extractor, timm's FX feature extraction) records each call as one graph node instead of
-# running the ops' argument checks on proxies (the checks stay as they are: they run when the graph runs).
-# A call that returns (out, shortcut) is one node; the steps below take it apart by indexing.
+# running the op's argument checks on proxies (the checks stay as they are: they run when the graph runs).
+# A call that returns (out, shortcut) is one node; the steps below take it apart by indexing. The
+# batch-norm ops need no such entry: while tracing, the norms stay modules (see fuses_batch_norm).
 torch.fx.wrap("lm_step")
 torch.fx.wrap("lm_step_with_shortcut")
-torch.fx.wrap("batch_norm_lm_step")
-torch.fx.wrap("batch_norm_lm_step_with_shortcut")
 
 __all__ = [
     "LMStep",
