@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${1:-python3}
 shift || true
+case $python in */*) python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")" ;; esac  # we cd below
 version=$("$python" -c "import timm; print(timm.__version__)")
 dir=build/timm-tests
 rm -rf "$dir"
