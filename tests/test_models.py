@@ -9,6 +9,7 @@ from torch import nn
 import lmfused.models as zoo
 from lmfused.models import create_model, list_models, lm_coefficient_keys, load_pretrained_state_dict
 from lmfused.models._timm import _timm_entrypoint, register_with_timm
+from lmfused.models.registry import _DEFAULT_CFGS
 from lmfused.nn import LMStage, LMStep, ResidualStep, linear_survival_schedule
 from tests.conftest import import_or_skip
 
@@ -316,6 +317,110 @@ def test_timm_entrypoint_adapts_timm_arguments():
         entrypoint(pretrained=True)
 
 
+# The keys of every timm ResNet's pretrained_cfg (timm 1.0: the 169 resnet configs, untrained ones included),
+# and those most of them add.
+TIMM_RESNET_CFG_KEYS = {
+    "url", "architecture", "tag", "custom_load", "input_size", "fixed_input_size", "interpolation",
+    "crop_pct", "crop_mode", "mean", "std", "num_classes", "pool_size", "first_conv", "classifier", "license",
+    "test_input_size", "test_crop_pct", "origin_url", "paper_ids",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CIFAR + IMAGENET)
+def test_default_cfg_is_true_for_every_model(name):
+    """Every model carries a default_cfg (alias pretrained_cfg) with timm's ResNet keys, whose values hold:
+    the final map at input_size is pool_size (and other sizes run), the named first conv and classifier
+    exist, the normalisation and crop are those of lmfused.train's data pipeline."""
+    from lmfused.train.data import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
+    from lmfused.train.images import VAL_RESIZE_FRACTION
+
+    model = create_model(name, device="meta").eval()
+    cfg = model.default_cfg
+    assert model.pretrained_cfg is cfg and cfg == _DEFAULT_CFGS[name] and cfg is not _DEFAULT_CFGS[name]
+    assert TIMM_RESNET_CFG_KEYS <= set(cfg)
+    assert cfg["architecture"] == name and cfg["url"] == "" and cfg["tag"] == "untrained"
+    assert cfg["input_size"][0] == model.in_chans and cfg["num_classes"] == model.num_classes
+    for size in (cfg["input_size"][1], 2 * cfg["input_size"][1] + 1):
+        features = model.forward_features(torch.empty(1, model.in_chans, size, size, device="meta"))
+        assert features.shape[1] == model.num_features
+        if size == cfg["input_size"][1]:
+            assert tuple(features.shape[2:]) == cfg["pool_size"]
+    assert not cfg["fixed_input_size"] and cfg["test_input_size"] == cfg["input_size"]
+    state = model.state_dict()
+    assert f"{cfg['first_conv']}.weight" in state and f"{cfg['classifier']}.weight" in state
+    cifar = name in CIFAR
+    assert (cfg["mean"], cfg["std"]) == ((CIFAR_MEAN, CIFAR_STD) if cifar else (IMAGENET_MEAN, IMAGENET_STD))
+    assert cfg["crop_pct"] == cfg["test_crop_pct"] == (1.0 if cifar else VAL_RESIZE_FRACTION)
+    assert cfg["crop_mode"] == "center" and cfg["paper_ids"] == "arXiv:1710.10121"
+
+
+def test_default_cfg_has_timm_resnet_keys():
+    timm = import_or_skip("timm")
+    for resnet in ("resnet50", "resnext50_32x4d", "resnet200"):  # resnet200's cfg: no weights, as ours
+        theirs = set(timm.create_model(resnet, device="meta").default_cfg)
+        assert theirs - {"hf_hub_id"} <= TIMM_RESNET_CFG_KEYS  # no hub weights here
+    assert TIMM_RESNET_CFG_KEYS <= set(timm.create_model("lm_resnet50", device="meta").default_cfg)
+
+
+def test_factory_device_and_dtype():
+    """timm's factory arguments: built on the device (nothing elsewhere), parameters and buffers in dtype."""
+    model = create_model("lm_resnet50", device="meta", dtype=torch.float64)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    assert {t.device.type for t in tensors.values()} == {"meta"}
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float64}
+    assert model.layer1[0].step.zero_k.device.type == "meta"  # a non-persistent buffer too
+    model = zoo.lm_resnet20(dtype=torch.float64, device="cpu").eval()  # the builders take them too
+    with torch.no_grad():
+        assert model(images(1, 8).double()).dtype == torch.float64
+    for dtype in (torch.int32, "float32"):
+        with pytest.raises(TypeError, match="dtype"):
+            create_model("lm_resnet20", dtype=dtype)
+
+
+def test_timm_create_model_takes_timm_arguments():
+    timm = import_or_skip("timm")
+    model = timm.create_model("lm_resnet50", device="meta", dtype=torch.float32, num_classes=0)
+    assert next(model.parameters()).device.type == "meta" and model.num_classes == 0
+    overlay = dict(input_size=(3, 256, 256), num_classes=5, crop_pct=0.95)
+    model = timm.create_model("lm_resnet20", pretrained_cfg_overlay=overlay)
+    assert model.num_classes == 5  # timm takes num_classes from the cfg, as for its own models
+    config = timm.data.resolve_data_config(model=model)
+    assert (config["input_size"], config["crop_pct"]) == ((3, 256, 256), 0.95)
+    assert config["mean"] == model.pretrained_cfg["mean"] == (0.4914, 0.4822, 0.4465)
+    own = dict(model.pretrained_cfg, input_size=(3, 64, 64))
+    assert timm.create_model("lm_resnet20", pretrained_cfg=own).pretrained_cfg["input_size"] == (3, 64, 64)
+    assert timm.create_model("lm_resnet20.untrained").pretrained_cfg["tag"] == "untrained"
+    with pytest.raises(ValueError, match="pretrained_cfg"):
+        timm.create_model("lm_resnet20.in1k")
+    with pytest.raises(TypeError):
+        timm.create_model("lm_resnet20", not_a_model_argument=1)
+    features = timm.create_model("lm_resnet20", features_only=True, drop_path_rate=0.1)
+    assert features.feature_info.channels() == [16, 16, 32, 64]  # every map by default
+    cfg = features.pretrained_cfg
+    assert cfg["input_size"] == (3, 32, 32) and "classifier" not in cfg  # timm's cfg of features models
+
+
+def test_global_pool_none_leaves_the_map():
+    """timm's global_pool="": forward gives the final map, or with a classifier the logits of every position;
+    reset_classifier keeps the pooling and puts the new head on the model's device, dtype and mode."""
+    torch.manual_seed(0)
+    model = create_model("lm_resnet20", num_classes=0, global_pool="").eval()
+    x = images(2, 16)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        torch.testing.assert_close(model(x), features, rtol=0, atol=0)
+        assert model.head_hidden_size == model.num_features == features.shape[1]
+        model.reset_classifier(3)
+        assert model.global_pool == ""
+        expected = torch.einsum("nchw,kc->nkhw", features, model.fc.weight) + model.fc.bias[:, None, None]
+        torch.testing.assert_close(model(x), expected)
+    model.double()
+    model.reset_classifier(4, "avg")
+    assert model.fc.weight.dtype == torch.float64 and not model.fc.training
+    with torch.no_grad():
+        assert model(x.double()).shape == (2, 4)
+
+
 def test_timm_registration():
     timm = import_or_skip("timm")
     register_with_timm()  # idempotent: names already known are left alone
@@ -452,8 +557,6 @@ def test_timm_entrypoint_global_pool_and_refusals():
         entrypoint(drop_block_rate=0.1)
     with pytest.raises(ValueError, match="output_stride"):
         entrypoint(output_stride=2)
-    with pytest.raises(ValueError, match="feature_cls"):
-        entrypoint(features_only=True, feature_cls="hook")
     assert entrypoint(output_stride=4).feature_info[-1]["reduction"] == 4
 
 

@@ -1,15 +1,24 @@
 """Registration of the LM models in timm's registry, so ``timm.create_model("lm_resnext50_32x4d")`` works.
 
-Done on ``import lmfused.models`` when timm is installed; names timm already knows are left alone. Each timm
-entrypoint adapts timm's keyword arguments: ``pretrained=True`` is refused (there are no LM weights to fetch;
-load plain ResNet weights with ``load_pretrained_state_dict`` or convert a pretrained model with
+Done on ``import lmfused.models`` when timm is installed; names timm already knows are left alone. Each
+entrypoint builds the model as timm builds its own, through ``timm.models.build_model_with_cfg``: the
+model's ``pretrained_cfg``/``default_cfg`` is the zoo's default cfg (:func:`lmfused.models.common.zoo_cfg`)
+or the ``pretrained_cfg`` given, with ``pretrained_cfg_overlay`` applied; ``device`` and ``dtype`` go to the
+builder (:func:`lmfused.models.registry.register_model`); ``features_only=True`` wraps the model in timm's
+feature class, ``feature_cls`` "getter" by default (``forward_intermediates``; also "list", "dict", "hook"
+or "fx"), every map of ``feature_info`` unless ``out_indices`` says otherwise, and the wrapper carries the
+cfg as timm's do.
+
+timm's other arguments are adapted: ``pretrained=True`` is refused (there are no LM weights to fetch; load
+plain ResNet weights with ``load_pretrained_state_dict`` or convert a pretrained model with
 ``lmfused.convert_to_lm``), ``drop_path_rate`` becomes ``survival_prob = 1 - drop_path_rate``,
-``global_pool`` ("avg", "max", "avgmax", "catavgmax") goes to the model, ``features_only=True`` (with
-``out_indices``, default all five maps for ImageNet models, all four for CIFAR ones) returns timm's
-``FeatureGetterNet`` around the model's ``forward_intermediates``, and the pretrained-weight arguments
-(pretrained_cfg, pretrained_cfg_overlay, cache_dir) are dropped. What the models cannot do is a ValueError
-naming the argument (``drop_block_rate`` > 0, ``output_stride`` other than the network's, a
-``feature_cls`` other than "getter").
+``global_pool`` goes to the model, ``cache_dir`` is not used. What the models cannot do is a ValueError
+naming the argument (``drop_block_rate`` > 0, ``output_stride`` other than the network's, a pretrained tag
+other than "untrained").
+
+The models are not in timm's pretrained-cfg registry (``timm.list_models(pretrained=True)`` or
+``name_matches_cfg=True`` do not list them): they have no weights, and timm's TorchScript tests select
+the models listed there.
 """
 
 from __future__ import annotations
@@ -22,66 +31,59 @@ from typing import Any
 
 from torch import nn
 
-from lmfused.models.cifar import LMCifarResNet
-from lmfused.models.registry import _MODELS
+from lmfused.models.registry import _DEFAULT_CFGS, _FEATURE_CFGS, _MODELS
 
 __all__ = ["register_with_timm"]
 
-# Arguments timm's create_model passes for its own pretrained-weight machinery.
-_FACTORY_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-_CIFAR_MEAN, _CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-
-
-def _data_config(name: str, model: nn.Module) -> dict[str, Any]:
-    """A timm pretrained_cfg-like dict describing the model's expected input (used by timm's data helpers)."""
-    cifar = isinstance(model, LMCifarResNet)
-    size = 32 if cifar else 224
-    return dict(
-        architecture=name,
-        num_classes=getattr(model, "num_classes", 0),
-        input_size=(getattr(model, "in_chans", 3), size, size),
-        interpolation="bilinear",
-        crop_pct=1.0 if cifar else 0.875,
-        mean=_CIFAR_MEAN if cifar else _IMAGENET_MEAN,
-        std=_CIFAR_STD if cifar else _IMAGENET_STD,
-        first_conv="conv1",
-        classifier="fc",
-    )
-
 
 def _timm_entrypoint(name: str, builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    def entrypoint(
+        pretrained: bool = False,
+        *,
+        pretrained_cfg: str | dict[str, Any] | Any | None = None,
+        pretrained_cfg_overlay: dict[str, Any] | None = None,
+        cache_dir: Any = None,
+        **kwargs: Any,
+    ) -> nn.Module:
+        from timm.models import build_model_with_cfg
+
         if pretrained:
             raise ValueError(
                 f"pretrained: there are no pretrained {name} weights; load plain ResNet weights with "
                 "lmfused.models.load_pretrained_state_dict or use lmfused.convert_to_lm"
             )
-        for key in _FACTORY_ONLY:
-            kwargs.pop(key, None)
+        default_cfg = _DEFAULT_CFGS.get(name, {})
+        if isinstance(pretrained_cfg, str):  # a tag, from timm.create_model("name.tag")
+            if pretrained_cfg != default_cfg.get("tag"):
+                raise ValueError(f"pretrained_cfg: {name} has no tag {pretrained_cfg!r} (no weights to load)")
+            pretrained_cfg = None
         drop_path_rate = kwargs.pop("drop_path_rate", None)
         if drop_path_rate is not None and "survival_prob" not in kwargs:
             kwargs["survival_prob"] = 1.0 - drop_path_rate
         drop_block_rate = kwargs.pop("drop_block_rate", None)
         if drop_block_rate:
             raise ValueError(f"drop_block_rate: {name} has no DropBlock, got {drop_block_rate!r}")
-        features_only = kwargs.pop("features_only", False)
-        out_indices = kwargs.pop("out_indices", None)
-        feature_cls = kwargs.pop("feature_cls", None)
         output_stride = kwargs.pop("output_stride", None)
-        if feature_cls not in (None, "getter"):
-            raise ValueError(f"feature_cls: {name} offers only 'getter' features, got {feature_cls!r}")
-        model = builder(**kwargs)
-        native_stride = model.feature_info[-1]["reduction"]
-        if output_stride not in (None, native_stride):
-            raise ValueError(f"output_stride: {name} has no dilated variant; only {native_stride} is offered")
-        model.pretrained_cfg = model.default_cfg = _data_config(name, model)
-        if features_only:
-            from timm.models._features import FeatureGetterNet
+        feature_cfg = dict(_FEATURE_CFGS.get(name, {}), feature_cls="getter")
 
-            indices = tuple(range(len(model.feature_info))) if out_indices is None else out_indices
-            return FeatureGetterNet(model, out_indices=indices)
-        return model
+        def build(**model_kwargs: Any) -> nn.Module:
+            model = builder(**model_kwargs)
+            native_stride = model.feature_info[-1]["reduction"]
+            if output_stride not in (None, native_stride):
+                raise ValueError(
+                    f"output_stride: {name} has no dilated variant; only {native_stride} is offered"
+                )
+            return model
+
+        return build_model_with_cfg(
+            build,
+            name,
+            pretrained=False,
+            pretrained_cfg=pretrained_cfg or default_cfg,
+            pretrained_cfg_overlay=pretrained_cfg_overlay,
+            feature_cfg=feature_cfg,
+            **kwargs,
+        )
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__

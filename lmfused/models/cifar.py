@@ -15,17 +15,30 @@ coefficient multiplies u_n (theirs is 1 - k in eq. 5's notation, drawn from U(1,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
-from lmfused.models.common import LMNet
+from lmfused.models.common import LMNet, zoo_cfg
 from lmfused.models.registry import register_model
 from lmfused.nn import PreActBlock, ResidualStep
 from lmfused.nn.blocks import conv3x3, norm_relu
 
 __all__ = ["LMCifarResNet"]
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+# 32 x 32 images, no resize at evaluation; the final map is 8 x 8 (reduction 4). Four feature maps: the
+# stem's and the three stages'.
+register_cifar_model = functools.partial(
+    register_model,
+    default_cfg=zoo_cfg(
+        input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0, mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=10
+    ),
+    feature_cfg=dict(out_indices=(0, 1, 2, 3)),
+)
 
 
 class LMCifarResNet(LMNet):
@@ -100,43 +113,43 @@ def _cifar_resnet(depth: int, **kwargs: Any) -> LMCifarResNet:
     return LMCifarResNet((n, n, n), (16, 32, 64), **kwargs)
 
 
-@register_model
+@register_cifar_model
 def lm_resnet20(**kwargs: Any) -> LMCifarResNet:
     """LM-ResNet20 for CIFAR (pre-activation, 3 x 3 basic blocks)."""
     return _cifar_resnet(20, **kwargs)
 
 
-@register_model
+@register_cifar_model
 def lm_resnet32(**kwargs: Any) -> LMCifarResNet:
     """LM-ResNet32 for CIFAR (pre-activation, 3 x 5 basic blocks)."""
     return _cifar_resnet(32, **kwargs)
 
 
-@register_model
+@register_cifar_model
 def lm_resnet44(**kwargs: Any) -> LMCifarResNet:
     """LM-ResNet44 for CIFAR (pre-activation, 3 x 7 basic blocks)."""
     return _cifar_resnet(44, **kwargs)
 
 
-@register_model
+@register_cifar_model
 def lm_resnet56(**kwargs: Any) -> LMCifarResNet:
     """LM-ResNet56 for CIFAR (pre-activation, 3 x 9 basic blocks)."""
     return _cifar_resnet(56, **kwargs)
 
 
-@register_model
+@register_cifar_model
 def lm_resnet110(**kwargs: Any) -> LMCifarResNet:
     """LM-ResNet110 for CIFAR (pre-activation, 3 x 18 basic blocks)."""
     return _cifar_resnet(110, **kwargs)
 
 
-@register_model
+@register_cifar_model
 def lm_resnet164(**kwargs: Any) -> LMCifarResNet:
     """LM-ResNet164 for CIFAR (pre-activation, 3 x 18 bottlenecks, widths 16/32/64, outputs 64/128/256)."""
     return LMCifarResNet((18, 18, 18), (64, 128, 256), bottleneck=True, widths=(16, 32, 64), **kwargs)
 
 
-@register_model
+@register_cifar_model
 def lm_resnext29_8x64d(**kwargs: Any) -> LMCifarResNet:
     """LM-ResNeXt29 (8x64d) for CIFAR: 3 x 3 bottlenecks of cardinality 8, inner widths 512/1024/2048,
     outputs 256/512/1024, 64-channel stem (Xie et al., 2017), pre-activation."""

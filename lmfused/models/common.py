@@ -14,10 +14,55 @@ from lmfused.nn import LMStage, LMStep, ResidualStep, linear_survival_schedule, 
 from lmfused.nn.blocks import set_grad_checkpointing as _set_stage_checkpointing
 from lmfused.nn.step import DEFAULT_K_INIT, check_k_init, check_mode, check_noise_std, check_survival_prob
 
-__all__ = ["GLOBAL_POOLS", "LMNet", "load_pretrained_state_dict", "lm_coefficient_keys"]
+__all__ = ["GLOBAL_POOLS", "LMNet", "load_pretrained_state_dict", "lm_coefficient_keys", "zoo_cfg"]
 
-# timm's names: average, max, their mean, their concatenation (doubles the classifier's input).
-GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax")
+# timm's names: average, max, their mean, their concatenation (doubles the classifier's input), and "" for
+# none (the unpooled map; a classifier then classifies every position).
+GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax", "")
+
+
+def zoo_cfg(
+    *,
+    input_size: tuple[int, int, int],
+    pool_size: tuple[int, int],
+    crop_pct: float,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    num_classes: int,
+) -> dict[str, Any]:
+    """A model family's default_cfg: the keys of timm's ResNet ``pretrained_cfg`` (timm's data helpers and
+    tests read them), with what is true of the zoo.
+
+    No pretrained weights (``url`` "", ``tag`` "untrained", as timm tags its models without weights); any
+    input size (fully convolutional); evaluated at the training size (``test_*`` equal the training values)
+    with a bilinear resize and a central crop (``crop_pct``, as :mod:`lmfused.train.images` does);
+    ``pool_size`` is the final map at ``input_size``; the stem conv and classifier are ``conv1`` and ``fc``;
+    the paper is Lu et al., ICML 2018 (arXiv:1710.10121), its authors' code the origin of the architecture.
+    """
+    return dict(
+        url="",
+        tag="untrained",
+        custom_load=False,
+        input_size=input_size,
+        test_input_size=input_size,
+        fixed_input_size=False,
+        interpolation="bilinear",
+        crop_pct=crop_pct,
+        test_crop_pct=crop_pct,
+        crop_mode="center",
+        mean=mean,
+        std=std,
+        num_classes=num_classes,
+        pool_size=pool_size,
+        first_conv="conv1",
+        classifier="fc",
+        license="bsd-3-clause",
+        origin_url="https://github.com/2prime/LM-ResNet",
+        paper_name="Beyond Finite Layer Neural Networks: Bridging Deep Architectures and Numerical "
+        "Differential Equations",
+        paper_ids="arXiv:1710.10121",
+    )
+
 
 # (in_channels, stage index, block index in stage, stride, step) -> block
 BlockFactory = Callable[[int, int, int, int, ResidualStep], nn.Module]
@@ -43,8 +88,10 @@ class LMNet(nn.Module):
         backend: the lm_step backend (None: automatic).
         zero_init_residual: zero each block's last BatchNorm weight, so every branch starts at f = 0.
         drop_rate: dropout before the classifier.
-        global_pool: the pooling before the classifier: "avg" (default), "max", "avgmax" (their mean) or
-            "catavgmax" (their concatenation, doubling the classifier's input), as in timm.
+        global_pool: the pooling before the classifier: "avg" (default), "max", "avgmax" (their mean),
+            "catavgmax" (their concatenation, doubling the classifier's input), or "" for none, as in timm:
+            ``forward`` then returns the final map, or with a classifier the logits of every position
+            (N, num_classes, H, W).
 
     timm's model API is there too: ``forward_features``/``forward_head``, ``forward_intermediates`` (with
     ``feature_info``; ``timm.create_model(..., features_only=True)`` uses both), ``set_grad_checkpointing``,
@@ -245,11 +292,14 @@ class LMNet(nn.Module):
         """Remove the norm :meth:`forward_final_norm` applies (nothing to remove by default)."""
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Global pooling (``global_pool``), dropout and the classifier (skipped with ``pre_logits``)."""
+        """Global pooling (``global_pool``), dropout and the classifier (skipped with ``pre_logits``; without
+        pooling, applied at every position: (N, C, H, W) -> (N, num_classes, H, W))."""
         x = _pool(x, self.global_pool)
         if self.drop_rate > 0.0:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.fc(x)
+        if pre_logits:
+            return x
+        return self.fc(x) if self.global_pool else self.fc(x.movedim(1, -1)).movedim(-1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits (N, num_classes) of the images x (N, in_chans, H, W)."""
@@ -264,13 +314,13 @@ class LMNet(nn.Module):
         pooling (timm API)."""
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes: expected an int >= 0, got {num_classes!r}")
-        if global_pool is not None:
-            self.global_pool = _check_global_pool(global_pool)
-        self.num_classes = num_classes
-        device = next((p.device for p in self.parameters()), None)
+        pool = self.global_pool if global_pool is None else _check_global_pool(global_pool)
+        self.num_classes, self.global_pool = num_classes, pool
         self._make_head()
-        if device is not None:
-            self.fc.to(device)
+        reference = next(self.parameters(), None)  # the new head joins the model's device, dtype and mode
+        if reference is not None:
+            self.fc.to(device=reference.device, dtype=reference.dtype)
+        self.fc.train(self.training)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute every block's activations in the backward instead of storing them (timm API; see
@@ -291,7 +341,9 @@ def _check_global_pool(value: object) -> str:
 
 
 def _pool(x: Tensor, kind: str) -> Tensor:
-    """Global pooling of (N, C, H, W) to (N, C) (or (N, 2C) for "catavgmax")."""
+    """Global pooling of (N, C, H, W) to (N, C) (or (N, 2C) for "catavgmax"; "" leaves the map)."""
+    if kind == "":
+        return x
     if kind == "avg":
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
     high = torch.flatten(F.adaptive_max_pool2d(x, 1), 1)

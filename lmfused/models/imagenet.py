@@ -10,12 +10,14 @@ ResNets share: their state_dicts load with only the k parameters new
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
+import torch.fx
 from torch import Tensor, nn
 
-from lmfused.models.common import LMNet
+from lmfused.models.common import LMNet, zoo_cfg
 from lmfused.models.registry import register_model
 from lmfused.nn import PostActBlock, ResidualStep
 from lmfused.nn.blocks import norm_relu
@@ -24,6 +26,22 @@ from lmfused.nn.step import has_hooks
 __all__ = ["LMResNet"]
 
 EXPANSION = 4  # bottleneck output channels / planes
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# 224 x 224 crops of images resized to 256 at evaluation (crop_pct 0.875, torchvision's and timm's ResNet
+# convention); the final map is 7 x 7 (reduction 32). Five feature maps: the stem's and the four stages'.
+register_imagenet_model = functools.partial(
+    register_model,
+    default_cfg=zoo_cfg(
+        input_size=(3, 224, 224),
+        pool_size=(7, 7),
+        crop_pct=0.875,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        num_classes=1000,
+    ),
+    feature_cfg=dict(out_indices=(0, 1, 2, 3, 4)),
+)
 
 
 class LMResNet(LMNet):
@@ -71,7 +89,9 @@ class LMResNet(LMNet):
         """7x7 conv, BatchNorm, ReLU (feature_info[0], before the max pool); the BatchNorm and ReLU as one
         fused op where the blocks fuse theirs (:func:`lmfused.nn.blocks.norm_relu`)."""
         x = self.conv1(x)
-        if type(self.relu) is not nn.ReLU or has_hooks(self.relu):  # replaced or hooked: called as given
+        # Replaced or hooked: called as given. Under torch.fx too, so that the graph has the node that
+        # feature_info[0] names ("relu"), for FX feature extraction.
+        if type(self.relu) is not nn.ReLU or has_hooks(self.relu) or isinstance(x, torch.fx.Proxy):
             return self.relu(self.bn1(x))
         return norm_relu(self.bn1, x, self._step_config["backend"])
 
@@ -90,37 +110,37 @@ def _build(layers: Sequence[int], kwargs: dict[str, Any], groups: int = 1, width
     return LMResNet(layers, groups=groups, width_per_group=width_per_group, **kwargs)
 
 
-@register_model
+@register_imagenet_model
 def lm_resnet50(**kwargs: Any) -> LMResNet:
     """LM-ResNet50 (torchvision resnet50 layout, bottlenecks (3, 4, 6, 3))."""
     return _build((3, 4, 6, 3), kwargs)
 
 
-@register_model
+@register_imagenet_model
 def lm_resnet101(**kwargs: Any) -> LMResNet:
     """LM-ResNet101 (torchvision resnet101 layout, bottlenecks (3, 4, 23, 3))."""
     return _build((3, 4, 23, 3), kwargs)
 
 
-@register_model
+@register_imagenet_model
 def lm_resnet152(**kwargs: Any) -> LMResNet:
     """LM-ResNet152 (torchvision resnet152 layout, bottlenecks (3, 8, 36, 3))."""
     return _build((3, 8, 36, 3), kwargs)
 
 
-@register_model
+@register_imagenet_model
 def lm_resnext50_32x4d(**kwargs: Any) -> LMResNet:
     """LM-ResNeXt50 32x4d (torchvision resnext50_32x4d layout)."""
     return _build((3, 4, 6, 3), kwargs, groups=32, width_per_group=4)
 
 
-@register_model
+@register_imagenet_model
 def lm_resnext101_32x4d(**kwargs: Any) -> LMResNet:
     """LM-ResNeXt101 32x4d (timm resnext101_32x4d layout)."""
     return _build((3, 4, 23, 3), kwargs, groups=32, width_per_group=4)
 
 
-@register_model
+@register_imagenet_model
 def lm_resnext101_32x8d(**kwargs: Any) -> LMResNet:
     """LM-ResNeXt101 32x8d (torchvision resnext101_32x8d layout)."""
     return _build((3, 4, 23, 3), kwargs, groups=32, width_per_group=8)

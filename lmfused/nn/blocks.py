@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
@@ -37,6 +38,7 @@ from lmfused.nn.step import (
     ResidualStep,
     batch_norm_call,
     decomposes_under_compile,
+    device_type_of,
     fuses_batch_norm,
     has_hooks,
 )
@@ -59,7 +61,7 @@ def norm_relu(norm: nn.Module, x: Tensor, backend: str | None = None) -> Tensor:
     when the blocks' last-norm fusion would apply to ``norm``: a plain nn.BatchNorm2d, a ``backend`` for
     the device, LMFUSED_FUSE_BN not 0, and not traced as plain ops under torch.compile
     (LMFUSED_COMPILE_JUNCTION=decompose); else norm then ReLU."""
-    if not fuses_batch_norm(norm, backend, x.device.type) or decomposes_under_compile():
+    if not fuses_batch_norm(norm, backend, device_type_of(x)) or decomposes_under_compile():
         return F.relu(norm(x))
     running_mean, running_var, training, momentum = batch_norm_call(norm)
     return batch_norm_relu(x, running_mean, running_var, norm.weight, norm.bias, training=training,
@@ -116,6 +118,11 @@ class LMBlock(nn.Module):
                 "two-state blocks run inside an LMStage, not one by one (as timm's own grad checkpointing, "
                 "model.grad_checkpointing = True, runs them); use the model's set_grad_checkpointing(True) "
                 "or lmfused.nn.blocks.set_grad_checkpointing(model, True), which checkpoint inside the stages"
+            )
+        if self.step.draws_on_host and isinstance(u, torch.fx.Proxy):
+            raise RuntimeError(
+                "sd_mode: batch-mode stochastic depth decides on the host every step, which a torch.fx graph "
+                "would fix at one decision; trace in eval mode, or use sd_mode='sample'"
             )
         keep = self.step.keep_branch()
         norm = self.last_norm() if keep else None

@@ -36,12 +36,21 @@ from collections.abc import Sequence
 from numbers import Integral, Real
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmfused.batch_norm_step import batch_norm_lm_step, batch_norm_lm_step_with_shortcut, has_backend
 from lmfused.ops import lm_step, lm_step_with_shortcut
 from lmfused.reference import compute_dtype, lm_step_computed
+
+# The update is a leaf for torch.fx: symbolic tracing (torch.fx.symbolic_trace, torchvision's
+# create_feature_extractor, timm's FX feature extraction) records each call as one graph node instead of
+# running the op's argument checks on proxies (the checks stay as they are: they run when the graph runs).
+# A call that returns (out, shortcut) is one node; the steps below take it apart by indexing. The
+# batch-norm ops need no such entry: while tracing, the norms stay modules (see fuses_batch_norm).
+torch.fx.wrap("lm_step")
+torch.fx.wrap("lm_step_with_shortcut")
 
 __all__ = [
     "LMStep",
@@ -177,12 +186,24 @@ def has_hooks(module: nn.Module) -> bool:
     )
 
 
-def fuses_batch_norm(norm: nn.Module, backend: str | None, device_type: str) -> bool:
+def device_type_of(x: Tensor) -> str | None:
+    """``x.device.type``, or None while torch.fx traces (``x`` a Proxy: the device is known when the graph
+    runs)."""
+    return None if isinstance(x, torch.fx.Proxy) else x.device.type
+
+
+def fuses_batch_norm(norm: nn.Module, backend: str | None, device_type: str | None) -> bool:
     """Whether a block's norm can run inside an lmfused kernel (``batch_norm_lm_step``, ``batch_norm_relu``):
     a plain ``nn.BatchNorm2d`` (not SyncBatchNorm, GroupNorm or a subclass) without forward hooks, a backend
-    of that op for the device, and ``LMFUSED_FUSE_BN`` not set to 0."""
+    of that op for the device, and ``LMFUSED_FUSE_BN`` not set to 0.
+
+    Never while torch.fx traces (``device_type`` None, see :func:`device_type_of`): the norm then stays a
+    module, a leaf of the graph. In training the fused call advances ``num_batches_tracked`` on the host,
+    which a graph would not repeat; and with the norms as modules in both modes, the train and eval graphs
+    have the same nodes (torchvision's feature extraction warns when they differ)."""
     return (
-        type(norm) is nn.BatchNorm2d
+        device_type is not None
+        and type(norm) is nn.BatchNorm2d
         and not has_hooks(norm)
         and os.environ.get("LMFUSED_FUSE_BN", "1") != "0"
         and has_backend(backend, device_type)
@@ -212,6 +233,14 @@ def _without_pass_through(step):
         return step(*args, **kwargs), u
 
     return run
+
+
+def _out_and_shortcut(pair: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(out, shortcut) of a ``*_with_shortcut`` call, taken apart by indexing: under torch.fx the call is one
+    node, not a tuple. The shortcut is taken first, so that out is the block's last node: torchvision's
+    feature extraction takes a module's last node as its output."""
+    shortcut = pair[1]
+    return pair[0], shortcut
 
 
 def _decomposed_update(
@@ -270,6 +299,12 @@ class ResidualStep(nn.Module):
         """True if this module currently drops branches (training with survival_prob < 1)."""
         return self.training and self.survival_prob < 1.0
 
+    @property
+    def draws_on_host(self) -> bool:
+        """True if :meth:`keep_branch` draws this forward (training, batch mode, survival_prob < 1): a host
+        decision, which a torch.fx graph would fix at the draw made while tracing."""
+        return self.mode == "batch" and self.stochastic
+
     def keep_branch(self) -> bool:
         """Whether the block should compute its residual branch this forward.
 
@@ -277,7 +312,7 @@ class ResidualStep(nn.Module):
         the shared batch-mode generator (see :func:`seed_stochastic_depth`). Blocks call it once per forward,
         before computing the branch, and pass ``f=None`` to the update when it returns False.
         """
-        if self.mode != "batch" or not self.stochastic:
+        if not self.draws_on_host:
             return True
         return bool(torch.rand((), generator=_batch_drop_generator).item() < self.survival_prob)
 
@@ -304,7 +339,7 @@ class ResidualStep(nn.Module):
         if decomposes_under_compile():
             return _decomposed_update(u, u_prev, f, k, self._scale(u, f), self.relu, noise_std), u
         step = lm_step_with_shortcut if passes_gradient() else _without_pass_through(lm_step)
-        return step(
+        pair = step(
             u,
             u_prev,
             f,
@@ -314,6 +349,7 @@ class ResidualStep(nn.Module):
             noise_std=noise_std,
             backend=self.backend,
         )
+        return _out_and_shortcut(pair)
 
     def _batch_norm_update(
         self, u: Tensor, u_prev: Tensor, x: Tensor, norm: nn.BatchNorm2d, k: Tensor
@@ -331,7 +367,7 @@ class ResidualStep(nn.Module):
         step = batch_norm_lm_step_with_shortcut
         if not passes_gradient():
             step = _without_pass_through(batch_norm_lm_step)
-        return step(
+        pair = step(
             x,
             running_mean,
             running_var,
@@ -348,10 +384,11 @@ class ResidualStep(nn.Module):
             noise_std=self.noise_std if self.training else 0.0,
             backend=self.backend,
         )
+        return _out_and_shortcut(pair)
 
     def fuses_batch_norm(self, norm: nn.Module, x: Tensor) -> bool:
         """Whether :meth:`batch_norm_update` can run ``norm`` on ``x`` inside the update."""
-        return fuses_batch_norm(norm, self.backend, x.device.type)
+        return fuses_batch_norm(norm, self.backend, device_type_of(x))
 
     def batch_norm_update(self, u: Tensor, u_prev: Tensor | None, x: Tensor, norm: nn.BatchNorm2d) -> Tensor:
         """``act(u + s * norm(x) + noise)`` with the branch's last BatchNorm fused in: its output f and f's
