@@ -13,15 +13,16 @@ variants of its boolean constexpr flags (block sizes and other integer constexpr
 Prints one line per variant and exits 1 if any fails to compile. Run it in a process without
 TRITON_INTERPRET (the interpreter replaces the kernels by Python functions).
 
---check-pre-activation: the batch-norm forward and the two backward passes that recompute the ReLU's mask
-(the no-state mode) must compute the pre-activation by the same instruction sequence, or the recomputed mask
-can disagree with the forward's output. For every flag combination that touches it (weight, bias, scale;
-both layouts; bf16, fp16, fp32) it reads each kernel's sm_90 PTX, takes the value every float comparison
-against a constant tests (the forward's ReLU, the backward's rounded sign), follows its definitions back to
-the loaded values, and writes the expression tree (opcodes with their rounding modifiers; commutative
-operands sorted, as IEEE addition and multiplication commute exactly). The three kernels' sets of trees
-must be equal, and no tree may hold a plain mul.f32 feeding a plain add/sub.f32 (a pair ptxas may contract
-into an FFMA in one kernel and not in another). Exits 1 otherwise.
+--check-pre-activation: the batch-norm forward and the two backward passes that recompute the ReLU's mask (the
+no-state mode) must compute the pre-activation by the same instruction sequence, or the recomputed mask can
+disagree with the forward's output. For every flag combination that touches it (weight, bias, scale; both
+layouts; bf16, fp16, fp32) it reads each kernel's sm_90 PTX, takes the value every float comparison against a
+constant tests (the forward's ReLU, the backward's rounded sign), follows its definitions back to the loaded
+values (through shared-memory layout conversions, which return the stored bits), and writes the expression
+tree (opcodes with their rounding modifiers; commutative operands sorted, as IEEE addition and multiplication
+commute exactly). The three kernels' sets of trees must be equal, and no tree may hold a plain mul.f32 feeding
+a plain add/sub.f32 (a pair ptxas may contract into an FFMA in one kernel and not in another). Exits 1
+otherwise.
 """
 
 from __future__ import annotations
@@ -113,31 +114,53 @@ def variants(kernel) -> list[tuple[str, dict, dict]]:
     return out
 
 
-_INSTRUCTION = re.compile(r"^\s*(?:@%\w+\s+)?([a-z][\w.]*)\s+([^;]*);")
+_INSTRUCTION = re.compile(r"^\s*(?:@%\w+\s+)?([a-z][\w.:]*)\s+([^;]*);")
 _ARITHMETIC = re.compile(r"^(add|sub|mul|fma|neg|div|abs|min|max)(\.[a-z0-9]+)*\.f(32|64)$")
 _COMMUTATIVE = ("add", "mul", "fma", "min", "max")
 
 
+def _registers(operand: str) -> list[str]:
+    """The registers of a vector operand ``{%r1, %r2}`` (or of a single one)."""
+    return re.findall(r"%\w+", operand) if not operand.startswith("[") else []
+
+
 def _definitions(ptx: str) -> tuple[dict[str, tuple[str, list[str]]], list[tuple[str, list[str]]]]:
-    """(register -> (opcode, operands)) of single-destination instructions, and every instruction."""
+    """(register -> (opcode, operands)) of single-destination instructions, and every instruction.
+
+    A layout conversion goes through shared memory: stores, bar.sync, loads, bar.sync. The bits come back
+    unchanged, so a register loaded from shared memory is defined as ("shared", the registers the stores
+    before the last barrier wrote): the same value when they all have one expression tree."""
     defs, instructions = {}, []
+    pending, published = [], []
     for line in ptx.splitlines():
         match = _INSTRUCTION.match(line)
         if not match or match.group(1).startswith((".", "//")):
             continue
-        opcode, operands = match.group(1), [o.strip() for o in match.group(2).split(",")]
+        opcode, text = match.group(1), match.group(2)
+        operands = [o.strip() for o in text.split(",")]
         instructions.append((opcode, operands))
-        if operands and operands[0].startswith("%") and not opcode.startswith(("st.", "setp")):
+        if opcode.startswith("bar."):
+            if pending:
+                published, pending = pending, []
+        elif opcode.startswith(("st.shared", "stmatrix")):
+            pending += _registers(text[text.index("]") + 1 :])
+        elif opcode.startswith("ld.shared"):
+            for register in _registers(text[: text.index("[")]):
+                defs[register] = ("shared", list(published))
+        elif operands and operands[0].startswith("%") and not opcode.startswith(("st.", "setp")):
             defs[operands[0]] = (opcode, operands[1:])
     return defs, instructions
 
 
 def _tree(register: str, defs, contractible: list[str], depth: int = 0) -> str:
     """The expression tree of ``register``: arithmetic opcodes down to leaves (loads, conversions: "v";
-    literals as written)."""
+    literals as written), through shared-memory round trips whose stores agree."""
     if not register.startswith("%"):
         return register
     opcode, operands = defs.get(register, ("leaf", []))
+    if opcode == "shared" and depth <= 32:
+        stored = {_tree(o, defs, contractible, depth + 1) for o in operands}
+        return stored.pop() if len(stored) == 1 else "v"
     if not _ARITHMETIC.match(opcode) or depth > 32:
         return "v"
     base = opcode.split(".")[0]
