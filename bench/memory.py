@@ -92,7 +92,7 @@ class Storage:
         checks = (
             (self.phase == "backward", "gradients"),
             (self.block_output, "block outputs"),
-            (self.dtype == torch.bool, "masks"),
+            (self.dtype in (torch.bool, torch.uint8), "masks"),  # ReLU masks: bool, or 1 bit per element
             (self.dtype in (torch.int64, torch.int32), "indices"),
             (self.dim <= 1, "per-channel vectors"),
             (self.weight_cast, "weight casts"),
