@@ -7,7 +7,12 @@ injection and an optional ReLU, into one kernel forward and one backward.
 """
 
 from lmfused import models, nn
-from lmfused.batch_norm_step import batch_norm_lm_step, batch_norm_lm_step_with_shortcut, batch_norm_relu
+from lmfused.batch_norm_step import (
+    batch_norm,
+    batch_norm_lm_step,
+    batch_norm_lm_step_with_shortcut,
+    batch_norm_relu,
+)
 from lmfused.convert import convert_to_lm
 from lmfused.ops import available_backends, lm_step, lm_step_with_shortcut
 
@@ -15,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "available_backends",
+    "batch_norm",
     "batch_norm_lm_step",
     "batch_norm_lm_step_with_shortcut",
     "batch_norm_relu",

@@ -41,6 +41,7 @@ autograd formula only (which grad_x formula); the forward kernels compute the sa
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from numbers import Real
@@ -58,9 +59,16 @@ from lmfused.ops import (
     _triton_traceable,
     zero_gradient_like,
 )
+from lmfused.rebuild import carry, mark, save_state, saved_state
 from lmfused.reference import _channel_view, _in_layout, compute_dtype
 
-__all__ = ["batch_norm_lm_step", "batch_norm_lm_step_with_shortcut", "batch_norm_relu", "has_backend"]
+__all__ = [
+    "batch_norm",
+    "batch_norm_lm_step",
+    "batch_norm_lm_step_with_shortcut",
+    "batch_norm_relu",
+    "has_backend",
+]
 
 STATS_SCHEMA = (
     "(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, "
@@ -364,9 +372,9 @@ def _setup_context(ctx, inputs, output) -> None:
     # With the states the ReLU's mask is the forward's 1-bit mask (out is never kept); without them (the
     # no-state mode) the backward recomputes it from x.
     mask = output[1] if relu and u is not None else None
-    ctx.save_for_backward(
-        x, mean, invstd, weight, bias, u if needs[5] else None, u_prev if needs[5] else None, mask, k, scale
-    )
+    # u_prev last: a projected shortcut is saved as what rebuilds it (lmfused.rebuild).
+    prev = save_state(ctx, u_prev if needs[5] else None)
+    ctx.save_for_backward(x, mean, invstd, weight, bias, u if needs[5] else None, mask, k, scale, *prev)
 
 
 def _cast(t: Tensor, like: Tensor) -> Tensor:
@@ -378,7 +386,7 @@ def _input_grads(reduce_op, backward_op, ctx, grad_out, grad_shortcut=None) -> t
     is needed, then the pass that writes the activation gradients (adding ``grad_shortcut``, the gradient of
     the shortcut output of :func:`batch_norm_lm_step_with_shortcut`, into grad_u). No other op: the kernels
     take the sums, not their means, and every gradient comes out in the dtype it is needed in."""
-    x, mean, invstd, weight, bias, u, u_prev, mask, k, scale = ctx.saved_tensors
+    x, mean, invstd, weight, bias, u, mask, k, scale, *prev = ctx.saved_tensors
     training, relu, needs, bias_dtype, has_state = ctx.flags
     if relu and has_state and (mask is None or mask.numel() == 0):
         raise RuntimeError("mask: the forward was called with write_mask=False, but a gradient is needed")
@@ -386,8 +394,10 @@ def _input_grads(reduce_op, backward_op, ctx, grad_out, grad_shortcut=None) -> t
     grad_weight = grad_bias = grad_k = None
     sum_dy = sum_dy_xhat = mean  # stand-ins, not read outside training
     if need_weight or need_bias or need_k or (need_x and training):
+        u_prev = saved_state(ctx, tuple(prev))  # (rebuilt here when it was not kept, dropped after)
         reduce_args = (grad_out, x, mean, invstd, weight, bias, u, u_prev, k, mask, scale, relu, need_k)
         sum_dy, sum_dy_xhat, grad_k = reduce_op(*reduce_args)
+        del u_prev, reduce_args
         grad_weight = _cast(sum_dy_xhat, weight) if need_weight else None
         grad_bias = sum_dy.to(bias_dtype) if need_bias and sum_dy.dtype != bias_dtype else sum_dy
         grad_bias = grad_bias if need_bias else None
@@ -572,11 +582,25 @@ def _batch_norm_step(
     inputs = (*args, relu and u is not None and grad_needed)
     if grad_needed and not torch.compiler.is_compiling():
         if with_shortcut and u.requires_grad:  # (a u without gradient is its own shortcut)
-            return _EagerBatchNormStep.apply(backend, True, needs, *inputs)
+            out, shortcut = _EagerBatchNormStep.apply(backend, True, needs, *inputs)
+            return out, carry(u, shortcut)
         out = _EagerBatchNormStep.apply(backend, False, needs, *inputs)
+        if u is None and not relu and scale is None and noise_std == 0:  # a plain batch norm: rebuildable
+            mark(
+                out,
+                (x, mean, invstd, weight, bias),
+                functools.partial(_rebuild_batch_norm, backend, training),
+            )
     else:
         out = forward_op(*inputs)[0]
     return (out, u) if with_shortcut else out
+
+
+def _rebuild_batch_norm(backend, training, x, mean, invstd, weight, bias) -> Tensor:
+    """The output of :func:`batch_norm` again, by the same kernel from the same inputs (lmfused.rebuild)."""
+    k = x.new_empty((1,), dtype=torch.float32)  # never read without states
+    args = (x, mean, invstd, weight, bias, None, None, k, None, None, training, False, 0.0, False)
+    return _OPS[backend][1](*args)[0]
 
 
 def batch_norm_lm_step(
@@ -677,7 +701,35 @@ def batch_norm_relu(
     Returns:
         relu(BN(x)), same shape, dtype and layout as ``x``.
     """
+    return _no_state_step(x, running_mean, running_var, weight, bias, training, momentum, eps, True, backend)
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    backend: str | None = None,
+) -> Tensor:
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)`` by the kernels of
+    :func:`batch_norm_relu` without the ReLU, for a projection shortcut's BatchNorm.
+
+    Its output can be rebuilt, bitwise, from what its own backward keeps (x and the statistics): a step
+    that takes it as u_prev saves nothing more for it (:mod:`lmfused.rebuild`), where a plain ResNet keeps
+    nothing either.
+
+    Args and returns: as :func:`batch_norm_relu`, without the ReLU.
+    """
+    return _no_state_step(x, running_mean, running_var, weight, bias, training, momentum, eps, False, backend)
+
+
+def _no_state_step(x, running_mean, running_var, weight, bias, training, momentum, eps, relu, backend):
     _check_tensor("x", x)
     k = x.new_empty((1,), dtype=torch.float32)  # never read without states; the op's schema takes one
     return _batch_norm_step(x, running_mean, running_var, weight, bias, None, None, k, training, momentum,
-                            eps, None, True, 0.0, backend, with_shortcut=False)  # fmt: skip
+                            eps, None, relu, 0.0, backend, with_shortcut=False)  # fmt: skip

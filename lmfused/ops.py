@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from lmfused._layout import empty_in_layout, plan_layout
+from lmfused.rebuild import carry, save_state, saved_state
 from lmfused.reference import reference_backward, reference_forward
 
 __all__ = ["BACKENDS", "available_backends", "lm_step", "lm_step_with_shortcut"]
@@ -78,12 +79,10 @@ def _setup_context(ctx, inputs, output) -> None:
     need_u, need_u_prev, need_f, need_k = ctx.needs_input_grad[:4]
     need_f = need_f and f is not None
     ctx.flags = (relu, need_u, need_u_prev, need_f, need_k)
+    # u_prev last: a projected shortcut is saved as what rebuilds it (lmfused.rebuild).
+    prev = save_state(ctx, u_prev if need_k else None)
     ctx.save_for_backward(
-        u if need_k else None,
-        u_prev if need_k else None,
-        output if relu else None,
-        k,
-        scale if need_f else None,
+        u if need_k else None, output if relu else None, k, scale if need_f else None, *prev
     )
 
 
@@ -91,7 +90,8 @@ def _input_grads(backward_op, ctx, grad_out, grad_shortcut=None) -> tuple:
     """Gradients for (u, u_prev, f, k), None where not needed, from what _setup_context saved.
     ``grad_shortcut``: the gradient of the shortcut output (:func:`lm_step_with_shortcut`), added into
     grad_u by the backward kernel."""
-    u, u_prev, out, k, scale = ctx.saved_tensors
+    u, out, k, scale, *prev = ctx.saved_tensors
+    u_prev = saved_state(ctx, tuple(prev))
     relu, need_u, need_u_prev, need_f, need_k = ctx.flags
     grads = backward_op(
         grad_out, grad_shortcut, u, u_prev, out, k, scale, relu, need_u, need_u_prev, need_f, need_k
@@ -382,7 +382,8 @@ def _lm_step(u, u_prev, f, k, scale, relu, noise_std, backend, *, with_shortcut:
     )
     if needs_grad and not torch.compiler.is_compiling():
         if with_shortcut and u.requires_grad:  # (a u without gradient is its own shortcut)
-            return _EagerLMStep.apply(*args, backend, True)
+            out, shortcut = _EagerLMStep.apply(*args, backend, True)
+            return out, carry(u, shortcut)
         out = _EagerLMStep.apply(*args, backend, False)
     else:
         out = _FORWARD_OPS[backend](*args)

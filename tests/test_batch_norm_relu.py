@@ -1,6 +1,7 @@
 """lmfused.batch_norm_relu (the batch-norm-fused kernels without states, for the BatchNorm + ReLU pairs inside
-a residual branch) against relu(F.batch_norm(...)) in float64 on every backend, layout, dtype and flag; the
-ReLU's mask recomputed from x; running statistics; gradcheck; opcheck; errors; the bytes it moves."""
+a residual branch) and lmfused.batch_norm (the same without the ReLU, for projection shortcuts) against
+(relu of) F.batch_norm(...) in float64 on every backend, layout, dtype and flag; the ReLU's mask recomputed
+from x; running statistics; gradcheck; opcheck; errors; the bytes it moves."""
 
 from __future__ import annotations
 
@@ -35,9 +36,9 @@ def make_case(shape, dtype, layout, *, affine: bool, seed: int = 0):
     return x, running_mean, running_var, weight, bias
 
 
-def _run(case, training, grad_out, backend=None, dtype=None):
+def _run(case, training, grad_out, backend=None, dtype=None, relu=True):
     """Output, gradients (x, weight, bias) and running statistics; ``backend`` None: the float64 oracle
-    relu(F.batch_norm(...)) in ``dtype``."""
+    relu(F.batch_norm(...)) (without ``relu``: F.batch_norm(...)) in ``dtype``."""
     x, running_mean, running_var, weight, bias = case
     leaves = [
         t.detach().to(dtype or t.dtype).requires_grad_() if t is not None else None for t in (x, weight, bias)
@@ -47,9 +48,11 @@ def _run(case, training, grad_out, backend=None, dtype=None):
         running_var.to(dtype or running_var.dtype).clone(),
     )
     if backend is None:
-        out = F.relu(F.batch_norm(leaves[0], rm, rv, leaves[1], leaves[2], training, 0.1, 1e-5))
+        out = F.batch_norm(leaves[0], rm, rv, leaves[1], leaves[2], training, 0.1, 1e-5)
+        out = F.relu(out) if relu else out
     else:
-        out = batch_norm_relu(leaves[0], rm, rv, leaves[1], leaves[2], training=training, backend=backend)
+        op = batch_norm_relu if relu else lmfused.batch_norm
+        out = op(leaves[0], rm, rv, leaves[1], leaves[2], training=training, backend=backend)
     present = [t for t in leaves if t is not None]
     grads = iter(torch.autograd.grad(out, present, grad_out.to(out.dtype)))
     return out, [next(grads) if t is not None else None for t in leaves], rm, rv
@@ -60,19 +63,21 @@ def _run(case, training, grad_out, backend=None, dtype=None):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_float64_oracle(backend, shape, layout, dtype):
-    for index, (training, affine) in enumerate(itertools.product([False, True], repeat=2)):
+    flags = [(*both, True) for both in itertools.product([False, True], repeat=2)]
+    flags += [(True, True, False), (False, True, False)]  # lmfused.batch_norm: no ReLU
+    for index, (training, affine, relu) in enumerate(flags):
         case = make_case(shape, dtype, layout, affine=affine, seed=index)
         grad_out = (
             torch.randn(shape, generator=torch.Generator().manual_seed(50 + index)).to(dtype).to(DEVICE)
         )
-        out, grads, rm, rv = _run(case, training, grad_out, backend)
-        ref_out, ref_grads, ref_rm, ref_rv = _run(case, training, grad_out, None, torch.float64)
+        out, grads, rm, rv = _run(case, training, grad_out, backend, relu=relu)
+        ref_out, ref_grads, ref_rm, ref_rv = _run(case, training, grad_out, None, torch.float64, relu)
         assert out.dtype == dtype and out.shape == shape
         if layout == "channels_last" and len(shape) == 4:
             assert out.is_contiguous(memory_format=torch.channels_last)
         count = math.prod(shape) // shape[1]
         # The mask is the kernel's own: where its rounded output is 0 the oracle's may be a rounding above.
-        mask = out.double() > 0
+        mask = out.double() > 0 if relu else torch.ones_like(out, dtype=torch.bool)
         for name, got, ref in zip(
             ("out", "x", "weight", "bias"), (out, *grads), (ref_out, *ref_grads), strict=True
         ):
@@ -84,10 +89,12 @@ def test_matches_float64_oracle(backend, shape, layout, dtype):
             rounding = (ref.to(low).double() - ref).abs().max().item()
             bound = 2 * rounding + ATOL[dtype] * math.sqrt(terms) * max(1.0, ref.abs().max().item() / 4)
             err = (got.double() - ref).abs()
-            if name == "x":  # compare where the kernel's and the oracle's masks agree (grad_x is elementwise)
+            if (
+                name == "x" and relu
+            ):  # where the kernel's and the oracle's masks agree (grad_x is elementwise)
                 err = err[mask == (ref_out > 0)]
             err = err.max().item() if err.numel() else 0.0
-            assert err <= bound, f"{name}: {err:.3g} > {bound:.3g} (training={training}, affine={affine})"
+            assert err <= bound, f"{name}: {err:.3g} > {bound:.3g} ({training=}, {affine=}, {relu=})"
         torch.testing.assert_close(rm.double(), ref_rm, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(rv.double(), ref_rv, rtol=1e-5, atol=1e-5)
 
@@ -120,17 +127,15 @@ def test_mask_follows_the_rounded_output(backend, dtype):
 
 @pytest.mark.parametrize("backend", backends())
 def test_gradcheck(backend):
-    for training in (True, False):
+    for training, op in ((True, batch_norm_relu), (False, batch_norm_relu), (True, lmfused.batch_norm)):
         x, running_mean, running_var, weight, bias = make_case((3, 4, 5, 2), torch.float64, "channels_last",
                                                                affine=True)  # fmt: skip
         x = x.requires_grad_()
         weight, bias = weight.double().requires_grad_(), bias.double().requires_grad_()
         rm, rv = running_mean.double(), running_var.double()
 
-        def fn(x, weight, bias, training=training, rm=rm, rv=rv):
-            return batch_norm_relu(
-                x, rm.clone(), rv.clone(), weight, bias, training=training, backend=backend
-            )
+        def fn(x, weight, bias, training=training, rm=rm, rv=rv, op=op):
+            return op(x, rm.clone(), rv.clone(), weight, bias, training=training, backend=backend)
 
         assert torch.autograd.gradcheck(fn, (x, weight, bias), eps=1e-6, atol=1e-5)
 

@@ -59,11 +59,12 @@ def test_a_saved_view_counts_its_storage_once():
     assert sum(s.nbytes for s in counter.saved.values()) == N * 4
 
 
-def _projected_shortcut_bytes(batch: int, size: int) -> int:
-    """The four stages' projected shortcuts of a (Res|ResNe)Xt-50 in bf16: 256, 512, 1024, 2048 channels at
+def _junction_output_bytes(batch: int, size: int) -> tuple[int, int]:
+    """(all, the last) block outputs of a ResNet-50 in bf16: 3, 4, 6, 3 blocks of 256 .. 2048 channels at
     1/4 .. 1/32 of the image."""
-    return sum(batch * channels * (size // stride) ** 2 * 2 for channels, stride in
-               ((256, 4), (512, 8), (1024, 16), (2048, 32)))  # fmt: skip
+    stages = [(3, 256, 4), (4, 512, 8), (6, 1024, 16), (3, 2048, 32)]
+    each = [batch * channels * (size // stride) ** 2 * 2 for _, channels, stride in stages]
+    return sum(n * b for (n, _, _), b in zip(stages, each, strict=True)), each[-1]
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +77,23 @@ def resnet50_rows():
     return rows
 
 
-def test_lm_keeps_the_projected_shortcuts_more(resnet50_rows):
-    """What the LM-ResNet-50 keeps for its backward beyond its plain twin is each stage's projected
-    shortcut (kept as u_prev for grad_k): exactly their bytes; the convolutions' inputs, the batch norms'
-    inputs and the block outputs are the same as torchvision's."""
+def test_lm_keeps_no_more_than_its_plain_twin(resnet50_rows):
+    """The LM-ResNet-50 keeps what lm=False keeps: the projected shortcut its stages' second blocks take as
+    u_prev is rebuilt in their backward (lmfused.rebuild), not kept. Against torchvision: the same
+    convolution and batch-norm inputs and weight casts; in place of the output ReLU keeps, a 1-bit mask per
+    junction (the last block's output, which nothing else keeps, is not kept); no max-pool indices (the stem
+    pooling finds them again, lmfused.nn.MaxPool2d). In all, no more saved bytes than torchvision."""
     tv, lm, plain = (resnet50_rows[name] for name in ("torchvision", "lm", "lm=False"))
-    shortcuts = _projected_shortcut_bytes(2, 64)
-    assert lm["saved_by_role"]["projected shortcuts"] == shortcuts
-    assert tv["saved_by_role"]["projected shortcuts"] == plain["saved_by_role"]["projected shortcuts"] == 0
-    assert lm["saved_bytes"] - plain["saved_bytes"] == shortcuts
-    for role in ("BatchNorm inputs", "conv inputs", "block outputs", "weight casts", "indices"):
-        assert lm["saved_by_role"][role] == tv["saved_by_role"][role] == plain["saved_by_role"][role] > 0
+    assert lm["saved_by_role"] == plain["saved_by_role"] and lm["saved_bytes"] == plain["saved_bytes"]
+    assert lm["saved_by_role"]["projected shortcuts"] == tv["saved_by_role"]["projected shortcuts"] == 0
+    for role in ("BatchNorm inputs", "conv inputs", "weight casts", "stem, pooling and head"):
+        assert lm["saved_by_role"][role] == tv["saved_by_role"][role] > 0
+    outputs, last = _junction_output_bytes(2, 64)
+    assert lm["saved_by_role"]["masks"] == outputs // 16 and tv["saved_by_role"]["masks"] == 0
+    assert tv["saved_by_role"]["block outputs"] - lm["saved_by_role"]["block outputs"] == last
+    assert lm["saved_by_role"]["indices"] == 0 < tv["saved_by_role"]["indices"]
+    assert lm["saved_bytes"] <= tv["saved_bytes"]
+    assert lm["peak_bytes"] <= 1.01 * tv["peak_bytes"]
     for result in resnet50_rows.values():
         assert result["saved_naive_bytes"] >= result["saved_bytes"]
         assert result["peak_bytes"] >= result["saved_bytes"] - result["saved_state_bytes"]

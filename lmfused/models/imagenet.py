@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lmfused.models.common import LMNet, zoo_cfg
 from lmfused.models.registry import register_model
-from lmfused.nn import PostActBlock, ResidualStep
+from lmfused.nn import MaxPool2d, PostActBlock, ResidualStep
 from lmfused.nn.blocks import norm_relu
 from lmfused.nn.step import has_hooks
 
@@ -77,7 +77,7 @@ class LMResNet(LMNet):
         self.conv1 = nn.Conv2d(self.in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = MaxPool2d(kernel_size=3, stride=2, padding=1)  # keeps no indices for its backward
         self._make_stages(layers, [p * EXPANSION for p in planes], 64, block, relu=True)
         self.feature_info = [dict(num_chs=64, reduction=2, module="relu")] + [
             dict(num_chs=p * EXPANSION, reduction=4 * 2**i, module=f"layer{i + 1}")

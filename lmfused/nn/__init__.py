@@ -5,9 +5,11 @@
   :func:`seed_stochastic_depth`, :func:`stochastic_depth_generator`, :func:`make_step`.
 * :class:`LMStage`, :class:`PreActBlock`, :class:`PostActBlock`: blocks and stages that carry two states
   (u_n, u_{n-1}); the block protocol is described in :mod:`lmfused.nn.blocks`.
+* :class:`MaxPool2d`: ``nn.MaxPool2d`` that keeps no indices for its backward (the zoo's stem).
 """
 
 from lmfused.nn.blocks import LMBlock, LMStage, PostActBlock, PreActBlock
+from lmfused.nn.pool import MaxPool2d
 from lmfused.nn.step import (
     LMStep,
     ResidualStep,
@@ -21,6 +23,7 @@ __all__ = [
     "LMBlock",
     "LMStage",
     "LMStep",
+    "MaxPool2d",
     "PostActBlock",
     "PreActBlock",
     "ResidualStep",

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from lmfused.batch_norm_step import batch_norm_relu
+from lmfused.batch_norm_step import batch_norm, batch_norm_relu
 from lmfused.nn.step import (
     LMStep,
     ResidualStep,
@@ -43,7 +43,16 @@ from lmfused.nn.step import (
     has_hooks,
 )
 
-__all__ = ["LMBlock", "LMStage", "PostActBlock", "PreActBlock", "norm_relu", "set_grad_checkpointing"]
+__all__ = [
+    "LMBlock",
+    "LMStage",
+    "PostActBlock",
+    "PreActBlock",
+    "Projection",
+    "fused_norm",
+    "norm_relu",
+    "set_grad_checkpointing",
+]
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -56,16 +65,54 @@ def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
 
 
-def norm_relu(norm: nn.Module, x: Tensor, backend: str | None = None) -> Tensor:
-    """relu(norm(x)), as one ``lmfused.batch_norm_relu`` (whose backward reads only the gradient and x)
-    when the blocks' last-norm fusion would apply to ``norm``: a plain nn.BatchNorm2d, a ``backend`` for
-    the device, LMFUSED_FUSE_BN not 0, and not traced as plain ops under torch.compile
-    (LMFUSED_COMPILE_JUNCTION=decompose); else norm then ReLU."""
+def fused_norm(norm: nn.Module, x: Tensor, backend: str | None = None, relu: bool = False) -> Tensor:
+    """norm(x), or relu(norm(x)) with ``relu``, as one ``lmfused.batch_norm`` / ``lmfused.batch_norm_relu``
+    when the blocks' last-norm fusion would apply to ``norm``: a plain nn.BatchNorm2d, a ``backend`` for the
+    device, LMFUSED_FUSE_BN not 0, and not traced as plain ops under torch.compile
+    (LMFUSED_COMPILE_JUNCTION=decompose); else the module (then F.relu)."""
     if not fuses_batch_norm(norm, backend, device_type_of(x)) or decomposes_under_compile():
-        return F.relu(norm(x))
+        y = norm(x)
+        return F.relu(y) if relu else y
     running_mean, running_var, training, momentum = batch_norm_call(norm)
-    return batch_norm_relu(x, running_mean, running_var, norm.weight, norm.bias, training=training,
-                           momentum=momentum, eps=norm.eps, backend=backend)  # fmt: skip
+    op = batch_norm_relu if relu else batch_norm
+    return op(x, running_mean, running_var, norm.weight, norm.bias, training=training, momentum=momentum,
+              eps=norm.eps, backend=backend)  # fmt: skip
+
+
+def norm_relu(norm: nn.Module, x: Tensor, backend: str | None = None) -> Tensor:
+    """relu(norm(x)) by :func:`fused_norm` (fused: a backward that reads only the gradient and x)."""
+    return fused_norm(norm, x, backend, relu=True)
+
+
+class Projection(nn.Sequential):
+    """A projection shortcut: a 1x1 convolution then a BatchNorm2d (torchvision's ``downsample``, same
+    parameter names), the norm run by :func:`fused_norm`.
+
+    The next block takes the projection as u_prev, which its backward needs for grad_k only; lmfused's batch
+    norm lets that backward rebuild it from what the norm keeps anyway (:mod:`lmfused.rebuild`), so an LM
+    stage keeps no more than a plain ResNet stage.
+    """
+
+    def __init__(self, conv: nn.Module, norm: nn.Module, backend: str | None = None) -> None:
+        super().__init__(conv, norm)
+        self.backend = backend
+
+    @classmethod
+    def of(cls, downsample: nn.Module | None, backend: str | None = None) -> nn.Module | None:
+        """``downsample`` as a Projection (the same conv and norm modules) when it is a plain nn.Sequential
+        of a Conv2d and a BatchNorm2d without hooks of its own; else ``downsample`` itself."""
+        if (
+            type(downsample) is nn.Sequential
+            and len(downsample) == 2
+            and isinstance(downsample[0], nn.Conv2d)
+            and isinstance(downsample[1], nn.BatchNorm2d)
+            and not (downsample._forward_hooks or downsample._forward_pre_hooks)
+        ):
+            return cls(downsample[0], downsample[1], backend)
+        return downsample
+
+    def forward(self, u: Tensor) -> Tensor:
+        return fused_norm(self[1], self[0](u), self.backend)
 
 
 class LMBlock(nn.Module):
@@ -271,7 +318,7 @@ class PostActBlock(LMBlock):
             self.add_module(f"bn{i}", norm)
         for i, act in enumerate([*acts, final_act], start=1):
             self.add_module(f"act{i}", act)
-        self.downsample = downsample
+        self.downsample = Projection.of(downsample, getattr(step, "backend", None))
         self.drop_block, self.aa, self.se, self.drop_path = drop_block, aa, se, drop_path
         self._set_step(step, downsample is not None)
         if self.step.relu and final_act is not None and type(final_act) is not nn.ReLU:
