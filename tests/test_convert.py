@@ -18,7 +18,7 @@ from torch import nn
 
 from lmfused.convert import convert_to_lm
 from lmfused.models import create_model, lm_coefficient_keys, load_pretrained_state_dict
-from lmfused.nn import LMStage, LMStep, PostActBlock, ResidualStep, linear_survival_schedule
+from lmfused.nn import LMStage, LMStep, PostActBlock, Projection, ResidualStep, linear_survival_schedule
 from tests.conftest import import_or_skip
 
 # ----------------------------------------------------------------------------------------------------------
@@ -296,6 +296,7 @@ def test_conversion_reuses_the_original_modules():
     convert_to_lm(model)
     assert isinstance(model.layer1, LMStage) and all(isinstance(b, PostActBlock) for b in model.layer1)
     assert model.layer1[1].conv2 is conv and model.layer2[0].downsample is downsample
+    assert isinstance(downsample, Projection)  # the same module, its batch norm fused (lmfused.rebuild)
     assert model.layer1[0].act1 is relu and model.layer1[0].fused_act  # final ReLU fused into the update
     assert type(model.layer1[0].step) is ResidualStep and isinstance(model.layer1[1].step, LMStep)
 

@@ -137,6 +137,36 @@ def test_zoo_stage_keeps_no_projection():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("options", [{}, dict(survival_prob=0.7, noise_std=0.05)], ids=["plain", "sd+noise"])
+def test_grad_checkpointing_keeps_no_projection(options):
+    """A checkpoint keeps its inputs: a stage recomputes a block with a projection shortcut together with the
+    next block (LMStage.checkpoint_segments), so no projection outlives the forward, and the gradients are
+    those without checkpointing (stochastic depth and noise replayed), in float64."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from lmfused.nn.blocks import set_grad_checkpointing
+
+    torch.manual_seed(0)
+    model = lmfused.models.create_model("lm_resnet50", **options).to(DEVICE, torch.float64).train()
+    checkpointed = copy.deepcopy(model)
+    set_grad_checkpointing(checkpointed)
+    assert [len(s) for s in checkpointed.layer1.checkpoint_segments()] == [2, 1]
+    images = torch.randn(2, 3, 64, 64, device=DEVICE, dtype=torch.float64)
+    projections = []
+    for stage in (checkpointed.layer1, checkpointed.layer2, checkpointed.layer3, checkpointed.layer4):
+        stage[0].downsample.register_forward_hook(
+            lambda m, a, out: projections.append(StorageWeakRef(out.untyped_storage()))
+        )
+    torch.manual_seed(1)
+    loss = checkpointed(images).square().mean()
+    assert len(projections) == 4 and all(ref.expired() for ref in projections)
+    loss.backward()
+    torch.manual_seed(1)
+    model(images).square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
 POOLS = [
     dict(kernel_size=3, stride=2, padding=1),
     dict(kernel_size=2, stride=2),

@@ -4,11 +4,12 @@
   with stochastic depth ("sample" or "batch" mode) and noise injection; :func:`linear_survival_schedule`,
   :func:`seed_stochastic_depth`, :func:`stochastic_depth_generator`, :func:`make_step`.
 * :class:`LMStage`, :class:`PreActBlock`, :class:`PostActBlock`: blocks and stages that carry two states
-  (u_n, u_{n-1}); the block protocol is described in :mod:`lmfused.nn.blocks`.
+  (u_n, u_{n-1}); the block protocol is described in :mod:`lmfused.nn.blocks`. :class:`Projection`: a
+  projection shortcut (1x1 conv + BatchNorm2d) whose output an LM block's backward rebuilds, not keeps.
 * :class:`MaxPool2d`: ``nn.MaxPool2d`` that keeps no indices for its backward (the zoo's stem).
 """
 
-from lmfused.nn.blocks import LMBlock, LMStage, PostActBlock, PreActBlock
+from lmfused.nn.blocks import LMBlock, LMStage, PostActBlock, PreActBlock, Projection
 from lmfused.nn.pool import MaxPool2d
 from lmfused.nn.step import (
     LMStep,
@@ -26,6 +27,7 @@ __all__ = [
     "MaxPool2d",
     "PostActBlock",
     "PreActBlock",
+    "Projection",
     "ResidualStep",
     "linear_survival_schedule",
     "make_step",

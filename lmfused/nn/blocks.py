@@ -99,16 +99,18 @@ class Projection(nn.Sequential):
 
     @classmethod
     def of(cls, downsample: nn.Module | None, backend: str | None = None) -> nn.Module | None:
-        """``downsample`` as a Projection (the same conv and norm modules) when it is a plain nn.Sequential
-        of a Conv2d and a BatchNorm2d without hooks of its own; else ``downsample`` itself."""
+        """``downsample`` made a Projection in place when it is a plain nn.Sequential of a Conv2d and a
+        BatchNorm2d: the same object, modules, parameters and hooks (a converted model reuses what it was
+        given), only its forward fused; any other ``downsample`` is returned as it is."""
         if (
             type(downsample) is nn.Sequential
             and len(downsample) == 2
             and isinstance(downsample[0], nn.Conv2d)
             and isinstance(downsample[1], nn.BatchNorm2d)
-            and not (downsample._forward_hooks or downsample._forward_pre_hooks)
         ):
-            return cls(downsample[0], downsample[1], backend)
+            downsample.__class__ = cls
+        if isinstance(downsample, cls):
+            downsample.backend = backend
         return downsample
 
     def forward(self, u: Tensor) -> Tensor:
@@ -418,13 +420,35 @@ class LMStage(nn.Sequential):
     def forward(self, u: Tensor) -> Tensor:
         """Run the blocks on ``u``; returns the stage's output state."""
         u_prev: Tensor | None = None
-        checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
-        for block in self:
-            if checkpoint:
-                u, u_prev = torch.utils.checkpoint.checkpoint(block, u, u_prev, use_reentrant=False)
-            else:
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            for block in self:
                 u, u_prev = block(u, u_prev)
+            return u
+        for segment in self.checkpoint_segments():
+            u, u_prev = torch.utils.checkpoint.checkpoint(
+                _run_blocks, segment, u, u_prev, use_reentrant=False
+            )
         return u
+
+    def checkpoint_segments(self) -> list[tuple[nn.Module, ...]]:
+        """The blocks as grad checkpointing recomputes them: one by one, except that a block with a projection
+        shortcut goes with the next block, whose u_prev the projection is. A checkpoint keeps its inputs, so
+        apart the projection (a full-size state that no plain ResNet keeps: the next block's backward rebuilds
+        it, :mod:`lmfused.rebuild`) would be kept as that block's input; together, each segment keeps what a
+        checkpointed plain ResNet keeps, its input u (and u_prev, the previous block's input, kept anyway)."""
+        segments: list[tuple[nn.Module, ...]] = []
+        blocks = list(self)
+        while blocks:
+            take = 2 if getattr(blocks[0], "downsample", None) is not None and len(blocks) > 1 else 1
+            segments.append(tuple(blocks[:take]))
+            blocks = blocks[take:]
+        return segments
+
+
+def _run_blocks(blocks: tuple[nn.Module, ...], u: Tensor, u_prev: Tensor | None) -> tuple[Tensor, Tensor]:
+    for block in blocks:
+        u, u_prev = block(u, u_prev)
+    return u, u_prev
 
 
 def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> list[LMStage]:
