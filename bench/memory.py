@@ -23,8 +23,10 @@ Rows: torchvision's model, the zoo's LM network by default and under each ``LMFU
 what an eager step runs (``LMFUSED_FUSE_BN=0``, ``LMFUSED_GRADIENT_PASSTHROUGH=0``;
 ``LMFUSED_COMPILE_JUNCTION=decompose`` acts under torch.compile only and is shown to be the same as the
 default here), the LM network written in plain PyTorch (``bench.models.plain_pytorch_lm``) and the zoo's
-``lm=False`` network. The lmfused ops run their fake implementations, so what they keep is what their shared
-autograd code saves, whatever the backend; a kernel's own workspace (partial sums) is not seen.
+``lm=False`` network; then torchvision, the LM network and ``lm=False`` with every block checkpointed
+(activation checkpointing: their peak falls in the backward). The lmfused ops run their fake
+implementations, so what they keep is what their shared autograd code saves, whatever the backend; a
+kernel's own workspace (partial sums) is not seen.
 
 A GPU's ``torch.cuda.max_memory_allocated`` over a training step adds the parameters, buffers and the
 optimizer's momentum to the peak (:func:`predicted_peak_bytes`), plus what no count here sees (cuDNN and
@@ -35,12 +37,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -50,6 +54,7 @@ import lmfused
 from bench.common import ROOT, environment, environment_settings, print_table, write_json
 from bench.models import MODELS, VARIANTS, plain_pytorch_lm
 from bench.traffic import block_attribution, counterpart, is_block, training_inputs
+from lmfused.nn.blocks import set_grad_checkpointing
 
 ROLES = (
     "BatchNorm inputs",
@@ -303,10 +308,12 @@ class Row:
     model: str  # torchvision name (resnext50_32x4d, resnet50)
     network: str  # torchvision / lm / plain-pytorch / lm=False
     settings: tuple[tuple[str, str], ...] = ()  # LMFUSED_* environment of the row
+    checkpointing: bool = False  # activation checkpointing of every block (recomputed in the backward)
 
     @property
     def name(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.settings) if self.settings else self.network
+        name = " ".join(f"{k}={v}" for k, v in self.settings) if self.settings else self.network
+        return f"{name}, grad checkpointing" if self.checkpointing else name
 
     def ran(self) -> str:
         """What the row runs, in words."""
@@ -320,6 +327,21 @@ class Row:
         return f"{lm_name}, lmfused ops ({self.name if self.settings else 'default settings'})"
 
     def build(self) -> Callable[[], torch.nn.Module]:
+        build = self._build_network()
+        if not self.checkpointing:
+            return build
+
+        def checkpointed() -> torch.nn.Module:
+            model = build()
+            if self.network == "torchvision":
+                checkpoint_blocks(model)
+            else:
+                set_grad_checkpointing(model)
+            return model
+
+        return checkpointed
+
+    def _build_network(self) -> Callable[[], torch.nn.Module]:
         lm_name = MODELS[self.model]
         if self.network == "torchvision":
             return counterpart(lm_name)[1]
@@ -330,8 +352,20 @@ class Row:
         return lambda: lmfused.models.create_model(lm_name)
 
 
+def checkpoint_blocks(model: torch.nn.Module) -> torch.nn.Module:
+    """Activation checkpointing of every block of a torchvision ResNet (what timm's checkpoint_seq does):
+    each block keeps its input only and runs again in the backward. Names and hooks stay the block's."""
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        for block in getattr(model, name):
+            block.forward = functools.partial(
+                torch.utils.checkpoint.checkpoint, type(block).forward.__get__(block), use_reentrant=False
+            )
+    return model
+
+
 def rows_for(model: str) -> list[Row]:
-    """torchvision, the LM network by default and under each LMFUSED_* switch, in plain PyTorch, lm=False."""
+    """torchvision, the LM network by default and under each LMFUSED_* switch, in plain PyTorch, lm=False;
+    then torchvision, the LM network and lm=False with every block checkpointed."""
     switches = [("LMFUSED_FUSE_BN", "0"), ("LMFUSED_GRADIENT_PASSTHROUGH", "0"),
                 ("LMFUSED_COMPILE_JUNCTION", "decompose")]  # fmt: skip
     return [
@@ -341,6 +375,9 @@ def rows_for(model: str) -> list[Row]:
         Row(model, "lm", tuple(switches[:2])),
         Row(model, "plain-pytorch"),
         Row(model, "lm=False"),
+        Row(model, "torchvision", checkpointing=True),
+        Row(model, "lm", checkpointing=True),
+        Row(model, "lm=False", checkpointing=True),
     ]
 
 

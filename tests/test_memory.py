@@ -103,6 +103,26 @@ def test_lm_keeps_no_more_than_its_plain_twin(resnet50_rows):
         assert result["input_bytes"] == 2 * 3 * 64 * 64 * 4 + 2 * 8  # the batch: float32 images, int64 labels
 
 
+def test_checkpointed_lm_keeps_no_projection():
+    """With every block checkpointed (torchvision's blocks one by one, the LM stages by
+    set_grad_checkpointing: a projection block with the next), the LM network keeps what lm=False keeps and
+    less than torchvision (no pooling indices). Its peak falls in the backward, where the LM step's second
+    gradient (grad_u_prev, 1 X) is alive beside grad_u: at most 10% above torchvision's (8.6% at ResNeXt-50,
+    batch 64, 224 px)."""
+    import_or_skip("torchvision")
+    rows = {}
+    for row in memory.rows_for("resnet50"):
+        if row.checkpointing:
+            rows[row.network] = memory.measure(row, batch=32, size=160)
+    assert set(rows) == {"torchvision", "lm", "lm=False"}
+    tv, lm, plain = rows["torchvision"], rows["lm"], rows["lm=False"]
+    assert lm["saved_bytes"] == plain["saved_bytes"] < tv["saved_bytes"]
+    assert lm["saved_by_role"]["projected shortcuts"] == 0
+    assert plain["peak_bytes"] <= tv["peak_bytes"] < lm["peak_bytes"] <= 1.10 * tv["peak_bytes"]
+    unchecked = memory.measure(memory.Row("resnet50", "lm"), batch=32, size=160)
+    assert lm["peak_bytes"] < 0.6 * unchecked["peak_bytes"]  # what checkpointing is for
+
+
 def test_provider_rows():
     """A bench.models provider's memory row: every lmfused backend is the LM network (same autograd code),
     a variant its LMFUSED_* setting."""

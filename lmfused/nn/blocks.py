@@ -446,8 +446,11 @@ class LMStage(nn.Sequential):
 
 
 def _run_blocks(blocks: tuple[nn.Module, ...], u: Tensor, u_prev: Tensor | None) -> tuple[Tensor, Tensor]:
-    for block in blocks:
-        u, u_prev = block(u, u_prev)
+    for i, block in enumerate(blocks):
+        if i < len(blocks) - 1:  # checkpointed again: the segment's recompute holds one block at a time
+            u, u_prev = torch.utils.checkpoint.checkpoint(block, u, u_prev, use_reentrant=False)
+        else:
+            u, u_prev = block(u, u_prev)
     return u, u_prev
 
 
