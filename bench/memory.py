@@ -303,6 +303,44 @@ def predicted_peak_bytes(result: dict) -> int:
     return result["peak_bytes"] + state
 
 
+def compiled_saved_bytes(build: Callable[[], torch.nn.Module], batch: int, size: int) -> dict:
+    """What torch.compile keeps for the backward of one training step of ``build()`` (bf16 autocast,
+    channels_last): the activations its forward graph hands to its backward graph, as AOTAutograd's
+    min-cut partitioner (Inductor's, for training) chooses them. Real tensors on the CPU (a compiled step
+    cannot run on fake ones), the graphs run as traced, without Inductor's code generation; parameters
+    and their casts apart (tensors without the batch dimension). Slow: a real step."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: list[int] = []
+
+    def forward_compiler(gm: torch.fx.GraphModule, example_inputs) -> Callable:
+        return make_boxed_func(gm.forward)
+
+    def backward_compiler(gm: torch.fx.GraphModule, example_inputs) -> Callable:
+        values = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        graphs.append(sum(
+            v.numel() * v.element_size()
+            for name, v in zip(names, values, strict=True)
+            if not name.startswith("tangents")
+            and isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch
+        ))  # fmt: skip
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler,
+                           partition_fn=min_cut_rematerialization_partition)  # fmt: skip
+    torch._dynamo.reset()
+    model = build().to(memory_format=torch.channels_last).train()
+    images = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 1000, (batch,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(torch.compile(model, backend=backend)(images), labels)
+    loss.backward()
+    torch._dynamo.reset()
+    return {"compiled_saved_bytes": sum(graphs), "graphs": len(graphs)}
+
+
 @dataclass(frozen=True)
 class Row:
     model: str  # torchvision name (resnext50_32x4d, resnet50)
@@ -381,6 +419,18 @@ def rows_for(model: str) -> list[Row]:
     ]
 
 
+def compiled_rows_for(model: str) -> list[Row]:
+    """The rows counted under torch.compile: torchvision, the LM network with its registered ops and
+    decomposed (LMFUSED_COMPILE_JUNCTION=decompose), in plain PyTorch, lm=False."""
+    return [
+        Row(model, "torchvision"),
+        Row(model, "lm"),
+        Row(model, "lm", (("LMFUSED_COMPILE_JUNCTION", "decompose"),)),
+        Row(model, "plain-pytorch"),
+        Row(model, "lm=False"),
+    ]
+
+
 def measure(row: Row, batch: int, size: int) -> dict:
     """The memory of ``row``'s training step."""
     with environment_settings(dict(row.settings)):
@@ -416,6 +466,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--roles", action="store_true", help="also print the saved bytes per role")
+    parser.add_argument("--compiled", type=int, metavar="BATCH", default=0,
+                        help="also count what torch.compile keeps, running real steps on the CPU at this "
+                             "batch (slow: about a minute per row at 16)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
     args = parser.parse_args(argv)
     results = []
@@ -423,9 +476,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for row in rows_for(model):
             results.append(measure(row, args.batch, args.size))
             print(f"{model} {row.name}: saved {_mb(results[-1]['saved_bytes']):,.1f} MB", flush=True)
+    compiled = []
+    for model in args.models if args.compiled else ():
+        for row in compiled_rows_for(model):
+            with environment_settings(dict(row.settings)):
+                counted = compiled_saved_bytes(row.build(), args.compiled, args.size)
+            compiled.append(
+                {"model": model, "row": row.name, "ran": row.ran(), "batch": args.compiled, **counted}
+            )
+            print(
+                f"{model} {row.name} compiled: saved {_mb(counted['compiled_saved_bytes']):,.1f} MB",
+                flush=True,
+            )
     env = environment()
     path = args.out / "memory.json"
-    write_json(path, {"environment": env, "batch": args.batch, "image_size": args.size, "rows": results})
+    payload = {"environment": env, "batch": args.batch, "image_size": args.size, "rows": results}
+    write_json(path, payload | ({"compiled": compiled} if compiled else {}))
     base = {r["model"]: r for r in results if r["row"] == "torchvision"}
     table = []
     for r in results:
@@ -451,6 +517,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 for r in results
             ]
             print_table(rows, [("model", "s"), ("row", "s")] + [(role, ",.1f") for role in ROLES])
+    if compiled:
+        base = {r["model"]: r for r in compiled if r["row"] == "torchvision"}
+        print(f"\ntorch.compile (AOTAutograd's min-cut partitioner), batch {args.compiled}: activations "
+              "kept for the backward")  # fmt: skip
+        table = [{"model": r["model"], "row": r["row"], "saved_mb": _mb(r["compiled_saved_bytes"]),
+                  "vs_tv": r["compiled_saved_bytes"] / base[r["model"]]["compiled_saved_bytes"],
+                  "graphs": r["graphs"]} for r in compiled]  # fmt: skip
+        print_table(
+            table, [("model", "s"), ("row", "s"), ("saved_mb", ",.1f"), ("vs_tv", ".3f"), ("graphs", "d")]
+        )
     print(f"wrote {path}")
     return results
 

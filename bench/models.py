@@ -46,6 +46,7 @@ from bench.common import (
     write_json,
 )
 from lmfused.nn import LMStep, ResidualStep
+from lmfused.nn.step import plain_update
 
 MODELS = {"resnext50_32x4d": "lm_resnext50_32x4d", "resnet50": "lm_resnet50"}
 PLAIN_PYTORCH = "plain-pytorch"  # the LM network with every lmfused op replaced by plain PyTorch
@@ -65,30 +66,6 @@ def variant_environment(provider: str):
     _, _, variant = provider.partition("+")
     with environment_settings(VARIANTS[variant] if variant else {}):
         yield
-
-
-def plain_update(
-    u: Tensor, u_prev: Tensor | None, f: Tensor | None, k: Tensor | None, scale: Tensor | None, relu: bool,
-    noise_std: float,
-) -> Tensor:  # fmt: skip
-    """The LM update (Lu et al., ICML 2018, eq. 5) as a user writes it in PyTorch, with the fused op's
-    numerics: k is a float32 parameter viewed as (1, C or 1, 1, 1), so type promotion computes every term in
-    float32 from the bf16 states (exact upcasts, nothing cast in memory) and the sum is rounded once to the
-    states' dtype, before the ReLU (which commutes with rounding: the same bits, and the ReLU keeps its
-    output in the states' dtype for its backward, not in float32). ``k`` None: the ResNet step
-    ``act(u + s f + noise)`` (a stage's first block), which without scale or noise is the states' own
-    addition, rounded once, as torchvision's ``out += identity``."""
-    out = u
-    if k is not None:
-        kc = k.reshape((1, -1) + (1,) * (u.dim() - 2))
-        out = (1 - kc) * u + kc * u_prev
-    if f is not None:
-        out = out + (f if scale is None else scale.reshape((-1,) + (1,) * (u.dim() - 1)) * f)
-    if noise_std > 0:
-        dtype = torch.promote_types(u.dtype, torch.float32)
-        out = out + noise_std * torch.randn(u.shape, dtype=dtype, device=u.device)
-    out = out.to(u.dtype)
-    return torch.relu(out) if relu else out
 
 
 class _PlainPyTorchUpdate:

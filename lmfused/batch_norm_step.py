@@ -412,6 +412,15 @@ def _input_grads(reduce_op, backward_op, ctx, grad_out, grad_shortcut=None) -> t
     return (grad_x, None, None, grad_weight, grad_bias, grad_u, grad_u_prev, grad_k) + constants
 
 
+def is_forward_op(op: object) -> bool:
+    """True for the forward op (``lmfused::batch_norm_lm_step_<backend>``) of any backend, as torch.compile's
+    selective checkpointing policies see it (an OpOverload): the op whose output a recompute rebuilds from
+    the statistics and x."""
+    schema = getattr(op, "_schema", None)
+    name = getattr(schema, "name", "")
+    return name.startswith("lmfused::batch_norm_lm_step_") and not name.endswith(("_backward", "_reduce"))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Registration
 # ----------------------------------------------------------------------------------------------------------

@@ -167,6 +167,31 @@ def test_grad_checkpointing_keeps_no_projection(options):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_compiled_stage_keeps_no_projection():
+    """Under torch.compile the partitioner decides what is kept: a Projection asks it (selective
+    checkpointing) to recompute its norm's output. The compiled step keeps what lm=False keeps, and gives
+    the eager gradients and running statistics (updated once), in float64."""
+    from bench.memory import compiled_saved_bytes
+
+    def build(**options):
+        return lambda: lmfused.models.create_model("lm_resnet50", backend="reference", **options)
+
+    kept = compiled_saved_bytes(build(), batch=2, size=64)["compiled_saved_bytes"]
+    assert kept == compiled_saved_bytes(build(lm=False), batch=2, size=64)["compiled_saved_bytes"] > 0
+
+    torch.manual_seed(0)
+    model = build()().to(DEVICE, torch.float64).train()
+    eager = copy.deepcopy(model)
+    images = torch.randn(2, 3, 64, 64, device=DEVICE, dtype=torch.float64)
+    torch.compile(model, backend="aot_eager")(images).square().mean().backward()
+    torch._dynamo.reset()
+    eager(images).square().mean().backward()
+    for (name, p), q in zip(eager.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+    for (name, b), c in zip(eager.named_buffers(), model.buffers(), strict=True):
+        torch.testing.assert_close(c, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
 POOLS = [
     dict(kernel_size=3, stride=2, padding=1),
     dict(kernel_size=2, stride=2),

@@ -31,8 +31,9 @@ import torch.fx
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from lmfused.batch_norm_step import batch_norm, batch_norm_relu
+from lmfused.batch_norm_step import batch_norm, batch_norm_relu, is_forward_op
 from lmfused.nn.step import (
     LMStep,
     ResidualStep,
@@ -90,7 +91,8 @@ class Projection(nn.Sequential):
 
     The next block takes the projection as u_prev, which its backward needs for grad_k only; lmfused's batch
     norm lets that backward rebuild it from what the norm keeps anyway (:mod:`lmfused.rebuild`), so an LM
-    stage keeps no more than a plain ResNet stage.
+    stage keeps no more than a plain ResNet stage. Under torch.compile a selective checkpoint asks the
+    partitioner for the same: recompute the norm's output, do not keep it.
     """
 
     def __init__(self, conv: nn.Module, norm: nn.Module, backend: str | None = None) -> None:
@@ -114,7 +116,24 @@ class Projection(nn.Sequential):
         return downsample
 
     def forward(self, u: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() and torch.is_grad_enabled():
+            # The rebuild mark is eager only; under torch.compile the partitioner decides what the backward
+            # keeps, and a selective checkpoint tells it to recompute the norm's output from the conv output
+            # and statistics (which the norm's backward keeps anyway), not to keep it.
+            return torch.utils.checkpoint.checkpoint(
+                self._project, u, use_reentrant=False, context_fn=_recompute_the_normalization
+            )
+        return self._project(u)
+
+    def _project(self, u: Tensor) -> Tensor:
         return fused_norm(self[1], self[0](u), self.backend)
+
+
+def _recompute_the_normalization():
+    def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_RECOMPUTE if is_forward_op(op) else CheckpointPolicy.PREFER_SAVE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 class LMBlock(nn.Module):

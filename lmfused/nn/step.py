@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from lmfused.batch_norm_step import batch_norm_lm_step, batch_norm_lm_step_with_shortcut, has_backend
 from lmfused.ops import lm_step, lm_step_with_shortcut
-from lmfused.reference import compute_dtype, lm_step_computed
+from lmfused.reference import compute_dtype
 
 # The update is a leaf for torch.fx: symbolic tracing (torch.fx.symbolic_trace, torchvision's
 # create_feature_extractor, timm's FX feature extraction) records each call as one graph node instead of
@@ -243,14 +243,29 @@ def _out_and_shortcut(pair: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return pair[0], shortcut
 
 
-def _decomposed_update(
-    u: Tensor, u_prev: Tensor, f: Tensor | None, k: Tensor, scale: Tensor | None, relu: bool, noise_std: float
-) -> Tensor:
-    """The update as PyTorch ops in float32 (float64 for float64 states), returned in u's dtype."""
-    noise = None
+def plain_update(
+    u: Tensor, u_prev: Tensor | None, f: Tensor | None, k: Tensor | None, scale: Tensor | None, relu: bool,
+    noise_std: float,
+) -> Tensor:  # fmt: skip
+    """The LM update (Lu et al., ICML 2018, eq. 5) as plain PyTorch ops, with the fused op's numerics: what
+    torch.compile traces with ``LMFUSED_COMPILE_JUNCTION=decompose`` and what bench.models' plain-PyTorch
+    network runs. k is viewed as (1, C or 1, 1, 1) in the compute dtype (float32; float64 for float64
+    states), so type promotion computes every term in it from the bf16 states (exact upcasts, nothing cast
+    in memory) and the sum is rounded once to the states' dtype, before the ReLU (which commutes with
+    rounding: the same bits, and the ReLU keeps its output in the states' dtype for its backward, not in
+    float32). ``k`` None: the ResNet step ``act(u + s f + noise)``, which without scale or noise is the
+    states' own addition, rounded once, as torchvision's ``out += identity``."""
+    out = u
+    if k is not None:
+        kc = k.reshape((1, -1) + (1,) * (u.dim() - 2)).to(compute_dtype(u.dtype))
+        out = (1 - kc) * u + kc * u_prev
+    if f is not None:
+        out = out + (f if scale is None else scale.reshape((-1,) + (1,) * (u.dim() - 1)) * f)
     if noise_std > 0:
-        noise = noise_std * torch.randn(u.shape, dtype=compute_dtype(u.dtype), device=u.device)
-    return lm_step_computed(u, u_prev, f, k, scale, relu, noise).to(u.dtype)
+        dtype = torch.promote_types(u.dtype, torch.float32)
+        out = out + noise_std * torch.randn(u.shape, dtype=dtype, device=u.device)
+    out = out.to(u.dtype)
+    return torch.relu(out) if relu else out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,7 +352,7 @@ class ResidualStep(nn.Module):
         u, u_prev = u.to(dtype), u_prev.to(dtype)
         noise_std = self.noise_std if self.training else 0.0
         if decomposes_under_compile():
-            return _decomposed_update(u, u_prev, f, k, self._scale(u, f), self.relu, noise_std), u
+            return plain_update(u, u_prev, f, k, self._scale(u, f), self.relu, noise_std), u
         step = lm_step_with_shortcut if passes_gradient() else _without_pass_through(lm_step)
         pair = step(
             u,
@@ -363,7 +378,7 @@ class ResidualStep(nn.Module):
                 x, running_mean, running_var, norm.weight, norm.bias, training, momentum, norm.eps
             )
             noise_std = self.noise_std if self.training else 0.0
-            return _decomposed_update(u, u_prev, f, k, self._scale(u, f), self.relu, noise_std), u
+            return plain_update(u, u_prev, f, k, self._scale(u, f), self.relu, noise_std), u
         step = batch_norm_lm_step_with_shortcut
         if not passes_gradient():
             step = _without_pass_through(batch_norm_lm_step)
