@@ -103,6 +103,18 @@ def test_lm_keeps_no_more_than_its_plain_twin(resnet50_rows):
         assert result["input_bytes"] == 2 * 3 * 64 * 64 * 4 + 2 * 8  # the batch: float32 images, int64 labels
 
 
+def test_stochastic_depth_and_noise_keep_nothing_more(resnet50_rows):
+    """Sample-mode stochastic depth and noise: the per-sample scales (N floats per block) and a seed are all
+    the step keeps beyond the default LM network; still no more than torchvision."""
+    import lmfused
+
+    build = lambda: lmfused.models.create_model("lm_resnet50", survival_prob=0.8, noise_std=0.05)  # noqa: E731
+    result = memory.measure_step(build, batch=2, size=64)
+    tv, lm = resnet50_rows["torchvision"], resnet50_rows["lm"]
+    assert 0 < result["saved_bytes"] - lm["saved_bytes"] <= 16 * (2 * 4 + 8)  # 16 blocks: 2 scales, a seed
+    assert result["saved_bytes"] <= tv["saved_bytes"]
+
+
 def test_checkpointed_lm_keeps_no_projection():
     """With every block checkpointed (torchvision's blocks one by one, the LM stages by
     set_grad_checkpointing: a projection block with the next), the LM network keeps what lm=False keeps and
