@@ -159,10 +159,11 @@ if wants gpu-tests; then  # every test marked gpu, file by file (vector paths, 2
   run_step gpu-tests "${TESTS_TIMEOUT:-75}" $PY -m pytest $gpu_files -m gpu "${pytest_args[@]}" \
     -n "${GPU_TEST_WORKERS:-8}"
 fi
-if wants op-tests; then  # the op tests (CI runs them on the interpreter) on the compiled kernels and cuda
+if wants op-tests; then  # the op tests (CI runs them on the interpreter) on the compiled kernels and cuda;
+  # test_rebuild: the projection rebuilt in the backward, the stem pooling, checkpointed and compiled stages
   op_files=$(ls tests/test_lm_step.py tests/test_batch_norm_step.py tests/test_batch_norm_relu.py \
     tests/test_shortcut_gradient.py tests/test_nonfinite.py tests/test_dtypes.py tests/test_errors.py \
-    tests/test_batch_norm_modules.py 2>/dev/null)
+    tests/test_batch_norm_modules.py tests/test_rebuild.py 2>/dev/null)
   run_step op-tests "$(left 5)" $PY -m pytest $op_files -m "not gpu" -k "not reference" "${pytest_args[@]}" \
     -n "${TEST_WORKERS:-12}"
 fi
