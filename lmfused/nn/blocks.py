@@ -131,7 +131,7 @@ class Projection(nn.Sequential):
 
 def _recompute_the_normalization():
     def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-        return CheckpointPolicy.MUST_RECOMPUTE if is_forward_op(op) else CheckpointPolicy.PREFER_SAVE
+        return CheckpointPolicy.MUST_RECOMPUTE if is_forward_op(op) else CheckpointPolicy.MUST_SAVE
 
     return create_selective_checkpoint_contexts(policy)
 
