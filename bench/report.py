@@ -1,10 +1,11 @@
-"""Turn benchmark JSON into the README's results table and a bandwidth plot.
+"""Turn benchmark JSON into the results tables of docs/results.md and a bandwidth plot.
 
     python -m bench.report bench/results/ops-nvidia-h100-80gb-hbm3.json [--models M.json] [--png out.png]
     python -m bench.report OPS.json --brief     # % of copy ranges per layout, provider and mode
 
-Prints a Markdown table (paste between the RESULTS markers of README.md, or pass --readme to replace them)
-of the headline shape: every provider, mode and layout, with the fraction of copy bandwidth achieved.
+Prints a Markdown table (paste between the RESULTS markers of docs/results.md, or pass --results-page to
+replace them) of the headline shape: every provider, mode and layout, with the fraction of copy bandwidth
+achieved.
 """
 
 from __future__ import annotations
@@ -164,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("ops", type=Path, help="ops JSON from bench.ops")
     parser.add_argument("--models", type=Path, help="models JSON from bench.models")
     parser.add_argument("--png", type=Path, help="write the bandwidth plot here")
-    parser.add_argument("--readme", action="store_true", help="replace the results section of README.md")
+    parser.add_argument(
+        "--results-page", action="store_true", help="replace the generated tables of docs/results.md"
+    )
     parser.add_argument("--brief", action="store_true", help="print only the % of copy ranges per provider")
     args = parser.parse_args(argv)
     if args.brief:
@@ -177,11 +180,11 @@ def main(argv: list[str] | None = None) -> None:
         text += "\n\n" + models_table(json.loads(args.models.read_text()))
     if args.png:
         plot(json.loads(args.ops.read_text()), args.png)
-    if args.readme:
-        readme = ROOT / "README.md"
-        content = readme.read_text()
+    if args.results_page:
+        page = ROOT / "docs" / "results.md"
+        content = page.read_text()
         start, end = content.index(BEGIN) + len(BEGIN), content.index(END)
-        readme.write_text(content[:start] + "\n" + text + "\n" + content[end:])
+        page.write_text(content[:start] + "\n" + text + "\n" + content[end:])
     print(text)
 
 

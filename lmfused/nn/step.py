@@ -214,7 +214,7 @@ def decomposes_under_compile() -> bool:
     """True while torch.compile traces with ``LMFUSED_COMPILE_JUNCTION=decompose``: the junction is then
     traced as plain PyTorch ops (F.batch_norm and the update's composition, float32 arithmetic), which
     Inductor fuses with its neighbours itself. The default, ``op``, traces the registered lmfused ops,
-    which Inductor keeps as they are (see the README for which is faster where)."""
+    which Inductor keeps as they are (docs/ops.md: which is faster where is for a GPU run to say)."""
     return torch.compiler.is_compiling() and os.environ.get("LMFUSED_COMPILE_JUNCTION", "op") == "decompose"
 
 
