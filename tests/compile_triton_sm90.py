@@ -3,6 +3,7 @@
     python tests/compile_triton_sm90.py MODULE [KERNEL ...]      (default: every *_kernel of MODULE)
     python tests/compile_triton_sm90.py --check-pre-activation     (issue 19 item 1, see below)
     python tests/compile_triton_sm90.py --table                    (issue 19 item 8, bench/NOTES.md)
+    python tests/compile_triton_sm90.py --check-in-flight          (the table's goals, see check_in_flight)
 
 Runs the real compiler (Triton IR, LLVM, ptxas from the Triton wheel) on every kernel given, for these
 variants of its boolean constexpr flags (block sizes and other integer constexprs fixed):
@@ -44,7 +45,7 @@ import check_sass  # noqa: E402 - the SASS parser and counts of the CUDA kernels
 # Integer constexprs (block sizes, vector widths, loop counts); every other constexpr is a boolean flag.
 BLOCKS = {
     "BLOCK_M": 8, "BLOCK_L": 256, "BLOCK_A": 8, "BLOCK_B": 256, "BLOCK_C": 256, "MERGE_ROWS": 16,
-    "BLOCK": 1024, "VEC": 8, "ROW_ITERS": 2,
+    "BLOCK": 1024, "VEC": 8, "ROW_ITERS": 2, "ITEMS": 4,
 }  # fmt: skip
 # Pointers that are not activations: per-channel and per-sample vectors (float32, or float64 with float64
 # activations), the mask, ticket counters, the noise seed.
@@ -274,6 +275,8 @@ def main(argv: list[str]) -> int:
         return check_pre_activation()
     if argv[:1] == ["--table"]:
         return table()
+    if argv[:1] == ["--check-in-flight"]:
+        return check_in_flight()
     module = importlib.import_module(argv[0])
     names = argv[1:] or sorted(
         name
@@ -387,13 +390,13 @@ def table_rows() -> list[dict]:
             x = x.contiguous(memory_format=torch.channels_last)
         plan = plan_layout(x)
         vec = bn._vec(int(plan.row_len), 2)
-        stats = bn.reduction_shape(plan, 2, 64)[:2]
+        stats = bn.reduction_shape(plan, 2, bn.STATS_BYTES_PER_THREAD)[:2]
         reduce = bn.reduction_shape(plan, 2, 32)[:2]
         tile = bn.elementwise_shape(channels_last, int(plan.rows), int(plan.row_len), 2)[:2]
         common = {"CHANNELS_LAST": channels_last, "VEC": vec}
         kernels = [
             ("stats", bn.batch_norm_stats_kernel, {"HAS_RUNNING": True},
-             dict(zip(("BLOCK_A", "BLOCK_B"), stats, strict=True))),
+             {**dict(zip(("BLOCK_A", "BLOCK_B"), stats, strict=True)), "ITEMS": bn.STATS_ITEMS}),
             ("forward", bn.batch_norm_lm_step_forward_kernel,
              {"HAS_STATE": True, "HAS_WEIGHT": True, "HAS_BIAS": True, "RELU": True, "WRITE_MASK": True,
               "PER_CHANNEL_K": True}, dict(zip(("BLOCK_M", "BLOCK_L"), tile, strict=True))),
@@ -425,6 +428,25 @@ def table() -> int:
               f"| {row['ctas']} | {row['per_thread']} B | {row['per_sm'] / 1024:.0f} KB | {row['wide']:.2f} "
               f"| {fractions[0]:.2f} | {fractions[1]:.2f} |")  # fmt: skip
     return 0
+
+
+GOAL_PER_SM = 32 * 1024  # issue 19 item 8: bytes of loads in flight per SM of every streaming kernel
+STATS_PER_THREAD = 4 * 16  # item 5: four independent 128-bit loads per thread in the statistics
+
+
+def check_in_flight() -> int:
+    """Every row of the table: no local memory, at least GOAL_PER_SM bytes of loads in flight per SM, and the
+    channels-last statistics at least STATS_PER_THREAD per thread. Exits 1 otherwise."""
+    failures = 0
+    for row in table_rows():
+        ok = row["local"] == 0 and row["per_sm"] >= GOAL_PER_SM
+        if row["kernel"] == "stats" and row["shape"].endswith("cl"):
+            ok = ok and row["per_thread"] >= STATS_PER_THREAD
+        failures += not ok
+        status = "ok  " if ok else "FAIL"
+        print(f"{status}  {row['kernel']} {row['shape']}: {row['local']} local B, {row['per_thread']} B in "
+              f"flight per thread, {row['per_sm'] / 1024:.0f} KB per SM")  # fmt: skip
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
