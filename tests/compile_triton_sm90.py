@@ -2,6 +2,8 @@
 
     python tests/compile_triton_sm90.py MODULE [KERNEL ...]      (default: every *_kernel of MODULE)
     python tests/compile_triton_sm90.py --check-pre-activation     (issue 19 item 1, see below)
+    python tests/compile_triton_sm90.py --table                    (issue 19 item 8, bench/NOTES.md)
+    python tests/compile_triton_sm90.py --check-in-flight          (the table's goals, see check_in_flight)
 
 Runs the real compiler (Triton IR, LLVM, ptxas from the Triton wheel) on every kernel given, for these
 variants of its boolean constexpr flags (block sizes and other integer constexprs fixed):
@@ -31,15 +33,19 @@ import importlib
 import itertools
 import re
 import sys
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "csrc"))
+import check_sass  # noqa: E402 - the SASS parser and counts of the CUDA kernels' table
+
 # Integer constexprs (block sizes, vector widths, loop counts); every other constexpr is a boolean flag.
 BLOCKS = {
     "BLOCK_M": 8, "BLOCK_L": 256, "BLOCK_A": 8, "BLOCK_B": 256, "BLOCK_C": 256, "MERGE_ROWS": 16,
-    "BLOCK": 1024, "VEC": 8, "ROW_ITERS": 2,
+    "BLOCK": 1024, "VEC": 8, "ROW_ITERS": 2, "ITEMS": 4,
 }  # fmt: skip
 # Pointers that are not activations: per-channel and per-sample vectors (float32, or float64 with float64
 # activations), the mask, ticket counters, the noise seed.
@@ -269,6 +275,8 @@ def main(argv: list[str]) -> int:
         return check_pre_activation()
     if argv[:1] == ["--table"]:
         return table()
+    if argv[:1] == ["--check-in-flight"]:
+        return check_in_flight()
     module = importlib.import_module(argv[0])
     names = argv[1:] or sorted(
         name
@@ -301,11 +309,6 @@ def main(argv: list[str]) -> int:
 # --table: the static performance table of the batch-norm Triton kernels (issue 19 item 8)
 # ---------------------------------------------------------------------------------------------------------
 
-_WIDTH = {
-    "v4.b32": 16, "v2.b32": 8, "v4.b16": 8, "b32": 4, "v2.b16": 4, "b16": 2, "b8": 1, "u8": 1, "v2.b64": 16,
-    "b64": 8, "v4.b64": 32,
-}  # fmt: skip
-_GLOBAL = re.compile(r"\b(ld|st)\.global(?:\.[a-z0-9_]+)*?\.((?:v[24]\.)?[bu](?:8|16|32|64))\b")
 # H100 SXM and H200: HBM bandwidth (bytes/s), SMs; a DRAM load latency of 700 ns (an assumption).
 GPUS = {"H100": (3.35e12, 132), "H200": (4.8e12, 132)}
 LATENCY_S = 700e-9
@@ -324,58 +327,76 @@ def _resources(cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
 
 
-def _loads_in_flight(ptx: str) -> int:
-    """Bytes of global loads a thread issues before the first instruction that uses one of them (PTX order:
-    the first streaming stretch of the kernel or of its loop body)."""
-    defined, total, started = set(), 0, False
-    for line in ptx.splitlines():
-        match = _GLOBAL.search(line)
-        if match and match.group(1) == "ld":
-            started = True
-            total += _WIDTH.get(match.group(2), 4)
-            defined.update(re.findall(r"%r[sd]?\d+", line.split("[")[0].split("}")[0]))
-            continue
-        if started and not line.strip().startswith(("mov.u", "mov.b32 %r", "//", ".loc", "$L", "@")):
-            operands = re.findall(r"%r[sd]?\d+", line.split(",", 1)[1] if "," in line else "")
-            if defined.intersection(operands):
-                break
-    return total
+def _sass_kernel(cubin: bytes):
+    """The kernel of ``cubin`` as csrc/check_sass.py parses it (SASS from cuobjdump, registers, shared)."""
+    import os
+    import subprocess
+    import tempfile
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}  # cuobjdump runs nvdisasm
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run(
+            [os.path.join(bin_dir, "cuobjdump"), "-sass", f.name], capture_output=True, text=True, env=env
+        ).stdout
+    (kernel,) = check_sass.parse_sass(text).values()
+    resources = _resources(cubin)
+    kernel.regs, kernel.shared = resources.get("REG", 0), resources.get("SHARED", 0)
+    kernel.local = resources.get("LOCAL", 0) + resources.get("STACK", 0)
+    return kernel
 
 
-def _wide_fraction(ptx: str) -> float:
-    accesses = [_WIDTH.get(m.group(2), 4) for m in _GLOBAL.finditer(ptx)]
-    return sum(w for w in accesses if w >= 8) / max(1, sum(accesses))
+def streaming_figures(cubin: bytes, threads: int) -> dict[str, float]:
+    """From the sm_90 SASS, as csrc/check_sass.py counts the CUDA kernels: registers, local bytes, CTAs per
+    SM, bytes of global loads a thread issues in its main loop (the whole kernel without one) before the
+    first use of one of them, the same per SM, and the fraction of the main loop's global bytes moved by
+    accesses of 64 bits or more."""
+    kernel = _sass_kernel(cubin)
+    body = check_sass.main_loop(kernel)
+    ctas = check_sass.ctas_per_sm(kernel, threads)
+    per_thread = check_sass.loads_before_first_use(body)
+    moved = [check_sass.access_bits(i.opcode) for i in body if i.base in ("LDG", "STG")]
+    return {
+        "regs": kernel.regs,
+        "local": kernel.local,
+        "ctas": ctas,
+        "per_thread": per_thread,
+        "per_sm": per_thread * threads * ctas,
+        "wide": sum(b for b in moved if b >= 64) / max(1, sum(moved)),
+    }
 
 
-def table() -> int:
-    """Print the markdown table of bench/NOTES.md "Static table: Triton kernels (sm_90)"."""
+TABLE_SHAPES = [
+    ("64x256x56x56 cl", (64, 256, 56, 56), True),
+    ("64x2048x7x7 cl", (64, 2048, 7, 7), True),
+    ("64x1024x14x14 cf", (64, 1024, 14, 14), False),
+]
+
+
+def table_rows() -> list[dict]:
+    """The rows of --table: each streaming batch-norm kernel compiled for sm_90 at the launchers' own tile
+    shapes and warps for every shape of TABLE_SHAPES (bf16, every flag the models' junctions use)."""
     import torch
     from lmfused.triton_kernels import batch_norm_lm_step as bn
 
     from lmfused._layout import plan_layout
 
-    shapes = [
-        ("64x256x56x56 cl", (64, 256, 56, 56), True),
-        ("64x2048x7x7 cl", (64, 2048, 7, 7), True),
-        ("64x1024x14x14 cf", (64, 1024, 14, 14), False),
-    ]
-    print("| kernel | shape (bf16) | tile | regs | local B | CTAs/SM | in flight/thread | in flight/SM "
-          "| wide "
-          "| H100 | H200 |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for label, shape, channels_last in shapes:
+    rows = []
+    for label, shape, channels_last in TABLE_SHAPES:
         x = torch.empty(shape, dtype=torch.bfloat16, device="meta")
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         plan = plan_layout(x)
         vec = bn._vec(int(plan.row_len), 2)
-        stats = bn.reduction_shape(plan, 2, 64)[:2]
+        stats = bn.reduction_shape(plan, 2, bn.STATS_BYTES_PER_THREAD)[:2]
         reduce = bn.reduction_shape(plan, 2, 32)[:2]
         tile = bn.elementwise_shape(channels_last, int(plan.rows), int(plan.row_len), 2)[:2]
         common = {"CHANNELS_LAST": channels_last, "VEC": vec}
         kernels = [
             ("stats", bn.batch_norm_stats_kernel, {"HAS_RUNNING": True},
-             dict(zip(("BLOCK_A", "BLOCK_B"), stats, strict=True))),
+             {**dict(zip(("BLOCK_A", "BLOCK_B"), stats, strict=True)), "ITEMS": bn.STATS_ITEMS}),
             ("forward", bn.batch_norm_lm_step_forward_kernel,
              {"HAS_STATE": True, "HAS_WEIGHT": True, "HAS_BIAS": True, "RELU": True, "WRITE_MASK": True,
               "PER_CHANNEL_K": True}, dict(zip(("BLOCK_M", "BLOCK_L"), tile, strict=True))),
@@ -389,21 +410,43 @@ def table() -> int:
         ]  # fmt: skip
         for name, kernel, flags, blocks in kernels:
             compiled = compile_variant(kernel, "*bf16", {**common, **flags}, blocks, num_warps=bn.NUM_WARPS)
-            res = _resources(compiled.asm["cubin"])
-            threads = 32 * bn.NUM_WARPS
-            regs = -(-max(res.get("REG", 0), 1) // 8) * 8
-            ctas = min(32, 2048 // threads, 65536 // (regs * threads),
-                       (228 * 1024) // max(1, res.get("SHARED", 0) + 1024))  # fmt: skip
-            per_thread = _loads_in_flight(compiled.asm["ptx"])
-            per_sm = per_thread * threads * ctas
-            fractions = [min(1.0, per_sm / (bw * LATENCY_S / sms)) for bw, sms in GPUS.values()]
+            figures = streaming_figures(compiled.asm["cubin"], 32 * bn.NUM_WARPS)
             tile_text = "x".join(str(v) for v in blocks.values())
-            local = res.get("LOCAL", 0) + res.get("STACK", 0)
-            wide = _wide_fraction(compiled.asm["ptx"])
-            print(f"| {name} | {label} | {tile_text} | {res.get('REG')} | {local} | {ctas} | {per_thread} B "
-                  f"| {per_sm / 1024:.0f} KB | {wide:.2f} | {fractions[0]:.2f} "
-                  f"| {fractions[1]:.2f} |")  # fmt: skip
+            rows.append({"kernel": name, "shape": label, "tile": tile_text, **figures})
+    return rows
+
+
+def table() -> int:
+    """Print the markdown table of bench/NOTES.md "Static table: Triton kernels (sm_90)"."""
+    print("| kernel | shape (bf16) | tile | regs | local B | CTAs/SM | in flight/thread | in flight/SM "
+          "| wide "
+          "| H100 | H200 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in table_rows():
+        fractions = [min(1.0, row["per_sm"] / (bw * LATENCY_S / sms)) for bw, sms in GPUS.values()]
+        print(f"| {row['kernel']} | {row['shape']} | {row['tile']} | {row['regs']} | {row['local']} "
+              f"| {row['ctas']} | {row['per_thread']} B | {row['per_sm'] / 1024:.0f} KB | {row['wide']:.2f} "
+              f"| {fractions[0]:.2f} | {fractions[1]:.2f} |")  # fmt: skip
     return 0
+
+
+GOAL_PER_SM = 32 * 1024  # issue 19 item 8: bytes of loads in flight per SM of every streaming kernel
+STATS_PER_THREAD = 4 * 16  # item 5: four independent 128-bit loads per thread in the statistics
+
+
+def check_in_flight() -> int:
+    """Every row of the table: no local memory, at least GOAL_PER_SM bytes of loads in flight per SM, and the
+    channels-last statistics at least STATS_PER_THREAD per thread. Exits 1 otherwise."""
+    failures = 0
+    for row in table_rows():
+        ok = row["local"] == 0 and row["per_sm"] >= GOAL_PER_SM
+        if row["kernel"] == "stats" and row["shape"].endswith("cl"):
+            ok = ok and row["per_thread"] >= STATS_PER_THREAD
+        failures += not ok
+        status = "ok  " if ok else "FAIL"
+        print(f"{status}  {row['kernel']} {row['shape']}: {row['local']} local B, {row['per_thread']} B in "
+              f"flight per thread, {row['per_sm'] / 1024:.0f} KB per SM")  # fmt: skip
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -420,3 +420,30 @@ def test_mask_packing_layout():
     mask = pack_mask(last)
     assert mask.shape == (20, 1) and mask[19, 0].item() == 4 and mask.sum().item() == 4
     assert torch.equal(unpack_mask(mask, last), passes)
+
+
+@pytest.mark.skipif("triton" not in backends(), reason="the Triton backend is not available")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_statistics_when_programs_walk_many_tiles(layout):
+    """The Triton statistics load STATS_ITEMS tiles per step: a shape where every program takes more than
+    one step and the last step runs past the tiles (masked) gives the float64 statistics and running
+    statistics (the small shapes above give each program at most one tile)."""
+    from lmfused.triton_kernels import batch_norm_lm_step as bn
+
+    from lmfused._layout import plan_layout
+
+    gen = torch.Generator().manual_seed(3)
+    x = in_layout(3 + 2 * torch.randn(2, 8, 150, 163, generator=gen), layout).to(DEVICE)
+    num_items, (programs, _) = bn.reduction_shape(plan_layout(x), 4, bn.STATS_BYTES_PER_THREAD)[3:]
+    step = bn.STATS_ITEMS * programs
+    assert num_items > step and num_items % step, (num_items, programs)  # two steps, a masked tail
+    dims = (0, 2, 3)
+    running_mean, running_var = (torch.rand(8, generator=gen).to(DEVICE) for _ in range(2))
+    want_mean = 0.9 * running_mean.double() + 0.1 * x.double().mean(dim=dims)
+    want_var = 0.9 * running_var.double() + 0.1 * x.double().var(dim=dims)
+    mean, invstd = _OPS["triton"][0](x, running_mean, running_var, True, 0.1, 1e-5)
+    torch.testing.assert_close(mean.double(), x.double().mean(dim=dims), rtol=1e-6, atol=1e-6)
+    var = x.double().var(dim=dims, unbiased=False)
+    torch.testing.assert_close(invstd.double(), (var + 1e-5).rsqrt(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(running_mean.double(), want_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(running_var.double(), want_var, rtol=1e-5, atol=1e-6)

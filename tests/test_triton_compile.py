@@ -52,3 +52,18 @@ def test_pre_activation_is_one_instruction_sequence_in_the_sm90_ptx():
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
     assert report.count("ok    ") >= 20 and "FAIL" not in report, report
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="Triton's NVIDIA backend (with ptxas) is not installed")
+def test_streaming_kernels_keep_32kb_of_loads_in_flight_per_sm():
+    """Issue 19 items 5 and 8, counted in the sm_90 SASS at the static table's shapes: every batch-norm
+    streaming kernel has at least 32 KB of loads in flight per SM and no local memory; the channels-last
+    statistics four 128-bit loads per thread."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--check-in-flight"], env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report
+    assert report.count("ok    ") == 12, report

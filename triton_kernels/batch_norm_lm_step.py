@@ -44,7 +44,8 @@ ordered by their stream. A CUDA graph captures the same kernels, so each replay 
 two streams never share one. (A traced call, torch.compile, takes a freshly zeroed buffer instead.)
 
 Tile shapes are a fixed function of the shape (no autotuning), with 16 or 32 bytes per thread and tensor per
-tile (4 independent 128-bit loads per thread in the statistics, 2 per tensor elsewhere) at 4 warps.
+tile (the statistics load 4 tiles of 16 bytes per thread at once: 4 independent 128-bit loads per thread;
+2 per tensor elsewhere) at 4 warps.
 Misaligned views are copied (rare; never in the models' layout): Triton compiles a variant per pointer
 alignment, whose register layout sets the order of the in-program sums.
 """
@@ -162,17 +163,18 @@ def _reduction_tile(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
     """Tile ``item`` of a channel block (``_tile_channels``): (offsets, in bounds, sample index, 2-D view
-    row, 2-D view column), broadcastable to [BLOCK_A, BLOCK_B].
+    row, 2-D view column), broadcastable to [BLOCK_A, BLOCK_B]; for ``item`` an [ITEMS, 1, 1] tensor, ITEMS
+    tiles at once, broadcastable to [ITEMS, BLOCK_A, BLOCK_B].
 
     channels-last: item = a block of BLOCK_A rows (positions), the channels along B;
     channels-first: item = (sample n, column block), BLOCK_A channels of sample n along A, positions along B.
     """
     if CHANNELS_LAST:
-        rows = (tl.cast(item, tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A))[:, None]
+        rows = tl.cast(item, tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)[:, None]
         return rows * L + chan, (rows < M) & chan_ok, rows // rows_per_sample, rows, chan
     else:
         n = item // num_l_blocks
-        cols = (tl.cast(item % num_l_blocks, tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B))[None, :]
+        cols = tl.cast(item % num_l_blocks, tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)[None, :]
         row = tl.cast(n, tl.int64) * C + chan
         return row * L + cols, chan_ok & (cols < L) & (row < M), n + 0 * chan, row, cols
 
@@ -261,10 +263,13 @@ def batch_norm_stats_kernel(
     VEC: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    ITEMS: tl.constexpr,
     MERGE_ROWS: tl.constexpr,
 ):
     """Training statistics of one channel block: this program's sums of x - shift and (x - shift)^2 over
-    tiles ``program, program + P, ...``; the block's last program merges them into mean, invstd and the
+    tiles ``program, program + P, ...``, ITEMS of them per step loaded by one 3-D load (every load issued
+    before the first is used: ITEMS independent vectors in flight per thread), summed over the ITEMS, then
+    added to the [BLOCK_A, BLOCK_B] sums; the block's last program merges them into mean, invstd and the
     running statistics (r = (1 - momentum) r + momentum stat, the variance unbiased)."""
     program = tl.program_id(0)
     block = tl.program_id(1)
@@ -278,13 +283,14 @@ def batch_norm_stats_kernel(
     shift = _vector(x_ptr, chan * (1 if CHANNELS_LAST else L), chan_ok, FP64)
     sums = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_type)
     squares = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_type)
-    for item in range(program, num_items, P):
+    step = tl.arange(0, ITEMS)[:, None, None] * P  # tiles past num_items are out of bounds (masked)
+    for item in range(program, num_items, ITEMS * P):
         offs, ok, sample, row, col = _reduction_tile(
-            item, chan, chan_ok, M, L, C, num_l_blocks, 1, CHANNELS_LAST, BLOCK_A, BLOCK_B
+            item + step, chan, chan_ok, M, L, C, num_l_blocks, 1, CHANNELS_LAST, BLOCK_A, BLOCK_B
         )
         centred = tl.where(ok, _acc(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64) - shift, 0.0)
-        sums += centred
-        squares += centred * centred
+        sums += tl.sum(centred, axis=0)
+        squares += tl.sum(centred * centred, axis=0)
     _store_partial(partial_ptr, _channel_total(sums, CHANNELS_LAST), program, block, C, BLOCK_C)
     _store_partial(partial_ptr + P * C, _channel_total(squares, CHANNELS_LAST), program, block, C, BLOCK_C)
     if _is_last(counter_ptr + block, P):
@@ -625,6 +631,11 @@ def batch_norm_lm_step_backward_kernel(
 NUM_WARPS = 4
 _THREADS = 32 * NUM_WARPS
 MAX_PARTIALS = 128  # row groups per channel block: at most 128 x C staged values per sum
+# The statistics: tiles of one 16-byte vector per thread, STATS_ITEMS of them loaded per step (4 independent
+# 128-bit loads in flight per thread, as PyTorch's channels-last batch norm; fewer live registers than one
+# tile of 4 vectors per thread, whose loads ptxas interleaves with their use).
+STATS_BYTES_PER_THREAD = 16
+STATS_ITEMS = 4
 _TARGET_PROGRAMS = 4 * 132  # 4 CTAs on each SM of an H100/H200: enough programs to fill it
 _MERGE_ROWS = 16
 
@@ -741,7 +752,9 @@ def batch_norm_stats_triton(
     plan = plan_layout(x)
     x = _aligned(to_layout(x, plan.channels_last))
     vec = _vec(int(plan.row_len), x.element_size())
-    block_a, block_b, num_l_blocks, num_items, grid = reduction_shape(plan, x.element_size(), 64)
+    block_a, block_b, num_l_blocks, num_items, grid = reduction_shape(
+        plan, x.element_size(), STATS_BYTES_PER_THREAD
+    )
     partials = torch.empty((2, grid[0], channels), dtype=acc, device=x.device)
     has_running = running_mean is not None
     _launcher(batch_norm_stats_kernel)[grid](
@@ -766,6 +779,7 @@ def batch_norm_stats_triton(
         VEC=vec,
         BLOCK_A=block_a,
         BLOCK_B=block_b,
+        ITEMS=STATS_ITEMS,
         MERGE_ROWS=_MERGE_ROWS,
         num_warps=NUM_WARPS,
     )
