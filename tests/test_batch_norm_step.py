@@ -93,7 +93,12 @@ def _run(case, backend, training, relu, grad_out, **kwargs):
 def test_matches_float64_oracle(backend, shape, layout, dtype):
     """Output and the six gradients within 2x the rounding of the float64 result to the dtype (+ atol growing
     with the number of summed terms), running statistics as F.batch_norm updates them."""
-    for index, (training, per_channel_k, with_scale, relu) in enumerate(FLAGS):
+    _check_against_oracle(backend, shape, layout, dtype, FLAGS)
+
+
+def _check_against_oracle(backend, shape, layout, dtype, flag_sets) -> None:
+    """test_matches_float64_oracle's checks for each (training, per_channel_k, with_scale, relu)."""
+    for index, (training, per_channel_k, with_scale, relu) in enumerate(flag_sets):
         case = make_case(shape, dtype, layout, per_channel_k=per_channel_k, with_scale=with_scale, seed=index)
         gen = torch.Generator().manual_seed(100 + index)
         grad_out = torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
@@ -117,6 +122,27 @@ def test_matches_float64_oracle(backend, shape, layout, dtype):
         torch.testing.assert_close(rv.double(), ref_rv, rtol=1e-5, atol=1e-5)
         if layout == "channels_last" and len(shape) == 4:
             assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+# Contiguous rows that are not a multiple of the 16-byte vector (7x7, 14x14, odd C): the Triton forward and
+# backward read tiles of whole rows as one flat stream (vectors cross row boundaries); several tiles per
+# tensor and a last one cut short.
+SPAN_SHAPES = [(3, 5, 7, 7), (2, 3, 14, 14), (8, 5, 7, 7), (3, 7, 14, 14)]
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("shape", SPAN_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+def test_span_tiles_across_rows(backend, shape, dtype):
+    """Tiles spanning rows (several per tensor, with a tail) against the float64 oracle, ReLU mask too."""
+    rows, row_len = shape[0] * shape[1], math.prod(shape[2:])
+    if backend == "triton" and row_len * dtype.itemsize % 16:
+        from lmfused.triton_kernels.batch_norm_lm_step import span_shape
+
+        span = span_shape(False, rows, row_len, dtype.itemsize)
+        assert span is not None and (span.num_programs > 1 or rows < span.tile_rows)
+    flag_sets = [(True, True, True, True), (True, False, False, True), (False, True, True, False)]
+    _check_against_oracle(backend, shape, "contiguous", dtype, flag_sets)
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -423,22 +449,29 @@ def test_mask_packing_layout():
 
 
 @pytest.mark.skipif("triton" not in backends(), reason="the Triton backend is not available")
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_statistics_when_programs_walk_many_tiles(layout):
+@pytest.mark.parametrize(
+    "layout, shape, span",
+    [("contiguous", (2, 8, 150, 163), False), ("channels_last", (2, 8, 150, 163), False),
+     ("contiguous", (600, 3, 7, 7), True), ("contiguous", (530, 9, 7, 9), True)],
+)  # fmt: skip
+def test_statistics_when_programs_walk_many_tiles(layout, shape, span):
     """The Triton statistics load STATS_ITEMS tiles per step: a shape where every program takes more than
     one step and the last step runs past the tiles (masked) gives the float64 statistics and running
-    statistics (the small shapes above give each program at most one tile)."""
+    statistics (the small shapes above give each program at most one tile); also for span tiles (rows of
+    whole channels: 7x7, and 7x9 with the last channel block cut short at 9 channels)."""
     from lmfused.triton_kernels import batch_norm_lm_step as bn
 
     from lmfused._layout import plan_layout
 
     gen = torch.Generator().manual_seed(3)
-    x = in_layout(3 + 2 * torch.randn(2, 8, 150, 163, generator=gen), layout).to(DEVICE)
-    num_items, (programs, _) = bn.reduction_shape(plan_layout(x), 4, bn.STATS_BYTES_PER_THREAD)[3:]
+    x = in_layout(3 + 2 * torch.randn(*shape, generator=gen), layout).to(DEVICE)
+    stats = bn.stats_shape(plan_layout(x), 4)
+    num_items, programs = stats.num_items, stats.grid[0]
+    assert stats.is_span == span
     step = bn.STATS_ITEMS * programs
     assert num_items > step and num_items % step, (num_items, programs)  # two steps, a masked tail
     dims = (0, 2, 3)
-    running_mean, running_var = (torch.rand(8, generator=gen).to(DEVICE) for _ in range(2))
+    running_mean, running_var = (torch.rand(shape[1], generator=gen).to(DEVICE) for _ in range(2))
     want_mean = 0.9 * running_mean.double() + 0.1 * x.double().mean(dim=dims)
     want_var = 0.9 * running_var.double() + 0.1 * x.double().var(dim=dims)
     mean, invstd = _OPS["triton"][0](x, running_mean, running_var, True, 0.1, 1e-5)

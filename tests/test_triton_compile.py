@@ -58,7 +58,8 @@ def test_pre_activation_is_one_instruction_sequence_in_the_sm90_ptx():
 def test_streaming_kernels_keep_32kb_of_loads_in_flight_per_sm():
     """Issue 19 items 5 and 8, counted in the sm_90 SASS at the static table's shapes: every batch-norm
     streaming kernel has at least 32 KB of loads in flight per SM and no local memory; the channels-last
-    statistics four 128-bit loads per thread."""
+    statistics four 128-bit loads per thread; at least WIDE_GOAL of the bytes by wide accesses (7x7 and
+    14x14 contiguous rows included)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--check-in-flight"], env=env, capture_output=True, text=True,
@@ -66,4 +67,4 @@ def test_streaming_kernels_keep_32kb_of_loads_in_flight_per_sm():
     )  # fmt: skip
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
-    assert report.count("ok    ") == 12, report
+    assert report.count("ok    ") == 4 * 4, report  # 4 kernels at the table's 4 shapes

@@ -45,7 +45,16 @@ two streams never share one. (A traced call, torch.compile, takes a freshly zero
 
 Tile shapes are a fixed function of the shape (no autotuning), with 16 or 32 bytes per thread and tensor per
 tile (the statistics load 4 tiles of 16 bytes per thread at once: 4 independent 128-bit loads per thread;
-2 per tensor elsewhere) at 4 warps.
+the backward reduction one 16-byte vector per tensor; the forward and backward 2 per tensor) at 4 warps.
+
+Span tiles (SPAN): channels-first rows whose length is not a multiple of the 16-byte vector (7x7: 49
+elements, 14x14: 196) would start on any element, so a 2-D tile of them gets no (7x7) or 8-byte (14x14)
+accesses. A span tile is several whole rows read as one flat stream from a vector boundary: element e of
+the tile is column e % L of row e // L, vectors cross row boundaries, and the per-channel (per-row) values
+are loaded once per row and spread to the elements by a register gather (``tl.gather``). The mask bytes of
+whole rows are contiguous too: the forward gathers each byte's 8 bits from the tile, the backward passes
+load the tile's bytes and gather each element's. The reductions take as tile a channel block's rows of one
+sample, accumulate per element over the samples and sum each row once at the end (``_row_totals``).
 Misaligned views are copied (rare; never in the models' layout): Triton compiles a variant per pointer
 alignment, whose register layout sets the order of the in-program sums.
 """
@@ -53,6 +62,8 @@ alignment, whose register layout sets the order of the in-program sums.
 from __future__ import annotations
 
 import functools
+import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -84,6 +95,39 @@ def _tile(pid, M, L, num_l_blocks, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr)
     rows = (pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
     cols = (pid_l.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L))[None, :]
     return rows, cols, rows * L + cols, (rows < M) & (cols < L)
+
+
+@triton.jit
+def _span_tile(pid, M, L, tile_rows, tile_vec, total_vec, VEC: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_L: tl.constexpr):  # fmt: skip
+    """A tile of ``tile_rows`` whole rows (channels-first rows whose length is not a multiple of the
+    16-byte vector) read as one flat stream of tile_vec x VEC elements starting on a VEC boundary, so that
+    vectors cross row boundaries: (offsets [BLOCK_L], in bounds, row in the tile (int32), column, rows of
+    the tile [BLOCK_M] (int64), rows in bounds)."""
+    tile_len = tile_vec * VEC
+    start = pid.to(tl.int64) * tile_len
+    lane = tl.arange(0, BLOCK_L)
+    ok = (lane < tile_len) & (start + lane < total_vec.to(tl.int64) * VEC)
+    row_in_tile = tl.minimum(lane // L, BLOCK_M - 1)  # clamped on the masked lanes past the tile
+    rows = pid.to(tl.int64) * tile_rows + tl.arange(0, BLOCK_M)
+    return (
+        start + lane,
+        ok,
+        row_in_tile,
+        lane - row_in_tile * L,
+        rows,
+        (tl.arange(0, BLOCK_M) < tile_rows) & (rows < M),
+    )
+
+
+@triton.jit
+def _spread(per_row, row_in_tile, SPAN: tl.constexpr):
+    """A per-row value of a span tile (``_span_tile``) at each of its elements (a register gather, no
+    global load per element); a 2-D tile's per-row or per-column value as it is."""
+    if SPAN:
+        return tl.gather(per_row, row_in_tile, 0)
+    else:
+        return per_row
 
 
 @triton.jit
@@ -132,6 +176,16 @@ def _passes(value, DTYPE: tl.constexpr):
     rounded to the activation dtype (out > 0, or NaN), compared in float32."""
     rounded = value.to(DTYPE).to(tl.float32)
     return (rounded > 0.0) | (rounded != rounded)
+
+
+@triton.jit
+def _span_mask_bits(mask_ptr, first, byte_count, row_in_tile, col, ok, mask_row_bytes, BLOCK_L: tl.constexpr):
+    """The forward's mask bits (0 or 1, int32) of a span tile's elements: the tile's ``byte_count`` mask
+    bytes from byte ``first`` on (contiguous: whole rows) in one load, each element's byte gathered."""
+    byte_index = tl.arange(0, BLOCK_L // 8)
+    tile_bytes = tl.load(mask_ptr + first + byte_index, mask=byte_index < byte_count, other=0).to(tl.int32)
+    element_byte = tl.where(ok, row_in_tile * mask_row_bytes + col // 8, 0)
+    return (tl.gather(tile_bytes, element_byte, 0) >> (col % 8)) & 1
 
 
 @triton.jit
@@ -186,6 +240,17 @@ def _channel_total(acc, CHANNELS_LAST: tl.constexpr):
         return tl.sum(acc, axis=0)
     else:
         return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _row_totals(acc, L, BLOCK_R: tl.constexpr, ROW_PAD: tl.constexpr):
+    """Per-row sums [BLOCK_R] of a span tile's flat per-element sums ``acc`` (rows of L <= ROW_PAD
+    elements), gathered into [BLOCK_R, ROW_PAD] and summed along the row."""
+    col = tl.arange(0, ROW_PAD)[None, :]
+    in_row = col < L
+    index = tl.reshape(tl.where(in_row, tl.arange(0, BLOCK_R)[:, None] * L + col, 0), [BLOCK_R * ROW_PAD])
+    values = tl.reshape(tl.gather(acc, index, 0), [BLOCK_R, ROW_PAD])
+    return tl.sum(tl.where(in_row, values, 0.0), axis=1)
 
 
 @triton.jit
@@ -254,45 +319,78 @@ def batch_norm_stats_kernel(
     C,
     num_l_blocks,
     num_items,
+    sample_vec,
+    tile_vec,
     per_channel,
     momentum,
     eps,
     HAS_RUNNING: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    SPAN: tl.constexpr,
     FP64: tl.constexpr,
     VEC: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_B: tl.constexpr,
     ITEMS: tl.constexpr,
     MERGE_ROWS: tl.constexpr,
+    ROW_PAD: tl.constexpr,
 ):
     """Training statistics of one channel block: this program's sums of x - shift and (x - shift)^2 over
     tiles ``program, program + P, ...``, ITEMS of them per step loaded by one 3-D load (every load issued
     before the first is used: ITEMS independent vectors in flight per thread), summed over the ITEMS, then
     added to the [BLOCK_A, BLOCK_B] sums; the block's last program merges them into mean, invstd and the
-    running statistics (r = (1 - momentum) r + momentum stat, the variance unbiased)."""
+    running statistics (r = (1 - momentum) r + momentum stat, the variance unbiased).
+
+    SPAN (channels-first rows that are not a multiple of the vector): a tile is the block's BLOCK_A whole
+    rows (channels) of one sample, read as one flat stream (``_span_tile``'s layout; an item is a sample,
+    tile_vec and sample_vec its and a sample's length in VEC-element vectors), summed per element over the
+    samples and per row at the end (``_row_totals``)."""
     program = tl.program_id(0)
     block = tl.program_id(1)
     P = tl.num_programs(0)
-    L = L_vec * VEC  # a multiple of VEC: rows start on VEC-element boundaries (vector accesses)
+    span: tl.constexpr = SPAN and not CHANNELS_LAST
     BLOCK_C: tl.constexpr = BLOCK_B if CHANNELS_LAST else BLOCK_A
     acc_type = tl.float64 if FP64 else tl.float32
-    # Channels-last: bound the channels by L (= C, a multiple of VEC the compiler sees: vector loads).
-    chan, chan_ok = _tile_channels(block, L if CHANNELS_LAST else C, CHANNELS_LAST, BLOCK_A, BLOCK_B)
-    # The shift: each channel's first element (row 0 of the 2-D view, or the start of the channel's row).
-    shift = _vector(x_ptr, chan * (1 if CHANNELS_LAST else L), chan_ok, FP64)
-    sums = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_type)
-    squares = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_type)
-    step = tl.arange(0, ITEMS)[:, None, None] * P  # tiles past num_items are out of bounds (masked)
-    for item in range(program, num_items, ITEMS * P):
-        offs, ok, sample, row, col = _reduction_tile(
-            item + step, chan, chan_ok, M, L, C, num_l_blocks, 1, CHANNELS_LAST, BLOCK_A, BLOCK_B
-        )
-        centred = tl.where(ok, _acc(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64) - shift, 0.0)
-        sums += tl.sum(centred, axis=0)
-        squares += tl.sum(centred * centred, axis=0)
-    _store_partial(partial_ptr, _channel_total(sums, CHANNELS_LAST), program, block, C, BLOCK_C)
-    _store_partial(partial_ptr + P * C, _channel_total(squares, CHANNELS_LAST), program, block, C, BLOCK_C)
+    if span:
+        L = L_vec  # any length: tiles start on vector boundaries
+        chan, chan_ok = _block_channels(block, C, BLOCK_A)
+        lane = tl.arange(0, BLOCK_B)
+        row_in_tile = tl.minimum(lane // L, BLOCK_A - 1)
+        # The block's rows in bounds, as a multiple of VEC the compiler sees (vector loads).
+        lane_ok = lane < (tl.minimum(C - block * BLOCK_A, BLOCK_A) * L) // VEC * VEC
+        shift = _spread(_vector(x_ptr, chan * L, chan_ok, FP64), row_in_tile, True)
+        sums = tl.zeros([BLOCK_B], dtype=acc_type)
+        squares = tl.zeros([BLOCK_B], dtype=acc_type)
+        step = tl.arange(0, ITEMS)[:, None] * P
+        for item in range(program, num_items, ITEMS * P):
+            n = item + step
+            offs = (n.to(tl.int64) * sample_vec + block * tile_vec) * VEC + lane[None, :]
+            ok = (n < num_items) & lane_ok[None, :]
+            centred = tl.where(ok, _acc(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64) - shift, 0.0)
+            sums += tl.sum(centred, axis=0)
+            squares += tl.sum(centred * centred, axis=0)
+        sums = _row_totals(sums, L, BLOCK_A, ROW_PAD)
+        squares = _row_totals(squares, L, BLOCK_A, ROW_PAD)
+    else:
+        L = L_vec * VEC  # a multiple of VEC: rows start on VEC-element boundaries (vector accesses)
+        # Channels-last: bound the channels by L (= C, a multiple of VEC the compiler sees: vector loads).
+        chan, chan_ok = _tile_channels(block, L if CHANNELS_LAST else C, CHANNELS_LAST, BLOCK_A, BLOCK_B)
+        # The shift: each channel's first element (row 0 of the 2-D view, or the start of the channel's row).
+        shift = _vector(x_ptr, chan * (1 if CHANNELS_LAST else L), chan_ok, FP64)
+        tile_sums = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_type)
+        tile_squares = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_type)
+        step = tl.arange(0, ITEMS)[:, None, None] * P  # tiles past num_items are out of bounds (masked)
+        for item in range(program, num_items, ITEMS * P):
+            offs, ok, sample, row, col = _reduction_tile(
+                item + step, chan, chan_ok, M, L, C, num_l_blocks, 1, CHANNELS_LAST, BLOCK_A, BLOCK_B
+            )
+            centred = tl.where(ok, _acc(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64) - shift, 0.0)
+            tile_sums += tl.sum(centred, axis=0)
+            tile_squares += tl.sum(centred * centred, axis=0)
+        sums = _channel_total(tile_sums, CHANNELS_LAST)
+        squares = _channel_total(tile_squares, CHANNELS_LAST)
+    _store_partial(partial_ptr, sums, program, block, C, BLOCK_C)
+    _store_partial(partial_ptr + P * C, squares, program, block, C, BLOCK_C)
     if _is_last(counter_ptr + block, P):
         block_chan, block_ok = _block_channels(block, C, BLOCK_C)
         count = tl.cast(per_channel, acc_type)
@@ -345,6 +443,8 @@ def batch_norm_lm_step_backward_reduce_kernel(
     num_items,
     rows_per_sample,
     mask_row_bytes,
+    sample_vec,
+    tile_vec,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -353,39 +453,58 @@ def batch_norm_lm_step_backward_reduce_kernel(
     NEED_K: tl.constexpr,
     SCALAR_K: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    SPAN: tl.constexpr,
     FP64: tl.constexpr,
     VEC: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_B: tl.constexpr,
     MERGE_ROWS: tl.constexpr,
+    ROW_PAD: tl.constexpr,
 ):
     """Sums of dy, dy * xhat and (NEED_K) g * (u_prev - u) per channel over this program's tiles; the
     block's last program merges them; with SCALAR_K the last block to finish also sums grad_k over the
     channels (a second ticket, counter B). The ReLU's mask: the forward's bits, or with MASK_FROM_X (the
-    no-state mode) the forward's pre-activation recomputed from x by ``_pre_activation``."""
+    no-state mode) the forward's pre-activation recomputed from x by ``_pre_activation``. SPAN: tiles of
+    BLOCK_A whole rows of one sample, as in ``batch_norm_stats_kernel``."""
     program = tl.program_id(0)
     block = tl.program_id(1)
     P = tl.num_programs(0)
     B = tl.num_programs(1)
-    L = L_vec * VEC
+    span: tl.constexpr = SPAN and not CHANNELS_LAST
     BLOCK_C: tl.constexpr = BLOCK_B if CHANNELS_LAST else BLOCK_A
     acc_type = tl.float64 if FP64 else tl.float32
-    chan, chan_ok = _tile_channels(block, L if CHANNELS_LAST else C, CHANNELS_LAST, BLOCK_A, BLOCK_B)
-    mean = _vector(mean_ptr, chan, chan_ok, FP64)
-    invstd = _vector(invstd_ptr, chan, chan_ok, FP64)
+    row_in_tile = 0
+    if span:
+        L = L_vec
+        chan, chan_ok = _block_channels(block, C, BLOCK_A)
+        lane = tl.arange(0, BLOCK_B)
+        row_in_tile = tl.minimum(lane // L, BLOCK_A - 1)
+        rows_here = tl.minimum(C - block * BLOCK_A, BLOCK_A)
+        lane_ok = lane < (rows_here * L) // VEC * VEC  # a multiple of VEC the compiler sees
+        span_col = lane - row_in_tile * L
+        sum_dy = tl.zeros([BLOCK_B], dtype=acc_type)
+    else:
+        L = L_vec * VEC
+        chan, chan_ok = _tile_channels(block, L if CHANNELS_LAST else C, CHANNELS_LAST, BLOCK_A, BLOCK_B)
+        sum_dy = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_type)
+    sum_dy_xhat = tl.zeros_like(sum_dy)
+    sum_k = tl.zeros_like(sum_dy)
+    mean = _spread(_vector(mean_ptr, chan, chan_ok, FP64), row_in_tile, span)
+    invstd = _spread(_vector(invstd_ptr, chan, chan_ok, FP64), row_in_tile, span)
     gain = invstd  # read for the recomputed mask only
     bias = 0.0
     if RELU and MASK_FROM_X:
-        gain = _gain(invstd_ptr, weight_ptr, chan, chan_ok, HAS_WEIGHT, FP64)
+        gain = _spread(_gain(invstd_ptr, weight_ptr, chan, chan_ok, HAS_WEIGHT, FP64), row_in_tile, span)
         if HAS_BIAS:
-            bias = _vector(bias_ptr, chan, chan_ok, FP64)
-    sum_dy = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_type)
-    sum_dy_xhat = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_type)
-    sum_k = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_type)
+            bias = _spread(_vector(bias_ptr, chan, chan_ok, FP64), row_in_tile, span)
     for item in range(program, num_items, P):
-        offs, ok, sample, row, col = _reduction_tile(
-            item, chan, chan_ok, M, L, C, num_l_blocks, rows_per_sample, CHANNELS_LAST, BLOCK_A, BLOCK_B
-        )
+        if span:  # item = sample
+            offs = (tl.cast(item, tl.int64) * sample_vec + block * tile_vec) * VEC + lane
+            ok = lane_ok
+        else:
+            offs, ok, sample, row, col = _reduction_tile(
+                item, chan, chan_ok, M, L, C, num_l_blocks, rows_per_sample, CHANNELS_LAST, BLOCK_A, BLOCK_B
+            )
         g = _acc(tl.load(g_ptr + offs, mask=ok, other=0.0), FP64)
         x = _acc(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64)
         if NEED_K:
@@ -393,11 +512,21 @@ def batch_norm_lm_step_backward_reduce_kernel(
             u_prev = _acc(tl.load(u_prev_ptr + offs, mask=ok, other=0.0), FP64)
         s = 1.0
         if HAS_SCALE:
-            s = _vector(scale_ptr, sample, ok, FP64)
+            if span:
+                s = _acc(tl.load(scale_ptr + item), FP64)
+            else:
+                s = _vector(scale_ptr, sample, ok, FP64)
         if RELU:
             if MASK_FROM_X:
                 pre = _pre_activation(x, 0.0, 0.0, 0.0, mean, gain, bias, s, False, HAS_BIAS, HAS_SCALE)
                 g = tl.where(_passes(pre, x_ptr.dtype.element_ty), g, 0.0)
+            elif span:
+                first = (tl.cast(item, tl.int64) * C + block * BLOCK_A) * mask_row_bytes
+                bits = _span_mask_bits(
+                    mask_ptr, first, rows_here * mask_row_bytes, row_in_tile, span_col, ok, mask_row_bytes,
+                    BLOCK_B,
+                )  # fmt: skip
+                g = tl.where(bits != 0, g, 0.0)
             else:
                 g = tl.where(_mask_bits(mask_ptr, row, col, ok, mask_row_bytes) != 0, g, 0.0)
         dy = g * s if HAS_SCALE else g
@@ -405,15 +534,19 @@ def batch_norm_lm_step_backward_reduce_kernel(
         sum_dy_xhat += dy * ((x - mean) * invstd)
         if NEED_K:
             sum_k += g * (u_prev - u)
+    if span:
+        sum_dy = _row_totals(sum_dy, L, BLOCK_A, ROW_PAD)
+        sum_dy_xhat = _row_totals(sum_dy_xhat, L, BLOCK_A, ROW_PAD)
+        sum_k = _row_totals(sum_k, L, BLOCK_A, ROW_PAD)
+    else:
+        sum_dy = _channel_total(sum_dy, CHANNELS_LAST)
+        sum_dy_xhat = _channel_total(sum_dy_xhat, CHANNELS_LAST)
+        sum_k = _channel_total(sum_k, CHANNELS_LAST)
     stride = P * C
-    _store_partial(partial_ptr, _channel_total(sum_dy, CHANNELS_LAST), program, block, C, BLOCK_C)
-    _store_partial(
-        partial_ptr + stride, _channel_total(sum_dy_xhat, CHANNELS_LAST), program, block, C, BLOCK_C
-    )
+    _store_partial(partial_ptr, sum_dy, program, block, C, BLOCK_C)
+    _store_partial(partial_ptr + stride, sum_dy_xhat, program, block, C, BLOCK_C)
     if NEED_K:
-        _store_partial(
-            partial_ptr + 2 * stride, _channel_total(sum_k, CHANNELS_LAST), program, block, C, BLOCK_C
-        )
+        _store_partial(partial_ptr + 2 * stride, sum_k, program, block, C, BLOCK_C)
     if _is_last(counter_ptr + block, P):
         block_chan, block_ok = _block_channels(block, C, BLOCK_C)
         tl.store(
@@ -457,6 +590,27 @@ def _channel_and_sample(rows, cols, M, L, C, rows_per_sample, CHANNELS_LAST: tl.
 
 
 @triton.jit
+def _elementwise_tile(
+    pid, M, L_vec, C, rows_per_sample, num_l_blocks, tile_rows, tile_vec, total_vec, SPAN: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
+):  # fmt: skip
+    """The forward's and backward's tile: (row length L, offsets, in bounds, rows, columns, rows in bounds,
+    row in the tile (span tiles; else 0), channel, channel in bounds, sample). SPAN: ``_span_tile`` with
+    per-row channel and sample [BLOCK_M] (L_vec = L: the tile, not the row, starts on a vector boundary);
+    else a 2-D tile (``_tile``, L_vec = L / VEC)."""
+    if SPAN:
+        offs, ok, row_in_tile, cols, rows, row_ok = _span_tile(
+            pid, M, L_vec, tile_rows, tile_vec, total_vec, VEC, BLOCK_M, BLOCK_L
+        )
+        return L_vec, offs, ok, rows, cols, row_ok, row_in_tile, rows % C, row_ok, rows // rows_per_sample
+    else:
+        L = L_vec * VEC
+        rows, cols, offs, ok = _tile(pid, M, L, num_l_blocks, BLOCK_M, BLOCK_L)
+        chan, chan_ok, sample = _channel_and_sample(rows, cols, M, L, C, rows_per_sample, CHANNELS_LAST)
+        return L, offs, ok, rows, cols, rows < M, 0, chan, chan_ok, sample
+
+
+@triton.jit
 def batch_norm_lm_step_forward_kernel(
     x_ptr,
     mean_ptr,
@@ -476,6 +630,9 @@ def batch_norm_lm_step_forward_kernel(
     rows_per_sample,
     num_l_blocks,
     mask_row_bytes,
+    tile_rows,
+    tile_vec,
+    total_vec,
     noise_std,
     HAS_STATE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -486,52 +643,78 @@ def batch_norm_lm_step_forward_kernel(
     WRITE_MASK: tl.constexpr,
     PER_CHANNEL_K: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    SPAN: tl.constexpr,
     FP64: tl.constexpr,
     VEC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
     """out = act(pre + noise_std xi) on one tile, pre = ``_pre_activation``; WRITE_MASK: the ReLU's bits of
-    the stored out, 8 elements per byte along the row."""
-    L = L_vec * VEC
-    rows, cols, offs, ok = _tile(tl.program_id(0), M, L, num_l_blocks, BLOCK_M, BLOCK_L)
-    chan, chan_ok, sample = _channel_and_sample(rows, cols, M, L, C, rows_per_sample, CHANNELS_LAST)
+    the stored out, 8 elements per byte along the row. A SPAN tile (``_span_tile``, channels-first) loads
+    the per-channel values per row and spreads them to its elements in registers."""
+    pid = tl.program_id(0)
+    span: tl.constexpr = SPAN and not CHANNELS_LAST
+    L, offs, ok, rows, cols, row_ok, row_in_tile, chan, chan_ok, sample = _elementwise_tile(
+        pid, M, L_vec, C, rows_per_sample, num_l_blocks, tile_rows, tile_vec, total_vec, span, CHANNELS_LAST,
+        VEC, BLOCK_M, BLOCK_L,
+    )  # fmt: skip
     x = _acc(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64)
     k = 0.0  # read only with the states
     u = 0.0
     u_prev = 0.0
     if HAS_STATE:
         if PER_CHANNEL_K:
-            k = _vector(k_ptr, chan, chan_ok, FP64)
+            k = _spread(_vector(k_ptr, chan, chan_ok, FP64), row_in_tile, span)
         else:
             k = _acc(tl.load(k_ptr), FP64)
         u = _acc(tl.load(u_ptr + offs, mask=ok, other=0.0), FP64)
         u_prev = _acc(tl.load(u_prev_ptr + offs, mask=ok, other=0.0), FP64)
     bias = 0.0
     if HAS_BIAS:
-        bias = _vector(bias_ptr, chan, chan_ok, FP64)
+        bias = _spread(_vector(bias_ptr, chan, chan_ok, FP64), row_in_tile, span)
     s = 1.0
     if HAS_SCALE:
-        s = _vector(scale_ptr, sample, rows < M, FP64)
-    mean = _vector(mean_ptr, chan, chan_ok, FP64)
-    gain = _gain(invstd_ptr, weight_ptr, chan, chan_ok, HAS_WEIGHT, FP64)
+        s = _spread(_vector(scale_ptr, sample, row_ok, FP64), row_in_tile, span)
+    mean = _spread(_vector(mean_ptr, chan, chan_ok, FP64), row_in_tile, span)
+    gain = _spread(_gain(invstd_ptr, weight_ptr, chan, chan_ok, HAS_WEIGHT, FP64), row_in_tile, span)
     acc = _pre_activation(x, u, u_prev, k, mean, gain, bias, s, HAS_STATE, HAS_BIAS, HAS_SCALE)
     if HAS_NOISE:
-        # Four normals per Philox call: counter (row, col // 4), lane col % 4 (BLOCK_L is a multiple of 4).
         seed = tl.load(seed_ptr)
-        group = rows * ((L + 3) // 4) + (tl.program_id(0) % num_l_blocks).to(tl.int64) * (BLOCK_L // 4)
-        normals = four_normals(seed, group + tl.arange(0, BLOCK_L // 4)[None, :])
-        acc += noise_std * tl.reshape(normals, [BLOCK_M, BLOCK_L])
+        if span:
+            # Four normals per Philox call: counter offset // 4, lane offset % 4 (tiles start on 8 elements).
+            normals = four_normals(
+                seed, pid.to(tl.int64) * (tile_vec * VEC // 4) + tl.arange(0, BLOCK_L // 4)
+            )
+            acc += noise_std * tl.reshape(normals, [BLOCK_L])
+        else:
+            # Counter (row, col // 4), lane col % 4 (BLOCK_L is a multiple of 4).
+            group = rows * ((L + 3) // 4) + (pid % num_l_blocks).to(tl.int64) * (BLOCK_L // 4)
+            normals = four_normals(seed, group + tl.arange(0, BLOCK_L // 4)[None, :])
+            acc += noise_std * tl.reshape(normals, [BLOCK_M, BLOCK_L])
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as in torch.relu
     out = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs, out, mask=ok)
     if WRITE_MASK:
         bits = tl.where(ok & _passes(out, out_ptr.dtype.element_ty), 1 << (cols % 8).to(tl.int32), 0)
-        byte = tl.sum(tl.reshape(bits, [BLOCK_M, BLOCK_L // 8, 8]), axis=2)
-        byte_cols = (tl.program_id(0) % num_l_blocks) * (BLOCK_L // 8) + tl.arange(0, BLOCK_L // 8)[None, :]
-        byte_ok = (rows < M) & (byte_cols < mask_row_bytes)
-        tl.store(mask_ptr + rows * mask_row_bytes + byte_cols, byte.to(tl.uint8), mask=byte_ok)
+        if span:
+            # The tile's mask bytes are contiguous (tile_rows x mask_row_bytes <= BLOCK_L // 8): byte b
+            # gathers the bits of its 8 elements from the flat tile.
+            byte_index = tl.arange(0, BLOCK_L // 8)
+            byte_row = byte_index // mask_row_bytes
+            col = ((byte_index - byte_row * mask_row_bytes) * 8)[:, None] + tl.arange(0, 8)[None, :]
+            in_tile = (col < L) & (byte_row < tile_rows)[:, None]
+            element = tl.reshape(tl.where(in_tile, byte_row[:, None] * L + col, 0), [BLOCK_L])
+            gathered = tl.reshape(tl.gather(bits, element, 0), [BLOCK_L // 8, 8])
+            byte = tl.sum(tl.where(in_tile, gathered, 0), axis=1)
+            first = pid.to(tl.int64) * tile_rows * mask_row_bytes
+            byte_ok = (byte_row < tile_rows) & (first + byte_index < M.to(tl.int64) * mask_row_bytes)
+            tl.store(mask_ptr + first + byte_index, byte.to(tl.uint8), mask=byte_ok)
+        else:
+            byte = tl.sum(tl.reshape(bits, [BLOCK_M, BLOCK_L // 8, 8]), axis=2)
+            byte_cols = (pid % num_l_blocks) * (BLOCK_L // 8) + tl.arange(0, BLOCK_L // 8)[None, :]
+            byte_ok = row_ok & (byte_cols < mask_row_bytes)
+            tl.store(mask_ptr + rows * mask_row_bytes + byte_cols, byte.to(tl.uint8), mask=byte_ok)
 
 
 @triton.jit
@@ -557,6 +740,9 @@ def batch_norm_lm_step_backward_kernel(
     rows_per_sample,
     num_l_blocks,
     mask_row_bytes,
+    tile_rows,
+    tile_vec,
+    total_vec,
     per_channel,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -570,16 +756,21 @@ def batch_norm_lm_step_backward_kernel(
     NEED_U: tl.constexpr,
     NEED_U_PREV: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    SPAN: tl.constexpr,
     FP64: tl.constexpr,
     VEC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
     """grad_x = gain (dy - sum(dy) / n - xhat sum(dy xhat) / n) (training; gain dy in evaluation),
-    grad_u = (1 - k) g (+ grad_shortcut, unmasked), grad_u_prev = k g, on one tile."""
-    L = L_vec * VEC
-    rows, cols, offs, ok = _tile(tl.program_id(0), M, L, num_l_blocks, BLOCK_M, BLOCK_L)
-    chan, chan_ok, sample = _channel_and_sample(rows, cols, M, L, C, rows_per_sample, CHANNELS_LAST)
+    grad_u = (1 - k) g (+ grad_shortcut, unmasked), grad_u_prev = k g, on one tile (a SPAN tile as in the
+    forward)."""
+    pid = tl.program_id(0)
+    span: tl.constexpr = SPAN and not CHANNELS_LAST
+    L, offs, ok, rows, cols, row_ok, row_in_tile, chan, chan_ok, sample = _elementwise_tile(
+        pid, M, L_vec, C, rows_per_sample, num_l_blocks, tile_rows, tile_vec, total_vec, span, CHANNELS_LAST,
+        VEC, BLOCK_M, BLOCK_L,
+    )  # fmt: skip
     # Every load before the first store (Triton must assume the pointers may alias).
     g = _acc(tl.load(g_ptr + offs, mask=ok, other=0.0), FP64)
     x = 0.0
@@ -589,30 +780,37 @@ def batch_norm_lm_step_backward_kernel(
         shortcut = _acc(tl.load(grad_shortcut_ptr + offs, mask=ok, other=0.0), FP64)
     s = 1.0
     if HAS_SCALE:
-        s = _vector(scale_ptr, sample, rows < M, FP64)
-    mean = _vector(mean_ptr, chan, chan_ok, FP64)
-    gain = _gain(invstd_ptr, weight_ptr, chan, chan_ok, HAS_WEIGHT, FP64)
+        s = _spread(_vector(scale_ptr, sample, row_ok, FP64), row_in_tile, span)
+    mean = _spread(_vector(mean_ptr, chan, chan_ok, FP64), row_in_tile, span)
+    gain = _spread(_gain(invstd_ptr, weight_ptr, chan, chan_ok, HAS_WEIGHT, FP64), row_in_tile, span)
     if RELU:
         if MASK_FROM_X:
             bias = 0.0
             if HAS_BIAS:
-                bias = _vector(bias_ptr, chan, chan_ok, FP64)
+                bias = _spread(_vector(bias_ptr, chan, chan_ok, FP64), row_in_tile, span)
             pre = _pre_activation(x, 0.0, 0.0, 0.0, mean, gain, bias, s, False, HAS_BIAS, HAS_SCALE)
             g = tl.where(_passes(pre, x_ptr.dtype.element_ty), g, 0.0)
+        elif span:
+            first = pid.to(tl.int64) * tile_rows * mask_row_bytes
+            byte_count = tl.minimum(tile_rows * mask_row_bytes, M.to(tl.int64) * mask_row_bytes - first)
+            bits = _span_mask_bits(
+                mask_ptr, first, byte_count, row_in_tile, cols, ok, mask_row_bytes, BLOCK_L
+            )
+            g = tl.where(bits != 0, g, 0.0)
         else:
             g = tl.where(_mask_bits(mask_ptr, rows, cols, ok, mask_row_bytes) != 0, g, 0.0)
     if NEED_X:
         dy = g * s if HAS_SCALE else g
         if TRAINING:
             count = tl.cast(per_channel, tl.float64 if FP64 else tl.float32)
-            invstd = _vector(invstd_ptr, chan, chan_ok, FP64)
-            mean_dy = _vector(sum_dy_ptr, chan, chan_ok, FP64) / count
-            mean_dy_xhat = _vector(sum_dy_xhat_ptr, chan, chan_ok, FP64) / count
+            invstd = _spread(_vector(invstd_ptr, chan, chan_ok, FP64), row_in_tile, span)
+            mean_dy = _spread(_vector(sum_dy_ptr, chan, chan_ok, FP64) / count, row_in_tile, span)
+            mean_dy_xhat = _spread(_vector(sum_dy_xhat_ptr, chan, chan_ok, FP64) / count, row_in_tile, span)
             dy = dy - mean_dy - (x - mean) * invstd * mean_dy_xhat
         tl.store(grad_x_ptr + offs, (gain * dy).to(grad_x_ptr.dtype.element_ty), mask=ok)
     if NEED_U or NEED_U_PREV:
         if PER_CHANNEL_K:
-            k = _vector(k_ptr, chan, chan_ok, FP64)
+            k = _spread(_vector(k_ptr, chan, chan_ok, FP64), row_in_tile, span)
         else:
             k = _acc(tl.load(k_ptr), FP64)
         if NEED_U:
@@ -636,6 +834,8 @@ MAX_PARTIALS = 128  # row groups per channel block: at most 128 x C staged value
 # tile of 4 vectors per thread, whose loads ptxas interleaves with their use).
 STATS_BYTES_PER_THREAD = 16
 STATS_ITEMS = 4
+REDUCE_BYTES_PER_THREAD = 16
+REDUCE_MAX_CHANNELS = 128
 _TARGET_PROGRAMS = 4 * 132  # 4 CTAs on each SM of an H100/H200: enough programs to fill it
 _MERGE_ROWS = 16
 
@@ -670,15 +870,53 @@ def elementwise_shape(channels_last: bool, rows: int, L: int, element_size: int)
     return block_m, block_l, _cdiv(rows, block_m) * _cdiv(L, block_l)
 
 
+class Span(NamedTuple):
+    """Launch shape of a span tile (``_span_tile``): rows per tile, BLOCK_M (a power of two >= rows),
+    BLOCK_L lanes, VEC, the tile and the tensor in VEC-element vectors, programs."""
+
+    tile_rows: int
+    block_m: int
+    block_l: int
+    vec: int
+    tile_vec: int
+    total_vec: int
+    num_programs: int
+
+
 @functools.lru_cache(maxsize=512)
-def reduction_shape(plan: Plan, element_size: int, bytes_per_thread: int) -> tuple[int, int, int, int, int]:
+def span_shape(channels_last: bool, rows: int, L: int, element_size: int) -> Span | None:
+    """Tiles of whole rows for the forward and backward where channels-first rows are not a multiple of
+    the 16-byte vector (7x7, 14x14): as many rows as fit one 16-byte vector per thread and tensor with
+    their mask bytes (rows x mask_row_bytes <= BLOCK_L // 8), in steps that start every tile on 8 elements
+    (noise) and on the widest vector the row length allows; None where rows are vector-aligned or too long.
+    (32 bytes per thread took 168 registers in the forward at sm_90, 3 CTAs per SM; 16 bytes take 80.)"""
+    vec_full = max(1, 16 // element_size)
+    if channels_last or L % vec_full == 0:
+        return None
+    block_l = _tile_elements(element_size, 16)
+    step = 8 // math.gcd(L, 8)
+    tile_rows = block_l // (8 * _cdiv(L, 8)) // step * step
+    if tile_rows == 0:
+        return None
+    vec = _vec(math.gcd(tile_rows * L, rows * L), element_size)
+    block_m = triton.next_power_of_2(tile_rows)
+    return Span(
+        tile_rows, block_m, block_l, vec, tile_rows * L // vec, rows * L // vec, _cdiv(rows, tile_rows)
+    )
+
+
+@functools.lru_cache(maxsize=512)
+def reduction_shape(
+    plan: Plan, element_size: int, bytes_per_thread: int, max_channels: int | None = None
+) -> tuple[int, int, int, int, int]:
     """(BLOCK_A, BLOCK_B, num_l_blocks, num_items, P x B grid as (P, B)) of a reduction: tiles of
-    ``bytes_per_thread`` per thread and tensor, channel blocks narrowed (down to 32-byte rows) until
-    MAX_PARTIALS row groups per block give _TARGET_PROGRAMS programs, at most MAX_PARTIALS per block."""
+    ``bytes_per_thread`` per thread and tensor, channels-last channel blocks of at most ``max_channels``,
+    narrowed (down to 32-byte rows) until MAX_PARTIALS row groups per block give _TARGET_PROGRAMS programs,
+    at most MAX_PARTIALS per block."""
     tile = _tile_elements(element_size, bytes_per_thread)
     C, L = int(plan.channels), int(plan.row_len)
     if plan.channels_last:
-        block_c = min(triton.next_power_of_2(C), tile)
+        block_c = min(triton.next_power_of_2(C), tile, max_channels or tile)
         narrowest = max(1, 32 // element_size)
         while _cdiv(C, block_c) * MAX_PARTIALS < _TARGET_PROGRAMS and block_c // 2 >= narrowest:
             block_c //= 2
@@ -693,6 +931,83 @@ def reduction_shape(plan: Plan, element_size: int, bytes_per_thread: int) -> tup
     blocks = _cdiv(C, block_c)
     partials = max(1, min(MAX_PARTIALS, num_items, _cdiv(_TARGET_PROGRAMS, blocks)))
     return block_a, block_b, num_l_blocks, num_items, (partials, blocks)
+
+
+class ReductionTiles(NamedTuple):
+    """Launch shape of a reduction: a 2-D tile (``reduction_shape``) or a span tile of BLOCK_A whole rows
+    (rows of any length, ``batch_norm_stats_kernel``)."""
+
+    is_span: bool
+    row_len_arg: int  # L (span) or L // VEC
+    vec: int
+    block_a: int
+    block_b: int
+    num_l_blocks: int
+    num_items: int
+    sample_vec: int  # span: a sample's and a tile's length in vectors (else 0)
+    tile_vec: int
+    row_pad: int  # span: a power of two >= L (else 1)
+    grid: tuple[int, int]
+
+
+@functools.lru_cache(maxsize=512)
+def reduction_tiles(
+    plan: Plan, element_size: int, bytes_per_thread: int, max_channels: int | None = None
+) -> ReductionTiles:
+    """A reduction's tiles: channels-first rows that are not a multiple of the 16-byte vector (7x7, 14x14)
+    as span tiles of the largest power of two of rows that fit ``bytes_per_thread`` per thread with their
+    mask bytes, vectors as wide as the sample's and the tile's length allow; others as ``reduction_shape``."""
+    C, L, rows = int(plan.channels), int(plan.row_len), int(plan.rows)
+    lanes = _tile_elements(element_size, bytes_per_thread)
+    padded = 8 * _cdiv(L, 8)  # a row's elements with its mask bytes' padding
+    if not plan.channels_last and L % max(1, 16 // element_size) and padded <= lanes:
+        block_a = min(triton.next_power_of_2(C), 1 << (lanes // padded).bit_length() - 1)
+        vec = _vec(math.gcd(C * L, block_a * L), element_size)
+        blocks, samples = _cdiv(C, block_a), rows // C
+        partials = max(1, min(MAX_PARTIALS, samples, _cdiv(_TARGET_PROGRAMS, blocks)))
+        return ReductionTiles(True, L, vec, block_a, lanes, 1, samples, C * L // vec, block_a * L // vec,
+                              triton.next_power_of_2(L), (partials, blocks))  # fmt: skip
+    block_a, block_b, num_l_blocks, num_items, grid = reduction_shape(
+        plan, element_size, bytes_per_thread, max_channels
+    )
+    vec = _vec(L, element_size)
+    return ReductionTiles(False, L // vec, vec, block_a, block_b, num_l_blocks, num_items, 0, 0, 1, grid)
+
+
+def stats_shape(plan: Plan, element_size: int) -> ReductionTiles:
+    """The statistics' tiles: STATS_BYTES_PER_THREAD per thread (STATS_ITEMS of them loaded per step)."""
+    return reduction_tiles(plan, element_size, STATS_BYTES_PER_THREAD)
+
+
+def backward_reduction_shape(plan: Plan, element_size: int) -> ReductionTiles:
+    """The backward reduction's tiles: one 16-byte vector per thread and tensor (four loads per tile with
+    grad_k), channels-last channel blocks of at most 128 channels (8 x 128 at 2048 channels: 79 registers
+    at sm_90 where 8 x 256 with 32 bytes per thread took 152)."""
+    return reduction_tiles(plan, element_size, REDUCE_BYTES_PER_THREAD, REDUCE_MAX_CHANNELS)
+
+
+class ElementwiseTiles(NamedTuple):
+    """Arguments of a forward or backward launch: a span tile (``span_shape``) or a 2-D one."""
+
+    is_span: bool
+    span: Span  # zeros for a 2-D tile (unused arguments)
+    row_len_arg: int  # L (span) or L // VEC
+    num_l_blocks: int
+    vec: int
+    block_m: int
+    block_l: int
+    num_programs: int
+
+
+def _elementwise_tiles(plan: Plan, element_size: int) -> ElementwiseTiles:
+    rows, L = int(plan.rows), int(plan.row_len)
+    span = span_shape(plan.channels_last, rows, L, element_size)
+    if span is not None:
+        return ElementwiseTiles(True, span, L, 1, span.vec, span.block_m, span.block_l, span.num_programs)
+    vec = _vec(L, element_size)
+    block_m, block_l, num_programs = elementwise_shape(plan.channels_last, rows, L, element_size)
+    none = Span(0, 0, 0, 0, 0, 0, 0)
+    return ElementwiseTiles(False, none, L // vec, _cdiv(L, block_l), vec, block_m, block_l, num_programs)
 
 
 _COUNTERS: dict[tuple, Tensor] = {}
@@ -751,10 +1066,8 @@ def batch_norm_stats_triton(
         return mean.zero_(), invstd.fill_(1.0 / (1.0 + eps) ** 0.5)
     plan = plan_layout(x)
     x = _aligned(to_layout(x, plan.channels_last))
-    vec = _vec(int(plan.row_len), x.element_size())
-    block_a, block_b, num_l_blocks, num_items, grid = reduction_shape(
-        plan, x.element_size(), STATS_BYTES_PER_THREAD
-    )
+    shape = stats_shape(plan, x.element_size())
+    grid = shape.grid
     partials = torch.empty((2, grid[0], channels), dtype=acc, device=x.device)
     has_running = running_mean is not None
     _launcher(batch_norm_stats_kernel)[grid](
@@ -766,21 +1079,25 @@ def batch_norm_stats_triton(
         running_mean if has_running else mean,  # in place: F.batch_norm's own (contiguous) buffers
         running_var if has_running else invstd,
         plan.rows,
-        plan.row_len // vec,
+        shape.row_len_arg,
         channels,
-        num_l_blocks,
-        num_items,
+        shape.num_l_blocks,
+        shape.num_items,
+        shape.sample_vec,
+        shape.tile_vec,
         x.numel() // channels,
         float(momentum),
         float(eps),
         HAS_RUNNING=has_running,
         CHANNELS_LAST=plan.channels_last,
+        SPAN=shape.is_span,
         FP64=fp64,
-        VEC=vec,
-        BLOCK_A=block_a,
-        BLOCK_B=block_b,
+        VEC=shape.vec,
+        BLOCK_A=shape.block_a,
+        BLOCK_B=shape.block_b,
         ITEMS=STATS_ITEMS,
         MERGE_ROWS=_MERGE_ROWS,
+        ROW_PAD=shape.row_pad,
         num_warps=NUM_WARPS,
     )
     return mean, invstd
@@ -819,12 +1136,9 @@ def batch_norm_lm_step_forward_triton(
         return out, mask
     if has_state:
         u, u_prev = to_layout(u, layout), to_layout(u_prev, layout)
-    vec = _vec(int(plan.row_len), x.element_size())
-    block_m, block_l, num_programs = elementwise_shape(
-        layout, int(plan.rows), int(plan.row_len), x.element_size()
-    )
+    tiles = _elementwise_tiles(plan, x.element_size())
     has_noise = noise_std > 0.0
-    _launcher(batch_norm_lm_step_forward_kernel)[(num_programs,)](
+    _launcher(batch_norm_lm_step_forward_kernel)[(tiles.num_programs,)](
         x,
         mean,
         invstd,
@@ -838,11 +1152,14 @@ def batch_norm_lm_step_forward_triton(
         out,
         mask if write_mask else out,
         plan.rows,
-        plan.row_len // vec,
+        tiles.row_len_arg,
         plan.channels,
         plan.rows_per_sample,
-        _cdiv(int(plan.row_len), block_l),
+        tiles.num_l_blocks,
         mask_row_bytes,
+        tiles.span.tile_rows,
+        tiles.span.tile_vec,
+        tiles.span.total_vec,
         float(noise_std),
         HAS_STATE=has_state,
         HAS_WEIGHT=weight is not None,
@@ -853,10 +1170,11 @@ def batch_norm_lm_step_forward_triton(
         WRITE_MASK=write_mask,
         PER_CHANNEL_K=has_state and k.numel() > 1,
         CHANNELS_LAST=layout,
+        SPAN=tiles.is_span,
         FP64=x.dtype == torch.float64,
-        VEC=vec,
-        BLOCK_M=block_m,
-        BLOCK_L=block_l,
+        VEC=tiles.vec,
+        BLOCK_M=tiles.block_m,
+        BLOCK_L=tiles.block_l,
         num_warps=NUM_WARPS,
     )
     return out, mask
@@ -893,8 +1211,8 @@ def batch_norm_lm_step_backward_reduce_triton(
     if need_k:
         u, u_prev = _aligned(to_layout(u, layout)), _aligned(to_layout(u_prev, layout))
     mask_from_x = relu and mask is None
-    vec = _vec(int(plan.row_len), x.element_size())
-    block_a, block_b, num_l_blocks, num_items, grid = reduction_shape(plan, x.element_size(), 32)
+    tiles = backward_reduction_shape(plan, x.element_size())
+    grid = tiles.grid
     partials = torch.empty((4 if need_k else 2, grid[0], channels), dtype=acc, device=x.device)
     _launcher(batch_norm_lm_step_backward_reduce_kernel)[grid](
         g,
@@ -913,12 +1231,14 @@ def batch_norm_lm_step_backward_reduce_triton(
         sum_dy_xhat,
         grad_k if need_k else sum_dy,
         plan.rows,
-        plan.row_len // vec,
+        tiles.row_len_arg,
         channels,
-        num_l_blocks,
-        num_items,
+        tiles.num_l_blocks,
+        tiles.num_items,
         plan.rows_per_sample,
         _mask_row_bytes(plan),
+        tiles.sample_vec,
+        tiles.tile_vec,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None,
@@ -927,11 +1247,13 @@ def batch_norm_lm_step_backward_reduce_triton(
         NEED_K=need_k,
         SCALAR_K=k.numel() == 1,
         CHANNELS_LAST=layout,
+        SPAN=tiles.is_span,
         FP64=acc == torch.float64,
-        VEC=vec,
-        BLOCK_A=block_a,
-        BLOCK_B=block_b,
+        VEC=tiles.vec,
+        BLOCK_A=tiles.block_a,
+        BLOCK_B=tiles.block_b,
         MERGE_ROWS=_MERGE_ROWS,
+        ROW_PAD=tiles.row_pad,
         num_warps=NUM_WARPS,
     )
     return sum_dy, sum_dy_xhat, grad_k
@@ -976,11 +1298,8 @@ def batch_norm_lm_step_backward_triton(
         grad_shortcut = to_layout(grad_shortcut, layout)  # read where grad_out is: the same plan
     x = to_layout(x, layout)
     mask_from_x = relu and mask is None
-    vec = _vec(int(plan.row_len), x.element_size())
-    block_m, block_l, num_programs = elementwise_shape(
-        layout, int(plan.rows), int(plan.row_len), x.element_size()
-    )
-    _launcher(batch_norm_lm_step_backward_kernel)[(num_programs,)](
+    tiles = _elementwise_tiles(plan, x.element_size())
+    _launcher(batch_norm_lm_step_backward_kernel)[(tiles.num_programs,)](
         g,
         grad_shortcut if has_shortcut else g,  # unused pointers stand in for tensors a variant does not use
         x,
@@ -997,11 +1316,14 @@ def batch_norm_lm_step_backward_triton(
         grad_u if need_u else g,
         grad_u_prev if need_u_prev else g,
         plan.rows,
-        plan.row_len // vec,
+        tiles.row_len_arg,
         plan.channels,
         plan.rows_per_sample,
-        _cdiv(int(plan.row_len), block_l),
+        tiles.num_l_blocks,
         _mask_row_bytes(plan),
+        tiles.span.tile_rows,
+        tiles.span.tile_vec,
+        tiles.span.total_vec,
         x.numel() // plan.channels,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
@@ -1015,10 +1337,11 @@ def batch_norm_lm_step_backward_triton(
         NEED_U=need_u,
         NEED_U_PREV=need_u_prev,
         CHANNELS_LAST=layout,
+        SPAN=tiles.is_span,
         FP64=g.dtype == torch.float64,
-        VEC=vec,
-        BLOCK_M=block_m,
-        BLOCK_L=block_l,
+        VEC=tiles.vec,
+        BLOCK_M=tiles.block_m,
+        BLOCK_L=tiles.block_l,
         num_warps=NUM_WARPS,
     )
     return grad_x, grad_u, grad_u_prev
