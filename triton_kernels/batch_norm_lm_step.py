@@ -107,7 +107,7 @@ def _span_tile(pid, M, L, tile_rows, tile_vec, total_vec, VEC: tl.constexpr, BLO
     tile_len = tile_vec * VEC
     start = pid.to(tl.int64) * tile_len
     lane = tl.arange(0, BLOCK_L)
-    ok = (lane < tile_len) & (start + lane < total_vec.to(tl.int64) * VEC)
+    ok = (lane < tile_len) & (start + lane < tl.cast(total_vec, tl.int64) * VEC)
     row_in_tile = tl.minimum(lane // L, BLOCK_M - 1)  # clamped on the masked lanes past the tile
     rows = pid.to(tl.int64) * tile_rows + tl.arange(0, BLOCK_M)
     return (
@@ -708,7 +708,7 @@ def batch_norm_lm_step_forward_kernel(
             gathered = tl.reshape(tl.gather(bits, element, 0), [BLOCK_L // 8, 8])
             byte = tl.sum(tl.where(in_tile, gathered, 0), axis=1)
             first = pid.to(tl.int64) * tile_rows * mask_row_bytes
-            byte_ok = (byte_row < tile_rows) & (first + byte_index < M.to(tl.int64) * mask_row_bytes)
+            byte_ok = (byte_row < tile_rows) & (first + byte_index < tl.cast(M, tl.int64) * mask_row_bytes)
             tl.store(mask_ptr + first + byte_index, byte.to(tl.uint8), mask=byte_ok)
         else:
             byte = tl.sum(tl.reshape(bits, [BLOCK_M, BLOCK_L // 8, 8]), axis=2)
@@ -792,7 +792,7 @@ def batch_norm_lm_step_backward_kernel(
             g = tl.where(_passes(pre, x_ptr.dtype.element_ty), g, 0.0)
         elif span:
             first = pid.to(tl.int64) * tile_rows * mask_row_bytes
-            byte_count = tl.minimum(tile_rows * mask_row_bytes, M.to(tl.int64) * mask_row_bytes - first)
+            byte_count = tl.minimum(tile_rows * mask_row_bytes, tl.cast(M, tl.int64) * mask_row_bytes - first)
             bits = _span_mask_bits(
                 mask_ptr, first, byte_count, row_in_tile, cols, ok, mask_row_bytes, BLOCK_L
             )
