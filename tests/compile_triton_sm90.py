@@ -10,7 +10,8 @@ variants of its boolean constexpr flags (block sizes and other integer constexpr
 
 * all flags off and all on, with every pointer bf16, float32 or float64 (FP64 on with float64 only);
 * each flag flipped alone from all off and from all on (bf16 pointers): every pair of flags then meets in
-  all four on/off combinations, so mixed paths (RELU on with MASK_FROM_X off, ...) are compiled too.
+  all four on/off combinations, so mixed paths (RELU on with MASK_FROM_X off, ...) are compiled too;
+* all flags on with every integer argument 1, which a launch specialises to a constant (bf16 pointers).
 
 Prints one line per variant and exits 1 if any fails to compile. Run it in a process without
 TRITON_INTERPRET (the interpreter replaces the kernels by Python functions).
@@ -109,6 +110,17 @@ def variants(kernel) -> list[tuple[str, dict, dict]]:
             values[flag] = not on
             chosen.append((f"flags={'on' if on else 'off'}{'-' if on else '+'}{flag}", "*bf16", values))
     out, seen = [], set()
+    # A launch specialises an integer argument equal to 1 to a constant (no .to on it): every one at 1, all
+    # flags on, in both layouts (channels-first has paths of its own).
+    signature = _signature(kernel, "*bf16")
+    ones = {name: 1 for name, kind in signature.items() if kind == "i64"}
+    for layout in ("", "-CHANNELS_LAST") if "CHANNELS_LAST" in flags else ("",):
+        constexprs = {**blocks, **dict.fromkeys(flags, True), **ones, "FP64": False}
+        if layout:
+            constexprs["CHANNELS_LAST"] = False
+        constexprs = {name: value for name, value in constexprs.items() if name in names}
+        label = f"flags=on{layout} ints=1 *bf16"
+        out.append((label, {**signature, **dict.fromkeys(ones, "constexpr")}, constexprs))
     for label, pointer, values in chosen:
         constexprs = {**blocks, **values}
         if "FP64" in names:
