@@ -27,15 +27,22 @@ def _nvidia_backend() -> bool:
         return False
 
 
-@pytest.mark.skipif(not _nvidia_backend(), reason="Triton's NVIDIA backend (with ptxas) is not installed")
-@pytest.mark.parametrize("module", MODULES)
-def test_kernels_compile_for_sm90(module):
+def _compile_script(argument: str) -> str:
+    """The report of ``compile_triton_sm90.py argument`` run with Triton's compiler (not its interpreter),
+    which must exit 0."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), module], env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, str(SCRIPT), argument], env=env, capture_output=True, text=True, timeout=900
     )
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
+    return report
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="Triton's NVIDIA backend (with ptxas) is not installed")
+@pytest.mark.parametrize("module", MODULES)
+def test_kernels_compile_for_sm90(module):
+    report = _compile_script(module)
     assert report.count("ok    ") >= 4, report
 
 
@@ -44,13 +51,7 @@ def test_pre_activation_is_one_instruction_sequence_in_the_sm90_ptx():
     """Issue 19 item 1: the batch-norm forward and the backward passes that recompute the ReLU's mask compute
     the pre-activation by the same PTX instructions (no contraction differs), and the reductions' merge
     orders its ticket after a CTA barrier and reads the partials through L2."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--check-pre-activation"], env=env, capture_output=True, text=True,
-        timeout=900,
-    )  # fmt: skip
-    report = result.stdout + result.stderr
-    assert result.returncode == 0, report
+    report = _compile_script("--check-pre-activation")
     assert report.count("ok    ") >= 20 and "FAIL" not in report, report
 
 
@@ -60,11 +61,5 @@ def test_streaming_kernels_keep_32kb_of_loads_in_flight_per_sm():
     streaming kernel has at least 32 KB of loads in flight per SM and no local memory; the channels-last
     statistics four 128-bit loads per thread; at least WIDE_GOAL of the bytes by wide accesses (7x7 and
     14x14 contiguous rows included)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--check-in-flight"], env=env, capture_output=True, text=True,
-        timeout=900,
-    )  # fmt: skip
-    report = result.stdout + result.stderr
-    assert result.returncode == 0, report
+    report = _compile_script("--check-in-flight")
     assert report.count("ok    ") == 4 * 4, report  # 4 kernels at the table's 4 shapes
