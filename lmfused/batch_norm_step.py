@@ -22,12 +22,16 @@ them (a junction's forward and backward: 4 launches, + 1 for the noise seed)::
                                           -> (mean, invstd)                  compute dtype
     lmfused::batch_norm_lm_step_<backend>(x, mean, invstd, weight?, bias?, u?, u_prev?, k, scale?, seed?,
                                           training, relu, noise_std, write_mask) -> (out, mask)
-    lmfused::batch_norm_lm_step_<backend>_backward_reduce(grad_out, x, mean, invstd, weight?, bias?, u?,
-                                          u_prev?, k, mask?, scale?, relu, need_k)
+    lmfused::batch_norm_lm_step_<backend>_backward_reduce(grad_out, grad_handoff?, x, mean, invstd, weight?,
+                                          bias?, u?, u_prev?, k, mask?, scale?, relu, need_k)
                                           -> (sum dy, sum dy xhat, grad_k in k's shape)
-    lmfused::batch_norm_lm_step_<backend>_backward(grad_out, grad_shortcut?, x, mean, invstd, weight?, bias?,
-                                          sum_dy, sum_dy_xhat, mask?, k, scale?, training, relu, need_x,
-                                          need_u, need_u_prev) -> (grad_x, grad_u, grad_u_prev)
+    lmfused::batch_norm_lm_step_<backend>_backward(grad_out, grad_handoff?, grad_shortcut?, x, mean, invstd,
+                                          weight?, bias?, sum_dy, sum_dy_xhat, mask?, k, scale?, training,
+                                          relu, need_x, need_u, need_u_prev) -> (grad_x, grad_u, grad_u_prev)
+
+The output's gradient is ``grad_out + grad_handoff``: with the states the forward also hands its output to
+the next step as a tensor of its own (:mod:`lmfused.handoff`), whose gradient arrives apart and is added in
+registers by both backward passes (None: grad_out alone).
 
 The ReLU's mask: with the states, a 1-bit mask of the stored output written by the forward
 (:func:`mask_shape`; 1/16 of a bf16 tensor's bytes, where reading out back would cost all of them, and it
@@ -50,7 +54,7 @@ import torch
 from torch import Tensor
 
 import lmfused.ops as _lm_step_ops
-from lmfused import reference
+from lmfused import handoff, reference
 from lmfused._layout import empty_in_layout, plan_layout, to_layout
 from lmfused.ops import (
     _check_inputs,
@@ -80,14 +84,14 @@ FORWARD_SCHEMA = (
     "-> (Tensor, Tensor)"
 )
 REDUCE_SCHEMA = (
-    "(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor? u, "
-    "Tensor? u_prev, Tensor k, Tensor? mask, Tensor? scale, bool relu, bool need_k) "
+    "(Tensor grad_out, Tensor? grad_handoff, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
+    "Tensor? bias, Tensor? u, Tensor? u_prev, Tensor k, Tensor? mask, Tensor? scale, bool relu, bool need_k) "
     "-> (Tensor, Tensor, Tensor)"
 )
 BACKWARD_SCHEMA = (
-    "(Tensor grad_out, Tensor? grad_shortcut, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
-    "Tensor? bias, Tensor sum_dy, Tensor sum_dy_xhat, Tensor? mask, Tensor k, Tensor? scale, bool training, "
-    "bool relu, bool need_x, bool need_u, bool need_u_prev) -> (Tensor, Tensor, Tensor)"
+    "(Tensor grad_out, Tensor? grad_handoff, Tensor? grad_shortcut, Tensor x, Tensor mean, Tensor invstd, "
+    "Tensor? weight, Tensor? bias, Tensor sum_dy, Tensor sum_dy_xhat, Tensor? mask, Tensor k, Tensor? scale, "
+    "bool training, bool relu, bool need_x, bool need_u, bool need_u_prev) -> (Tensor, Tensor, Tensor)"
 )
 GRADIENTS = ("x", "weight", "bias", "u", "u_prev", "k")  # the order of ``needs`` and of the gradients
 
@@ -222,13 +226,16 @@ def _channel_sum(t: Tensor) -> Tensor:
     return t.sum(_reduce_dims(t))
 
 
-def _masked_gradient(grad_out, x, mean, invstd, weight, bias, mask, scale, relu, cd: torch.dtype) -> Tensor:
-    """The output gradient through the ReLU, as torch.relu's backward: 0 where out <= 0 (NaN passes).
+def _masked_gradient(
+    grad_out, grad_handoff, x, mean, invstd, weight, bias, mask, scale, relu, cd: torch.dtype
+) -> Tensor:
+    """The output gradient (grad_out + grad_handoff, added in the compute dtype) through the ReLU, as
+    torch.relu's backward: 0 where out <= 0 (NaN passes).
 
     With a mask (the forward's, of its stored output) its bits; without one (the no-state mode,
     ``batch_norm_relu``) the sign of the forward's pre-activation s * BN(x), recomputed and rounded to x's
     dtype (the output's sign: rounding is monotone and keeps 0)."""
-    g = grad_out.to(cd)
+    g = grad_out.to(cd) if grad_handoff is None else grad_out.to(cd) + grad_handoff.to(cd)
     if not relu:
         return g
     if mask is not None:  # x has the planned layout of u, which the mask follows
@@ -246,6 +253,7 @@ def _branch_gradient(g: Tensor, scale: Tensor | None) -> Tensor:
 
 def reference_backward_reduce(
     grad_out: Tensor,
+    grad_handoff: Tensor | None,
     x: Tensor,
     mean: Tensor,
     invstd: Tensor,
@@ -263,7 +271,7 @@ def reference_backward_reduce(
     reduced to k's shape ((1,): over the channels too), where g is the output gradient through the ReLU
     (:func:`_masked_gradient`), dy = s * g and xhat = (x - mean) * invstd (compute dtype)."""
     cd = compute_dtype(grad_out.dtype)
-    g = _masked_gradient(grad_out, x, mean, invstd, weight, bias, mask, scale, relu, cd)
+    g = _masked_gradient(grad_out, grad_handoff, x, mean, invstd, weight, bias, mask, scale, relu, cd)
     dy = _branch_gradient(g, scale)
     sum_dy_xhat = _channel_sum(dy * _normalized(x, mean, invstd, cd))
     grad_k = g.new_empty((0,))
@@ -278,6 +286,7 @@ def reference_backward_reduce(
 
 def reference_backward(
     grad_out: Tensor,
+    grad_handoff: Tensor | None,
     grad_shortcut: Tensor | None,
     x: Tensor,
     mean: Tensor,
@@ -300,7 +309,7 @@ def reference_backward(
     (1 - k) g (+ grad_shortcut, the gradient of the step's shortcut output, unmasked), grad_u_prev = k g.
     Unneeded gradients come back empty."""
     cd = compute_dtype(grad_out.dtype)
-    g = _masked_gradient(grad_out, x, mean, invstd, weight, bias, mask, scale, relu, cd)
+    g = _masked_gradient(grad_out, grad_handoff, x, mean, invstd, weight, bias, mask, scale, relu, cd)
     grad_x = grad_u = grad_u_prev = None
     if need_x:
         dy = _branch_gradient(g, scale)
@@ -339,7 +348,9 @@ def _fake_forward(
     return out, like.new_empty(mask_shape(like) if write_mask else (0,), dtype=torch.uint8)
 
 
-def _fake_reduce(grad_out, x, mean, invstd, weight, bias, u, u_prev, k, mask, scale, relu, need_k):
+def _fake_reduce(
+    grad_out, grad_handoff, x, mean, invstd, weight, bias, u, u_prev, k, mask, scale, relu, need_k
+):
     cd = compute_dtype(grad_out.dtype)
     channels = (x.shape[1],)
     grad_k = x.new_empty(tuple(k.shape) if need_k else (0,), dtype=cd)
@@ -347,8 +358,8 @@ def _fake_reduce(grad_out, x, mean, invstd, weight, bias, u, u_prev, k, mask, sc
 
 
 def _fake_backward(
-    grad_out, grad_shortcut, x, mean, invstd, weight, bias, sum_dy, sum_dy_xhat, mask, k, scale, training,
-    relu, need_x, need_u, need_u_prev,
+    grad_out, grad_handoff, grad_shortcut, x, mean, invstd, weight, bias, sum_dy, sum_dy_xhat, mask, k, scale,
+    training, relu, need_x, need_u, need_u_prev,
 ):  # fmt: skip
     layout = plan_layout(x).channels_last
 
@@ -381,11 +392,13 @@ def _cast(t: Tensor, like: Tensor) -> Tensor:
     return t if t.dtype == like.dtype else t.to(like.dtype)
 
 
-def _input_grads(reduce_op, backward_op, ctx, grad_out, grad_shortcut=None) -> tuple:
+def _input_grads(reduce_op, backward_op, ctx, grad_out, grad_shortcut=None, grad_handoff=None) -> tuple:
     """Gradients for every input of the forward op (None where not needed): the reduction pass when a sum
     is needed, then the pass that writes the activation gradients (adding ``grad_shortcut``, the gradient of
-    the shortcut output of :func:`batch_norm_lm_step_with_shortcut`, into grad_u). No other op: the kernels
-    take the sums, not their means, and every gradient comes out in the dtype it is needed in."""
+    the shortcut output of :func:`batch_norm_lm_step_with_shortcut`, into grad_u). ``grad_handoff``, the
+    gradient of the output handed to the next step (:mod:`lmfused.handoff`), is added to grad_out by both
+    passes. No other op: the kernels take the sums, not their means, and every gradient comes out in the
+    dtype it is needed in."""
     x, mean, invstd, weight, bias, u, mask, k, scale, *prev = ctx.saved_tensors
     training, relu, needs, bias_dtype, has_state = ctx.flags
     if relu and has_state and (mask is None or mask.numel() == 0):
@@ -395,7 +408,8 @@ def _input_grads(reduce_op, backward_op, ctx, grad_out, grad_shortcut=None) -> t
     sum_dy = sum_dy_xhat = mean  # stand-ins, not read outside training
     if need_weight or need_bias or need_k or (need_x and training):
         u_prev = saved_state(ctx, tuple(prev))  # (rebuilt here when it was not kept, dropped after)
-        reduce_args = (grad_out, x, mean, invstd, weight, bias, u, u_prev, k, mask, scale, relu, need_k)
+        reduce_args = (grad_out, grad_handoff, x, mean, invstd, weight, bias, u, u_prev, k, mask, scale, relu,
+                       need_k)  # fmt: skip
         sum_dy, sum_dy_xhat, grad_k = reduce_op(*reduce_args)
         del u_prev, reduce_args
         grad_weight = _cast(sum_dy_xhat, weight) if need_weight else None
@@ -404,8 +418,9 @@ def _input_grads(reduce_op, backward_op, ctx, grad_out, grad_shortcut=None) -> t
         grad_k = _cast(grad_k, k) if need_k else None
     grad_x = grad_u = grad_u_prev = None
     if need_x or need_u or need_u_prev:
-        grads = backward_op(grad_out, grad_shortcut, x, mean, invstd, weight, bias, sum_dy, sum_dy_xhat,
-                            mask, k, scale, training, relu, need_x, need_u, need_u_prev)  # fmt: skip
+        grads = backward_op(grad_out, grad_handoff, grad_shortcut, x, mean, invstd, weight, bias, sum_dy,
+                            sum_dy_xhat, mask, k, scale, training, relu, need_x, need_u,
+                            need_u_prev)  # fmt: skip
         wanted = (need_x, need_u, need_u_prev)
         grad_x, grad_u, grad_u_prev = (g if n else None for g, n in zip(grads, wanted, strict=True))
     constants = (None,) * 6  # scale, seed, training, relu, noise_std, write_mask
@@ -543,24 +558,33 @@ def _check_batch_norm_args(x, running_mean, running_var, weight, bias, u, traini
 
 class _EagerBatchNormStep(torch.autograd.Function):
     """The registered autograd formula applied directly (as lm_step's ``_EagerLMStep``), optionally with the
-    shortcut output of the gradient pass-through (see :func:`lmfused.ops.lm_step_with_shortcut`)."""
+    shortcut output of the gradient pass-through (see :func:`lmfused.ops.lm_step_with_shortcut`) and with
+    the output's handoff to the next step (:mod:`lmfused.handoff`). Outputs: out, then the shortcut (if
+    ``with_shortcut``), then the handoff (if ``with_handoff``)."""
 
     @staticmethod
-    def forward(ctx, backend, with_shortcut, needs_input_grad, *inputs):
+    def forward(ctx, backend, with_shortcut, with_handoff, needs_input_grad, *inputs):
         out, mask = _OPS[backend][1](*inputs)  # grad mode is off here: straight to the backend's kernel
         ctx.needs_input_grad = needs_input_grad  # of the op's inputs, as _setup_context reads them
         _setup_context(ctx, inputs, (out, mask))
-        ctx.backend = backend
+        ctx.backend, ctx.with_shortcut, ctx.with_handoff = backend, with_shortcut, with_handoff
         ctx.zero_grad_out = zero_gradient_like(out)
-        ctx.set_materialize_grads(False)  # an unused shortcut's gradient stays None: nothing to add
-        u = inputs[5]
-        return (out, u) if with_shortcut else out
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: nothing to add
+        outputs = (out, inputs[5]) if with_shortcut else (out,)
+        # The handoff: out's memory as a second output, not a view of out (no reference back to it).
+        outputs += (out.detach(),) if with_handoff else ()
+        return outputs if len(outputs) > 1 else out
 
     @staticmethod
-    def backward(ctx, grad_out, grad_shortcut=None):
+    def backward(ctx, grad_out, *more):
+        grad_shortcut = more[0] if ctx.with_shortcut else None
+        grad_handoff = more[-1] if ctx.with_handoff else None
+        if grad_out is None:  # only the handoff was used, or nothing
+            grad_out, grad_handoff = grad_handoff, None
         grad_out = ctx.zero_grad_out() if grad_out is None else grad_out
         _, _, reduce_op, backward_op = _OPS[ctx.backend]
-        return (None, None, None) + _input_grads(reduce_op, backward_op, ctx, grad_out, grad_shortcut)
+        grads = _input_grads(reduce_op, backward_op, ctx, grad_out, grad_shortcut, grad_handoff)
+        return (None, None, None, None) + grads
 
 
 def _batch_norm_step(
@@ -573,6 +597,7 @@ def _batch_norm_step(
         _check_inputs(x, x, None, k, scale, relu, noise_std)
     else:
         k = _check_inputs(u, u_prev, None, k, scale, relu, noise_std)
+        u = handoff.take(u)  # the previous step's output as its own autograd input, if it was handed off
     _check_batch_norm_args(x, running_mean, running_var, weight, bias, x if u is None else u, training,
                            momentum, eps)  # fmt: skip
     backend = _backend(backend, x.device.type)
@@ -590,10 +615,14 @@ def _batch_norm_step(
     # The backward of a step with states reads the ReLU's mask from the forward's 1-bit mask, not from out.
     inputs = (*args, relu and u is not None and grad_needed)
     if grad_needed and not torch.compiler.is_compiling():
-        if with_shortcut and u.requires_grad:  # (a u without gradient is its own shortcut)
-            out, shortcut = _EagerBatchNormStep.apply(backend, True, needs, *inputs)
-            return out, carry(u, shortcut)
-        out = _EagerBatchNormStep.apply(backend, False, needs, *inputs)
+        with_shortcut_output = with_shortcut and u.requires_grad  # (a u without gradient is its own shortcut)
+        with_handoff = u is not None and handoff.enabled()
+        outputs = _EagerBatchNormStep.apply(backend, with_shortcut_output, with_handoff, needs, *inputs)
+        out = outputs[0] if with_shortcut_output or with_handoff else outputs
+        if with_handoff:
+            handoff.offer(out, outputs[-1])
+        if with_shortcut_output:
+            return out, carry(u, outputs[1])
         if u is None and not relu and scale is None and noise_std == 0:  # a plain batch norm: rebuildable
             mark(
                 out,

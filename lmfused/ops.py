@@ -26,6 +26,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from lmfused import handoff
 from lmfused._layout import empty_in_layout, plan_layout
 from lmfused.rebuild import carry, save_state, saved_state
 from lmfused.reference import reference_backward, reference_forward
@@ -372,6 +373,7 @@ def lm_step_with_shortcut(
 
 def _lm_step(u, u_prev, f, k, scale, relu, noise_std, backend, *, with_shortcut: bool):
     k = _check_inputs(u, u_prev, f, k, scale, relu, noise_std)
+    u = handoff.take(u)  # the previous step's output as its own autograd input, if it was handed off
     backend = _choose_backend(backend, u.device.type)
     seed = None
     if noise_std > 0:

@@ -153,11 +153,11 @@ def test_opcheck_without_states(backend):
         args = (x, mean, invstd, weight, bias, None, None, k, None, None, training, True, 0.0, False)
         torch.library.opcheck(forward_op, args)
         grad_out = torch.randn_like(x)
-        reduce_args = (grad_out, x, mean, invstd, weight, bias, None, None, k, None, None, True, False)
+        reduce_args = (grad_out, None, x, mean, invstd, weight, bias, None, None, k, None, None, True, False)
         torch.library.opcheck(reduce_op, reduce_args)
         sum_dy, sum_dy_xhat, _ = reduce_op(*reduce_args)
-        backward_args = (grad_out, None, x, mean, invstd, weight, bias, sum_dy, sum_dy_xhat, None, k, None,
-                         training, True, True, False, False)  # fmt: skip
+        backward_args = (grad_out, None, None, x, mean, invstd, weight, bias, sum_dy, sum_dy_xhat, None, k,
+                         None, training, True, True, False, False)  # fmt: skip
         torch.library.opcheck(backward_op, backward_args)
 
 

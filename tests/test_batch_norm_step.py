@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmfused import handoff
 from lmfused.batch_norm_step import _OPS, batch_norm_lm_step, mask_shape, pack_mask, unpack_mask
 from lmfused.reference import lm_step_eager
 from tests.conftest import DEVICE
@@ -69,8 +70,10 @@ def _max_err(x, ref):
     return (x.double() - ref).abs().max().item() if x.numel() else 0.0
 
 
-def _run(case, backend, training, relu, grad_out, **kwargs):
-    """batch_norm_lm_step on fresh leaves (running statistics cloned): output, gradients, running stats."""
+def _run(case, backend, training, relu, grad_out, grad_handoff=None, **kwargs):
+    """batch_norm_lm_step on fresh leaves (running statistics cloned): output, gradients, running stats.
+    With ``grad_handoff`` the output's handoff (lmfused.handoff) receives it: the step's backward gets the
+    output's gradient in two parts."""
     x, running_mean, running_var, weight, bias, u, u_prev, k, scale = case
     leaves = [
         t.detach().clone().requires_grad_() if t is not None else None
@@ -82,7 +85,12 @@ def _run(case, backend, training, relu, grad_out, **kwargs):
         lx, rm, rv, lw, lb, lu, lup, lk, training=training, scale=scale, relu=relu, backend=backend, **kwargs
     )
     present = [t for t in leaves if t is not None]
-    grads = iter(torch.autograd.grad(out, present, grad_out))
+    outputs, grad_outputs = [out], [grad_out]
+    if grad_handoff is not None:
+        outputs.append(handoff.take(out))
+        assert outputs[1] is not out and outputs[1].data_ptr() == out.data_ptr()
+        grad_outputs.append(grad_handoff)
+    grads = iter(torch.autograd.grad(outputs, present, grad_outputs))
     return out, [next(grads) if t is not None else None for t in leaves], rm, rv
 
 
@@ -97,14 +105,21 @@ def test_matches_float64_oracle(backend, shape, layout, dtype):
 
 
 def _check_against_oracle(backend, shape, layout, dtype, flag_sets) -> None:
-    """test_matches_float64_oracle's checks for each (training, per_channel_k, with_scale, relu)."""
+    """test_matches_float64_oracle's checks for each (training, per_channel_k, with_scale, relu); half of
+    the flag sets (odd parity: each relu with every other choice somewhere) with the output's gradient in two
+    parts, one through the handoff (lmfused.handoff)."""
     for index, (training, per_channel_k, with_scale, relu) in enumerate(flag_sets):
         case = make_case(shape, dtype, layout, per_channel_k=per_channel_k, with_scale=with_scale, seed=index)
         gen = torch.Generator().manual_seed(100 + index)
         grad_out = torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
-        out, grads, rm, rv = _run(case, backend, training, relu, grad_out)
-        ref_out, ref_grads, ref_rm, ref_rv = oracle(case, training, relu, grad_out)
-        flags = dict(training=training, per_channel_k=per_channel_k, scale=with_scale, relu=relu)
+        grad_handoff = None
+        if sum((training, per_channel_k, with_scale, relu)) % 2:
+            grad_handoff = in_layout(torch.randn(shape, generator=gen).to(dtype).to(DEVICE), layout)
+        out, grads, rm, rv = _run(case, backend, training, relu, grad_out, grad_handoff)
+        whole = grad_out.double() + (grad_handoff.double() if grad_handoff is not None else 0)
+        ref_out, ref_grads, ref_rm, ref_rv = oracle(case, training, relu, whole)
+        flags = dict(training=training, per_channel_k=per_channel_k, scale=with_scale, relu=relu,
+                     handoff=grad_handoff is not None)  # fmt: skip
         assert out.shape == shape and out.dtype == dtype
         count = math.prod(shape) // shape[1]
         for name, got, ref in zip(("out", *GRAD_NAMES), (out, *grads), (ref_out, *ref_grads), strict=True):
@@ -257,15 +272,17 @@ def test_opcheck(backend, requires_grad):
             t.detach() if t is not None else None for t in (x, weight, bias, u, u_prev, k)
         )
         mask = mask if relu else None
-        reduce_args = (grad_out, x, mean, invstd, weight, bias, u, u_prev, k, mask, scale, relu, True)
-        torch.library.opcheck(reduce_op, reduce_args)
-        torch.library.opcheck(reduce_op, (*reduce_args[:-1], False))
-        sum_dy, sum_dy_xhat, grad_k = reduce_op(*reduce_args)
-        assert grad_k.shape == k.shape
-        for needs in ((True, True, True), (True, False, True), (False, True, False)):
-            backward_args = (grad_out, grad_out.flip(0), x, mean, invstd, weight, bias, sum_dy, sum_dy_xhat,
-                             mask, k, scale, training, relu, *needs)  # fmt: skip
-            torch.library.opcheck(backward_op, backward_args)
+        for part in (None, torch.randn_like(out)):  # the output's gradient in one part or two
+            reduce_args = (grad_out, part, x, mean, invstd, weight, bias, u, u_prev, k, mask, scale, relu,
+                           True)  # fmt: skip
+            torch.library.opcheck(reduce_op, reduce_args)
+            torch.library.opcheck(reduce_op, (*reduce_args[:-1], False))
+            sum_dy, sum_dy_xhat, grad_k = reduce_op(*reduce_args)
+            assert grad_k.shape == k.shape
+            for needs in ((True, True, True), (True, False, True), (False, True, False)):
+                backward_args = (grad_out, part, grad_out.flip(0), x, mean, invstd, weight, bias, sum_dy,
+                                 sum_dy_xhat, mask, k, scale, training, relu, *needs)  # fmt: skip
+                torch.library.opcheck(backward_op, backward_args)
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -423,15 +440,16 @@ def test_mask_is_the_sign_of_the_stored_output(backend, dtype):
         assert mask.shape == mask_shape(out) and torch.equal(mask, want), (layout, index)
         assert torch.equal(unpack_mask(mask, out), out > 0)
         grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(index)).to(dtype).to(DEVICE)
-        sums = reduce_op(grad_out, x, mean, invstd, weight, bias, u, u_prev, k, mask, scale, True, True)
-        ref = _OPS["reference"][2](grad_out, x, mean, invstd, weight, bias, u, u_prev, k, want, scale, True,
+        state = (u, u_prev, k)
+        sums = reduce_op(grad_out, None, x, mean, invstd, weight, bias, *state, mask, scale, True, True)
+        ref = _OPS["reference"][2](grad_out, None, x, mean, invstd, weight, bias, *state, want, scale, True,
                                    True)  # fmt: skip
         for got, ref_sum in zip(sums, ref, strict=True):
             torch.testing.assert_close(got, ref_sum, rtol=1e-4, atol=1e-4 * math.sqrt(x.numel()))
-        grads = backward_op(grad_out, None, x, mean, invstd, weight, bias, *sums[:2], mask, k, scale, True,
-                            True, True, True, True)  # fmt: skip
-        ref = _OPS["reference"][3](grad_out, None, x, mean, invstd, weight, bias, *sums[:2], want, k, scale,
-                                   True, True, True, True, True)  # fmt: skip
+        grads = backward_op(grad_out, None, None, x, mean, invstd, weight, bias, *sums[:2], mask, k, scale,
+                            True, True, True, True, True)  # fmt: skip
+        ref = _OPS["reference"][3](grad_out, None, None, x, mean, invstd, weight, bias, *sums[:2], want, k,
+                                   scale, True, True, True, True, True)  # fmt: skip
         for got, ref_grad in zip(grads, ref, strict=True):
             torch.testing.assert_close(got, ref_grad, rtol=1e-2, atol=1e-2)
 

@@ -47,15 +47,19 @@ def _leaves(tensors, dtype=None):
     return [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
 
 
-def _recorded_shortcuts(monkeypatch, table: dict, backend: str) -> list[bool]:
-    """Patch ``table[backend]``'s backward op to record whether each call got a grad_shortcut."""
+def _recorded_shortcuts(
+    monkeypatch, table: dict, backend: str, argument: str = "grad_shortcut"
+) -> list[bool]:
+    """Patch ``table[backend]``'s backward op to record whether each call got a ``argument`` (grad_shortcut,
+    or batch_norm_lm_step's grad_handoff)."""
     seen: list[bool] = []
     ops_tuple = table[backend]
     if isinstance(ops_tuple, tuple):  # batch_norm_lm_step: (stats, forward, reduce, backward)
         original = ops_tuple[3]
+        position = {"grad_handoff": 1, "grad_shortcut": 2}[argument]
 
         def recording(*args):
-            seen.append(args[1] is not None)
+            seen.append(args[position] is not None)
             return original(*args)
 
         monkeypatch.setitem(table, backend, (*ops_tuple[:3], recording))

@@ -1182,6 +1182,7 @@ def batch_norm_lm_step_forward_triton(
 
 def batch_norm_lm_step_backward_reduce_triton(
     grad_out: Tensor,
+    grad_handoff: Tensor | None,
     x: Tensor,
     mean: Tensor,
     invstd: Tensor,
@@ -1198,6 +1199,8 @@ def batch_norm_lm_step_backward_reduce_triton(
     """One launch: per-channel sums of dy and dy * xhat and (``need_k``) grad_k = sum g * (u_prev - u) in
     k's shape, merged in the kernel. With ``relu`` the forward's mask, or without one (the no-state mode)
     the mask recomputed from x as the forward computes the pre-activation."""
+    if grad_handoff is not None:  # TEMPORARY until the kernels read it
+        grad_out = grad_out + grad_handoff
     plan = plan_layout(x)
     layout, channels = plan.channels_last, plan.channels
     acc = _acc_dtype(grad_out)
@@ -1261,6 +1264,7 @@ def batch_norm_lm_step_backward_reduce_triton(
 
 def batch_norm_lm_step_backward_triton(
     grad_out: Tensor,
+    grad_handoff: Tensor | None,
     grad_shortcut: Tensor | None,
     x: Tensor,
     mean: Tensor,
@@ -1281,6 +1285,8 @@ def batch_norm_lm_step_backward_triton(
     """One launch: grad_x, grad_u (+ ``grad_shortcut``, the gradient of the step's shortcut output) and
     grad_u_prev (the needed ones; others empty). With ``relu`` the forward's mask, or without one (the
     no-state mode) the mask recomputed from x."""
+    if grad_handoff is not None:  # TEMPORARY until the kernels read it
+        grad_out = grad_out + grad_handoff
     plan = plan_layout(x)
     layout = plan.channels_last
     g = to_layout(grad_out, layout)

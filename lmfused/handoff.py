@@ -1,0 +1,50 @@
+"""A step's output handed to the next step as an autograd input of its own (the gradient handoff).
+
+In a chain of LM blocks the output u_{n+1} of one step feeds the next block twice: its branch's first
+convolution and its step (as u). Given the same tensor, autograd adds the two gradients in a separate kernel
+(read 2, write 1) and the step's backward then reads the sum in both of its passes. Instead, a step with
+states (:func:`lmfused.batch_norm_lm_step`) returns a second tensor object over the same memory, the
+*handoff*, and records it on its output; the next step (:func:`lmfused.lm_step` or batch_norm_lm_step)
+takes the handoff in place of its u. The two gradients then reach the first step's backward separately
+(``grad_out`` from the convolution, ``grad_handoff`` from the next step) and its kernels add them in
+registers as they read them: per junction 1 X less traffic (X = the bytes of u), as ``python -m bench.traffic
+--blocks`` counts. Values and gradients are those of passing the output itself.
+
+Only eager autograd sees the record (an attribute of the tensor object); under torch.compile nothing is
+handed off. An output changed in place after it was recorded is not handed off (the in-place op's gradient
+would be skipped): the next step then takes it as it is. ``LMFUSED_GRADIENT_PASSTHROUGH=0`` turns the handoff
+off, with the shortcut pass-through, to measure what both save.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import Tensor
+
+__all__ = ["enabled", "offer", "take"]
+
+_ATTRIBUTE = "_lmfused_handoff"
+
+
+def enabled() -> bool:
+    """Whether steps pass gradients to each other directly (the shortcut pass-through and the handoff), the
+    default, or leave every addition of two gradients to autograd (``LMFUSED_GRADIENT_PASSTHROUGH=0``)."""
+    return os.environ.get("LMFUSED_GRADIENT_PASSTHROUGH", "1") != "0"
+
+
+def offer(out: Tensor, handoff: Tensor) -> Tensor:
+    """Record on ``out`` that the next step should take ``handoff`` (the same memory and values, another
+    autograd output of the same step) as its u. ``handoff`` must not refer back to ``out`` (no cycle: it is
+    freed with ``out``)."""
+    setattr(out, _ATTRIBUTE, (handoff, out._version))
+    return out
+
+
+def take(u: Tensor) -> Tensor:
+    """The handoff recorded on ``u`` if there is one and ``u`` has not changed in place since, else ``u``."""
+    recorded = getattr(u, _ATTRIBUTE, None)
+    if recorded is None or not enabled():
+        return u
+    handoff, version = recorded
+    return handoff if u._version == version else u
