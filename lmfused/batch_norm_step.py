@@ -616,7 +616,7 @@ def _batch_norm_step(
     inputs = (*args, relu and u is not None and grad_needed)
     if grad_needed and not torch.compiler.is_compiling():
         with_shortcut_output = with_shortcut and u.requires_grad  # (a u without gradient is its own shortcut)
-        with_handoff = u is not None and handoff.enabled()
+        with_handoff = u is not None and handoff.offers()
         outputs = _EagerBatchNormStep.apply(backend, with_shortcut_output, with_handoff, needs, *inputs)
         out = outputs[0] if with_shortcut_output or with_handoff else outputs
         if with_handoff:

@@ -11,7 +11,9 @@ registers as they read them: per junction 1 X less traffic (X = the bytes of u),
 --blocks`` counts. Values and gradients are those of passing the output itself.
 
 Only eager autograd sees the record (an attribute of the tensor object); under torch.compile nothing is
-handed off. An output changed in place after it was recorded is not handed off (the in-place op's gradient
+handed off. Nor while saved-tensor hooks are active (activation checkpointing, offloading to the CPU): there
+the memory of the backward is the point, and the two gradient parts, live at once until the step's backward
+has read them, would raise its peak by one activation where autograd's addition frees one of them first. An output changed in place after it was recorded is not handed off (the in-place op's gradient
 would be skipped): the next step then takes it as it is. ``LMFUSED_GRADIENT_PASSTHROUGH=0`` turns the handoff
 off, with the shortcut pass-through, to measure what both save.
 """
@@ -20,9 +22,10 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import Tensor
 
-__all__ = ["enabled", "offer", "take"]
+__all__ = ["enabled", "offer", "offers", "take"]
 
 _ATTRIBUTE = "_lmfused_handoff"
 
@@ -31,6 +34,18 @@ def enabled() -> bool:
     """Whether steps pass gradients to each other directly (the shortcut pass-through and the handoff), the
     default, or leave every addition of two gradients to autograd (``LMFUSED_GRADIENT_PASSTHROUGH=0``)."""
     return os.environ.get("LMFUSED_GRADIENT_PASSTHROUGH", "1") != "0"
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether the tensors autograd saves now go through saved-tensor hooks (torch.utils.checkpoint without
+    reentrance, torch.autograd.graph.save_on_cpu), as torch.utils.checkpoint itself asks."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
+
+
+def offers() -> bool:
+    """Whether a step called now hands its output off: :func:`enabled` and no saved-tensor hooks active."""
+    return enabled() and not _saved_tensor_hooks_active()
 
 
 def offer(out: Tensor, handoff: Tensor) -> Tensor:

@@ -55,7 +55,7 @@ def test_backward_additions_are_gradient_accumulation():
 
 @pytest.mark.parametrize(
     ("fuse_batch_norm", "pass_through", "junction_x"),
-    [("0", "0", 22.0), ("0", "1", 20.0), ("1", "0", 20.1875), ("1", "1", 18.1875)],
+    [("0", "0", 22.0), ("0", "1", 20.0), ("1", "0", 20.1875), ("1", "1", 17.1875)],
 )
 def test_lm_and_plain_junction_of_inner_bottleneck_blocks(
     monkeypatch, fuse_batch_norm, pass_through, junction_x
@@ -65,7 +65,9 @@ def test_lm_and_plain_junction_of_inner_bottleneck_blocks(
     22 X with lm_step and nn.BatchNorm2d, 2 X less with the gradient pass-through (an addition of two
     gradients becomes one read), 1.8125 X less with the batch-norm-fused op (its forward writes the
     ReLU's 1-bit mask, 1/16 X in bf16, which the two backward passes read instead of reading out (1 X) or
-    recomputing it: 3/16 X; 18.1875 X with everything on). The whole training step is counted with
+    recomputing it: 3/16 X), and 1 X less with the gradient handoff (lmfused.handoff: autograd's addition of
+    the block input's two gradients, read 2 write 1, becomes one more read in each backward pass): 17.1875 X
+    with everything on. The whole training step is counted with
     fake tensors (no memory), at the benchmark's batch and image size, and falls below torchvision's as a
     GPU runs it with the batch-norm-fused ops (the branch's BatchNorm + ReLU pairs fused too)."""
     import_or_skip("torchvision")
@@ -84,12 +86,14 @@ def test_lm_and_plain_junction_of_inner_bottleneck_blocks(
     fused = result["lm"]["by_category"]["batch_norm"] < result["plain"]["by_category"]["batch_norm"]
     assert fused == (fuse_batch_norm == "1")
     if fuse_batch_norm == "1":
-        # At most torchvision's bytes as a GPU runs them (aten's batch norm charged its second passes, as
+        # Below torchvision's bytes as a GPU runs them (aten's batch norm charged its second passes, as
         # lmfused's are). One pass per op charges aten's batch norm one pass each way but lmfused's, now the
-        # projection's too, every pass; with the price of keeping no projected shortcut (its rebuild, 2 X per
-        # stage) and no pooling indices (pooled again), that count is within 4% of torchvision's.
-        assert result["gpu_ratio"] <= 0.90
-        assert result["ratio"] <= 1.04
+        # projection's too, every pass, and the price of keeping no projected shortcut (its rebuild, 2 X per
+        # stage) and no pooling indices (pooled again): that count is still at most torchvision's with the
+        # handoff, within 4% without it.
+        with_handoff = pass_through == "1"
+        assert result["gpu_ratio"] <= (0.86 if with_handoff else 0.90)
+        assert result["ratio"] <= (1.0 if with_handoff else 1.04)
     else:
         assert 1.0 < result["ratio"] < 1.15
 
