@@ -171,32 +171,37 @@ def test_compile_traces_the_op_or_its_decomposition(monkeypatch, mode):
 def test_gradient_pass_through_in_the_zoo(monkeypatch, fuse):
     """A zoo model with the gradient pass-through (default) is the model without it
     (LMFUSED_GRADIENT_PASSTHROUGH=0) to round-off, and its steps' backward kernels get the next block's
-    u_prev gradient: every block whose shortcut the next block takes, i.e. all but each stage's last."""
+    u_prev gradient: every block whose shortcut the next block takes, i.e. all but each stage's last. With
+    the fused batch norm they also get the gradient of their output's handoff (lmfused.handoff) from the
+    next block's step, the same blocks (a stage's first block takes its projection, not its input)."""
     import lmfused.batch_norm_step as bn_step
     import lmfused.ops as ops
 
     torch.manual_seed(0)
     model = lmfused.models.create_model("lm_resnet50", per_channel_k=True, backend="reference").double()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    received = []
+    received, handed = [], []
 
-    def recording(original):
+    def recording(original, shortcut_at, handoff_at=None):
         def backward(*args):
-            received.append(args[1] is not None)
+            received.append(args[shortcut_at] is not None)
+            handed.append(handoff_at is not None and args[handoff_at] is not None)
             return original(*args)
 
         return backward
 
-    monkeypatch.setitem(ops._BACKWARD_OPS, "reference", recording(ops._BACKWARD_OPS["reference"]))
+    monkeypatch.setitem(ops._BACKWARD_OPS, "reference", recording(ops._BACKWARD_OPS["reference"], 1))
     stats, forward, reduce, backward = bn_step._OPS["reference"]
-    monkeypatch.setitem(bn_step._OPS, "reference", (stats, forward, reduce, recording(backward)))
+    monkeypatch.setitem(bn_step._OPS, "reference", (stats, forward, reduce, recording(backward, 2, 1)))
     results = []
     for passes in ("1", "0"):
         monkeypatch.setenv("LMFUSED_GRADIENT_PASSTHROUGH", passes)
         received.clear()
+        handed.clear()
         results.append(_run(model, x, fuse, monkeypatch))
         blocks_with_a_successor = 16 - 4
         assert sum(received) == (blocks_with_a_successor if passes == "1" else 0)
+        assert sum(handed) == (blocks_with_a_successor if passes == "1" and fuse == "1" else 0)
     (out, grads), (want, want_grads) = results
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-11)
     for got, ref in zip(grads, want_grads, strict=True):
