@@ -13,8 +13,9 @@ registers as they read them: per junction 1 X less traffic (X = the bytes of u),
 Only eager autograd sees the record (an attribute of the tensor object); under torch.compile nothing is
 handed off. Nor while saved-tensor hooks are active (activation checkpointing, offloading to the CPU): there
 the memory of the backward is the point, and the two gradient parts, live at once until the step's backward
-has read them, would raise its peak by one activation where autograd's addition frees one of them first. An output changed in place after it was recorded is not handed off (the in-place op's gradient
-would be skipped): the next step then takes it as it is. ``LMFUSED_GRADIENT_PASSTHROUGH=0`` turns the handoff
+has read them, would raise its peak by one activation where autograd's addition frees one of them first.
+An output changed in place after it was recorded is not handed off (the in-place op's gradient would be
+skipped): the next step then takes it as it is. ``LMFUSED_GRADIENT_PASSTHROUGH=0`` turns the handoff
 off, with the shortcut pass-through, to measure what both save.
 """
 
