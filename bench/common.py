@@ -126,13 +126,18 @@ def copy_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / ms / 1e6
 
 
+def op_name(func) -> str:
+    """A dispatched op's name as the counts print it: ``aten.convolution``, ``lmfused.lm_step_cuda``."""
+    return f"{func.namespace}.{func._schema.name.split('::')[-1]}"
+
+
 class _OpNames(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.names: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names[f"{func.namespace}.{func._schema.name.split('::')[-1]}"] += 1
+        self.names[op_name(func)] += 1
         return func(*args, **(kwargs or {}))
 
 

@@ -47,13 +47,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import lmfused
-from bench.common import ROOT, environment, environment_settings, print_table, write_json
+from bench.common import ROOT, environment, environment_settings, op_name, print_table, write_json
 from bench.models import MODELS, VARIANTS, plain_pytorch_lm
-from bench.traffic import block_attribution, counterpart, is_block, training_inputs
+from bench.traffic import PhaseAndBlockMode, block_attribution, counterpart, is_block, training_inputs
 from lmfused.nn.blocks import set_grad_checkpointing
 
 ROLES = (
@@ -130,7 +129,7 @@ def by_role(storages) -> dict[str, int]:
 
 
 @dataclass
-class MemoryCounter(TorchDispatchMode):
+class MemoryCounter(PhaseAndBlockMode):
     """Dispatch mode that records every storage an op creates and the peak of live bytes over the ops; with
     :meth:`saving` it also records what autograd saves for the backward. A storage is live while anything
     (a tensor, autograd's saved variables) refers to it; storages are told apart by their address while
@@ -145,20 +144,15 @@ class MemoryCounter(TorchDispatchMode):
     saved: dict[int, Storage | None] = field(default_factory=dict)  # by address (None: a persistent one)
     saved_naive: int = 0
     saved_persistent: int = 0
-    phase: str = "forward"
-    block: str = "-"
     in_downsample: bool = False
     last_op: str | None = None  # the op dispatched last, and its outputs' storages
     last_outputs: set[int] = field(default_factory=set)
     pending: list[Storage] = field(default_factory=list)  # saved inputs whose op has not run yet
 
-    def __post_init__(self) -> None:
-        super().__init__()
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        name = f"{func.namespace}.{func._schema.name.split('::')[-1]}"
+        name = op_name(func)
         from_parameter = name == "aten._to_copy" and _key(args[0]) in self.persistent
         for t in _storages(out):
             key = _key(t)

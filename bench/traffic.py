@@ -44,7 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import lmfused
-from bench.common import ROOT, environment, print_table, write_json
+from bench.common import ROOT, environment, op_name, print_table, write_json
 
 CATEGORIES = ("convolution", "batch_norm", "lm_junction", "elementwise", "grad_accumulation", "copy", "other")
 _CONVOLUTION = ("convolution", "conv2d", "mm", "addmm", "bmm", "linear")
@@ -162,20 +162,27 @@ class OpRecord:
 
 
 @dataclass
-class TrafficCounter(TorchDispatchMode):
-    """Dispatch mode that records, for every op, the bytes it reads and writes, its phase and its block."""
+class PhaseAndBlockMode(TorchDispatchMode):
+    """A dispatch mode that knows where the step is: its phase ("forward" or "backward", set by the caller)
+    and the block running (set by :func:`block_attribution`; "-" outside every block)."""
 
-    records: list[OpRecord] = field(default_factory=list)
     phase: str = "forward"
     block: str = "-"
 
     def __post_init__(self) -> None:
         super().__init__()
 
+
+@dataclass
+class TrafficCounter(PhaseAndBlockMode):
+    """Dispatch mode that records, for every op, the bytes it reads and writes, its phase and its block."""
+
+    records: list[OpRecord] = field(default_factory=list)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        name = f"{func.namespace}.{func._schema.name.split('::')[-1]}"
+        name = op_name(func)
         if func.namespace == "prim" or func.is_view or func._schema.name.split("::")[-1] in _NO_TRAFFIC:
             return out
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
@@ -205,7 +212,7 @@ def is_block(module: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def block_attribution(model: torch.nn.Module, counter: TrafficCounter) -> Iterator[dict[str, int]]:
+def block_attribution(model: torch.nn.Module, counter: PhaseAndBlockMode) -> Iterator[dict[str, int]]:
     """Attribute ops to blocks: forward ops to the block running; backward ops to the block whose output's
     gradient came last (the backward of a chain of blocks runs block by block, from the last one). Yields
     {block name: elements of its output}."""

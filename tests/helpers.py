@@ -1,11 +1,15 @@
-"""Shared test helpers: random inputs in a given layout, and the float64 oracle."""
+"""Shared test helpers: random inputs in a given layout, the float64 oracle, a training step that checks k."""
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 import lmfused
+from lmfused.nn import LMStep
 from lmfused.reference import lm_step_eager
 from tests.conftest import DEVICE
 
@@ -59,3 +63,24 @@ def oracle(u, u_prev, f, k, scale, relu, grad_out, dtype=torch.float64):
     out.backward(grad_out.to(dtype))
     grads = [t.grad if t is not None else None for t in (*leaves, k_leaf)]
     return out.detach(), grads
+
+
+def lm_coefficients(model: nn.Module) -> list[nn.Parameter]:
+    """The k of every LMStep in ``model``."""
+    return [m.k for m in model.modules() if isinstance(m, LMStep)]
+
+
+def train_step_checking_k(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, ks: list[Tensor], dtype
+) -> list[Tensor]:
+    """One optimizer step on the cross-entropy of ``model(x)`` against ``y``: the loss is finite and every k
+    in ``ks`` gets a finite gradient in ``dtype``. Returns the values of ``ks`` before the step."""
+    before = [k.detach().clone() for k in ks]
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(x).float(), y)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    for k in ks:
+        assert k.grad is not None and k.grad.dtype == dtype and torch.isfinite(k.grad).all()
+    optimizer.step()
+    return before

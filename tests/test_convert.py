@@ -34,6 +34,17 @@ def conv1x1(cin, cout, stride=1):
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
+def projection(cin, cout, stride):
+    """The downsample of torchvision's and timm's ResNets: a strided 1x1 conv and a BatchNorm."""
+    return nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+
+
+def torchvision_block_end(block, out, x):
+    """What a torchvision block runs after its last batch norm: the (projected) input added, the ReLU."""
+    out += x if block.downsample is None else block.downsample(x)
+    return block.relu(out)
+
+
 class TVBasicBlock(nn.Module):
     expansion = 1
 
@@ -48,13 +59,9 @@ class TVBasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x):
-        identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+        return torchvision_block_end(self, out, x)
 
 
 class TVBottleneck(nn.Module):
@@ -74,14 +81,10 @@ class TVBottleneck(nn.Module):
         self.stride = stride
 
     def forward(self, x):
-        identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+        return torchvision_block_end(self, out, x)
 
 
 class TVResNet(nn.Module):
@@ -102,10 +105,7 @@ class TVResNet(nn.Module):
     def _make_layer(self, block, planes, blocks, stride):
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                conv1x1(self.inplanes, planes * block.expansion, stride),
-                nn.BatchNorm2d(planes * block.expansion),
-            )
+            downsample = projection(self.inplanes, planes * block.expansion, stride)
         layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width)]
         self.inplanes = planes * block.expansion
         for _ in range(1, blocks):
@@ -133,6 +133,19 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
 
 
+def timm_block_end(block, x, shortcut, act):
+    """What a timm block runs after its last batch norm: squeeze-excite, drop path, the (projected) shortcut
+    added, the final activation."""
+    if block.se is not None:
+        x = block.se(x)
+    if block.drop_path is not None:
+        x = block.drop_path(x)
+    if block.downsample is not None:
+        shortcut = block.downsample(shortcut)
+    x += shortcut
+    return act(x)
+
+
 class TimmBasicBlock(nn.Module):
     expansion = 1
 
@@ -154,14 +167,7 @@ class TimmBasicBlock(nn.Module):
         shortcut = x
         x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
         x = self.bn2(self.conv2(x))
-        if self.se is not None:
-            x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
-        x += shortcut
-        return self.act2(x)
+        return timm_block_end(self, x, shortcut, self.act2)
 
 
 class TimmBottleneck(nn.Module):
@@ -190,14 +196,7 @@ class TimmBottleneck(nn.Module):
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
         x = self.bn3(self.conv3(x))
-        if self.se is not None:
-            x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
-        x += shortcut
-        return self.act3(x)
+        return timm_block_end(self, x, shortcut, self.act3)
 
 
 class TimmLikeResNet(nn.Module):
@@ -214,10 +213,7 @@ class TimmLikeResNet(nn.Module):
             for j in range(depth):
                 downsample = None
                 if j == 0 and (stride != 1 or inplanes != planes * block.expansion):
-                    downsample = nn.Sequential(
-                        conv1x1(inplanes, planes * block.expansion, stride),
-                        nn.BatchNorm2d(planes * block.expansion),
-                    )
+                    downsample = projection(inplanes, planes * block.expansion, stride)
                 blocks.append(block(inplanes, planes, stride if j == 0 else 1, downsample, **block_args))
                 inplanes = planes * block.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))

@@ -14,11 +14,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import lmfused
 from tests.conftest import DEVICE
-from tests.helpers import backends, make_inputs, oracle
+from tests.helpers import backends, lm_coefficients, make_inputs, oracle, train_step_checking_k
 
 pytestmark = pytest.mark.gpu
 
@@ -161,27 +160,19 @@ def test_model_cast_to_half_trains_on_cuda(dtype):
     activations with 16 or 32 channels: the vector paths): k stays in dtype, gets finite gradients, moves."""
     _need_cuda()
     from lmfused.models.cifar import LMCifarResNet
-    from lmfused.nn import LMStep
 
     torch.manual_seed(0)
     model = LMCifarResNet(
         (2, 2), (16, 32), stem_channels=16, per_channel_k=True, survival_prob=0.8, backend="cuda"
     )
     model = model.to(device=DEVICE, dtype=dtype, memory_format=torch.channels_last)
-    ks = [m.k for m in model.modules() if isinstance(m, LMStep)]
+    ks = lm_coefficients(model)
     assert ks and all(k.dtype == dtype for k in ks)
     x = torch.randn(8, 3, 16, 16, device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last)
     y = torch.arange(8, device=DEVICE) % 10
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(3):
-        before = [k.detach().clone() for k in ks]
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x).float(), y)
-        loss.backward()
-        assert math.isfinite(loss.item())
-        for k in ks:
-            assert k.grad is not None and k.grad.dtype == dtype and torch.isfinite(k.grad).all()
-        opt.step()
+        before = train_step_checking_k(model, opt, x, y, ks, dtype)
         assert any(not torch.equal(k.detach(), b) for k, b in zip(ks, before, strict=True))
 
 

@@ -11,13 +11,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import lmfused
 from lmfused.models.cifar import LMCifarResNet
-from lmfused.nn import LMStep
 from tests.conftest import DEVICE
-from tests.helpers import backends, make_inputs, oracle
+from tests.helpers import backends, lm_coefficients, make_inputs, oracle, train_step_checking_k
 
 HALF = [torch.bfloat16, torch.float16]
 ULP = {torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}
@@ -59,10 +57,6 @@ def _tiny_lm_resnet(backend: str) -> torch.nn.Module:
     )
 
 
-def _lm_coefficients(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [m.k for m in model.modules() if isinstance(m, LMStep)]
-
-
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_model_cast_to_half_precision_trains(backend, dtype):
@@ -71,7 +65,7 @@ def test_model_cast_to_half_precision_trains(backend, dtype):
     models in half precision differ between backends by legitimate one-ulp roundings, amplified.)"""
     torch.manual_seed(0)
     model = _tiny_lm_resnet(backend).to(device=DEVICE, dtype=dtype)
-    ks = _lm_coefficients(model)
+    ks = lm_coefficients(model)
     assert len(ks) == 2 and all(k.dtype == dtype for k in ks)
     ids = [id(k) for k in ks]
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(device=DEVICE, dtype=dtype)
@@ -79,15 +73,8 @@ def test_model_cast_to_half_precision_trains(backend, dtype):
     # Adam's default eps (1e-8) is 0 in float16: 1e-3 keeps its denominator finite in both dtypes.
     for opt in (torch.optim.SGD(model.parameters(), lr=0.05), torch.optim.Adam(model.parameters(), eps=1e-3)):
         for _ in range(2):
-            before = [k.detach().clone() for k in ks]
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x).float(), y)
-            loss.backward()
-            assert math.isfinite(loss.item())
-            for k in ks:
-                assert k.grad is not None and k.grad.dtype == dtype and torch.isfinite(k.grad).all()
-                assert k.grad.abs().max() > 0
-            opt.step()
-            assert [id(k) for k in _lm_coefficients(model)] == ids
+            before = train_step_checking_k(model, opt, x, y, ks, dtype)
+            assert all(k.grad.abs().max() > 0 for k in ks)
+            assert [id(k) for k in lm_coefficients(model)] == ids
             for k, b in zip(ks, before, strict=True):
                 assert k.dtype == dtype and not torch.equal(k.detach(), b)

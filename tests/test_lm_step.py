@@ -181,19 +181,23 @@ def test_opcheck(backend, requires_grad):
         torch.library.opcheck(op, args)
 
 
+def _gradients(inputs, backend, **options) -> list[torch.Tensor]:
+    """Gradients of fresh leaves copied from ``inputs`` (u, u_prev, f, k) after ``lm_step(..., **options)``
+    and a backward of ones."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = lmfused.lm_step(*leaves, backend=backend, **options)
+    out.backward(torch.ones_like(out))
+    return [t.grad for t in leaves]
+
+
 @pytest.mark.parametrize("backend", backends())
 def test_backward_is_deterministic(backend):
     for layout in ("contiguous", "channels_last"):
         u, u_prev, f, k, scale = make_inputs(
             (4, 33, 17, 19), torch.float32, layout, per_channel_k=True, with_f=True, with_scale=True
         )
-        grads = []
-        for _ in range(2):
-            leaves = [t.detach().clone().requires_grad_() for t in (u, u_prev, f, k)]
-            out = lmfused.lm_step(*leaves, scale=scale, relu=True, backend=backend)
-            out.backward(torch.ones_like(out))
-            grads.append([t.grad for t in leaves])
-        for a, b in zip(*grads, strict=True):
+        first, second = (_gradients((u, u_prev, f, k), backend, scale=scale, relu=True) for _ in range(2))
+        for a, b in zip(first, second, strict=True):
             assert torch.equal(a, b)
 
 
@@ -342,13 +346,8 @@ def test_noise_leaves_gradients_unchanged(backend):
     u, u_prev, f, k, scale = make_inputs(
         (3, 5, 7, 9), torch.float32, "contiguous", per_channel_k=True, with_f=True, with_scale=True
     )
-    grads = []
-    for noise_std in (0.0, 0.7):
-        leaves = [t.detach().clone().requires_grad_() for t in (u, u_prev, f, k)]
-        out = lmfused.lm_step(*leaves, scale=scale, noise_std=noise_std, backend=backend)
-        out.backward(torch.ones_like(out))
-        grads.append([t.grad for t in leaves])
-    for a, b in zip(*grads, strict=True):
+    quiet, noisy = (_gradients((u, u_prev, f, k), backend, scale=scale, noise_std=s) for s in (0.0, 0.7))
+    for a, b in zip(quiet, noisy, strict=True):
         assert torch.equal(a, b)
 
 

@@ -41,7 +41,27 @@ def _adversarial_step(shape, dtype, device, layout, per_channel_k: bool, seed: i
     return (*tensors, k.to(device), stats, eps)
 
 
-def _check_step(backend, device, shape, dtype, layout, per_channel_k):
+def _gpu_backends() -> list[str]:
+    if not HAS_CUDA:
+        return ["cuda", "triton"]  # collected, then skipped by the gpu marker
+    return [b for b in ("cuda", "triton") if b in lmfused.available_backends("cuda")]
+
+
+def _backends_and_devices() -> list:
+    """(backend, device, shape): reference and the Triton interpreter on the CPU; cuda and triton on the GPU,
+    marked gpu (skipped without a CUDA device)."""
+    on_cpu = [pytest.param(b, "cpu", CPU_SHAPE, id=f"{b}-cpu") for b in _cpu_backends()]
+    on_gpu = [
+        pytest.param(b, "cuda", GPU_SHAPE, id=f"{b}-gpu", marks=pytest.mark.gpu) for b in _gpu_backends()
+    ]
+    return on_cpu + on_gpu
+
+
+@pytest.mark.parametrize("backend, device, shape", _backends_and_devices())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("per_channel_k", [False, True])
+def test_step_mask(backend, device, shape, dtype, layout, per_channel_k):
     x, u, u_prev, k, (running_mean, running_var), eps = _adversarial_step(shape, dtype, device, layout,
                                                                           per_channel_k)  # fmt: skip
     u_prev = u_prev.requires_grad_()
@@ -62,7 +82,10 @@ def _check_step(backend, device, shape, dtype, layout, per_channel_k):
     torch.testing.assert_close(grad_k.double(), want_k, rtol=1e-4, atol=1e-3)
 
 
-def _check_relu(backend, device, shape, dtype, layout):
+@pytest.mark.parametrize("backend, device, shape", _backends_and_devices())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_relu_mask(backend, device, shape, dtype, layout):
     """No states: BN(x) = x - m with m the running mean and x = round(m + tiny): signs hang on one rounding,
     the backward recomputes the mask from x."""
     gen = torch.Generator().manual_seed(1)
@@ -79,41 +102,3 @@ def _check_relu(backend, device, shape, dtype, layout):
     assert 0 < (out == 0).sum().item() < out.numel()
     (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
     assert torch.equal(grad_x != 0, out > 0)
-
-
-@pytest.mark.parametrize("backend", _cpu_backends())
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("per_channel_k", [False, True])
-def test_step_mask_on_cpu(backend, layout, dtype, per_channel_k):
-    _check_step(backend, "cpu", CPU_SHAPE, dtype, layout, per_channel_k)
-
-
-@pytest.mark.parametrize("backend", _cpu_backends())
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_relu_mask_on_cpu(backend, layout, dtype):
-    _check_relu(backend, "cpu", CPU_SHAPE, dtype, layout)
-
-
-def _gpu_backends() -> list[str]:
-    if not HAS_CUDA:
-        return ["cuda", "triton"]  # collected, then skipped by the gpu marker
-    return [b for b in ("cuda", "triton") if b in lmfused.available_backends("cuda")]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", _gpu_backends())
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("per_channel_k", [False, True])
-def test_step_mask_on_gpu(backend, layout, dtype, per_channel_k):
-    _check_step(backend, "cuda", GPU_SHAPE, dtype, layout, per_channel_k)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", _gpu_backends())
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_relu_mask_on_gpu(backend, layout, dtype):
-    _check_relu(backend, "cuda", GPU_SHAPE, dtype, layout)

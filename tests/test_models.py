@@ -209,6 +209,9 @@ def test_options_are_validated():
     ]:
         with pytest.raises(ValueError, match=argument):
             create_model("lm_resnet20", **kwargs)
+    for kwargs, argument in [(dict(lm=1), "lm"), (dict(per_channel_k="yes"), "per_channel_k")]:
+        with pytest.raises(TypeError, match=f"^{argument}: expected a bool"):
+            create_model("lm_resnet20", **kwargs)
     with pytest.raises(TypeError):
         create_model("lm_resnet20", no_such_option=1)
 

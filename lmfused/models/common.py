@@ -12,7 +12,14 @@ from torch import Tensor, nn
 
 from lmfused.nn import LMStage, LMStep, ResidualStep, linear_survival_schedule, make_step
 from lmfused.nn.blocks import set_grad_checkpointing as _set_stage_checkpointing
-from lmfused.nn.step import DEFAULT_K_INIT, check_k_init, check_mode, check_noise_std, check_survival_prob
+from lmfused.nn.step import (
+    DEFAULT_K_INIT,
+    check_bool,
+    check_k_init,
+    check_mode,
+    check_noise_std,
+    check_survival_prob,
+)
 
 __all__ = ["GLOBAL_POOLS", "LMNet", "load_pretrained_state_dict", "lm_coefficient_keys", "zoo_cfg"]
 
@@ -117,9 +124,8 @@ class LMNet(nn.Module):
         global_pool: str = "avg",
     ) -> None:
         super().__init__()
-        for name, value in (("lm", lm), ("per_channel_k", per_channel_k)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+        check_bool(lm, "lm")
+        check_bool(per_channel_k, "per_channel_k")
         check_k_init(k_init)
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate: expected a probability in [0, 1), got {drop_rate!r}")

@@ -119,7 +119,8 @@ def _check_channels(value: object) -> int | None:
     return int(value)
 
 
-def _check_bool(value: object, name: str) -> bool:
+def check_bool(value: object, name: str) -> bool:
+    """``value`` if it is a bool, else TypeError naming ``name``."""
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
     return value
@@ -302,7 +303,7 @@ class ResidualStep(nn.Module):
         self.survival_prob = check_survival_prob(survival_prob)
         self.mode = check_mode(mode)
         self.noise_std = check_noise_std(noise_std)
-        self.relu = _check_bool(relu, "relu")
+        self.relu = check_bool(relu, "relu")
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"backend: expected a str or None, got {type(backend).__name__}")
         self.backend = backend
