@@ -8,9 +8,9 @@ time and a kernel's ramp-up; at 14x14 and 7x7 a junction is launch-bound. This c
 one forward and backward of each junction op, called as the model zoo calls it (training, ReLU, the gradient
 pass-through: the shortcut's gradient comes back into the op's backward):
 
-- ``batch_norm_lm_step`` (``lmfused.batch_norm_lm_step_with_shortcut``), per-channel or scalar k, with or
-  without the stochastic-depth ``scale``; ``batch_norm_relu``; ``lm_step`` (``lm_step_with_shortcut``, f
-  given, ReLU), per-channel or scalar k, with or without ``scale``;
+- ``batch_norm_lm_step`` (``return_shortcut=True``), per-channel or scalar k, with or without the
+  stochastic-depth ``scale``; ``batch_norm_relu``; ``lm_step`` (``return_shortcut=True``, f given, ReLU),
+  per-channel or scalar k, with or without ``scale``;
 - in the models' layout (bf16 channels_last activations, float32 weight, bias, k and scale) and contiguous;
 - per backend: ``reference`` (every torch op it dispatches), ``triton`` (its kernels through Triton's
   interpreter, counted at the launcher, plus every torch op around them), ``cuda`` (the binding's own launch
@@ -321,13 +321,13 @@ def junction(case: Case, backend: str, t: dict) -> Callable[[], tuple]:
     if case.op == "batch_norm_relu":
         out = lmfused.batch_norm_relu(t["x"], *bn, training=True, momentum=0.1, eps=1e-5, backend=backend)
         return (out,), (t["grad_out"],)
-    common = dict(scale=t["scale"], relu=True, noise_std=0.0, backend=backend)
+    common = dict(scale=t["scale"], relu=True, noise_std=0.0, backend=backend, return_shortcut=True)
     if case.op == "batch_norm_lm_step":
-        outputs = lmfused.batch_norm_lm_step_with_shortcut(
+        outputs = lmfused.batch_norm_lm_step(
             t["x"], *bn, t["u"], t["u_prev"], t["k"], training=True, momentum=0.1, eps=1e-5, **common
         )
     else:
-        outputs = lmfused.lm_step_with_shortcut(t["u"], t["u_prev"], t["f"], t["k"], **common)
+        outputs = lmfused.lm_step(t["u"], t["u_prev"], t["f"], t["k"], **common)
     return outputs, (t["grad_out"], t["grad_shortcut"])
 
 

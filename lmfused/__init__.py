@@ -7,14 +7,9 @@ injection and an optional ReLU, into one kernel forward and one backward.
 """
 
 from lmfused import models, nn
-from lmfused.batch_norm_step import (
-    batch_norm,
-    batch_norm_lm_step,
-    batch_norm_lm_step_with_shortcut,
-    batch_norm_relu,
-)
+from lmfused.batch_norm_step import batch_norm, batch_norm_lm_step, batch_norm_relu
 from lmfused.convert import convert_to_lm
-from lmfused.ops import available_backends, lm_step, lm_step_with_shortcut
+from lmfused.ops import available_backends, lm_step
 
 __version__ = "0.1.0"
 __all__ = [
@@ -22,11 +17,9 @@ __all__ = [
     "available_backends",
     "batch_norm",
     "batch_norm_lm_step",
-    "batch_norm_lm_step_with_shortcut",
     "batch_norm_relu",
     "convert_to_lm",
     "lm_step",
-    "lm_step_with_shortcut",
     "models",
     "nn",
 ]

@@ -12,7 +12,7 @@ in one kernel); in evaluation the running statistics are folded into a per-chann
 reduces the per-channel sums of the BN gradient and grad_k in one pass over g, x and the ReLU's 1-bit mask
 (u, u_prev for grad_k), then writes grad_x, grad_u and grad_u_prev in a second. Without u and u_prev (the
 no-state mode) the same kernels are ``batch_norm_relu``, for the BatchNorm + ReLU pairs inside a branch. The
-``*_with_shortcut`` variants return u as a second output for the next step's u_prev and add its gradient into
+``return_shortcut`` option returns u as a second output for the next step's u_prev and adds its gradient into
 grad_u in the backward kernel (gradient pass-through).
 
 Each backend is four ops in the ``lmfused`` namespace, one kernel launch each, and nothing computes between
@@ -53,23 +53,27 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-import lmfused.ops as _lm_step_ops
 from lmfused import handoff, reference
-from lmfused._layout import empty_in_layout, plan_layout, to_layout
-from lmfused.ops import (
-    _check_inputs,
-    _check_tensor,
-    _choose_backend,
-    _triton_traceable,
+from lmfused.op_support import (
+    channel_view,
+    check_step_inputs,
+    check_tensor,
+    choose_backend,
+    empty_in_layout,
+    passes_gradients,
+    plan_layout,
+    register_op,
+    result_in_layout,
+    to_layout,
+    triton_import_error,
     zero_gradient_like,
 )
 from lmfused.rebuild import carry, mark, save_state, saved_state
-from lmfused.reference import _channel_view, _in_layout, compute_dtype
+from lmfused.reference import compute_dtype
 
 __all__ = [
     "batch_norm",
     "batch_norm_lm_step",
-    "batch_norm_lm_step_with_shortcut",
     "batch_norm_relu",
     "has_backend",
 ]
@@ -103,7 +107,7 @@ def _reduce_dims(x: Tensor) -> list[int]:
 
 def mask_shape(like: Tensor) -> tuple[int, int]:
     """Shape of the ReLU's 1-bit mask over ``like``: (rows, ceil(row_len / 8)) bytes of the 2-D view of
-    ``lmfused._layout.plan_layout(like)``; bit j % 8 of byte [r, j // 8] is element (r, j)."""
+    ``lmfused.op_support.plan_layout(like)``; bit j % 8 of byte [r, j // 8] is element (r, j)."""
     plan = plan_layout(like)
     return int(plan.rows), -(-int(plan.row_len) // 8)
 
@@ -172,7 +176,7 @@ def reference_stats(
         return x.new_zeros((channels,), dtype=cd), x.new_full((channels,), 1 / math.sqrt(1 + eps), dtype=cd)
     xc = x.to(cd)
     mean = xc.mean(_reduce_dims(x))
-    var = (xc - _channel_view(mean, xc)).square().mean(_reduce_dims(x))
+    var = (xc - channel_view(mean, xc)).square().mean(_reduce_dims(x))
     if running_mean is not None:
         count = x.numel() // channels
         unbiased = var * (count / (count - 1))
@@ -182,7 +186,7 @@ def reference_stats(
 
 
 def _normalized(x: Tensor, mean: Tensor, invstd: Tensor, cd: torch.dtype) -> Tensor:
-    return (x.to(cd) - _channel_view(mean.to(cd), x)) * _channel_view(invstd.to(cd), x)
+    return (x.to(cd) - channel_view(mean.to(cd), x)) * channel_view(invstd.to(cd), x)
 
 
 def reference_forward(
@@ -216,9 +220,9 @@ def _batch_norm_output(x, mean, invstd, weight, bias, cd: torch.dtype) -> Tensor
     """y = (x - mean) * invstd * weight + bias per channel, in the compute dtype ``cd``."""
     y = _normalized(x, mean, invstd, cd)
     if weight is not None:
-        y = y * _channel_view(weight.to(cd), y)
+        y = y * channel_view(weight.to(cd), y)
     if bias is not None:
-        y = y + _channel_view(bias.to(cd), y)
+        y = y + channel_view(bias.to(cd), y)
     return y
 
 
@@ -317,15 +321,15 @@ def reference_backward(
             count = x.numel() // x.shape[1]
             xhat = _normalized(x, mean, invstd, cd)
             mean_dy, mean_dy_xhat = sum_dy.to(cd) / count, sum_dy_xhat.to(cd) / count
-            dy = dy - _channel_view(mean_dy, dy) - xhat * _channel_view(mean_dy_xhat, dy)
+            dy = dy - channel_view(mean_dy, dy) - xhat * channel_view(mean_dy_xhat, dy)
         gain = invstd.to(cd) * (weight.to(cd) if weight is not None else 1.0)
-        grad_x = _in_layout(dy * _channel_view(gain, dy), x, x.dtype)
-    kc = _channel_view(k.to(cd), g)
+        grad_x = result_in_layout(dy * channel_view(gain, dy), x, x.dtype)
+    kc = channel_view(k.to(cd), g)
     if need_u:
         grad_u = (1 - kc) * g if grad_shortcut is None else (1 - kc) * g + grad_shortcut.to(cd)
-        grad_u = _in_layout(grad_u, x, grad_out.dtype)
+        grad_u = result_in_layout(grad_u, x, grad_out.dtype)
     if need_u_prev:
-        grad_u_prev = _in_layout(kc * g, x, grad_out.dtype)
+        grad_u_prev = result_in_layout(kc * g, x, grad_out.dtype)
     return tuple(t if t is not None else grad_out.new_empty((0,)) for t in (grad_x, grad_u, grad_u_prev))
 
 
@@ -395,7 +399,7 @@ def _cast(t: Tensor, like: Tensor) -> Tensor:
 def _input_grads(reduce_op, backward_op, ctx, grad_out, grad_shortcut=None, grad_handoff=None) -> tuple:
     """Gradients for every input of the forward op (None where not needed): the reduction pass when a sum
     is needed, then the pass that writes the activation gradients (adding ``grad_shortcut``, the gradient of
-    the shortcut output of :func:`batch_norm_lm_step_with_shortcut`, into grad_u). ``grad_handoff``, the
+    the shortcut output (``return_shortcut``), into grad_u). ``grad_handoff``, the
     gradient of the output handed to the next step (:mod:`lmfused.handoff`), is added to grad_out by both
     passes. No other op: the kernels take the sums, not their means, and every gradient comes out in the
     dtype it is needed in."""
@@ -445,22 +449,15 @@ def _register(backend: str, implementations: tuple[Callable, ...] | None) -> tup
     """Define the four ops of ``backend`` (statistics, forward, backward reduction, backward) with their
     fake implementations, and the forward's autograd. ``implementations`` None: the kernels are registered
     from C++ (``TORCH_LIBRARY_IMPL(lmfused, CUDA, ...)`` in csrc/), only the schemas are defined here."""
-    make = torch.library.custom_op
-    if backend == "triton" and _triton_traceable():
-        make = torch.library.triton_op
     step = f"batch_norm_lm_step_{backend}"
     names = (f"batch_norm_stats_{backend}", step, f"{step}_backward_reduce", f"{step}_backward")
     schemas = (STATS_SCHEMA, FORWARD_SCHEMA, REDUCE_SCHEMA, BACKWARD_SCHEMA)
     fakes = (_fake_stats, _fake_forward, _fake_reduce, _fake_backward)
     ops = []
     for i, (name, schema, fake) in enumerate(zip(names, schemas, fakes, strict=True)):
-        if implementations is None:
-            torch.library.define(f"lmfused::{name}", schema)
-            ops.append(getattr(torch.ops.lmfused, name).default)
-        else:
-            mutates = ("running_mean", "running_var") if i == 0 else ()
-            ops.append(make(f"lmfused::{name}", mutates_args=mutates, schema=schema)(implementations[i]))
-        torch.library.register_fake(f"lmfused::{name}", fake)
+        implementation = implementations[i] if implementations is not None else None
+        mutates = ("running_mean", "running_var") if i == 0 else ()
+        ops.append(register_op(backend, name, schema, implementation, fake, mutates))
     _, _, reduce_op, backward_op = ops
     torch.library.register_autograd(
         f"lmfused::{names[1]}",
@@ -471,7 +468,7 @@ def _register(backend: str, implementations: tuple[Callable, ...] | None) -> tup
 
 
 def _triton_implementations() -> tuple[Callable, ...] | None:
-    if _lm_step_ops._TRITON is None:  # triton missing: lm_step's registration recorded why
+    if triton_import_error() is not None:  # (the backend's unavailability says why)
         return None
     from lmfused.triton_kernels import batch_norm_lm_step as kernels
 
@@ -497,7 +494,7 @@ _OPS: dict[str, tuple[Callable, ...]] = {
 def _backend(backend: str | None, device_type: str) -> str:
     """lm_step's choice: the argument, $LMFUSED_BACKEND, else the fastest for the device (reference on
     CPU); every lm_step backend has this op too."""
-    chosen = _choose_backend(backend, device_type)
+    chosen = choose_backend(backend, device_type)
     if chosen not in _OPS:  # only if a backend's registration failed at import
         raise RuntimeError(f"backend: batch_norm_lm_step has no {chosen!r} backend (it has {list(_OPS)})")
     return chosen
@@ -520,7 +517,7 @@ def has_backend(backend: str | None, device_type: str) -> bool:
 def _check_channel_vector(name: str, t: object, x: Tensor) -> None:
     if t is None:
         return
-    _check_tensor(name, t)
+    check_tensor(name, t)
     if t.shape != (x.shape[1],):
         raise ValueError(f"{name}: expected shape (C,) = ({x.shape[1]},), got {tuple(t.shape)}")
     if t.device != x.device:
@@ -529,7 +526,7 @@ def _check_channel_vector(name: str, t: object, x: Tensor) -> None:
 
 def _check_batch_norm_args(x, running_mean, running_var, weight, bias, u, training, momentum, eps) -> None:
     """Validate the batch-norm half of the arguments (the LM half goes through lm_step's checks)."""
-    _check_tensor("x", x)
+    check_tensor("x", x)
     if x.shape != u.shape:
         raise ValueError(f"x: expected shape {tuple(u.shape)} (the shape of u), got {tuple(x.shape)}")
     if x.dtype != u.dtype:
@@ -558,7 +555,7 @@ def _check_batch_norm_args(x, running_mean, running_var, weight, bias, u, traini
 
 class _EagerBatchNormStep(torch.autograd.Function):
     """The registered autograd formula applied directly (as lm_step's ``_EagerLMStep``), optionally with the
-    shortcut output of the gradient pass-through (see :func:`lmfused.ops.lm_step_with_shortcut`) and with
+    shortcut output of the gradient pass-through (see :func:`lmfused.lm_step`) and with
     the output's handoff to the next step (:mod:`lmfused.handoff`). Outputs: out, then the shortcut (if
     ``with_shortcut``), then the handoff (if ``with_handoff``)."""
 
@@ -589,14 +586,14 @@ class _EagerBatchNormStep(torch.autograd.Function):
 
 def _batch_norm_step(
     x, running_mean, running_var, weight, bias, u, u_prev, k, training, momentum, eps, scale, relu, noise_std,
-    backend, with_shortcut,
+    backend, return_shortcut,
 ):  # fmt: skip
     """Validate, compute the statistics (training) and run the forward op, through the eager autograd
     Function when a gradient is needed outside torch.compile."""
     if u is None:  # no-state mode (batch_norm_relu): validate as a step of x on zero states
-        _check_inputs(x, x, None, k, scale, relu, noise_std)
+        check_step_inputs(x, x, None, k, scale, relu, noise_std)
     else:
-        k = _check_inputs(u, u_prev, None, k, scale, relu, noise_std)
+        k = check_step_inputs(u, u_prev, None, k, scale, relu, noise_std)
         u = handoff.take(u)  # the previous step's output as its own autograd input, if it was handed off
     _check_batch_norm_args(x, running_mean, running_var, weight, bias, x if u is None else u, training,
                            momentum, eps)  # fmt: skip
@@ -615,7 +612,8 @@ def _batch_norm_step(
     # The backward of a step with states reads the ReLU's mask from the forward's 1-bit mask, not from out.
     inputs = (*args, relu and u is not None and grad_needed)
     if grad_needed and not torch.compiler.is_compiling():
-        with_shortcut_output = with_shortcut and u.requires_grad  # (a u without gradient is its own shortcut)
+        # (a u without gradient, or with LMFUSED_GRADIENT_PASSTHROUGH=0, is its own shortcut)
+        with_shortcut_output = return_shortcut and u.requires_grad and passes_gradients()
         with_handoff = u is not None and handoff.offers()
         outputs = _EagerBatchNormStep.apply(backend, with_shortcut_output, with_handoff, needs, *inputs)
         out = outputs[0] if with_shortcut_output or with_handoff else outputs
@@ -631,7 +629,7 @@ def _batch_norm_step(
             )
     else:
         out = forward_op(*inputs)[0]
-    return (out, u) if with_shortcut else out
+    return (out, u) if return_shortcut else out
 
 
 def _rebuild_batch_norm(backend, training, x, mean, invstd, weight, bias) -> Tensor:
@@ -658,7 +656,8 @@ def batch_norm_lm_step(
     relu: bool = False,
     noise_std: float = 0.0,
     backend: str | None = None,
-) -> Tensor:
+    return_shortcut: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Batch norm of the branch's last convolution fused into the LM step (DESIGN.md 1b).
 
     The same as ``lm_step(u, u_prev, F.batch_norm(x, running_mean, running_var, weight, bias, training,
@@ -670,44 +669,22 @@ def batch_norm_lm_step(
         running_mean, running_var: (C,) running statistics, updated in place in training (momentum as in
             F.batch_norm; the variance unbiased); both None to use batch statistics only (training only).
         weight, bias: (C,) affine parameters of the batch norm, or None.
-        u, u_prev, k, scale, relu, noise_std, backend: as for :func:`lmfused.lm_step`.
+        u, u_prev, k, scale, relu, noise_std, backend, return_shortcut: as for :func:`lmfused.lm_step` (with
+            ``return_shortcut``: ``(out, shortcut)``, the gradient pass-through between steps).
         training: batch statistics (and running-statistics update) if True, the running statistics if False.
         momentum, eps: as for F.batch_norm.
 
     Returns:
-        The updated state, same shape, dtype and layout as ``u``.
+        The updated state, same shape, dtype and layout as ``u`` (and the shortcut, with
+        ``return_shortcut``). In training with gradients the output is also handed to the next step as an
+        autograd tensor of its own (:mod:`lmfused.handoff`).
     """
     if not isinstance(u, Tensor):
         raise TypeError(f"u: expected a torch.Tensor, got {type(u).__name__}")
+    if not isinstance(return_shortcut, bool):
+        raise TypeError(f"return_shortcut: expected a bool, got {type(return_shortcut).__name__}")
     return _batch_norm_step(x, running_mean, running_var, weight, bias, u, u_prev, k, training, momentum, eps,
-                            scale, relu, noise_std, backend, with_shortcut=False)  # fmt: skip
-
-
-def batch_norm_lm_step_with_shortcut(
-    x: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    u: Tensor,
-    u_prev: Tensor,
-    k: Tensor,
-    *,
-    training: bool,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-    scale: Tensor | None = None,
-    relu: bool = False,
-    noise_std: float = 0.0,
-    backend: str | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``(batch_norm_lm_step(...), u)`` with the gradient pass-through between steps: the returned u (a view)
-    is the shortcut the next step takes as its u_prev, and the gradient it receives there is added into
-    grad_u by this step's backward kernel (see :func:`lmfused.ops.lm_step_with_shortcut`)."""
-    if not isinstance(u, Tensor):
-        raise TypeError(f"u: expected a torch.Tensor, got {type(u).__name__}")
-    return _batch_norm_step(x, running_mean, running_var, weight, bias, u, u_prev, k, training, momentum, eps,
-                            scale, relu, noise_std, backend, with_shortcut=True)  # fmt: skip
+                            scale, relu, noise_std, backend, return_shortcut)  # fmt: skip
 
 
 def batch_norm_relu(
@@ -767,7 +744,7 @@ def batch_norm(
 
 
 def _no_state_step(x, running_mean, running_var, weight, bias, training, momentum, eps, relu, backend):
-    _check_tensor("x", x)
+    check_tensor("x", x)
     k = x.new_empty((1,), dtype=torch.float32)  # never read without states; the op's schema takes one
     return _batch_norm_step(x, running_mean, running_var, weight, bias, None, None, k, training, momentum,
-                            eps, None, relu, 0.0, backend, with_shortcut=False)  # fmt: skip
+                            eps, None, relu, 0.0, backend, return_shortcut=False)  # fmt: skip

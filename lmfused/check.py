@@ -1,7 +1,7 @@
 """``python -m lmfused.check``: are the fused kernels right on this machine?
 
 Runs every path the model zoo takes by default on a GPU (lm_step, batch_norm_lm_step, batch_norm_relu, the
-gradient pass-through of the ``*_with_shortcut`` functions; the ReLU, stochastic-depth scale, per-channel k
+gradient pass-through (``return_shortcut=True``); the ReLU, stochastic-depth scale, per-channel k
 and noise flags as the zoo sets them; forward, running statistics and every gradient) on each kernel backend
 (cuda, triton), dtype (fp16, bf16, fp32) and layout (contiguous, channels_last), on small random tensors,
 against the ``reference`` backend run in float64 on the same inputs. The update is the LM step of Lu, Zhong,
@@ -68,7 +68,7 @@ class Case:
     """One path of the model zoo: which public function, with which flags.
 
     ``first_block``: a stage's first block, the plain ResNet step (k = 0, a buffer; u_prev = u.detach(), the
-    same memory as u). ``shortcut``: the ``*_with_shortcut`` function, whose second output (the next step's
+    same memory as u). ``shortcut``: ``return_shortcut=True``, whose second output (the next step's
     u_prev) gets a gradient of its own (the gradient pass-through). ``adversarial``: half of the
     pre-activations cancel to rounding level.
     """
@@ -234,16 +234,15 @@ def _call(case: Case, t: dict, backend: str, *, relu: bool, noise_std: float) ->
     """(out, shortcut or None) of the case's public function; functions are looked up on ``lmfused`` at call
     time, so what runs is what a user of the package gets."""
     if case.op == "lm_step":
-        name = "lm_step_with_shortcut" if case.shortcut else "lm_step"
-        result = getattr(lmfused, name)(
+        result = lmfused.lm_step(
             t["u"], t["u_prev"], t["f"], t["k"], scale=t["scale"], relu=relu, noise_std=noise_std,
-            backend=backend,
+            backend=backend, return_shortcut=case.shortcut,
         )  # fmt: skip
     elif case.op == "batch_norm_lm_step":
-        name = "batch_norm_lm_step_with_shortcut" if case.shortcut else "batch_norm_lm_step"
-        result = getattr(lmfused, name)(
+        result = lmfused.batch_norm_lm_step(
             t["x"], t["running_mean"], t["running_var"], t["weight"], t["bias"], t["u"], t["u_prev"], t["k"],
             training=case.training, scale=t["scale"], relu=relu, noise_std=noise_std, backend=backend,
+            return_shortcut=case.shortcut,
         )  # fmt: skip
     elif relu:
         result = lmfused.batch_norm_relu(

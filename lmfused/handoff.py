@@ -21,20 +21,14 @@ off, with the shortcut pass-through, to measure what both save.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-__all__ = ["enabled", "offer", "offers", "take"]
+from lmfused.op_support import passes_gradients
+
+__all__ = ["offer", "offers", "take"]
 
 _ATTRIBUTE = "_lmfused_handoff"
-
-
-def enabled() -> bool:
-    """Whether steps pass gradients to each other directly (the shortcut pass-through and the handoff), the
-    default, or leave every addition of two gradients to autograd (``LMFUSED_GRADIENT_PASSTHROUGH=0``)."""
-    return os.environ.get("LMFUSED_GRADIENT_PASSTHROUGH", "1") != "0"
 
 
 def _saved_tensor_hooks_active() -> bool:
@@ -45,8 +39,9 @@ def _saved_tensor_hooks_active() -> bool:
 
 
 def offers() -> bool:
-    """Whether a step called now hands its output off: :func:`enabled` and no saved-tensor hooks active."""
-    return enabled() and not _saved_tensor_hooks_active()
+    """Whether a step called now hands its output off: ``LMFUSED_GRADIENT_PASSTHROUGH`` not 0
+    (:func:`lmfused.op_support.passes_gradients`) and no saved-tensor hooks active."""
+    return passes_gradients() and not _saved_tensor_hooks_active()
 
 
 def offer(out: Tensor, handoff: Tensor) -> Tensor:
@@ -60,7 +55,7 @@ def offer(out: Tensor, handoff: Tensor) -> Tensor:
 def take(u: Tensor) -> Tensor:
     """The handoff recorded on ``u`` if there is one and ``u`` has not changed in place since, else ``u``."""
     recorded = getattr(u, _ATTRIBUTE, None)
-    if recorded is None or not enabled():
+    if recorded is None or not passes_gradients():
         return u
     handoff, version = recorded
     return handoff if u._version == version else u

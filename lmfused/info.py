@@ -51,9 +51,9 @@ def _fallback_reason(name: str, device_type: str) -> str | None:
 
 def _reason_function() -> Callable[[str, str], str | None]:
     try:
-        from lmfused.ops import _backend_unavailable_reason
+        from lmfused.op_support import backend_unavailable_reason
 
-        return _backend_unavailable_reason
+        return backend_unavailable_reason
     except Exception:  # the ops module is missing or broken: compute the reasons here
         return _fallback_reason
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmfused._layout import empty_in_layout, plan_layout
+from lmfused.op_support import channel_view, result_in_layout
 
 __all__ = ["compute_dtype", "lm_step_computed", "lm_step_eager", "reference_backward", "reference_forward"]
 
@@ -23,13 +23,6 @@ __all__ = ["compute_dtype", "lm_step_computed", "lm_step_eager", "reference_back
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the arithmetic runs in: float64 for float64 activations, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _channel_view(k: Tensor, like: Tensor) -> Tensor:
-    """View k ((1,) or (C,)) so that it broadcasts along dim 1 of ``like``."""
-    if k.numel() == 1:
-        return k.reshape(())
-    return k.reshape((1, -1) + (1,) * (like.dim() - 2))
 
 
 def _sample_view(scale: Tensor, like: Tensor) -> Tensor:
@@ -42,12 +35,6 @@ def _noise(seed: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
     generator = torch.Generator(device=like.device)
     generator.manual_seed(int(seed.reshape(-1)[0].item()) & 0x7FFF_FFFF_FFFF_FFFF)
     return torch.randn(like.shape, generator=generator, device=like.device, dtype=dtype)
-
-
-def _in_layout(result: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
-    """A fresh tensor in the layout every backend gives (see lmfused._layout), holding ``result``."""
-    fresh = empty_in_layout(like.shape, plan_layout(like).channels_last, dtype=dtype, device=like.device)
-    return fresh.copy_(result)
 
 
 def lm_step_eager(
@@ -65,7 +52,7 @@ def lm_step_eager(
     Runs in the inputs' own dtype (the test oracle calls it on float64 copies). ``noise`` is an already
     scaled noise tensor (``noise_std * xi``) or None.
     """
-    kc = _channel_view(k, u)
+    kc = channel_view(k, u)
     out = (1 - kc) * u + kc * u_prev
     if f is not None:
         out = out + (f if scale is None else _sample_view(scale, f) * f)
@@ -90,7 +77,7 @@ def reference_forward(
         if seed is None:
             raise ValueError("seed: an int64 tensor is required when noise_std > 0")
         noise = noise_std * _noise(seed, u, compute_dtype(u.dtype))
-    return _in_layout(lm_step_computed(u, u_prev, f, k, scale, relu, noise), u, u.dtype)
+    return result_in_layout(lm_step_computed(u, u_prev, f, k, scale, relu, noise), u, u.dtype)
 
 
 def lm_step_computed(
@@ -139,17 +126,18 @@ def reference_backward(
             raise ValueError("out: the forward output is required when relu=True")
         # As torch.relu's backward (threshold_backward): zero where out <= 0; a NaN output passes g on.
         g = torch.where(out <= 0, torch.zeros((), dtype=cd, device=g.device), g)
-    kc = _channel_view(k.to(cd), g)
+    kc = channel_view(k.to(cd), g)
     like = u if u is not None else grad_out
     grad_u = grad_out.new_empty((0,))
     if need_u:
         grad_u = (1 - kc) * g
         if grad_shortcut is not None:
             grad_u = grad_u + grad_shortcut.to(cd)
-        grad_u = _in_layout(grad_u, like, grad_out.dtype)
-    grad_u_prev = _in_layout(kc * g, like, grad_out.dtype) if need_u_prev else grad_out.new_empty((0,))
+        grad_u = result_in_layout(grad_u, like, grad_out.dtype)
+    grad_u_prev = result_in_layout(kc * g, like, grad_out.dtype) if need_u_prev else grad_out.new_empty((0,))
     if need_f:
-        grad_f = _in_layout(g if scale is None else _sample_view(scale.to(cd), g) * g, like, grad_out.dtype)
+        branch = g if scale is None else _sample_view(scale.to(cd), g) * g
+        grad_f = result_in_layout(branch, like, grad_out.dtype)
     else:
         grad_f = grad_out.new_empty((0,))
     if need_k:

@@ -415,7 +415,7 @@ def table_rows() -> list[dict]:
     import torch
     from lmfused.triton_kernels import batch_norm_lm_step as bn
 
-    from lmfused._layout import plan_layout
+    from lmfused.op_support import plan_layout
 
     rows = []
     for label, shape, channels_last in TABLE_SHAPES:

@@ -18,7 +18,7 @@ from tests.conftest import DEVICE
 from tests.helpers import backends
 
 
-def _fused_calls(monkeypatch, module=step_module, name="batch_norm_lm_step_with_shortcut") -> list[int]:
+def _fused_calls(monkeypatch, module=step_module, name="batch_norm_lm_step") -> list[int]:
     """Count the calls of a fused op (default: the junction's) made by the modules."""
     calls = []
     original = getattr(module, name)

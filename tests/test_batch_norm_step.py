@@ -479,7 +479,7 @@ def test_statistics_when_programs_walk_many_tiles(layout, shape, span):
     whole channels: 7x7, and 7x9 with the last channel block cut short at 9 channels)."""
     from lmfused.triton_kernels import batch_norm_lm_step as bn
 
-    from lmfused._layout import plan_layout
+    from lmfused.op_support import plan_layout
 
     gen = torch.Generator().manual_seed(3)
     x = in_layout(3 + 2 * torch.randn(*shape, generator=gen), layout).to(DEVICE)

@@ -52,7 +52,7 @@ def _planted(monkeypatch, name: str, tamper):
 
 
 def test_a_planted_wrong_output_fails(monkeypatch, capsys):
-    _planted(monkeypatch, "batch_norm_lm_step_with_shortcut", lambda out: out * (1 + 2**-6))
+    _planted(monkeypatch, "batch_norm_lm_step", lambda out: out * (1 + 2**-6))
     argv = ["--cpu", "--cases", "bn_lm_step/block", "--dtypes", "fp32", "--layouts", "channels_last"]
     assert check.main(argv) == 1
     text = capsys.readouterr().out
@@ -77,7 +77,7 @@ class _MaskFromThreshold(torch.autograd.Function):
 def test_a_planted_mask_flip_fails_only_on_adversarial_data(monkeypatch, capsys):
     """Random data hardly has pre-activations at rounding level, so only the adversarial case catches a mask
     that disagrees with the output there, and it counts the flips."""
-    _planted(monkeypatch, "lm_step_with_shortcut", _MaskFromThreshold.apply)
+    _planted(monkeypatch, "lm_step", _MaskFromThreshold.apply)
     common = ["--cpu", "--dtypes", "bf16", "--layouts", "channels_last", "--cases"]
     assert check.main([*common, "lm_step/imagenet-sd"]) == 0
     capsys.readouterr()

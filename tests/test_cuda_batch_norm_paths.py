@@ -15,7 +15,7 @@ import itertools
 import pytest
 import torch
 
-from lmfused._layout import plan_layout
+from lmfused.op_support import plan_layout
 from tests.conftest import DEVICE
 from tests.helpers import backends
 

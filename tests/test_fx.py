@@ -56,8 +56,8 @@ def test_symbolic_trace_eval_is_the_eager_model(name, size, kwargs, monkeypatch)
     model = create_model(name, **kwargs).eval()
     graph = torch.fx.symbolic_trace(model)
     functions = called_functions(graph)
-    assert functions.count("lm_step_with_shortcut") == len(blocks(model))
-    assert not {"batch_norm_lm_step_with_shortcut", "batch_norm_relu"} & set(functions)
+    assert functions.count("lm_step") == len(blocks(model))
+    assert not {"batch_norm_lm_step", "batch_norm_relu"} & set(functions)
     modules = {n.target for n in graph.graph.nodes if n.op == "call_module"}
     assert feature_modules(model)[0] in modules  # the stem's map: a call of the module feature_info names
     x = images(2, size)
@@ -69,14 +69,15 @@ def test_symbolic_trace_eval_is_the_eager_model(name, size, kwargs, monkeypatch)
 
 
 def test_symbolic_trace_without_the_gradient_pass_through(monkeypatch):
-    """LMFUSED_GRADIENT_PASSTHROUGH=0: the steps call lm_step, a leaf too."""
+    """LMFUSED_GRADIENT_PASSTHROUGH=0: the steps' lm_step calls stay leaves (the switch acts when the graph
+    runs: the shortcut is then u itself)."""
     monkeypatch.setenv("LMFUSED_GRADIENT_PASSTHROUGH", "0")
     monkeypatch.setenv("LMFUSED_FUSE_BN", "0")
     torch.manual_seed(0)
     model = create_model("lm_resnet20").eval()
     graph = torch.fx.symbolic_trace(model)
     functions = called_functions(graph)
-    assert functions.count("lm_step") == len(blocks(model)) and "lm_step_with_shortcut" not in functions
+    assert functions.count("lm_step") == len(blocks(model))
     x = images(2, 16)
     with torch.no_grad():
         assert torch.equal(graph(x), model(x))
@@ -92,7 +93,7 @@ def test_symbolic_trace_of_converted_models(library, name, monkeypatch):
         model = getattr(import_or_skip("torchvision.models"), name)()
     model = lmfused.convert_to_lm(model, k_init=(-0.1, 0.0)).eval()
     graph = torch.fx.symbolic_trace(model)
-    assert called_functions(graph).count("lm_step_with_shortcut") == len(blocks(model))
+    assert called_functions(graph).count("lm_step") == len(blocks(model))
     monkeypatch.setenv("LMFUSED_FUSE_BN", "0")
     x = images(2, 32)
     with torch.no_grad():
@@ -209,7 +210,7 @@ def test_timm_features_only_classes(feature_cls, monkeypatch):
     assert features.default_cfg is cfg and cfg["architecture"] == "lm_resnet50"
     assert cfg["input_size"] == (3, 224, 224) and "num_classes" not in cfg  # as timm's features cfg
     if feature_cls == "fx":
-        assert "lm_step_with_shortcut" in called_functions(features.graph_module)
+        assert "lm_step" in called_functions(features.graph_module)
 
 
 # ----------------------------------------------------------------------------------------------------------

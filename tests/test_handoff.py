@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import lmfused.batch_norm_step as bn_step
 from bench.traffic import TrafficCounter
 from lmfused import handoff
-from lmfused.batch_norm_step import batch_norm_lm_step, batch_norm_lm_step_with_shortcut
+from lmfused.batch_norm_step import batch_norm_lm_step
 from lmfused.ops import lm_step
 from tests.conftest import DEVICE
 from tests.helpers import backends, in_layout
@@ -47,8 +47,19 @@ def _blocks(leaves, norms, backend):
         if n > 0:
             x = F.conv2d(u, convs[n - 1])
         weight, bias = norms[n]
-        u, u_prev = batch_norm_lm_step_with_shortcut(
-            x, None, None, weight, bias, u, u_prev, ks[n], training=True, relu=True, backend=backend
+        u, u_prev = batch_norm_lm_step(
+            x,
+            None,
+            None,
+            weight,
+            bias,
+            u,
+            u_prev,
+            ks[n],
+            training=True,
+            relu=True,
+            backend=backend,
+            return_shortcut=True,
         )
     return u
 
@@ -190,5 +201,5 @@ def test_saves_one_activation_per_inner_block():
     with pytest.MonkeyPatch.context() as mp:
         (on, on_adds), (off, off_adds) = traffic(True, mp), traffic(False, mp)
     assert on_adds < off_adds
-    # (The shortcut pass-through of *_with_shortcut stays on: the switch reaches it through the modules.)
-    assert off - on == x * (STEPS - 1)
+    # The switch turns the shortcut pass-through off too: 2 X more per chained step.
+    assert off - on == (1 + 2) * x * (STEPS - 1)

@@ -574,7 +574,7 @@ def test_default_backend_on_gpu_is_a_kernel():
 def test_channels_last_check_matches_the_permute_rule():
     """The fast channels-last test (torch's stride flag for ranks 4 and 5) says what the permuted view's
     contiguity says, for every stride order, size-1 dims and strided slices included."""
-    from lmfused._layout import _to_last, is_channels_last_dense
+    from lmfused.op_support import _to_last, is_channels_last_dense
 
     for rank, sizes in ((4, (1, 2, 3)), (5, (1, 2))):
         for shape in itertools.product(sizes, repeat=rank):

@@ -58,8 +58,8 @@ def _step_on_projection(case, backend, step, detach_projection, pass_through=Fal
         projection = lmfused.batch_norm(x, None, None, weight, bias, training=True, backend=backend)
         if pass_through:  # the first block's step hands its u on as the next one's u_prev
             zero = torch.zeros(1, device=DEVICE)
-            _, projection = lmfused.lm_step_with_shortcut(projection, projection.detach(), branch, zero,
-                                                          backend=backend)  # fmt: skip
+            _, projection = lmfused.lm_step(projection, projection.detach(), branch, zero, backend=backend,
+                                            return_shortcut=True)  # fmt: skip
         if detach_projection:
             projection = projection * 1  # a new tensor with the same values and gradient
         if step == "lm_step":

@@ -1,4 +1,4 @@
-"""The gradient pass-through between steps (lm_step_with_shortcut, batch_norm_lm_step_with_shortcut): a chain
+"""The gradient pass-through between steps (lm_step, batch_norm_lm_step with return_shortcut=True): a chain
 of steps that hands each step's shortcut to the next as u_prev has the values and gradients of the plain
 chain, on every backend, and its backward kernels, not autograd, add the shortcut's gradient into grad_u."""
 
@@ -12,8 +12,8 @@ import torch
 import lmfused.batch_norm_step as bn_step
 import lmfused.ops as ops
 from bench.traffic import TrafficCounter
-from lmfused.batch_norm_step import batch_norm_lm_step, batch_norm_lm_step_with_shortcut
-from lmfused.ops import lm_step, lm_step_with_shortcut
+from lmfused.batch_norm_step import batch_norm_lm_step
+from lmfused.ops import lm_step
 from tests.conftest import DEVICE
 from tests.helpers import DTYPES, backends, in_layout
 
@@ -37,7 +37,7 @@ def _lm_chain(u_prev, u, branches, ks, *, shortcut: bool, relu: bool, backend=No
     """Steps n = 1..STEPS: each takes the previous step's shortcut (or u itself) as u_prev."""
     for f, k in zip(branches, ks, strict=True):
         if shortcut:
-            u, u_prev = lm_step_with_shortcut(u, u_prev, f, k, relu=relu, backend=backend)
+            u, u_prev = lm_step(u, u_prev, f, k, relu=relu, backend=backend, return_shortcut=True)
         else:
             u, u_prev = lm_step(u, u_prev, f, k, relu=relu, backend=backend), u
     return u
@@ -122,7 +122,9 @@ def _bn_chain(xs, norms, u_prev, u, ks, *, shortcut: bool, backend=None, trainin
     for x, (rm, rv, w, b), k in zip(xs, norms, ks, strict=True):
         args = (x, rm, rv, w, b, u, u_prev, k)
         if shortcut:
-            u, u_prev = batch_norm_lm_step_with_shortcut(*args, training=training, relu=True, backend=backend)
+            u, u_prev = batch_norm_lm_step(
+                *args, training=training, relu=True, backend=backend, return_shortcut=True
+            )
         else:
             u, u_prev = batch_norm_lm_step(*args, training=training, relu=True, backend=backend), u
     return u
@@ -170,10 +172,10 @@ def test_unused_outputs():
     shortcut is: its grad_u is then the shortcut's gradient alone."""
     u, u_prev, f = (torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     k = torch.full((1,), 0.3, dtype=torch.float64, requires_grad=True)
-    out, shortcut = lm_step_with_shortcut(u, u_prev, f, k)
+    out, shortcut = lm_step(u, u_prev, f, k, return_shortcut=True)
     (grad_u,) = torch.autograd.grad(out.sum(), u)
     torch.testing.assert_close(grad_u, torch.full_like(u, 0.7))
-    out, shortcut = lm_step_with_shortcut(u, u_prev, f, k)
+    out, shortcut = lm_step(u, u_prev, f, k, return_shortcut=True)
     (grad_u,) = torch.autograd.grad((3 * shortcut).sum(), u)
     torch.testing.assert_close(grad_u, torch.full_like(u, 3.0))
 
@@ -181,10 +183,10 @@ def test_unused_outputs():
 def test_shortcut_without_gradient_is_u_itself():
     u, u_prev, f = (torch.randn(2, 3, 4, 4) for _ in range(3))
     k = torch.zeros(1, requires_grad=True)
-    out, shortcut = lm_step_with_shortcut(u, u_prev, f, k)
+    out, shortcut = lm_step(u, u_prev, f, k, return_shortcut=True)
     assert shortcut is u and out.requires_grad
     with torch.no_grad():
-        assert lm_step_with_shortcut(u, u_prev, f, k)[1] is u
+        assert lm_step(u, u_prev, f, k, return_shortcut=True)[1] is u
 
 
 def test_backward_op_opcheck_with_grad_shortcut():
@@ -227,8 +229,8 @@ def test_compiles_fullgraph():
     k = torch.full((1,), 0.2, requires_grad=True)
 
     def chain(u, u_prev, f, k):
-        out, shortcut = lm_step_with_shortcut(u, u_prev, f, k, relu=True)
-        out, _ = lm_step_with_shortcut(out, shortcut, f, k, relu=True)
+        out, shortcut = lm_step(u, u_prev, f, k, relu=True, return_shortcut=True)
+        out, _ = lm_step(out, shortcut, f, k, relu=True, return_shortcut=True)
         return out
 
     compiled = torch.compile(chain, fullgraph=True, backend="aot_eager")

@@ -1,6 +1,6 @@
 """Triton kernels of the batch-norm-fused LM step (DESIGN.md 1b) and their launchers: one launch per op.
 
-The activation is the 2-D matrix of ``lmfused._layout`` (M rows of L contiguous elements; channels-last: a
+The activation is the 2-D matrix of ``lmfused.op_support`` (M rows of L contiguous elements; channels-last: a
 row is a position and column l channel l; channels-first: row m is channel m % C of sample m // C).
 
 * ``batch_norm_stats_kernel`` (training): per-channel sums of x - c and (x - c)^2 (c = the channel's first
@@ -71,7 +71,7 @@ import triton.language as tl
 from lmfused.triton_kernels.lm_step import _acc, _aligned, _cdiv, _launcher, four_normals
 from torch import Tensor
 
-from lmfused._layout import Plan, empty_in_layout, plan_layout, to_layout
+from lmfused.op_support import Plan, empty_in_layout, plan_layout, to_layout
 
 __all__ = [
     "batch_norm_lm_step_backward_reduce_triton",

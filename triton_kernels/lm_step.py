@@ -1,6 +1,6 @@
 """Triton kernels for the fused LM step (Lu et al., ICML 2018, LM-architecture) and their launchers.
 
-The activation is the 2-D matrix of ``lmfused._layout`` (M rows of L contiguous elements; a row is one
+The activation is the 2-D matrix of ``lmfused.op_support`` (M rows of L contiguous elements; a row is one
 channel of one sample (channels-first) or one position (channels-last)). Three walks over it, all with 64-bit
 offsets and every option a ``tl.constexpr`` (so each variant compiles to straight-line code):
 
@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lmfused._layout import Plan, empty_in_layout, plan_layout, to_layout
+from lmfused.op_support import Plan, empty_in_layout, plan_layout, to_layout
 
 __all__ = ["INTERPRETED", "lm_step_backward_triton", "lm_step_forward_triton"]
 

@@ -40,8 +40,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmfused.batch_norm_step import batch_norm_lm_step, batch_norm_lm_step_with_shortcut, has_backend
-from lmfused.ops import lm_step, lm_step_with_shortcut
+from lmfused.batch_norm_step import batch_norm_lm_step, has_backend
+from lmfused.ops import lm_step
 from lmfused.reference import compute_dtype
 
 # The update is a leaf for torch.fx: symbolic tracing (torch.fx.symbolic_trace, torchvision's
@@ -50,7 +50,6 @@ from lmfused.reference import compute_dtype
 # A call that returns (out, shortcut) is one node; the steps below take it apart by indexing. The
 # batch-norm ops need no such entry: while tracing, the norms stay modules (see fuses_batch_norm).
 torch.fx.wrap("lm_step")
-torch.fx.wrap("lm_step_with_shortcut")
 
 __all__ = [
     "LMStep",
@@ -219,26 +218,9 @@ def decomposes_under_compile() -> bool:
     return torch.compiler.is_compiling() and os.environ.get("LMFUSED_COMPILE_JUNCTION", "op") == "decompose"
 
 
-def passes_gradient() -> bool:
-    """Whether steps hand their shortcut to the next step with the gradient pass-through (default), or u
-    itself, leaving the addition of its two gradients to autograd (``LMFUSED_GRADIENT_PASSTHROUGH=0``, to
-    measure what the pass-through saves)."""
-    return os.environ.get("LMFUSED_GRADIENT_PASSTHROUGH", "1") != "0"
-
-
-def _without_pass_through(step):
-    """``step`` (lm_step or batch_norm_lm_step) returning (out, u) like its ``*_with_shortcut`` variant."""
-
-    def run(*args, **kwargs):
-        u = args[0] if step is lm_step else args[5]
-        return step(*args, **kwargs), u
-
-    return run
-
-
 def _out_and_shortcut(pair: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """(out, shortcut) of a ``*_with_shortcut`` call, taken apart by indexing: under torch.fx the call is one
-    node, not a tuple. The shortcut is taken first, so that out is the block's last node: torchvision's
+    """(out, shortcut) of a ``return_shortcut=True`` call, taken apart by indexing: under torch.fx the call is
+    one node, not a tuple. The shortcut is taken first, so that out is the block's last node: torchvision's
     feature extraction takes a module's last node as its output."""
     shortcut = pair[1]
     return pair[0], shortcut
@@ -344,7 +326,7 @@ class ResidualStep(nn.Module):
     def _update(self, u: Tensor, u_prev: Tensor, f: Tensor | None, k: Tensor) -> tuple[Tensor, Tensor]:
         """Run the fused update, after casting the states to the branch's dtype; returns (out, shortcut),
         the shortcut being u for the next step's u_prev (gradient pass-through, see
-        :func:`lmfused.ops.lm_step_with_shortcut`).
+        :func:`lmfused.lm_step`).
 
         Under autocast the branch (conv/BN outputs) may be in bf16/fp16 while a shortcut is fp32; like
         torchvision's in-place ``out += identity``, the result takes the branch's dtype.
@@ -354,8 +336,7 @@ class ResidualStep(nn.Module):
         noise_std = self.noise_std if self.training else 0.0
         if decomposes_under_compile():
             return plain_update(u, u_prev, f, k, self._scale(u, f), self.relu, noise_std), u
-        step = lm_step_with_shortcut if passes_gradient() else _without_pass_through(lm_step)
-        pair = step(
+        pair = lm_step(
             u,
             u_prev,
             f,
@@ -364,6 +345,7 @@ class ResidualStep(nn.Module):
             relu=self.relu,
             noise_std=noise_std,
             backend=self.backend,
+            return_shortcut=True,
         )
         return _out_and_shortcut(pair)
 
@@ -380,10 +362,7 @@ class ResidualStep(nn.Module):
             )
             noise_std = self.noise_std if self.training else 0.0
             return plain_update(u, u_prev, f, k, self._scale(u, f), self.relu, noise_std), u
-        step = batch_norm_lm_step_with_shortcut
-        if not passes_gradient():
-            step = _without_pass_through(batch_norm_lm_step)
-        pair = step(
+        pair = batch_norm_lm_step(
             x,
             running_mean,
             running_var,
@@ -399,6 +378,7 @@ class ResidualStep(nn.Module):
             relu=self.relu,
             noise_std=self.noise_std if self.training else 0.0,
             backend=self.backend,
+            return_shortcut=True,
         )
         return _out_and_shortcut(pair)
 
@@ -428,7 +408,7 @@ class ResidualStep(nn.Module):
         """(the update, the shortcut): the shortcut is u (in the update's dtype), for the next step's u_prev.
 
         Given to the next step, its gradient comes back into this step's backward kernel, which adds it into
-        grad_u (gradient pass-through, :func:`lmfused.ops.lm_step_with_shortcut`): the same values and
+        grad_u (gradient pass-through, :func:`lmfused.lm_step`): the same values and
         gradients as passing u itself, without autograd's separate addition. ``u_prev`` is not used by the
         ResNet step (same signature as LMStep's).
         """
