@@ -222,3 +222,34 @@ def test_hooked_modules_are_called_not_fused(monkeypatch):
     calls = _fused_calls(monkeypatch, blocks_module, "batch_norm_relu")
     block(torch.randn(2, 16, 5, 5), torch.randn(2, 16, 5, 5))
     assert seen == ["act1", "bn2", "bn3"] and calls == []  # bn1 + act1: act1 hooked; bn2: hooked
+
+
+def test_a_block_decides_its_fusion_once_and_shows_it(monkeypatch):
+    """The block asks whether its norms fuse on the first forward only, again when a setting, a hook or the
+    dtype changes; its repr shows the choice (issue: a block decides once)."""
+    torch.manual_seed(0)
+    block = PostActBlock.bottleneck(16, 4, step=LMStep(16, relu=True, backend="reference"))
+    asked = []
+    original = step_module.fuses_batch_norm
+
+    def asking(norm, backend, device_type):
+        asked.append(norm)
+        return original(norm, backend, device_type)
+
+    monkeypatch.setattr(step_module, "fuses_batch_norm", asking)
+    u = torch.randn(2, 16, 5, 5)
+    assert "fusion: undecided" in repr(block)
+    for _ in range(3):
+        block(u, u)
+    assert len(asked) == 3  # bn1, bn2 (with their ReLU) and bn3 (the junction), once each
+    assert "fusion (cpu float32): junction bn3=fused, bn2=fused, bn1=fused" in repr(block)
+    monkeypatch.setenv("LMFUSED_FUSE_BN", "0")
+    block(u, u)
+    assert len(asked) == 6 and "junction bn3=module, bn2=module, bn1=module" in repr(block)
+    monkeypatch.delenv("LMFUSED_FUSE_BN")
+    handle = block.bn2.register_forward_hook(lambda *_: None)
+    block(u, u)
+    assert len(asked) == 9 and "junction bn3=fused, bn2=module, bn1=fused" in repr(block)
+    handle.remove()
+    block.double()(u.double(), u.double())
+    assert len(asked) == 12 and "fusion (cpu float64): junction bn3=fused, bn2=fused" in repr(block)

@@ -35,6 +35,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from lmfused.batch_norm_step import batch_norm, batch_norm_relu, is_forward_op
 from lmfused.nn.step import (
+    FusionChoices,
     LMStep,
     ResidualStep,
     batch_norm_call,
@@ -66,12 +67,22 @@ def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
 
 
-def fused_norm(norm: nn.Module, x: Tensor, backend: str | None = None, relu: bool = False) -> Tensor:
+def fused_norm(
+    norm: nn.Module,
+    x: Tensor,
+    backend: str | None = None,
+    relu: bool = False,
+    choices: FusionChoices | None = None,
+) -> Tensor:
     """norm(x), or relu(norm(x)) with ``relu``, as one ``lmfused.batch_norm`` / ``lmfused.batch_norm_relu``
     when the blocks' last-norm fusion would apply to ``norm``: a plain nn.BatchNorm2d, a ``backend`` for the
     device, LMFUSED_FUSE_BN not 0, and not traced as plain ops under torch.compile
-    (LMFUSED_COMPILE_JUNCTION=decompose); else the module (then F.relu)."""
-    if not fuses_batch_norm(norm, backend, device_type_of(x)) or decomposes_under_compile():
+    (LMFUSED_COMPILE_JUNCTION=decompose); else the module (then F.relu). ``choices``: the calling module's
+    decisions, asked instead of deciding again on every call."""
+    fuses = choices.fuses(norm, backend, x) if choices is not None else None
+    if fuses is None:
+        fuses = fuses_batch_norm(norm, backend, device_type_of(x))
+    if not fuses or decomposes_under_compile():
         y = norm(x)
         return F.relu(y) if relu else y
     running_mean, running_var, training, momentum = batch_norm_call(norm)
@@ -80,9 +91,11 @@ def fused_norm(norm: nn.Module, x: Tensor, backend: str | None = None, relu: boo
               eps=norm.eps, backend=backend)  # fmt: skip
 
 
-def norm_relu(norm: nn.Module, x: Tensor, backend: str | None = None) -> Tensor:
+def norm_relu(
+    norm: nn.Module, x: Tensor, backend: str | None = None, choices: FusionChoices | None = None
+) -> Tensor:
     """relu(norm(x)) by :func:`fused_norm` (fused: a backward that reads only the gradient and x)."""
-    return fused_norm(norm, x, backend, relu=True)
+    return fused_norm(norm, x, backend, relu=True, choices=choices)
 
 
 class Projection(nn.Sequential):
@@ -126,7 +139,34 @@ class Projection(nn.Sequential):
         return self._project(u)
 
     def _project(self, u: Tensor) -> Tensor:
-        return fused_norm(self[1], self[0](u), self.backend)
+        return fused_norm(self[1], self[0](u), self.backend, choices=fusion_choices(self))
+
+    def extra_repr(self) -> str:
+        return describe_fusion(self, {"1": self[1]})
+
+
+def fusion_choices(module: nn.Module) -> FusionChoices:
+    """``module``'s :class:`FusionChoices`, made on first use (a Projection may be a Sequential made one in
+    place, whose __init__ did not run)."""
+    choices = module.__dict__.get("_fusion_choices")
+    if choices is None:
+        choices = module.__dict__["_fusion_choices"] = FusionChoices()
+    return choices
+
+
+def describe_fusion(module: nn.Module, norms: dict[str, nn.Module | None]) -> str:
+    """How ``module`` last ran each of ``norms`` (name -> norm), for its repr: "fused" into an lmfused kernel
+    or as the "module", for which device and dtype; "undecided" before the first forward."""
+    parts, places = [], []
+    for name, norm in norms.items():
+        decided = None if norm is None else fusion_choices(module).decided(norm)
+        if decided is not None:
+            parts.append(f"{name}={'fused' if decided[0] else 'module'}")
+            places.append(decided[1])
+    if not parts:
+        return "fusion: undecided"
+    where = places[0] if len(set(places)) == 1 else "; ".join(places)
+    return f"fusion ({where}): " + ", ".join(parts)
 
 
 def _recompute_the_normalization():
@@ -196,7 +236,7 @@ class LMBlock(nn.Module):
         norm = self.last_norm() if keep else None
         # The step returns its shortcut too: given to the next block as u_prev, the gradient it gets there
         # is added into this step's grad_u by its backward kernel (gradient pass-through).
-        if norm is not None and self.step.fuses_batch_norm(norm, u):
+        if norm is not None and fusion_choices(self).fuses(norm, self.step.backend, u):
             shortcut, x = self.shortcut_and_branch(u, keep, apply_last_norm=False)
             out, shortcut = self.step.batch_norm_update_and_shortcut(shortcut, u_prev, x, norm)
         else:
@@ -211,7 +251,14 @@ class LMBlock(nn.Module):
 
     def norm_relu(self, norm: nn.Module, x: Tensor) -> Tensor:
         """relu(norm(x)) inside the branch, fused when it can be (:func:`norm_relu`)."""
-        return norm_relu(norm, x, self.step.backend)
+        return norm_relu(norm, x, self.step.backend, fusion_choices(self))
+
+    def extra_repr(self) -> str:
+        """How the block last ran its norms, the junction's (its last norm, fused into the update) first."""
+        last = self.last_norm()
+        names = [f"bn{i}" for i in range(self.depth, 0, -1)]
+        return describe_fusion(self, {("junction " if getattr(self, n) is last else "") + n: getattr(self, n)
+                                      for n in names})  # fmt: skip
 
 
 class PreActBlock(LMBlock):

@@ -52,6 +52,7 @@ from lmfused.reference import compute_dtype
 torch.fx.wrap("lm_step")
 
 __all__ = [
+    "FusionChoices",
     "LMStep",
     "ResidualStep",
     "linear_survival_schedule",
@@ -208,6 +209,46 @@ def fuses_batch_norm(norm: nn.Module, backend: str | None, device_type: str | No
         and os.environ.get("LMFUSED_FUSE_BN", "1") != "0"
         and has_backend(backend, device_type)
     )
+
+
+class FusionChoices:
+    """A module's decisions whether each of its norms runs inside an lmfused kernel
+    (:func:`fuses_batch_norm`), made on a norm's first use and again only when something the answer depends
+    on changes: the input's device and dtype, the norm's type and hooks (and global hooks), the backend and
+    the settings (LMFUSED_FUSE_BN, LMFUSED_BACKEND, TRITON_INTERPRET). Under torch.compile every call
+    decides (nothing is stored while tracing)."""
+
+    def __init__(self) -> None:
+        self._decided: dict[int, tuple[tuple, bool]] = {}  # id(norm) -> (what it depended on, answer)
+
+    @staticmethod
+    def _key(norm: nn.Module, backend: str | None, x: Tensor) -> tuple:
+        device_type = device_type_of(x)
+        environment = tuple(
+            os.environ.get(v) for v in ("LMFUSED_FUSE_BN", "LMFUSED_BACKEND", "TRITON_INTERPRET")
+        )
+        dtype = None if device_type is None else x.dtype
+        return device_type, dtype, type(norm), has_hooks(norm), backend, environment
+
+    def fuses(self, norm: nn.Module, backend: str | None, x: Tensor) -> bool:
+        """Whether ``norm`` runs inside an lmfused kernel on ``x`` (see :func:`fuses_batch_norm`)."""
+        if torch.compiler.is_compiling():
+            return fuses_batch_norm(norm, backend, device_type_of(x))
+        key = self._key(norm, backend, x)
+        decided = self._decided.get(id(norm))
+        if decided is None or decided[0] != key:
+            decided = key, fuses_batch_norm(norm, backend, key[0])
+            self._decided[id(norm)] = decided
+        return decided[1]
+
+    def decided(self, norm: nn.Module) -> tuple[bool, str] | None:
+        """(the answer, where it was decided: "device dtype") for ``norm``, or None before its first use."""
+        decided = self._decided.get(id(norm))
+        if decided is None:
+            return None
+        (device_type, dtype, *_), fused = decided
+        where = str(device_type) if dtype is None else f"{device_type} {str(dtype).removeprefix('torch.')}"
+        return fused, where
 
 
 def decomposes_under_compile() -> bool:
