@@ -72,15 +72,16 @@ def fused_norm(
     x: Tensor,
     backend: str | None = None,
     relu: bool = False,
-    choices: FusionChoices | None = None,
+    owner: nn.Module | None = None,
 ) -> Tensor:
     """norm(x), or relu(norm(x)) with ``relu``, as one ``lmfused.batch_norm`` / ``lmfused.batch_norm_relu``
     when the blocks' last-norm fusion would apply to ``norm``: a plain nn.BatchNorm2d, a ``backend`` for the
     device, LMFUSED_FUSE_BN not 0, and not traced as plain ops under torch.compile
-    (LMFUSED_COMPILE_JUNCTION=decompose); else the module (then F.relu). ``choices``: the calling module's
-    decisions, asked instead of deciding again on every call."""
-    fuses = choices.fuses(norm, backend, x) if choices is not None else None
-    if fuses is None:
+    (LMFUSED_COMPILE_JUNCTION=decompose); else the module (then F.relu). ``owner``: the calling module, whose
+    decision (:func:`decides_fusion`) is asked instead of deciding again on every call."""
+    if owner is not None:
+        fuses = decides_fusion(owner, norm, backend, x)
+    else:
         fuses = fuses_batch_norm(norm, backend, device_type_of(x))
     if not fuses or decomposes_under_compile():
         y = norm(x)
@@ -92,10 +93,10 @@ def fused_norm(
 
 
 def norm_relu(
-    norm: nn.Module, x: Tensor, backend: str | None = None, choices: FusionChoices | None = None
+    norm: nn.Module, x: Tensor, backend: str | None = None, owner: nn.Module | None = None
 ) -> Tensor:
     """relu(norm(x)) by :func:`fused_norm` (fused: a backward that reads only the gradient and x)."""
-    return fused_norm(norm, x, backend, relu=True, choices=choices)
+    return fused_norm(norm, x, backend, relu=True, owner=owner)
 
 
 class Projection(nn.Sequential):
@@ -139,7 +140,7 @@ class Projection(nn.Sequential):
         return self._project(u)
 
     def _project(self, u: Tensor) -> Tensor:
-        return fused_norm(self[1], self[0](u), self.backend, choices=fusion_choices(self))
+        return fused_norm(self[1], self[0](u), self.backend, owner=self)
 
     def extra_repr(self) -> str:
         return describe_fusion(self, {"1": self[1]})
@@ -152,6 +153,14 @@ def fusion_choices(module: nn.Module) -> FusionChoices:
     if choices is None:
         choices = module.__dict__["_fusion_choices"] = FusionChoices()
     return choices
+
+
+def decides_fusion(owner: nn.Module, norm: nn.Module, backend: str | None, x: Tensor) -> bool:
+    """Whether ``norm`` runs inside an lmfused kernel on ``x``, as ``owner`` decided it (its
+    :class:`FusionChoices`); while torch.compile traces, decided afresh (the module is not changed)."""
+    if torch.compiler.is_compiling():
+        return fuses_batch_norm(norm, backend, device_type_of(x))
+    return fusion_choices(owner).fuses(norm, backend, x)
 
 
 def describe_fusion(module: nn.Module, norms: dict[str, nn.Module | None]) -> str:
@@ -236,7 +245,7 @@ class LMBlock(nn.Module):
         norm = self.last_norm() if keep else None
         # The step returns its shortcut too: given to the next block as u_prev, the gradient it gets there
         # is added into this step's grad_u by its backward kernel (gradient pass-through).
-        if norm is not None and fusion_choices(self).fuses(norm, self.step.backend, u):
+        if norm is not None and decides_fusion(self, norm, self.step.backend, u):
             shortcut, x = self.shortcut_and_branch(u, keep, apply_last_norm=False)
             out, shortcut = self.step.batch_norm_update_and_shortcut(shortcut, u_prev, x, norm)
         else:
@@ -251,7 +260,7 @@ class LMBlock(nn.Module):
 
     def norm_relu(self, norm: nn.Module, x: Tensor) -> Tensor:
         """relu(norm(x)) inside the branch, fused when it can be (:func:`norm_relu`)."""
-        return norm_relu(norm, x, self.step.backend, fusion_choices(self))
+        return norm_relu(norm, x, self.step.backend, owner=self)
 
     def extra_repr(self) -> str:
         """How the block last ran its norms, the junction's (its last norm, fused into the update) first."""

@@ -215,8 +215,8 @@ class FusionChoices:
     """A module's decisions whether each of its norms runs inside an lmfused kernel
     (:func:`fuses_batch_norm`), made on a norm's first use and again only when something the answer depends
     on changes: the input's device and dtype, the norm's type and hooks (and global hooks), the backend and
-    the settings (LMFUSED_FUSE_BN, LMFUSED_BACKEND, TRITON_INTERPRET). Under torch.compile every call
-    decides (nothing is stored while tracing)."""
+    the settings (LMFUSED_FUSE_BN, LMFUSED_BACKEND, TRITON_INTERPRET). (Not asked while torch.compile
+    traces: see lmfused.nn.blocks.decides_fusion.)"""
 
     def __init__(self) -> None:
         self._decided: dict[int, tuple[tuple, bool]] = {}  # id(norm) -> (what it depended on, answer)
@@ -232,8 +232,6 @@ class FusionChoices:
 
     def fuses(self, norm: nn.Module, backend: str | None, x: Tensor) -> bool:
         """Whether ``norm`` runs inside an lmfused kernel on ``x`` (see :func:`fuses_batch_norm`)."""
-        if torch.compiler.is_compiling():
-            return fuses_batch_norm(norm, backend, device_type_of(x))
         key = self._key(norm, backend, x)
         decided = self._decided.get(id(norm))
         if decided is None or decided[0] != key:
