@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -70,6 +71,18 @@ def _max_err(x, ref):
     return (x.double() - ref).abs().max().item() if x.numel() else 0.0
 
 
+def _rounding(ref, low: torch.dtype, backend: str) -> float:
+    """The largest rounding of the float64 result ``ref`` to the output dtype ``low``. Triton's interpreter
+    converts float32 to bfloat16 by truncation (3.8 and 3.9), where a GPU rounds to nearest: an error of up
+    to one ulp, so there at least half an ulp of the largest value (twice that in the bound)."""
+    rounding = _max_err(ref.to(low), ref)
+    interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    top = ref.abs().max().item() if ref.numel() else 0.0
+    if interpreted and low == torch.bfloat16 and 0.0 < top < math.inf:
+        rounding = max(rounding, 2.0 ** (math.floor(math.log2(top)) - 8))  # bf16: 8 significant bits
+    return rounding
+
+
 def _run(case, backend, training, relu, grad_out, grad_handoff=None, **kwargs):
     """batch_norm_lm_step on fresh leaves (running statistics cloned): output, gradients, running stats.
     With ``grad_handoff`` the output's handoff (lmfused.handoff) receives it: the step's backward gets the
@@ -126,7 +139,7 @@ def _check_against_oracle(backend, shape, layout, dtype, flag_sets) -> None:
             assert got is not None and got.shape == ref.shape, name
             assert torch.isfinite(got).all(), (name, flags)
             low = got.dtype if got.dtype != torch.float64 else dtype
-            rounding = _max_err(ref.to(low), ref)
+            rounding = _rounding(ref, low, backend)
             terms = {"weight": count, "bias": count, "k": math.prod(shape) // case[7].numel()}.get(name, 1)
             # grad_x in training subtracts two per-channel means of count terms each.
             terms = count if (name == "x" and training) else terms
