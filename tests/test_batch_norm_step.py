@@ -169,7 +169,9 @@ def test_span_tiles_across_rows(backend, shape, dtype):
 
         span = span_shape(False, rows, row_len, dtype.itemsize)
         assert span is not None and (span.num_programs > 1 or rows < span.tile_rows)
-    flag_sets = [(True, True, True, True), (True, False, False, True), (False, True, True, False)]
+    # The last two with the output's gradient in two parts (odd parity, _check_against_oracle).
+    flag_sets = [(True, True, True, True), (True, False, False, True), (False, True, True, False),
+                 (True, True, False, True), (False, False, True, False)]  # fmt: skip
     _check_against_oracle(backend, shape, "contiguous", dtype, flag_sets)
 
 
@@ -511,3 +513,25 @@ def test_statistics_when_programs_walk_many_tiles(layout, shape, span):
     torch.testing.assert_close(invstd.double(), (var + 1e-5).rsqrt(), rtol=1e-5, atol=0)
     torch.testing.assert_close(running_mean.double(), want_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(running_var.double(), want_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif("triton" not in backends(), reason="the Triton backend is not available")
+@pytest.mark.parametrize(
+    "layout, shape, dtype, span, per_channel_k",
+    [("contiguous", (5, 8, 30, 33), torch.float32, False, True),
+     ("channels_last", (2, 8, 72, 72), torch.float32, False, False),
+     ("contiguous", (150, 5, 7, 7), torch.bfloat16, True, True)],
+)  # fmt: skip
+def test_backward_when_programs_walk_many_tiles(layout, shape, dtype, span, per_channel_k):
+    """The Triton backward reduction with programs that sum more than one tile each (the small shapes above
+    give each at most one), 2-D tiles in both layouts and span tiles (7x7), against the float64 oracle in
+    training with the ReLU and the output's gradient in two parts (the handoff)."""
+    from lmfused.triton_kernels import batch_norm_lm_step as bn
+
+    from lmfused._layout import plan_layout
+
+    plan = plan_layout(in_layout(torch.empty(shape, dtype=dtype), layout))
+    tiles = bn.backward_reduction_shape(plan, dtype.itemsize)
+    assert tiles.is_span == span and tiles.num_items > tiles.grid[0], tiles
+    flags = (True, per_channel_k, not per_channel_k, True)  # odd parity: with the handoff
+    _check_against_oracle("triton", shape, layout, dtype, [flags])
