@@ -856,6 +856,11 @@ STATS_BYTES_PER_THREAD = 16
 STATS_ITEMS = 4
 REDUCE_BYTES_PER_THREAD = 16
 REDUCE_MAX_CHANNELS = 128
+# The span backward reduction with the handoff: left to choose, ptxas keeps 96 registers at sm_90 (5 CTAs per
+# SM) by using the first loads of a tile before it issues the last (48 B in flight per thread, 30 KB per SM);
+# with 128 (4 CTAs per SM, as without the handoff) it issues all five first (81 B, 40.5 KB per SM; counted by
+# tests/compile_triton_sm90.py --table).
+SPAN_HANDOFF_MAX_REGISTERS = 128
 _TARGET_PROGRAMS = 4 * 132  # 4 CTAs on each SM of an H100/H200: enough programs to fill it
 _MERGE_ROWS = 16
 
@@ -1004,6 +1009,13 @@ def backward_reduction_shape(plan: Plan, element_size: int) -> ReductionTiles:
     grad_k), channels-last channel blocks of at most 128 channels (8 x 128 at 2048 channels: 79 registers
     at sm_90 where 8 x 256 with 32 bytes per thread took 152)."""
     return reduction_tiles(plan, element_size, REDUCE_BYTES_PER_THREAD, REDUCE_MAX_CHANNELS)
+
+
+def backward_reduction_options(tiles: ReductionTiles, has_handoff: bool) -> dict[str, int]:
+    """Launch options of the backward reduction besides its tiles and warps: for span tiles with the
+    handoff (five tensors read per tile) a register budget, Triton's ``maxnreg``, of
+    SPAN_HANDOFF_MAX_REGISTERS; none otherwise (the launch as it was before the handoff)."""
+    return {"maxnreg": SPAN_HANDOFF_MAX_REGISTERS} if tiles.is_span and has_handoff else {}
 
 
 class ElementwiseTiles(NamedTuple):
@@ -1282,6 +1294,7 @@ def batch_norm_lm_step_backward_reduce_triton(
         MERGE_ROWS=_MERGE_ROWS,
         ROW_PAD=tiles.row_pad,
         num_warps=NUM_WARPS,
+        **backward_reduction_options(tiles, has_handoff),
     )
     return sum_dy, sum_dy_xhat, grad_k
 
