@@ -77,8 +77,11 @@ def _signature(kernel, pointer: str) -> dict[str, str]:
     return signature
 
 
-def compile_variant(kernel, pointer: str, flags: dict, blocks: dict | None = None, num_warps: int = 4):
-    """Compile ``kernel`` for sm_90 with ``pointer`` activations, ``flags`` (others off) and ``blocks``."""
+def compile_variant(
+    kernel, pointer: str, flags: dict, blocks: dict | None = None, num_warps: int = 4, **options
+):
+    """Compile ``kernel`` for sm_90 with ``pointer`` activations, ``flags`` (others off) and ``blocks``;
+    ``options``: further launch options (``maxnreg``)."""
     names = {p.name for p in kernel.params}
     constexprs = {k: v for k, v in {**BLOCKS, **(blocks or {})}.items() if k in names}
     constexprs.update({p.name: False for p in kernel.params if p.is_constexpr and p.name not in constexprs})
@@ -91,7 +94,9 @@ def compile_variant(kernel, pointer: str, flags: dict, blocks: dict | None = Non
         (i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params) if signature[p.name][0] == "*"
     }
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **options}
+    )
 
 
 def variants(kernel) -> list[tuple[str, dict, dict]]:
@@ -411,7 +416,9 @@ TABLE_SHAPES = [
 
 def table_rows() -> list[dict]:
     """The rows of --table: each streaming batch-norm kernel compiled for sm_90 at the launchers' own tile
-    shapes and warps for every shape of TABLE_SHAPES (bf16, every flag the models' junctions use)."""
+    shapes and warps for every shape of TABLE_SHAPES (bf16, every flag the models' junctions use); the two
+    backward passes also with the output's gradient in two parts (``+handoff``: HAS_HANDOFF, as every inner
+    block of a model's training step takes them, lmfused.handoff)."""
     import torch
     from lmfused.triton_kernels import batch_norm_lm_step as bn
 
@@ -446,11 +453,22 @@ def table_rows() -> list[dict]:
               "PER_CHANNEL_K": True, "NEED_X": True, "NEED_U": True, "NEED_U_PREV": True},
              dict(zip(("BLOCK_M", "BLOCK_L"), tile, strict=True))),
         ]  # fmt: skip
+        # The passes that read the output's gradient, also with it in two parts (each after its own row).
+        handoff = [(f"{name}+handoff", kernel, {**flags, "HAS_HANDOFF": True}, blocks)
+                   for name, kernel, flags, blocks in kernels if name in ("reduce", "backward")]  # fmt: skip
+        order = [row[0] for row in kernels]
+        kernels = sorted(kernels + handoff, key=lambda row: order.index(row[0].split("+")[0]))
         for name, kernel, flags, blocks in kernels:
-            layout = {"stats": stats_layout, "reduce": reduce_layout}.get(name, elementwise)
-            compiled = compile_variant(kernel, "*bf16", {**layout, **flags}, blocks, num_warps=bn.NUM_WARPS)
+            base = name.split("+")[0]
+            layout = {"stats": stats_layout, "reduce": reduce_layout}.get(base, elementwise)
+            options = {}
+            if base == "reduce":  # the launch options its launcher takes (a register budget, maxnreg)
+                options = bn.backward_reduction_options(reduce_tiles, "HAS_HANDOFF" in flags)
+            compiled = compile_variant(kernel, "*bf16", {**layout, **flags}, blocks, bn.NUM_WARPS, **options)
             figures = streaming_figures(compiled.asm["cubin"], 32 * bn.NUM_WARPS)
-            tile_text = "x".join(str(v) for v in blocks.values())
+            tile_text = "x".join(str(v) for v in blocks.values()) + "".join(
+                f" {k} {v}" for k, v in options.items()
+            )
             rows.append({"kernel": name, "shape": label, "tile": tile_text, **figures})
     return rows
 

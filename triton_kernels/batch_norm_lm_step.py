@@ -16,6 +16,11 @@ row is a position and column l channel l; channels-first: row m is channel m % C
 * ``batch_norm_lm_step_backward_kernel``: grad_x, grad_u (plus the shortcut output's gradient) and
   grad_u_prev from those sums (count divided in the kernel).
 
+The output gradient g arrives in one part (grad_out) or two (HAS_HANDOFF: grad_out and the gradient of the
+output's handoff to the next step, ``lmfused.handoff``): both backward passes load the two and add them in
+the accumulation type before the ReLU's mask (``_output_gradient``), where autograd would add them in the
+activation dtype in a kernel of its own (reading 2 tensors, writing 1).
+
 Rounding: the pre-activation has one operation order, written out with explicit fused multiply-adds
 (``_pre_activation``): (x - mean) gain + bias = fma(x - mean, gain, bias), s y + state = fma(s, y, state),
 state = fma(k, u_prev - u, u) (= u exactly for k = 0). No product feeds a separate addition, so neither
@@ -193,6 +198,16 @@ def _mask_bits(mask_ptr, row, col, ok, mask_row_bytes):
     """The forward's mask bits (0 or 1, int32) of elements (row, col) of the 2-D view."""
     byte = tl.load(mask_ptr + row * mask_row_bytes + col // 8, mask=ok, other=0).to(tl.int32)
     return (byte >> (col % 8).to(tl.int32)) & 1
+
+
+@triton.jit
+def _output_gradient(g_ptr, grad_handoff_ptr, offs, ok, HAS_HANDOFF: tl.constexpr, FP64: tl.constexpr):
+    """The output's gradient at ``offs`` in the accumulation type, before the ReLU's mask: grad_out, plus
+    with HAS_HANDOFF the gradient of the output's handoff (module docstring), added after both loads."""
+    g = _acc(tl.load(g_ptr + offs, mask=ok, other=0.0), FP64)
+    if HAS_HANDOFF:
+        g += _acc(tl.load(grad_handoff_ptr + offs, mask=ok, other=0.0), FP64)
+    return g
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -422,6 +437,7 @@ def batch_norm_eval_stats_kernel(
 @triton.jit
 def batch_norm_lm_step_backward_reduce_kernel(
     g_ptr,
+    grad_handoff_ptr,
     x_ptr,
     u_ptr,
     u_prev_ptr,
@@ -445,6 +461,7 @@ def batch_norm_lm_step_backward_reduce_kernel(
     mask_row_bytes,
     sample_vec,
     tile_vec,
+    HAS_HANDOFF: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -463,9 +480,10 @@ def batch_norm_lm_step_backward_reduce_kernel(
 ):
     """Sums of dy, dy * xhat and (NEED_K) g * (u_prev - u) per channel over this program's tiles; the
     block's last program merges them; with SCALAR_K the last block to finish also sums grad_k over the
-    channels (a second ticket, counter B). The ReLU's mask: the forward's bits, or with MASK_FROM_X (the
-    no-state mode) the forward's pre-activation recomputed from x by ``_pre_activation``. SPAN: tiles of
-    BLOCK_A whole rows of one sample, as in ``batch_norm_stats_kernel``."""
+    channels (a second ticket, counter B). g: ``_output_gradient`` (HAS_HANDOFF: two parts). The ReLU's
+    mask: the forward's bits, or with MASK_FROM_X (the no-state mode) the forward's pre-activation
+    recomputed from x by ``_pre_activation``. SPAN: tiles of BLOCK_A whole rows of one sample, as in
+    ``batch_norm_stats_kernel``."""
     program = tl.program_id(0)
     block = tl.program_id(1)
     P = tl.num_programs(0)
@@ -505,7 +523,7 @@ def batch_norm_lm_step_backward_reduce_kernel(
             offs, ok, sample, row, col = _reduction_tile(
                 item, chan, chan_ok, M, L, C, num_l_blocks, rows_per_sample, CHANNELS_LAST, BLOCK_A, BLOCK_B
             )
-        g = _acc(tl.load(g_ptr + offs, mask=ok, other=0.0), FP64)
+        g = _output_gradient(g_ptr, grad_handoff_ptr, offs, ok, HAS_HANDOFF, FP64)
         x = _acc(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64)
         if NEED_K:
             u = _acc(tl.load(u_ptr + offs, mask=ok, other=0.0), FP64)
@@ -720,6 +738,7 @@ def batch_norm_lm_step_forward_kernel(
 @triton.jit
 def batch_norm_lm_step_backward_kernel(
     g_ptr,
+    grad_handoff_ptr,
     grad_shortcut_ptr,
     x_ptr,
     mask_ptr,
@@ -744,6 +763,7 @@ def batch_norm_lm_step_backward_kernel(
     tile_vec,
     total_vec,
     per_channel,
+    HAS_HANDOFF: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -764,7 +784,7 @@ def batch_norm_lm_step_backward_kernel(
 ):
     """grad_x = gain (dy - sum(dy) / n - xhat sum(dy xhat) / n) (training; gain dy in evaluation),
     grad_u = (1 - k) g (+ grad_shortcut, unmasked), grad_u_prev = k g, on one tile (a SPAN tile as in the
-    forward)."""
+    forward); g: ``_output_gradient`` (HAS_HANDOFF: two parts) through the ReLU's mask."""
     pid = tl.program_id(0)
     span: tl.constexpr = SPAN and not CHANNELS_LAST
     L, offs, ok, rows, cols, row_ok, row_in_tile, chan, chan_ok, sample = _elementwise_tile(
@@ -772,7 +792,7 @@ def batch_norm_lm_step_backward_kernel(
         VEC, BLOCK_M, BLOCK_L,
     )  # fmt: skip
     # Every load before the first store (Triton must assume the pointers may alias).
-    g = _acc(tl.load(g_ptr + offs, mask=ok, other=0.0), FP64)
+    g = _output_gradient(g_ptr, grad_handoff_ptr, offs, ok, HAS_HANDOFF, FP64)
     x = 0.0
     if (NEED_X and TRAINING) or (RELU and MASK_FROM_X):
         x = _acc(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64)
@@ -836,6 +856,11 @@ STATS_BYTES_PER_THREAD = 16
 STATS_ITEMS = 4
 REDUCE_BYTES_PER_THREAD = 16
 REDUCE_MAX_CHANNELS = 128
+# The span backward reduction with the handoff: left to choose, ptxas keeps 96 registers at sm_90 (5 CTAs per
+# SM) by using the first loads of a tile before it issues the last (48 B in flight per thread, 30 KB per SM);
+# with 128 (4 CTAs per SM, as without the handoff) it issues all five first (81 B, 40.5 KB per SM; counted by
+# tests/compile_triton_sm90.py --table).
+SPAN_HANDOFF_MAX_REGISTERS = 128
 _TARGET_PROGRAMS = 4 * 132  # 4 CTAs on each SM of an H100/H200: enough programs to fill it
 _MERGE_ROWS = 16
 
@@ -984,6 +1009,13 @@ def backward_reduction_shape(plan: Plan, element_size: int) -> ReductionTiles:
     grad_k), channels-last channel blocks of at most 128 channels (8 x 128 at 2048 channels: 79 registers
     at sm_90 where 8 x 256 with 32 bytes per thread took 152)."""
     return reduction_tiles(plan, element_size, REDUCE_BYTES_PER_THREAD, REDUCE_MAX_CHANNELS)
+
+
+def backward_reduction_options(tiles: ReductionTiles, has_handoff: bool) -> dict[str, int]:
+    """Launch options of the backward reduction besides its tiles and warps: for span tiles with the
+    handoff (five tensors read per tile) a register budget, Triton's ``maxnreg``, of
+    SPAN_HANDOFF_MAX_REGISTERS; none otherwise (the launch as it was before the handoff)."""
+    return {"maxnreg": SPAN_HANDOFF_MAX_REGISTERS} if tiles.is_span and has_handoff else {}
 
 
 class ElementwiseTiles(NamedTuple):
@@ -1197,10 +1229,9 @@ def batch_norm_lm_step_backward_reduce_triton(
     need_k: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One launch: per-channel sums of dy and dy * xhat and (``need_k``) grad_k = sum g * (u_prev - u) in
-    k's shape, merged in the kernel. With ``relu`` the forward's mask, or without one (the no-state mode)
-    the mask recomputed from x as the forward computes the pre-activation."""
-    if grad_handoff is not None:  # TEMPORARY until the kernels read it
-        grad_out = grad_out + grad_handoff
+    k's shape, merged in the kernel; g = grad_out (+ ``grad_handoff``, added in the kernel). With ``relu``
+    the forward's mask, or without one (the no-state mode) the mask recomputed from x as the forward
+    computes the pre-activation."""
     plan = plan_layout(x)
     layout, channels = plan.channels_last, plan.channels
     acc = _acc_dtype(grad_out)
@@ -1211,6 +1242,9 @@ def batch_norm_lm_step_backward_reduce_triton(
         return sum_dy.zero_(), sum_dy_xhat.zero_(), grad_k.zero_()
     # Aligned operands (see the module docstring): the sums' bits depend only on the values.
     g, x = _aligned(to_layout(grad_out, layout)), _aligned(to_layout(x, layout))
+    has_handoff = grad_handoff is not None
+    if has_handoff:
+        grad_handoff = _aligned(to_layout(grad_handoff, layout))
     if need_k:
         u, u_prev = _aligned(to_layout(u, layout)), _aligned(to_layout(u_prev, layout))
     mask_from_x = relu and mask is None
@@ -1219,8 +1253,9 @@ def batch_norm_lm_step_backward_reduce_triton(
     partials = torch.empty((4 if need_k else 2, grid[0], channels), dtype=acc, device=x.device)
     _launcher(batch_norm_lm_step_backward_reduce_kernel)[grid](
         g,
+        grad_handoff if has_handoff else g,  # unused pointers stand in for tensors a variant does not read
         x,
-        u if need_k else g,  # unused pointers stand in for tensors a variant does not read
+        u if need_k else g,
         u_prev if need_k else g,
         mask if relu and not mask_from_x else g,
         mean,
@@ -1242,6 +1277,7 @@ def batch_norm_lm_step_backward_reduce_triton(
         _mask_row_bytes(plan),
         tiles.sample_vec,
         tiles.tile_vec,
+        HAS_HANDOFF=has_handoff,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None,
@@ -1258,6 +1294,7 @@ def batch_norm_lm_step_backward_reduce_triton(
         MERGE_ROWS=_MERGE_ROWS,
         ROW_PAD=tiles.row_pad,
         num_warps=NUM_WARPS,
+        **backward_reduction_options(tiles, has_handoff),
     )
     return sum_dy, sum_dy_xhat, grad_k
 
@@ -1283,10 +1320,8 @@ def batch_norm_lm_step_backward_triton(
     need_u_prev: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One launch: grad_x, grad_u (+ ``grad_shortcut``, the gradient of the step's shortcut output) and
-    grad_u_prev (the needed ones; others empty). With ``relu`` the forward's mask, or without one (the
-    no-state mode) the mask recomputed from x."""
-    if grad_handoff is not None:  # TEMPORARY until the kernels read it
-        grad_out = grad_out + grad_handoff
+    grad_u_prev (the needed ones; others empty) of g = grad_out (+ ``grad_handoff``, added in the kernel).
+    With ``relu`` the forward's mask, or without one (the no-state mode) the mask recomputed from x."""
     plan = plan_layout(x)
     layout = plan.channels_last
     g = to_layout(grad_out, layout)
@@ -1299,15 +1334,19 @@ def batch_norm_lm_step_backward_triton(
     grad_x, grad_u, grad_u_prev = grad(need_x), grad(need_u), grad(need_u_prev)
     if g.numel() == 0:
         return grad_x, grad_u, grad_u_prev
+    has_handoff = grad_handoff is not None
+    if has_handoff:
+        grad_handoff = to_layout(grad_handoff, layout)  # read where grad_out is: the same plan
     has_shortcut = grad_shortcut is not None and need_u
     if has_shortcut:
-        grad_shortcut = to_layout(grad_shortcut, layout)  # read where grad_out is: the same plan
+        grad_shortcut = to_layout(grad_shortcut, layout)
     x = to_layout(x, layout)
     mask_from_x = relu and mask is None
     tiles = _elementwise_tiles(plan, x.element_size())
     _launcher(batch_norm_lm_step_backward_kernel)[(tiles.num_programs,)](
         g,
-        grad_shortcut if has_shortcut else g,  # unused pointers stand in for tensors a variant does not use
+        grad_handoff if has_handoff else g,  # unused pointers stand in for tensors a variant does not use
+        grad_shortcut if has_shortcut else g,
         x,
         mask if relu and not mask_from_x else g,
         mean,
@@ -1331,6 +1370,7 @@ def batch_norm_lm_step_backward_triton(
         tiles.span.tile_vec,
         tiles.span.total_vec,
         x.numel() // plan.channels,
+        HAS_HANDOFF=has_handoff,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None,
