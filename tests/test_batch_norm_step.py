@@ -528,7 +528,7 @@ def test_backward_when_programs_walk_many_tiles(layout, shape, dtype, span, per_
     training with the ReLU and the output's gradient in two parts (the handoff)."""
     from lmfused.triton_kernels import batch_norm_lm_step as bn
 
-    from lmfused._layout import plan_layout
+    from lmfused.op_support import plan_layout
 
     plan = plan_layout(in_layout(torch.empty(shape, dtype=dtype), layout))
     tiles = bn.backward_reduction_shape(plan, dtype.itemsize)
