@@ -72,14 +72,15 @@ _PRESENCE_FLAGS = {
     "bias": "has_bias",
     "scale": "has_scale",
     "grad_shortcut": "has_shortcut",
+    "grad_handoff": "has_handoff",
     "mask": "has_mask",
     "running_mean": "has_running_stats",
     "seed": "noise",
 }
 PLAN_FLAGS = (
     "training", "relu", "has_state", "has_weight", "has_bias", "has_scale", "noise", "per_channel_k",
-    "has_shortcut", "write_mask", "has_mask", "has_running_stats", "need_x", "need_u", "need_u_prev",
-    "need_f", "need_k",
+    "has_shortcut", "has_handoff", "write_mask", "has_mask", "has_running_stats", "need_x", "need_u",
+    "need_u_prev", "need_f", "need_k",
 )  # fmt: skip
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64"}  # fmt: skip

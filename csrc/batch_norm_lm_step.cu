@@ -98,10 +98,11 @@ cudaError_t launch_batch_norm_lm_step_forward(DType dtype, const LMStepShape& sh
 }
 
 cudaError_t launch_batch_norm_lm_step_backward_reduce(
-    DType dtype, const LMStepShape& shape, const void* grad_out, const void* x, const void* mean,
-    const void* invstd, const void* weight, const void* bias, const void* u, const void* u_prev,
-    const void* mask, const void* scale, bool relu, void* sum_dy, void* sum_dy_xhat,
-    void* grad_k, int64_t k_numel, const ReductionScratch& scratch, cudaStream_t stream) {
+    DType dtype, const LMStepShape& shape, const void* grad_out, const void* grad_handoff,
+    const void* x, const void* mean, const void* invstd, const void* weight, const void* bias,
+    const void* u, const void* u_prev, const void* mask, const void* scale, bool relu,
+    void* sum_dy, void* sum_dy_xhat, void* grad_k, int64_t k_numel,
+    const ReductionScratch& scratch, cudaStream_t stream) {
   if (!valid_shape(dtype, shape)) return cudaErrorInvalidValue;
   if (sum_dy == nullptr || sum_dy_xhat == nullptr) return cudaErrorInvalidValue;
   const bool need_k = grad_k != nullptr;
@@ -120,6 +121,7 @@ cudaError_t launch_batch_norm_lm_step_backward_reduce(
   BatchNormOperands o;
   o.shape = shape;
   o.grad_out = grad_out;
+  o.grad_handoff = grad_handoff;
   o.x = x;
   o.mean = mean;
   o.invstd = invstd;
@@ -139,11 +141,11 @@ cudaError_t launch_batch_norm_lm_step_backward_reduce(
 }
 
 cudaError_t launch_batch_norm_lm_step_backward(
-    DType dtype, const LMStepShape& shape, const void* grad_out, const void* grad_shortcut,
-    const void* x, const void* mean, const void* invstd, const void* weight, const void* bias,
-    const void* sum_dy, const void* sum_dy_xhat, const void* mask, const void* k,
-    int64_t k_numel, const void* scale, bool training, bool relu, void* grad_x, void* grad_u,
-    void* grad_u_prev, cudaStream_t stream) {
+    DType dtype, const LMStepShape& shape, const void* grad_out, const void* grad_handoff,
+    const void* grad_shortcut, const void* x, const void* mean, const void* invstd,
+    const void* weight, const void* bias, const void* sum_dy, const void* sum_dy_xhat,
+    const void* mask, const void* k, int64_t k_numel, const void* scale, bool training, bool relu,
+    void* grad_x, void* grad_u, void* grad_u_prev, cudaStream_t stream) {
   if (!valid_shape(dtype, shape)) return cudaErrorInvalidValue;
   const bool need_state = grad_u != nullptr || grad_u_prev != nullptr;
   // The recomputed mask (relu without a mask) is the no-state mode's, which has no u or u_prev.
@@ -160,6 +162,7 @@ cudaError_t launch_batch_norm_lm_step_backward(
   BatchNormOperands o;
   o.shape = shape;
   o.grad_out = grad_out;
+  o.grad_handoff = grad_handoff;
   o.grad_shortcut = grad_u != nullptr ? grad_shortcut : nullptr;  // only grad_u reads it
   o.x = x;
   o.mean = mean;

@@ -7,8 +7,8 @@
 //   batch_norm_lm_step_backward_reduce_kernel  reduction: sum dy, sum dy xhat, grad_k (k's shape)
 //   batch_norm_lm_step_backward_kernel         elementwise: grad_x, grad_u, grad_u_prev
 // The reductions' units are W elements (the row length's widest vector) loaded VEC <= W at a time,
-// so their sums' order depends on the shape alone. Instantiated per dtype in
-// batch_norm_lm_step_<dtype>.cu.
+// so their sums' order depends on the shape (and the operands given), never on the alignment.
+// Instantiated per dtype in batch_norm_lm_step_<dtype>.cu.
 #pragma once
 
 #include "batch_norm_lm_step.h"
@@ -101,6 +101,7 @@ struct BatchNormArgs {
   const T* u;
   const T* u_prev;
   const T* grad_out;
+  const T* grad_handoff;
   const T* grad_shortcut;
   const uint8_t* mask;  // to read
   const A* mean;
@@ -366,6 +367,18 @@ __global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
   }
 }
 
+// The output's gradient at element j of a pack: grad_out's, plus (HANDOFF) grad_handoff's, added
+// in the accumulator type before the ReLU's mask (the sum autograd would otherwise write).
+template <bool HANDOFF, typename T, int V>
+__device__ __forceinline__ acc_t<T> output_gradient(const Pack<T, V>& g, const Pack<T, V>& h,
+                                                    int j) {
+  if constexpr (HANDOFF) {
+    return to_acc(g.v[j]) + to_acc(h.v[j]);
+  } else {
+    return to_acc(g.v[j]);
+  }
+}
+
 // g through the ReLU (MASK) for element e of a unit: `bits` are the unit's mask bits; the
 // recomputed mask needs the branch term's operands.
 template <int MASK, typename T, typename A, typename CF>
@@ -381,14 +394,28 @@ __device__ __forceinline__ A relu_gradient(A g, unsigned bits, int e, A s, A x, 
   }
 }
 
+// The backward reduction's rows or units per step: two (grad_out, x: at least four 128-bit loads
+// in flight per thread), one with grad_k (four tensors) or with grad_handoff on 128-bit units
+// (three; two positions of them would take more registers than 80 in channels-last).
+template <typename T>
+__host__ __device__ constexpr int reduce_positions(int w, bool need_k, bool handoff) {
+  return need_k || (handoff && w * static_cast<int>(sizeof(T)) == 16) ? 1 : 2;
+}
+// Its CTAs per SM: 3 (80 registers), 2 in channels-last with 8-element units, grad_k and the
+// handoff, whose five tensors and 3 x 8 accumulators need more registers (80 bytes of loads per
+// thread: 40 KB in flight per SM).
+template <bool CL, int W, bool NEED_K, bool HANDOFF>
+__host__ __device__ constexpr int reduce_blocks_per_sm() {
+  return CL && W == 8 && NEED_K && HANDOFF ? 2 : kReductionBlocksPerSM;
+}
+
 // Per-channel sums of dy = s * g, dy * (x - mean) (times invstd when finished: sum dy xhat) and
-// (NEED_K) g * (u_prev - u); two rows or units per step (one with NEED_K, which reads four
-// tensors): at least four 128-bit loads in flight per thread.
-template <typename T, int W, int VEC, bool CL, int MASK, bool NEED_K>
-__global__ void __launch_bounds__(kBlock, kReductionBlocksPerSM)
+// (NEED_K) g * (u_prev - u), g = grad_out (+ grad_handoff with HANDOFF).
+template <typename T, int W, int VEC, bool CL, int MASK, bool NEED_K, bool HANDOFF>
+__global__ void __launch_bounds__(kBlock, reduce_blocks_per_sm<CL, W, NEED_K, HANDOFF>())
     batch_norm_lm_step_backward_reduce_kernel(const BatchNormArgs<T> a, const Geometry g) {
   using A = acc_t<T>;
-  constexpr int U = NEED_K ? 1 : 2, NS = NEED_K ? 3 : 2;
+  constexpr int U = reduce_positions<T>(W, NEED_K, HANDOFF), NS = NEED_K ? 3 : 2;
   constexpr int NC = MASK == kMaskRecompute ? kCoefBias + 1 : kCoefMean + 1;
   __shared__ A smem[kBlock * W];
   __shared__ A coef_smem[CL ? NC * kMaxColUnits * W : 1];
@@ -406,13 +433,14 @@ __global__ void __launch_bounds__(kBlock, kReductionBlocksPerSM)
   for (int64_t step = 0; step < g.steps; ++step) {
     Pos p[U];
     next_positions(cur, g, p);
-    Pack<T, W> pg[U], px[U], pu[U], pp[U];
+    Pack<T, W> pg[U], ph[U], px[U], pu[U], pp[U];
     unsigned bits[U];
 #pragma unroll
     for (int i = 0; i < U; ++i) {
       bits[i] = 0;
       if (p[i].ok) {
         pg[i] = load_wide<T, W, VEC>(a.grad_out, p[i].off);
+        if constexpr (HANDOFF) ph[i] = load_wide<T, W, VEC>(a.grad_handoff, p[i].off);
         px[i] = load_wide<T, W, VEC>(a.x, p[i].off);
         if constexpr (NEED_K) {
           pu[i] = load_wide<T, W, VEC>(a.u, p[i].off);
@@ -428,7 +456,8 @@ __global__ void __launch_bounds__(kBlock, kReductionBlocksPerSM)
 #pragma unroll
       for (int j = 0; j < W; ++j) {
         const A x = to_acc(px[i].v[j]);
-        const A gj = relu_gradient<MASK, T>(to_acc(pg[i].v[j]), bits[i], j, s, x, cf);
+        const A gj = relu_gradient<MASK, T>(output_gradient<HANDOFF>(pg[i], ph[i], j), bits[i], j,
+                                            s, x, cf);
         const A dy = s * gj;
         const int t = CL ? j : 0;
         acc[0][t] += dy;
@@ -457,11 +486,20 @@ template <int MASK, int GRAD_X>
 __host__ __device__ constexpr bool backward_reads_x() {
   return GRAD_X == kGradXTrain || MASK == kMaskRecompute;
 }
+// The backward's CTAs per SM: with the handoff 3 (80 registers, as float64's), whose loads take
+// the registers of one more tensor.
+template <typename T, bool HANDOFF>
+__host__ __device__ constexpr int backward_blocks_per_sm() {
+  return HANDOFF ? 3 : elementwise_blocks_per_sm<T>();
+}
 
 // grad_x (GRAD_X), grad_u and grad_u_prev (where their pointers are set: runtime flags, as
-// grad_shortcut; they add a store or a read but no arithmetic worth a specialisation).
-template <typename T, int VEC, bool CL, int MASK, int GRAD_X>
-__global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
+// grad_shortcut; they add a store or a read but no arithmetic worth a specialisation), from
+// g = grad_out (+ grad_handoff with HANDOFF). The positions per step and the choice to preload
+// count grad_out and x only: grad_handoff loads beside grad_out, as grad_shortcut does, in the
+// registers that backward_blocks_per_sm leaves it.
+template <typename T, int VEC, bool CL, int MASK, int GRAD_X, bool HANDOFF>
+__global__ void __launch_bounds__(kBlock, backward_blocks_per_sm<T, HANDOFF>())
     batch_norm_lm_step_backward_kernel(const BatchNormArgs<T> a, const Geometry g) {
   using A = acc_t<T>;
   constexpr bool kReadX = backward_reads_x<MASK, GRAD_X>();
@@ -483,11 +521,12 @@ __global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
     for (int64_t step = 0; step < g.steps; ++step) {
       Pos p[U];
       next_positions(cur, g, p);
-      Pack<T, VEC> pg[U][SUB], px[U][SUB], psc[U][SUB];
+      Pack<T, VEC> pg[U][SUB], ph[U][SUB], px[U][SUB], psc[U][SUB];
       unsigned bits[U];
       auto load = [&](int i, int q) {
         const int64_t off = p[i].off + q * VEC;
         pg[i][q] = load_pack<T, VEC>(a.grad_out, off);
+        if constexpr (HANDOFF) ph[i][q] = load_pack<T, VEC>(a.grad_handoff, off);
         if constexpr (kReadX) px[i][q] = load_pack<T, VEC>(a.x, off);
         if (shortcut) psc[i][q] = load_pack<T, VEC>(a.grad_shortcut, off);
       };
@@ -518,7 +557,8 @@ __global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             const A x = kReadX ? to_acc(px[i][q].v[j]) : A(0);
-            gj[j] = relu_gradient<MASK, T>(to_acc(pg[i][q].v[j]), bits[i], q * VEC + j, s, x, cf);
+            gj[j] = relu_gradient<MASK, T>(output_gradient<HANDOFF>(pg[i][q], ph[i][q], j), bits[i],
+                                           q * VEC + j, s, x, cf);
           }
           if constexpr (GRAD_X != kGradXNone) {
             Pack<T, VEC> gx;
@@ -569,6 +609,7 @@ BatchNormArgs<T> make_args(const BatchNormOperands& o) {
   a.u = static_cast<const T*>(o.u);
   a.u_prev = static_cast<const T*>(o.u_prev);
   a.grad_out = static_cast<const T*>(o.grad_out);
+  a.grad_handoff = static_cast<const T*>(o.grad_handoff);
   a.grad_shortcut = static_cast<const T*>(o.grad_shortcut);
   a.mask = static_cast<const uint8_t*>(o.mask);
   a.mean = static_cast<const A*>(o.mean);
@@ -609,8 +650,9 @@ Geometry stats_geometry(const LMStepShape& sh) {
   return reduction_geometry(sh, vector_width<T>(row_length(sh), {}), 4, sizeof(T));
 }
 template <typename T>
-Geometry reduce_geometry(const LMStepShape& sh, bool need_k) {
-  return reduction_geometry(sh, vector_width<T>(row_length(sh), {}), need_k ? 1 : 2, sizeof(T));
+Geometry reduce_geometry(const LMStepShape& sh, bool need_k, bool handoff) {
+  const int w = vector_width<T>(row_length(sh), {});
+  return reduction_geometry(sh, w, reduce_positions<T>(w, need_k, handoff), sizeof(T));
 }
 
 template <typename T>
@@ -622,8 +664,8 @@ MergeScratch<acc_t<T>> merge_scratch(const Geometry& g, int sums, const Reductio
 template <typename T>
 ReductionScratch bn_scratch_typed(const LMStepShape& sh) {
   int64_t values = 0, counters = 0;
-  for (const Geometry& g : {stats_geometry<T>(sh), reduce_geometry<T>(sh, false),
-                            reduce_geometry<T>(sh, true)}) {
+  for (const Geometry& g : {stats_geometry<T>(sh), reduce_geometry<T>(sh, false, false),
+                            reduce_geometry<T>(sh, true, false)}) {  // (positions 2 and 1)
     const int64_t v = merge_values(g, 3, true), c = merge_counters(g);
     values = v > values ? v : values;
     counters = c > counters ? c : counters;
@@ -710,10 +752,10 @@ cudaError_t bn_reduce_typed(const BatchNormOperands& o, cudaStream_t stream) {
   BatchNormArgs<T> args = make_args<T>(o);
   const bool need_k = o.out2 != nullptr;
   const int mask = mask_mode(o);
-  const Geometry g = reduce_geometry<T>(sh, need_k);
+  const Geometry g = reduce_geometry<T>(sh, need_k, o.grad_handoff != nullptr);
   args.merge = merge_scratch<T>(g, need_k ? 3 : 2, o.scratch);
   return with_reduction_widths<T>(
-      row_length(sh), {o.grad_out, o.x, o.u, o.u_prev}, [&](auto w, auto v) {
+      row_length(sh), {o.grad_out, o.grad_handoff, o.x, o.u, o.u_prev}, [&](auto w, auto v) {
         constexpr int W = decltype(w)::value, VEC = decltype(v)::value;
         return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
           return LMF_INT3_SWITCH(mask, MASK, [&] {
@@ -721,9 +763,10 @@ cudaError_t bn_reduce_typed(const BatchNormOperands& o, cudaStream_t stream) {
               if constexpr (MASK == kMaskRecompute && NEED_K) {
                 return cudaErrorInvalidValue;  // rejected by the caller: no state, no k
               } else {
-                return launch_reduction<
-                    batch_norm_lm_step_backward_reduce_kernel<T, W, VEC, CL, MASK, NEED_K>>(
-                    g, stream, args);
+                return LMF_BOOL_SWITCH(o.grad_handoff != nullptr, HANDOFF, [&] {
+                  return launch_reduction<batch_norm_lm_step_backward_reduce_kernel<
+                      T, W, VEC, CL, MASK, NEED_K, HANDOFF>>(g, stream, args);
+                });
               }
             });
           });
@@ -738,9 +781,9 @@ cudaError_t bn_backward_typed(const BatchNormOperands& o, cudaStream_t stream) {
   const int mask = mask_mode(o);
   const int grad_x = o.grad_x == nullptr ? kGradXNone : o.training ? kGradXTrain : kGradXEval;
   const bool read_x = grad_x == kGradXTrain || mask == kMaskRecompute;
-  const int width = vector_width<T>(row_length(sh), {o.grad_out, o.grad_shortcut,
-                                                     read_x ? o.x : nullptr, o.grad_x, o.grad_u,
-                                                     o.grad_u_prev});
+  const int width = vector_width<T>(
+      row_length(sh), {o.grad_out, o.grad_handoff, o.grad_shortcut, read_x ? o.x : nullptr,
+                       o.grad_x, o.grad_u, o.grad_u_prev});
   return LMF_VEC_SWITCH(T, width, VEC, [&] {
     return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
       return LMF_INT3_SWITCH(mask, MASK, [&] {
@@ -748,8 +791,11 @@ cudaError_t bn_backward_typed(const BatchNormOperands& o, cudaStream_t stream) {
           const Geometry g = elementwise_geometry(
               sh, elementwise_unit<T, CL, VEC>(),
               backward_positions<T, CL, VEC, 1 + backward_reads_x<MASK, GRAD_X>()>());
-          return launch_elementwise<batch_norm_lm_step_backward_kernel<T, VEC, CL, MASK, GRAD_X>>(
-              g, stream, args);
+          return LMF_BOOL_SWITCH(o.grad_handoff != nullptr, HANDOFF, [&] {
+            return launch_elementwise<
+                batch_norm_lm_step_backward_kernel<T, VEC, CL, MASK, GRAD_X, HANDOFF>>(g, stream,
+                                                                                      args);
+          });
         });
       });
     });

@@ -6,13 +6,16 @@
 //   lmfused::batch_norm_lm_step_cuda(Tensor x, Tensor mean, Tensor invstd, Tensor? weight,
 //       Tensor? bias, Tensor? u, Tensor? u_prev, Tensor k, Tensor? scale, Tensor? seed,
 //       bool training, bool relu, float noise_std, bool write_mask) -> (Tensor out, Tensor mask)
-//   lmfused::batch_norm_lm_step_cuda_backward_reduce(Tensor grad_out, Tensor x, Tensor mean,
-//       Tensor invstd, Tensor? weight, Tensor? bias, Tensor? u, Tensor? u_prev, Tensor k,
-//       Tensor? mask, Tensor? scale, bool relu, bool need_k) -> (Tensor, Tensor, Tensor)
-//   lmfused::batch_norm_lm_step_cuda_backward(Tensor grad_out, Tensor? grad_shortcut, Tensor x,
-//       Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor sum_dy,
-//       Tensor sum_dy_xhat, Tensor? mask, Tensor k, Tensor? scale, bool training, bool relu,
-//       bool need_x, bool need_u, bool need_u_prev) -> (Tensor, Tensor, Tensor)
+//   lmfused::batch_norm_lm_step_cuda_backward_reduce(Tensor grad_out, Tensor? grad_handoff,
+//       Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor? u,
+//       Tensor? u_prev, Tensor k, Tensor? mask, Tensor? scale, bool relu, bool need_k)
+//       -> (Tensor, Tensor, Tensor)
+//   lmfused::batch_norm_lm_step_cuda_backward(Tensor grad_out, Tensor? grad_handoff,
+//       Tensor? grad_shortcut, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias,
+//       Tensor sum_dy, Tensor sum_dy_xhat, Tensor? mask, Tensor k, Tensor? scale, bool training,
+//       bool relu, bool need_x, bool need_u, bool need_u_prev) -> (Tensor, Tensor, Tensor)
+// The output's gradient is grad_out + grad_handoff (the gradient of the output's handoff to the
+// next step, lmfused/handoff.py; None: grad_out alone), added in the kernels as they read both.
 // One kernel launch each (a small per-channel one for evaluation statistics), and no other
 // computing op for model-layout operands (dense activations in one layout, per-channel vectors,
 // k and scale in the compute type). Per-channel operands (and k, scale) of another float dtype
@@ -183,13 +186,14 @@ std::tuple<Tensor, Tensor> batch_norm_lm_step_cuda(
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_lm_step_cuda_backward_reduce(
-    const Tensor& grad_out, const Tensor& x, const Tensor& mean, const Tensor& invstd,
-    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-    const std::optional<Tensor>& u, const std::optional<Tensor>& u_prev, const Tensor& k,
-    const std::optional<Tensor>& mask, const std::optional<Tensor>& scale, bool relu,
-    bool need_k) {
+    const Tensor& grad_out, const std::optional<Tensor>& grad_handoff, const Tensor& x,
+    const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& u,
+    const std::optional<Tensor>& u_prev, const Tensor& k, const std::optional<Tensor>& mask,
+    const std::optional<Tensor>& scale, bool relu, bool need_k) {
   constexpr const char* op = "lmfused::batch_norm_lm_step_cuda_backward_reduce";
   check_activation(grad_out, op, "grad_out");
+  if (grad_handoff.has_value()) check_like(*grad_handoff, op, "grad_handoff", grad_out, "grad_out");
   check_like(x, op, "x", grad_out, "grad_out");
   if (need_k) {
     TORCH_CHECK_VALUE(u.has_value() && u_prev.has_value(), op,
@@ -213,6 +217,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_lm_step_cuda_backward_reduce(
   const int64_t k_numel = k.numel();
   Tensor grad_k = at::empty({need_k ? k_numel : 0}, acc_options);
   const Tensor g_n = normalise(grad_out, layout), x_n = normalise(x, layout);
+  const Tensor h_n = grad_handoff.has_value() ? normalise(*grad_handoff, layout) : Tensor();
   const Tensor u_n = need_k ? normalise(*u, layout) : Tensor();
   const Tensor up_n = need_k ? normalise(*u_prev, layout) : Tensor();
   const bool recompute = relu && !mask_c.defined();  // the no-state mask reads weight and bias
@@ -227,8 +232,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_lm_step_cuda_backward_reduce(
   const lmfused::ReductionScratch scratch =
       reduction_scratch(lmfused::batch_norm_scratch(dtype, shape), x, keep);
   check_launch(lmfused::launch_batch_norm_lm_step_backward_reduce(
-                   dtype, shape, ptr(g_n), ptr(x_n), ptr(mean_a), ptr(invstd_a), ptr(weight_a),
-                   ptr(bias_a), ptr(u_n), ptr(up_n), ptr(mask_c), ptr(s_acc), relu,
+                   dtype, shape, ptr(g_n), ptr(h_n), ptr(x_n), ptr(mean_a), ptr(invstd_a),
+                   ptr(weight_a), ptr(bias_a), ptr(u_n), ptr(up_n), ptr(mask_c), ptr(s_acc), relu,
                    ptr(sum_dy), ptr(sum_dy_xhat), need_k ? ptr(grad_k) : nullptr, k_numel,
                    scratch, current_stream()),
                op);
@@ -236,13 +241,15 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_lm_step_cuda_backward_reduce(
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_lm_step_cuda_backward(
-    const Tensor& grad_out, const std::optional<Tensor>& grad_shortcut, const Tensor& x,
-    const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias, const Tensor& sum_dy, const Tensor& sum_dy_xhat,
-    const std::optional<Tensor>& mask, const Tensor& k, const std::optional<Tensor>& scale,
-    bool training, bool relu, bool need_x, bool need_u, bool need_u_prev) {
+    const Tensor& grad_out, const std::optional<Tensor>& grad_handoff,
+    const std::optional<Tensor>& grad_shortcut, const Tensor& x, const Tensor& mean,
+    const Tensor& invstd, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const Tensor& sum_dy, const Tensor& sum_dy_xhat, const std::optional<Tensor>& mask,
+    const Tensor& k, const std::optional<Tensor>& scale, bool training, bool relu, bool need_x,
+    bool need_u, bool need_u_prev) {
   constexpr const char* op = "lmfused::batch_norm_lm_step_cuda_backward";
   check_activation(grad_out, op, "grad_out");
+  if (grad_handoff.has_value()) check_like(*grad_handoff, op, "grad_handoff", grad_out, "grad_out");
   check_like(x, op, "x", grad_out, "grad_out");
   const bool has_shortcut = need_u && grad_shortcut.has_value();  // ignored without grad_u
   if (has_shortcut) check_like(*grad_shortcut, op, "grad_shortcut", grad_out, "grad_out");
@@ -266,6 +273,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_lm_step_cuda_backward(
   const Tensor mask_c = mask_operand(mask, relu, op, x, layout);
   const at::ScalarType acc = acc_type(grad_out.scalar_type());
   const Tensor g_n = normalise(grad_out, layout);
+  const Tensor h_n = grad_handoff.has_value() ? normalise(*grad_handoff, layout) : Tensor();
   const Tensor sc_n = has_shortcut ? normalise(*grad_shortcut, layout) : Tensor();
   const Tensor mean_a = channel_vector(mean, op, "mean", C, acc, x);
   const Tensor invstd_a = channel_vector(invstd, op, "invstd", C, acc, x);
@@ -278,11 +286,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_lm_step_cuda_backward(
   const Tensor k_acc = k.reshape({-1}).to(acc).contiguous();
   const Tensor s_acc = scale.has_value() ? scale->to(acc).contiguous() : Tensor();
   check_launch(lmfused::launch_batch_norm_lm_step_backward(
-                   to_dtype(grad_out.scalar_type()), shape_of(x, layout), ptr(g_n), ptr(sc_n),
-                   ptr(x_n), ptr(mean_a), ptr(invstd_a), ptr(weight_a), ptr(bias_a), ptr(sdy_a),
-                   ptr(sdyx_a), ptr(mask_c), ptr(k_acc), k_acc.numel(), ptr(s_acc), training,
-                   relu, need_x ? ptr(grad_x) : nullptr, need_u ? ptr(grad_u) : nullptr,
-                   need_u_prev ? ptr(grad_up) : nullptr, current_stream()),
+                   to_dtype(grad_out.scalar_type()), shape_of(x, layout), ptr(g_n), ptr(h_n),
+                   ptr(sc_n), ptr(x_n), ptr(mean_a), ptr(invstd_a), ptr(weight_a), ptr(bias_a),
+                   ptr(sdy_a), ptr(sdyx_a), ptr(mask_c), ptr(k_acc), k_acc.numel(), ptr(s_acc),
+                   training, relu, need_x ? ptr(grad_x) : nullptr,
+                   need_u ? ptr(grad_u) : nullptr, need_u_prev ? ptr(grad_up) : nullptr,
+                   current_stream()),
                op);
   return {grad_x, grad_u, grad_up};
 }

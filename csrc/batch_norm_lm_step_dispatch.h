@@ -15,6 +15,7 @@ struct BatchNormOperands {
   const void* u = nullptr;
   const void* u_prev = nullptr;
   const void* grad_out = nullptr;
+  const void* grad_handoff = nullptr;  // the output's other gradient part (nullptr: none)
   const void* grad_shortcut = nullptr;
   const void* mask = nullptr;  // the 1-bit ReLU mask to read
   const void* mean = nullptr;  // accumulator type: C values (scale: N)

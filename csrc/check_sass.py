@@ -15,7 +15,8 @@ Reads every lmfused kernel's SASS (cuobjdump -sass) and resource usage (cuobjdum
 
 The main loop is the smallest loop (a backward branch) holding at least half the global-load bytes
 of the kernel's busiest loop. From it and the resource usage, --table prints per kernel family
-(dtype, kernel, layout, vector width; the worst instantiation of each figure), for sm_90:
+(dtype, kernel, layout, vector width; the worst instantiation of each figure; "+h": the backward
+kernels' grad_handoff variants, a family of their own), for sm_90:
   regs        registers per thread
   local       local memory bytes (stack + local)
   CTA/SM      resident CTAs of 256 threads per SM (registers, shared memory, 2048 threads)
@@ -69,10 +70,14 @@ KERNELS = {
     ),
     "batch_norm_lm_step_backward_reduce_kernel": (
         "bn_red",
-        ("W", "VEC", "CL", "MASK", "NEED_K"),
+        ("W", "VEC", "CL", "MASK", "NEED_K", "HANDOFF"),
         "reduction",
     ),
-    "batch_norm_lm_step_backward_kernel": ("bn_bwd", ("VEC", "CL", "MASK", "GRAD_X"), "elementwise"),
+    "batch_norm_lm_step_backward_kernel": (
+        "bn_bwd",
+        ("VEC", "CL", "MASK", "GRAD_X", "HANDOFF"),
+        "elementwise",
+    ),
 }
 DTYPES = {"13__nv_bfloat16": ("bf16", 2, 4), "6__half": ("f16", 2, 4), "f": ("f32", 4, 4), "d": ("f64", 8, 8)}
 # Any lmfused::detail kernel: its name and template arguments (element type first).
@@ -340,7 +345,8 @@ def print_table(rows: list[Row], arch: str) -> None:
     for r in rows:
         layout = "chlast" if r.flags.get("CL") else "contig" if "CL" in r.flags else "-"
         width = r.flags.get("W", r.flags.get("VEC", 1))
-        groups[(r.dtype, r.short, layout, width, r.flags.get("VEC", 1))].append(r)
+        short = r.short + ("+h" if r.flags.get("HANDOFF") else "")  # the grad_handoff variants apart
+        groups[(r.dtype, short, layout, width, r.flags.get("VEC", 1))].append(r)
     print(f"Static table: lmfused CUDA kernels ({arch}; per family the worst instantiation of each figure)")
     print(
         f"loads in flight per SM needed at {LATENCY_NS:.0f} ns: H100 {needed_kb('H100'):.1f} KB, "
@@ -369,11 +375,14 @@ def print_table(rows: list[Row], arch: str) -> None:
 MODEL_PATH = [
     ("bn_lm_step stats", "bn_stats", {"W": 8, "VEC": 8, "CL": 1}),
     ("bn_lm_step forward", "bn_fwd", {"VEC": 8, "CL": 1, "STATE": 1, "RELU": 1, "HAS_NOISE": 0, "MASK": 1}),
-    ("bn_lm_step reduce", "bn_red", {"W": 8, "VEC": 8, "CL": 1, "MASK": 1, "NEED_K": 1}),
-    ("bn_lm_step backward", "bn_bwd", {"VEC": 8, "CL": 1, "MASK": 1, "GRAD_X": 2}),
+    # (the handoff: a step's output handed to the next step as its u, whose gradient arrives apart)
+    ("bn_lm_step reduce", "bn_red", {"W": 8, "VEC": 8, "CL": 1, "MASK": 1, "NEED_K": 1, "HANDOFF": 0}),
+    ("  + grad_handoff", "bn_red", {"W": 8, "VEC": 8, "CL": 1, "MASK": 1, "NEED_K": 1, "HANDOFF": 1}),
+    ("bn_lm_step backward", "bn_bwd", {"VEC": 8, "CL": 1, "MASK": 1, "GRAD_X": 2, "HANDOFF": 0}),
+    ("  + grad_handoff", "bn_bwd", {"VEC": 8, "CL": 1, "MASK": 1, "GRAD_X": 2, "HANDOFF": 1}),
     ("bn_relu forward", "bn_fwd", {"VEC": 8, "CL": 1, "STATE": 0, "RELU": 1, "HAS_NOISE": 0, "MASK": 0}),
-    ("bn_relu reduce", "bn_red", {"W": 8, "VEC": 8, "CL": 1, "MASK": 2, "NEED_K": 0}),
-    ("bn_relu backward", "bn_bwd", {"VEC": 8, "CL": 1, "MASK": 2, "GRAD_X": 2}),
+    ("bn_relu reduce", "bn_red", {"W": 8, "VEC": 8, "CL": 1, "MASK": 2, "NEED_K": 0, "HANDOFF": 0}),
+    ("bn_relu backward", "bn_bwd", {"VEC": 8, "CL": 1, "MASK": 2, "GRAD_X": 2, "HANDOFF": 0}),
     ("lm_step forward", "lm_fwd", {"VEC": 8, "CL": 1, "HAS_F": 1, "HAS_SCALE": 1, "RELU": 1, "HAS_NOISE": 0}),
     ("lm_step backward", "lm_bwd_k", {"W": 8, "VEC": 8, "CL": 1, "RELU": 1, "HAS_SCALE": 1}),
 ]

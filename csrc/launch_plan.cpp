@@ -10,8 +10,9 @@
 //     batch_norm_lm_step_backward_reduce, batch_norm_lm_step_backward.
 // shape: the activation shape (N, C, *spatial); dtype: float16 | bfloat16 | float32 | float64.
 // flags (missing: false): training, relu, has_state, has_weight, has_bias, has_scale, noise,
-//     per_channel_k, has_shortcut, write_mask, has_mask, has_running_stats, need_x, need_u,
-//     need_u_prev, need_f, need_k, and has_f (lm_step's f; without it the two-term update).
+//     per_channel_k, has_shortcut, has_handoff (the batch-norm backward passes' grad_handoff),
+//     write_mask, has_mask, has_running_stats, need_x, need_u, need_u_prev, need_f, need_k, and
+//     has_f (lm_step's f; without it the two-term update).
 // Operands are in the models' layout: dense activations in one layout, 256-byte aligned,
 // per-channel vectors, running statistics, k and scale in the compute type.
 // Returns one entry per launch, in order: a kernel's name with its template arguments,
@@ -77,8 +78,8 @@ class Recorder {
 
 const std::set<std::string> kFlags = {
     "training", "relu", "has_state", "has_weight", "has_bias", "has_scale", "noise",
-    "per_channel_k", "has_shortcut", "write_mask", "has_mask", "has_running_stats", "need_x",
-    "need_u", "need_u_prev", "need_f", "need_k", "has_f"};
+    "per_channel_k", "has_shortcut", "has_handoff", "write_mask", "has_mask",
+    "has_running_stats", "need_x", "need_u", "need_u_prev", "need_f", "need_k", "has_f"};
 
 at::ScalarType parse_dtype(const std::string& d) {
   if (d == "float32") return at::kFloat;
@@ -139,6 +140,7 @@ std::vector<std::string> launch_plan(const std::string& op, const std::vector<in
                sum_dy_xhat = vec(C), mean = vec(C), invstd = vec(C);
   const auto f = opt(flag("has_f"), act);
   const auto shortcut = opt(flag("has_shortcut"), act);
+  const auto handoff = opt(flag("has_handoff"), act);
   const auto out = opt(flag("relu"), act);
   const auto mask_t = opt(flag("has_mask"), mask);
   const auto running_mean = opt(running, [&] { return vec(C); });
@@ -159,12 +161,13 @@ std::vector<std::string> launch_plan(const std::string& op, const std::vector<in
     batch_norm_lm_step_cuda(x, mean, invstd, weight, bias, u_opt, up_opt, k, scale, seed,
                             flag("training"), flag("relu"), noise_std, flag("write_mask"));
   } else if (op == "batch_norm_lm_step_backward_reduce") {
-    batch_norm_lm_step_cuda_backward_reduce(grad_out, x, mean, invstd, weight, bias, u_opt, up_opt,
-                                            k, mask_t, scale, flag("relu"), need_k);
+    batch_norm_lm_step_cuda_backward_reduce(grad_out, handoff, x, mean, invstd, weight, bias, u_opt,
+                                            up_opt, k, mask_t, scale, flag("relu"), need_k);
   } else if (op == "batch_norm_lm_step_backward") {
-    batch_norm_lm_step_cuda_backward(grad_out, shortcut, x, mean, invstd, weight, bias, sum_dy,
-                                     sum_dy_xhat, mask_t, k, scale, flag("training"), flag("relu"),
-                                     flag("need_x"), flag("need_u"), flag("need_u_prev"));
+    batch_norm_lm_step_cuda_backward(grad_out, handoff, shortcut, x, mean, invstd, weight, bias,
+                                     sum_dy, sum_dy_xhat, mask_t, k, scale, flag("training"),
+                                     flag("relu"), flag("need_x"), flag("need_u"),
+                                     flag("need_u_prev"));
   } else {
     TORCH_CHECK_VALUE(false, "launch_plan: unknown op ", op,
                       " (lm_step, lm_step_backward, batch_norm_stats, batch_norm_lm_step, "

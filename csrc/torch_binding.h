@@ -247,17 +247,18 @@ std::tuple<Tensor, Tensor> batch_norm_lm_step_cuda(
     const std::optional<Tensor>& seed, bool training, bool relu, double noise_std,
     bool write_mask);
 std::tuple<Tensor, Tensor, Tensor> batch_norm_lm_step_cuda_backward_reduce(
-    const Tensor& grad_out, const Tensor& x, const Tensor& mean, const Tensor& invstd,
-    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-    const std::optional<Tensor>& u, const std::optional<Tensor>& u_prev, const Tensor& k,
-    const std::optional<Tensor>& mask, const std::optional<Tensor>& scale, bool relu,
-    bool need_k);
-std::tuple<Tensor, Tensor, Tensor> batch_norm_lm_step_cuda_backward(
-    const Tensor& grad_out, const std::optional<Tensor>& grad_shortcut, const Tensor& x,
+    const Tensor& grad_out, const std::optional<Tensor>& grad_handoff, const Tensor& x,
     const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias, const Tensor& sum_dy, const Tensor& sum_dy_xhat,
-    const std::optional<Tensor>& mask, const Tensor& k, const std::optional<Tensor>& scale,
-    bool training, bool relu, bool need_x, bool need_u, bool need_u_prev);
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& u,
+    const std::optional<Tensor>& u_prev, const Tensor& k, const std::optional<Tensor>& mask,
+    const std::optional<Tensor>& scale, bool relu, bool need_k);
+std::tuple<Tensor, Tensor, Tensor> batch_norm_lm_step_cuda_backward(
+    const Tensor& grad_out, const std::optional<Tensor>& grad_handoff,
+    const std::optional<Tensor>& grad_shortcut, const Tensor& x, const Tensor& mean,
+    const Tensor& invstd, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const Tensor& sum_dy, const Tensor& sum_dy_xhat, const std::optional<Tensor>& mask,
+    const Tensor& k, const std::optional<Tensor>& scale, bool training, bool relu, bool need_x,
+    bool need_u, bool need_u_prev);
 
 // lmfused._C.launch_plan (launch_plan.cpp).
 std::vector<std::string> launch_plan(const std::string& op, const std::vector<int64_t>& shape,

@@ -1,7 +1,8 @@
 """The CUDA batch-norm-fused kernels on their vector and scalar paths (GPU only).
 
 Each of the four registered CUDA ops (statistics with the running statistics, forward with the 1-bit ReLU
-mask, backward reduction, backward) against the reference backend's op on the same inputs, in both layouts,
+mask, backward reduction and backward, with the output's gradient in two parts: grad_out and grad_handoff)
+against the reference backend's op on the same inputs, in both layouts,
 on shapes whose rows take 128-bit, 64-bit and scalar accesses, with and without state; the forward's output
 bitwise the reference's (one rounding per operation, torch's order: no fused multiply-add), so its mask is
 the reference's, also on data where the sign hangs on the roundings; the mask's format (bits over the planned
@@ -46,7 +47,7 @@ def _inputs(shape, dtype, channels_last, seed):
     def vec(lo, hi):
         return (lo + (hi - lo) * torch.rand(channels, generator=gen, dtype=torch.float64)).float().to(DEVICE)
 
-    return act(3.0), act(), act(), act(), act(), vec(-1.5, 1.5), vec(-0.5, 0.5), vec(-0.5, 0.5)
+    return act(3.0), act(), act(), act(), act(), vec(-1.5, 1.5), vec(-0.5, 0.5), vec(-0.5, 0.5), act()
 
 
 def _close(got, want, dtype, what):
@@ -76,7 +77,7 @@ CASES = list(itertools.product(SHAPES, [torch.float32, torch.bfloat16], [False, 
 @pytest.mark.parametrize(("shape", "dtype", "channels_last"), CASES)
 def test_ops_match_reference(shape, dtype, channels_last):
     _need_cuda()
-    x, u, u_prev, g, shortcut, weight, bias, k = _inputs(shape, dtype, channels_last, seed=7)
+    x, u, u_prev, g, shortcut, weight, bias, k, handoff = _inputs(shape, dtype, channels_last, seed=7)
     stats = {}
     for backend in ("cuda", "reference"):
         running = (torch.zeros(shape[1], device=DEVICE), torch.ones(shape[1], device=DEVICE))
@@ -102,14 +103,15 @@ def test_ops_match_reference(shape, dtype, channels_last):
             assert mask.numel() == 0
         mask_arg = mask if write_mask else None
         need_k = state  # (no state: u, u_prev are None)
-        red = (g, x, mean, invstd, weight, bias, *us, k, mask_arg, scale, relu, need_k)
+        h = handoff if state else None  # (the handoff is of a step with state)
+        red = (g, h, x, mean, invstd, weight, bias, *us, k, mask_arg, scale, relu, need_k)
         sums = _op("batch_norm_lm_step_{b}_backward_reduce", "cuda")(*red)
         ref_sums = _op("batch_norm_lm_step_{b}_backward_reduce", "reference")(*red)
         for name, a, b in zip(("sum_dy", "sum_dy_xhat", "grad_k"), sums, ref_sums, strict=True):
             assert a.shape == b.shape, name
             _close(a / count, b / count, torch.float32, name)
         sc = shortcut if state else None
-        bwd = (g, sc, x, mean, invstd, weight, bias, *ref_sums[:2], mask_arg, k, scale, True, relu, True,
+        bwd = (g, h, sc, x, mean, invstd, weight, bias, *ref_sums[:2], mask_arg, k, scale, True, relu, True,
                state, state)  # fmt: skip
         grads = _op("batch_norm_lm_step_{b}_backward", "cuda")(*bwd)
         ref_grads = _op("batch_norm_lm_step_{b}_backward", "reference")(*bwd)
@@ -126,7 +128,7 @@ def test_forward_on_adversarial_data_is_the_reference(dtype, channels_last, per_
     output (and so its mask) must be bitwise the reference backend's."""
     _need_cuda()
     shape = (8, 64, 14, 14)
-    x, u, _, _, _, weight, bias, _ = _inputs(shape, dtype, channels_last, seed=5)
+    x, u, _, _, _, weight, bias, _, _ = _inputs(shape, dtype, channels_last, seed=5)
     k = torch.full((shape[1] if per_channel_k else 1,), 0.375, device=DEVICE)
     mean, invstd = _op("batch_norm_stats_{b}", "reference")(x, None, None, True, 0.1, 1e-5)
     scale = torch.rand(shape[0], device=DEVICE) + 0.5
@@ -145,9 +147,11 @@ def test_forward_on_adversarial_data_is_the_reference(dtype, channels_last, per_
 def test_reduction_bits_do_not_depend_on_alignment(channels_last):
     _need_cuda()
     shape = (4, 64, 28, 28)
-    x, u, u_prev, g, _, weight, bias, _ = _inputs(shape, torch.bfloat16, channels_last, seed=3)
+    x, u, u_prev, g, _, weight, bias, _, h = _inputs(shape, torch.bfloat16, channels_last, seed=3)
 
     def shifted(t):  # the same values in a view one element into its storage (scalar loads)
+        if t is None:
+            return None
         flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
         if channels_last:
             view = flat[1:].view(shape[0], *shape[2:], shape[1]).permute(0, 3, 1, 2)
@@ -166,11 +170,30 @@ def test_reduction_bits_do_not_depend_on_alignment(channels_last):
             x, mean, invstd, weight, bias, u, u_prev, k, None, None, True, True, 0.0, True
         )
         tail = (k, mask, None, True, True)
-        a = red(g, x, mean, invstd, weight, bias, u, u_prev, *tail)
-        b = red(*map(shifted, (g, x)), mean, invstd, weight, bias, *map(shifted, (u, u_prev)), *tail)
-        assert a[2].shape == k.shape
-        for s, t in zip(a, b, strict=True):
-            assert torch.equal(s, t)
+        for handoff in (None, h):
+            bn = (mean, invstd, weight, bias)
+            a = red(g, handoff, x, *bn, u, u_prev, *tail)
+            b = red(*map(shifted, (g, handoff, x)), *bn, *map(shifted, (u, u_prev)), *tail)
+            c = red(g, shifted(handoff), x, *bn, u, u_prev, *tail)  # only the handoff misaligned
+            assert a[2].shape == k.shape
+            for s, t, v in zip(a, b, c, strict=True):
+                assert torch.equal(s, t) and torch.equal(s, v)
+
+
+def test_grad_handoff_unlike_grad_out_is_an_error():
+    """grad_handoff must have grad_out's shape and dtype: both backward ops say so, naming it."""
+    _need_cuda()
+    shape = (2, 8, 4, 4)
+    x, u, u_prev, g, _, weight, bias, k, h = _inputs(shape, torch.float32, False, seed=11)
+    mean, invstd = _op("batch_norm_stats_{b}", "cuda")(x, None, None, True, 0.1, 1e-5)
+    red = _op("batch_norm_lm_step_{b}_backward_reduce", "cuda")
+    bwd = _op("batch_norm_lm_step_{b}_backward", "cuda")
+    for bad, error in ((h[:1], ValueError), (h.double(), TypeError)):
+        with pytest.raises(error, match="grad_handoff"):
+            red(g, bad, x, mean, invstd, weight, bias, u, u_prev, k, None, None, False, True)
+        with pytest.raises(error, match="grad_handoff"):
+            bwd(g, bad, None, x, mean, invstd, weight, bias, mean, invstd, None, k, None, True, False, True,
+                True, True)  # fmt: skip
 
 
 def test_statistics_in_evaluation_and_empty_batch():

@@ -56,6 +56,20 @@ def test_junction_ops_are_one_kernel_each(op, channels_last, dtype):
     assert len(plan) == 1 and plan[0].startswith(KERNEL[op]), plan
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("op", ["batch_norm_lm_step_backward_reduce", "batch_norm_lm_step_backward"])
+def test_handoff_is_read_by_the_same_one_kernel(op, channels_last, dtype):
+    """With grad_handoff (the gradient of the output's handoff to the next step) each backward pass is still
+    one kernel and no aten op (no addition of the two gradients): the kernel's HANDOFF variant, its last
+    template argument."""
+    flags = JUNCTION[op]
+    without = _plan(op, flags, dtype=dtype, channels_last=channels_last)
+    plan = _plan(op, {**flags, "has_handoff": True}, dtype=dtype, channels_last=channels_last)
+    assert len(plan) == 1 and plan[0].startswith(KERNEL[op]) and plan[0].endswith(", true>"), plan
+    assert without[0].endswith(", false>") and without[0][: -len("false>")] == plan[0][: -len("true>")]
+
+
 def test_junction_is_four_launches():
     plans = [_plan(op, flags) for op, flags in JUNCTION.items()]
     assert sum(len(p) for p in plans) == 4

@@ -2,13 +2,14 @@
 // host reference (long double for the statistics), on fresh random data: both layouts, odd sizes
 // (short units, scalar paths), shifted buffers (every vector width), every flag (state or not,
 // relu with the forward's 1-bit mask or the recomputed no-state mask, scale, noise, weight/bias,
-// training/evaluation, running statistics of every float dtype, grad_shortcut, need_*, scalar and
-// per-channel k), statistics with a large mean, out-of-bounds writes. The forward's output is
-// bitwise the host's one-rounding-per-operation computation in torch's order (so its mask is the
-// reference backend's), also on data where the pre-activation's sign hangs on the roundings; the
-// mask's bits, byte layout and padding; every reduction bitwise the same in every CTA order the
-// emulation can run (the last CTA merges) and at every buffer alignment, its ticket counters back
-// at zero. Run from test_lm_step_kernels.cu's main (one executable).
+// training/evaluation, running statistics of every float dtype, grad_handoff (the output's
+// gradient in two parts, also at another alignment than the other buffers), grad_shortcut,
+// need_*, scalar and per-channel k), statistics with a large mean, out-of-bounds writes. The
+// forward's output is bitwise the host's one-rounding-per-operation computation in torch's order
+// (so its mask is the reference backend's), also on data where the pre-activation's sign hangs on
+// the roundings; the mask's bits, byte layout and padding; every reduction bitwise the same in
+// every CTA order the emulation can run (the last CTA merges) and at every buffer alignment, its
+// ticket counters back at zero. Run from test_lm_step_kernels.cu's main (one executable).
 #include <algorithm>
 #include <functional>
 #include <limits>
@@ -184,7 +185,7 @@ void bn_case(const Case& cs, std::mt19937_64& rng) {
   const double offset = x_offset<T>();
   const std::vector<T> hx = rand_vec(n, offset), hu = rand_vec(n, 0);
   std::vector<T> hp = rand_vec(n, 0);  // some values set below: a pre-activation near 0
-  const std::vector<T> hg = rand_vec(n, 0), hsc = rand_vec(n, 0);
+  const std::vector<T> hg = rand_vec(n, 0), hh = rand_vec(n, 0), hsc = rand_vec(n, 0);
   // Per-channel operands: mean near x's (so y is O(1)), positive invstd, any weight/bias/k.
   std::vector<A> mean_v = rand_acc(C, -0.25, 0.25);
   for (auto& m : mean_v) m = static_cast<A>(m + offset);
@@ -255,14 +256,18 @@ void bn_case(const Case& cs, std::mt19937_64& rng) {
     const size_t half_vector = 8 / sizeof(T);
     const size_t in_shift = mode == 1 ? 1 : mode == 3 ? half_vector : 0;
     const size_t out_shift = mode == 3 ? half_vector : mode >= 1 ? 1 : 0;
+    // grad_handoff at the inputs' alignment (dh), and one element further (dh_off: the vector
+    // width must follow it alone).
     DevBuf<T> dx(n, in_shift), du(n, in_shift), dp(n, in_shift), dg(n, in_shift),
-        dsc(n, in_shift), dres(n, out_shift), dgx(n, out_shift), dgu(n, out_shift),
-        dgp(n, out_shift);
+        dh(n, in_shift), dh_off(n, in_shift + 1), dsc(n, in_shift), dres(n, out_shift),
+        dgx(n, out_shift), dgu(n, out_shift), dgp(n, out_shift);
     DevBuf<uint8_t> dmask(nmask, out_shift);
     dx.upload(hx);
     du.upload(hu);
     dp.upload(hp);
     dg.upload(hg);
+    dh.upload(hh);
+    dh_off.upload(hh);
     dsc.upload(hsc);
     std::vector<std::string> sums;  // this mode's reductions, in a fixed order
     auto reduction_ok = [&](bool same_orders, const char* what) {
@@ -414,10 +419,11 @@ void bn_case(const Case& cs, std::mt19937_64& rng) {
     }
     dmask.upload(hmask);
 
-    // g through the mask: 0 none, 1 the forward's mask (of hout), 2 recomputed (no state: the
-    // forward's branch term rounded to T; weight and bias given)
-    auto masked = [&](int mask, bool has_s, size_t i) {
-      const double g = Tr::val(hg[i]);
+    // The output's gradient, grad_out + grad_handoff (handoff), through the mask: 0 none, 1 the
+    // forward's mask (of hout), 2 recomputed (no state: the forward's branch term rounded to T;
+    // weight and bias given).
+    auto masked = [&](int mask, bool has_s, bool handoff, size_t i) {
+      const double g = Tr::val(hg[i]) + (handoff ? Tr::val(hh[i]) : 0.0);
       if (mask == 1) return Tr::val(hout[i]) <= 0 ? 0.0 : g;
       if (mask == 2) {
         const A z = pre_host(i, false, false, has_s, true, true);
@@ -426,17 +432,25 @@ void bn_case(const Case& cs, std::mt19937_64& rng) {
       return g;
     };
 
-    // -- backward_reduce: mask, scale, need_k (scalar or per-channel k), weight/bias given or not
-    for (int bits = 0; bits < 36; ++bits) {
+    // The grad_handoff buffer of handoff mode h: 0 none, 1 dh, 2 dh_off (with scale and weight/bias
+    // only: an alignment check).
+    auto handoff_buf = [&](int h) { return h == 0 ? nullptr : h == 1 ? dh.data() : dh_off.data(); };
+
+    // -- backward_reduce: mask, scale, need_k (scalar or per-channel k), weight/bias given or not,
+    // grad_handoff (none, aligned as the inputs, one element off: the same bits as aligned)
+    std::vector<std::string> reduce_bits(36);  // with the aligned grad_handoff, by bits % 36
+    for (int bits = 0; bits < 108; ++bits) {
       const int mask = bits % 3, kmode = (bits / 3) % 3;  // kmode: no grad_k, scalar, per channel
       const bool has_s = (bits / 9) & 1, wb = (bits / 18) & 1;
-      const bool need_k = kmode != 0;
+      const int h = bits / 36;
+      const bool need_k = kmode != 0, handoff = h != 0;
       if (mask == 2 && (need_k || !wb)) continue;  // no state; the recomputed z needs w, b here
+      if (h == 2 && !(has_s && wb)) continue;
       const int64_t k_numel = kmode == 2 ? cs.C : 1;
       DevVec<A> sdy(C), sdyx(C), sk(C);
       auto launch = [&] {
         CUDA_OK(lmfused::launch_batch_norm_lm_step_backward_reduce(
-            Tr::dtype, shape, dg.data(), dx.data(), mean.dev, invstd.dev,
+            Tr::dtype, shape, dg.data(), handoff_buf(h), dx.data(), mean.dev, invstd.dev,
             wb ? weight.dev : nullptr, wb ? bias.dev : nullptr, need_k ? du.data() : nullptr,
             need_k ? dp.data() : nullptr, mask == 1 ? dmask.data() : nullptr,
             has_s ? scale.dev : nullptr, mask != 0, sdy.dev, sdyx.dev, need_k ? sk.dev : nullptr,
@@ -447,11 +461,14 @@ void bn_case(const Case& cs, std::mt19937_64& rng) {
       };
       std::string first;
       reduction_ok(same_in_every_block_order(launch, &first), "reduce");
+      if (h == 1) reduce_bits[bits % 36] = first;
+      if (h == 2 && first != reduce_bits[bits % 36])
+        fail(what_of<T>(cs, mode, "reduce bits=%d: bits depend on grad_handoff's alignment", bits));
       const std::vector<A> a1 = sdy.download(), a2 = sdyx.download(), a3 = sk.download();
       std::vector<double> r1(C, 0.0), r2(C, 0.0), r3(C, 0.0), m1(C, 0.0), m2(C, 0.0), m3(C, 0.0);
       for (size_t i = 0; i < n; ++i) {
         const size_t c = chan(i);
-        const double g = masked(mask, has_s, i), dy = (has_s ? scale.v[samp(i)] : 1.0) * g;
+        const double g = masked(mask, has_s, handoff, i), dy = (has_s ? scale.v[samp(i)] : 1.0) * g;
         const double xhat = (Tr::val(hx[i]) - mean.v[c]) * static_cast<double>(invstd.v[c]);
         const double t = g * (Tr::val(hp[i]) - Tr::val(hu[i]));
         r1[c] += dy;
@@ -482,12 +499,13 @@ void bn_case(const Case& cs, std::mt19937_64& rng) {
     }
 
     // -- backward: mask, scale, training, grad_x, grad_u (with or without grad_shortcut),
-    // grad_u_prev, per-channel k
-    for (int bits = 0; bits < 288; ++bits) {
-      const int mask = bits % 3, umode = (bits / 3) % 3;
+    // grad_u_prev, per-channel k, grad_handoff (none, aligned, one element off)
+    for (int bits = 0; bits < 864; ++bits) {
+      const int mask = bits % 3, umode = (bits / 3) % 3, h = bits / 288;
       const bool has_s = (bits / 9) & 1, training = (bits / 18) & 1, nx = (bits / 36) & 1,
                  nup = (bits / 72) & 1, per_ch = (bits / 144) & 1;
-      const bool nu = umode != 0, sc = umode == 2;
+      const bool nu = umode != 0, sc = umode == 2, handoff = h != 0;
+      if (h == 2 && !(has_s && per_ch == (mask != 2))) continue;  // alignment: a few suffice
       if (mask == 2 && (nu || nup)) continue;     // no state: no grad_u, grad_u_prev
       if (!nx && !nu && !nup) continue;           // nothing to do
       if (!nx && training) continue;              // training only changes grad_x
@@ -496,8 +514,8 @@ void bn_case(const Case& cs, std::mt19937_64& rng) {
       dgu.poison();
       dgp.poison();
       CUDA_OK(lmfused::launch_batch_norm_lm_step_backward(
-          Tr::dtype, shape, dg.data(), sc ? dsc.data() : nullptr, dx.data(), mean.dev,
-          invstd.dev, weight.dev, bias.dev, sum_dy.dev, sum_dy_xhat.dev,
+          Tr::dtype, shape, dg.data(), handoff_buf(h), sc ? dsc.data() : nullptr, dx.data(),
+          mean.dev, invstd.dev, weight.dev, bias.dev, sum_dy.dev, sum_dy_xhat.dev,
           mask == 1 ? dmask.data() : nullptr, k.dev, per_ch ? cs.C : 1,
           has_s ? scale.dev : nullptr, training, mask != 0, nx ? dgx.data() : nullptr,
           nu ? dgu.data() : nullptr, nup ? dgp.data() : nullptr, nullptr));
@@ -525,7 +543,7 @@ void bn_case(const Case& cs, std::mt19937_64& rng) {
       auto kk = [&](size_t i) { return static_cast<double>(k.v[per_ch ? chan(i) : 0]); };
       check(dgx, nx, "grad_x", [&](size_t i) {
         const size_t c = chan(i);
-        double dy = (has_s ? scale.v[samp(i)] : 1.0) * masked(mask, has_s, i);
+        double dy = (has_s ? scale.v[samp(i)] : 1.0) * masked(mask, has_s, handoff, i);
         if (training) {
           const double xhat = (Tr::val(hx[i]) - mean.v[c]) * static_cast<double>(invstd.v[c]);
           dy = dy - sum_dy.v[c] / count - xhat * sum_dy_xhat.v[c] / count;
@@ -533,9 +551,10 @@ void bn_case(const Case& cs, std::mt19937_64& rng) {
         return dy * static_cast<double>(invstd.v[c]) * weight.v[c];
       });
       check(dgu, nu, "grad_u", [&](size_t i) {  // the shortcut's gradient is not masked
-        return (1.0 - kk(i)) * masked(mask, has_s, i) + (sc ? Tr::val(hsc[i]) : 0.0);
+        return (1.0 - kk(i)) * masked(mask, has_s, handoff, i) + (sc ? Tr::val(hsc[i]) : 0.0);
       });
-      check(dgp, nup, "grad_u_prev", [&](size_t i) { return kk(i) * masked(mask, has_s, i); });
+      check(dgp, nup, "grad_u_prev",
+            [&](size_t i) { return kk(i) * masked(mask, has_s, handoff, i); });
     }
 
     // The reductions' bits do not depend on the buffers' alignment.
@@ -603,8 +622,9 @@ void bn_api_edges() {
   }
   CUDA_OK(cudaMemset(buf, 0xFF, 9 * sizeof(float)));
   if (lmfused::launch_batch_norm_lm_step_backward_reduce(
-          DType::kFloat32, empty, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, buf, buf,
-          nullptr, nullptr, false, buf, buf + 3, buf + 6, 3, none, nullptr) != cudaSuccess)
+          DType::kFloat32, empty, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+          buf, buf, nullptr, nullptr, false, buf, buf + 3, buf + 6, 3, none,
+          nullptr) != cudaSuccess)
     fail("empty backward_reduce should succeed");
   CUDA_OK(cudaMemcpy(h, buf, 9 * sizeof(float), cudaMemcpyDeviceToHost));
   for (int i = 0; i < 9; ++i)
@@ -628,18 +648,20 @@ void bn_api_edges() {
                                        nullptr) != cudaErrorInvalidValue)
     fail("evaluation statistics without running statistics must be rejected");
   if (lmfused::launch_batch_norm_lm_step_backward(
-          DType::kFloat32, s, buf, nullptr, buf, buf, buf, nullptr, nullptr, nullptr, nullptr,
-          nullptr, buf, 1, nullptr, false, true, nullptr, buf, nullptr,
+          DType::kFloat32, s, buf, nullptr, nullptr, buf, buf, buf, nullptr, nullptr, nullptr,
+          nullptr, nullptr, buf, 1, nullptr, false, true, nullptr, buf, nullptr,
           nullptr) != cudaErrorInvalidValue)
     fail("grad_u with a recomputed (no-state) mask must be rejected");
   const Scratch scratch(lmfused::batch_norm_scratch(DType::kFloat32, s));
   if (lmfused::launch_batch_norm_lm_step_backward_reduce(
-          DType::kFloat32, s, buf, buf, buf, buf, nullptr, nullptr, buf, buf, nullptr, nullptr,
-          true, buf + 40, buf + 44, buf + 48, 1, scratch.s, nullptr) != cudaErrorInvalidValue)
+          DType::kFloat32, s, buf, nullptr, buf, buf, buf, nullptr, nullptr, buf, buf, nullptr,
+          nullptr, true, buf + 40, buf + 44, buf + 48, 1, scratch.s,
+          nullptr) != cudaErrorInvalidValue)
     fail("reduce with grad_k and relu but no mask must be rejected");
   if (lmfused::launch_batch_norm_lm_step_backward_reduce(
-          DType::kFloat32, s, buf, buf, buf, buf, nullptr, nullptr, buf, buf, nullptr, nullptr,
-          false, buf + 40, buf + 44, buf + 48, 2, scratch.s, nullptr) != cudaErrorInvalidValue)
+          DType::kFloat32, s, buf, nullptr, buf, buf, buf, nullptr, nullptr, buf, buf, nullptr,
+          nullptr, false, buf + 40, buf + 44, buf + 48, 2, scratch.s,
+          nullptr) != cudaErrorInvalidValue)
     fail("reduce with a k of 2 values (C = 3) must be rejected");
   CUDA_OK(cudaDeviceSynchronize());
   cudaFree(buf);
