@@ -56,6 +56,7 @@ from torch import Tensor
 from lmfused import handoff, reference
 from lmfused.op_support import (
     channel_view,
+    check_like,
     check_step_inputs,
     check_tensor,
     choose_backend,
@@ -526,13 +527,7 @@ def _check_channel_vector(name: str, t: object, x: Tensor) -> None:
 
 def _check_batch_norm_args(x, running_mean, running_var, weight, bias, u, training, momentum, eps) -> None:
     """Validate the batch-norm half of the arguments (the LM half goes through lm_step's checks)."""
-    check_tensor("x", x)
-    if x.shape != u.shape:
-        raise ValueError(f"x: expected shape {tuple(u.shape)} (the shape of u), got {tuple(x.shape)}")
-    if x.dtype != u.dtype:
-        raise TypeError(f"x: expected dtype {u.dtype} (the dtype of u), got {x.dtype}")
-    if x.device != u.device:
-        raise ValueError(f"x: expected device {u.device} (the device of u), got {x.device}")
+    check_like("x", x, u)
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
                     ("bias", bias)):  # fmt: skip
         _check_channel_vector(name, t, x)
