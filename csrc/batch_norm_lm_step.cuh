@@ -226,6 +226,8 @@ __global__ void __launch_bounds__(kBlock, kReductionBlocksPerSM)
   A acc[2][WA];
 #pragma unroll
   for (int j = 0; j < WA; ++j) acc[0][j] = acc[1][j] = A(0);
+  // (The reductions keep their step loop in the kernel: as a lambda passed to a loop template, the
+  // compiler keeps their sums in registers less well, down to local memory in float64.)
   Cursor<CL, W> cur(g, group, chunk);
   for (int64_t step = 0; step < g.steps; ++step) {
     Pos p[U];
@@ -294,77 +296,57 @@ __global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
     key1 = static_cast<uint32_t>(seed >> 32);
   }
   Coefs<CL, NC, UW, A> cf;
-  const ItemRange items = cta_items(g);
-  int64_t loaded = -1;
-  for (int64_t item = items.begin; item < items.end; item += items.stride) {
-    const int64_t group = item_group(g, item);
-    if (group != loaded) {
-      cf.load(g, group, coef_smem, [&](int q, int64_t c) { return a.coef(q, c); });
-      loaded = group;
-    }
-    Cursor<CL, UW> cur(g, group, item_chunk(g, item));
-    for (int64_t step = 0; step < g.steps; ++step) {
-      Pos p[U];
-      next_positions(cur, g, p);
-      Pack<T, VEC> px[U][SUB], pu[U][SUB], pp[U][SUB];
-      // Every sub-vector's loads first (preload_step), except with noise (Philox's registers):
-      // then each one's just before its use.
-      auto load = [&](int i, int q) {
-        const int64_t off = p[i].off + q * VEC;
-        px[i][q] = load_pack<T, VEC>(a.x, off);
-        if constexpr (STATE) {
-          pu[i][q] = load_pack<T, VEC>(a.u, off);
-          pp[i][q] = load_pack<T, VEC>(a.u_prev, off);
-        }
-      };
-      constexpr bool kPreload = !HAS_NOISE && preload_step<T, U, SUB, VEC, STATE ? 3 : 1>();
-      if constexpr (kPreload) {
-#pragma unroll
-        for (int i = 0; i < U; ++i) {
-#pragma unroll
-          for (int q = 0; q < SUB; ++q) {
-            if (p[i].ok && sub_live<VEC>(q, p[i].live)) load(i, q);
-          }
-        }
+  auto load_coefs = [&](int64_t group) {
+    cf.load(g, group, coef_smem, [&](int q, int64_t c) { return a.coef(q, c); });
+  };
+  elementwise_tiles<CL, UW, U>(g, load_coefs, [&](const Pos (&p)[U]) {
+    Pack<T, VEC> px[U][SUB], pu[U][SUB], pp[U][SUB];
+    // Every sub-vector's loads first (preload_step), except with noise (Philox's registers):
+    // then each one's just before its use.
+    auto load = [&](int i, int q) {
+      const int64_t off = p[i].off + q * VEC;
+      px[i][q] = load_pack<T, VEC>(a.x, off);
+      if constexpr (STATE) {
+        pu[i][q] = load_pack<T, VEC>(a.u, off);
+        pp[i][q] = load_pack<T, VEC>(a.u_prev, off);
       }
+    };
+    constexpr bool kPreload = !HAS_NOISE && preload_step<T, U, SUB, VEC, STATE ? 3 : 1>();
+    preload_packs<SUB, VEC, kPreload>(p, load);
 #pragma unroll
-      for (int i = 0; i < U; ++i) {
-        unsigned bits = 0;
-        if (p[i].ok) {
-          const A s = sample_scale(a.scale, p[i].n);
+    for (int i = 0; i < U; ++i) {
+      unsigned bits = 0;
+      if (p[i].ok) {
+        const A s = sample_scale(a.scale, p[i].n);
+        live_packs<SUB, VEC, kPreload>(p[i], i, load, [&](int q) {
+          const int64_t off = p[i].off + q * VEC;
+          Pack<T, VEC> po;
+          constexpr int G = VEC % 4 == 0 ? 4 : VEC;  // normals per Philox call used here
+          float xi[G];
 #pragma unroll
-          for (int q = 0; q < SUB; ++q) {
-            if (!sub_live<VEC>(q, p[i].live)) break;
-            if constexpr (!kPreload) load(i, q);
-            const int64_t off = p[i].off + q * VEC;
-            Pack<T, VEC> po;
-            constexpr int G = VEC % 4 == 0 ? 4 : VEC;  // normals per Philox call used here
-            float xi[G];
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-              const int e = q * VEC + j;
-              const A xhat =
-                  bn_xhat(to_acc(px[i][q].v[j]), cf.get(kCoefMean, e), cf.get(kCoefInvstd, e));
-              A v = bn_branch(s, xhat, cf.get(kCoefWeight, e), cf.get(kCoefBias, e));
-              if constexpr (STATE) {
-                v = bn_update(cf.get(kCoefK, e), to_acc(pu[i][q].v[j]), to_acc(pp[i][q].v[j]), v);
-              }
-              if constexpr (HAS_NOISE) {
-                if (j % G == 0) philox_normals<G>(key0, key1, static_cast<uint64_t>(off + j), xi);
-                v += a.noise_std * static_cast<A>(xi[j % G]);
-              }
-              if constexpr (RELU) v = v < A(0) ? A(0) : v;  // keeps NaN, like torch.relu
-              po.v[j] = from_acc<T>(v);
-              // The gradient passes where the stored output is not <= 0.
-              if constexpr (MASK) bits |= (to_acc(po.v[j]) <= A(0) ? 0u : 1u) << e;
+          for (int j = 0; j < VEC; ++j) {
+            const int e = q * VEC + j;
+            const A xhat =
+                bn_xhat(to_acc(px[i][q].v[j]), cf.get(kCoefMean, e), cf.get(kCoefInvstd, e));
+            A v = bn_branch(s, xhat, cf.get(kCoefWeight, e), cf.get(kCoefBias, e));
+            if constexpr (STATE) {
+              v = bn_update(cf.get(kCoefK, e), to_acc(pu[i][q].v[j]), to_acc(pp[i][q].v[j]), v);
             }
-            store_pack<T, VEC>(a.result, off, po);
+            if constexpr (HAS_NOISE) {
+              if (j % G == 0) philox_normals<G>(key0, key1, static_cast<uint64_t>(off + j), xi);
+              v += a.noise_std * static_cast<A>(xi[j % G]);
+            }
+            if constexpr (RELU) v = v < A(0) ? A(0) : v;  // keeps NaN, like torch.relu
+            po.v[j] = from_acc<T>(v);
+            // The gradient passes where the stored output is not <= 0.
+            if constexpr (MASK) bits |= (to_acc(po.v[j]) <= A(0) ? 0u : 1u) << e;
           }
-        }
-        if constexpr (MASK) store_mask<UW>(a.mask_out, p[i], bits, p[i].ok);
+          store_pack<T, VEC>(a.result, off, po);
+        });
       }
+      if constexpr (MASK) store_mask<UW>(a.mask_out, p[i], bits, p[i].ok);
     }
-  }
+  });
 }
 
 // The output's gradient at element j of a pack: grad_out's, plus (HANDOFF) grad_handoff's, added
@@ -509,92 +491,76 @@ __global__ void __launch_bounds__(kBlock, backward_blocks_per_sm<T, HANDOFF>())
   const bool need_u = a.grad_u != nullptr, need_up = a.grad_u_prev != nullptr;
   const bool shortcut = need_u && a.grad_shortcut != nullptr;
   Coefs<CL, kNumCoefs, UW, A> cf;
-  const ItemRange items = cta_items(g);
-  int64_t loaded = -1;
-  for (int64_t item = items.begin; item < items.end; item += items.stride) {
-    const int64_t group = item_group(g, item);
-    if (group != loaded) {
-      cf.load(g, group, coef_smem, [&](int q, int64_t c) { return a.coef(q, c); });
-      loaded = group;
-    }
-    Cursor<CL, UW> cur(g, group, item_chunk(g, item));
-    for (int64_t step = 0; step < g.steps; ++step) {
-      Pos p[U];
-      next_positions(cur, g, p);
-      Pack<T, VEC> pg[U][SUB], ph[U][SUB], px[U][SUB], psc[U][SUB];
-      unsigned bits[U];
-      auto load = [&](int i, int q) {
-        const int64_t off = p[i].off + q * VEC;
-        pg[i][q] = load_pack<T, VEC>(a.grad_out, off);
-        if constexpr (HANDOFF) ph[i][q] = load_pack<T, VEC>(a.grad_handoff, off);
-        if constexpr (kReadX) px[i][q] = load_pack<T, VEC>(a.x, off);
-        if (shortcut) psc[i][q] = load_pack<T, VEC>(a.grad_shortcut, off);
-      };
-      constexpr bool kPreload = preload_step<T, U, SUB, VEC, 1 + kReadX>();
+  auto load_coefs = [&](int64_t group) {
+    cf.load(g, group, coef_smem, [&](int q, int64_t c) { return a.coef(q, c); });
+  };
+  elementwise_tiles<CL, UW, U>(g, load_coefs, [&](const Pos (&p)[U]) {
+    Pack<T, VEC> pg[U][SUB], ph[U][SUB], px[U][SUB], psc[U][SUB];
+    unsigned bits[U];
+    auto load = [&](int i, int q) {
+      const int64_t off = p[i].off + q * VEC;
+      pg[i][q] = load_pack<T, VEC>(a.grad_out, off);
+      if constexpr (HANDOFF) ph[i][q] = load_pack<T, VEC>(a.grad_handoff, off);
+      if constexpr (kReadX) px[i][q] = load_pack<T, VEC>(a.x, off);
+      if (shortcut) psc[i][q] = load_pack<T, VEC>(a.grad_shortcut, off);
+    };
+    constexpr bool kPreload = preload_step<T, U, SUB, VEC, 1 + kReadX>();
 #pragma unroll
-      for (int i = 0; i < U; ++i) {
-        bits[i] = 0;
-        if (!p[i].ok) continue;
-        if constexpr (MASK == kMaskBits) bits[i] = load_mask<UW>(a.mask, p[i]);
-        if constexpr (kPreload) {
-#pragma unroll
-          for (int q = 0; q < SUB; ++q) {
-            if (sub_live<VEC>(q, p[i].live)) load(i, q);
-          }
-        }
+    for (int i = 0; i < U; ++i) {
+      bits[i] = 0;
+      if constexpr (MASK == kMaskBits) {
+        if (p[i].ok) bits[i] = load_mask<UW>(a.mask, p[i]);
       }
+    }
+    preload_packs<SUB, VEC, kPreload>(p, load);
 #pragma unroll
-      for (int i = 0; i < U; ++i) {
-        if (!p[i].ok) continue;
-        const A s = sample_scale(a.scale, p[i].n);
+    for (int i = 0; i < U; ++i) {
+      if (!p[i].ok) continue;
+      const A s = sample_scale(a.scale, p[i].n);
+      live_packs<SUB, VEC, kPreload>(p[i], i, load, [&](int q) {
+        const int64_t off = p[i].off + q * VEC;
+        // One gradient at a time (fewer registers live than all three at once).
+        A gj[VEC];
 #pragma unroll
-        for (int q = 0; q < SUB; ++q) {
-          if (!sub_live<VEC>(q, p[i].live)) break;
-          if constexpr (!kPreload) load(i, q);
-          const int64_t off = p[i].off + q * VEC;
-          // One gradient at a time (fewer registers live than all three at once).
-          A gj[VEC];
+        for (int j = 0; j < VEC; ++j) {
+          const A x = kReadX ? to_acc(px[i][q].v[j]) : A(0);
+          gj[j] = relu_gradient<MASK, T>(output_gradient<HANDOFF>(pg[i][q], ph[i][q], j), bits[i],
+                                         q * VEC + j, s, x, cf);
+        }
+        if constexpr (GRAD_X != kGradXNone) {
+          Pack<T, VEC> gx;
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
-            const A x = kReadX ? to_acc(px[i][q].v[j]) : A(0);
-            gj[j] = relu_gradient<MASK, T>(output_gradient<HANDOFF>(pg[i][q], ph[i][q], j), bits[i],
-                                           q * VEC + j, s, x, cf);
-          }
-          if constexpr (GRAD_X != kGradXNone) {
-            Pack<T, VEC> gx;
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-              const int e = q * VEC + j;
-              A dy = s * gj[j];
-              if constexpr (GRAD_X == kGradXTrain) {
-                const A xc = to_acc(px[i][q].v[j]) - cf.get(kCoefMean, e);
-                dy = dy - cf.get(kCoefMeanDy, e) - xc * cf.get(kCoefDyXhat, e);
-              }
-              gx.v[j] = from_acc<T>(dy * cf.get(kCoefGain, e));
+            const int e = q * VEC + j;
+            A dy = s * gj[j];
+            if constexpr (GRAD_X == kGradXTrain) {
+              const A xc = to_acc(px[i][q].v[j]) - cf.get(kCoefMean, e);
+              dy = dy - cf.get(kCoefMeanDy, e) - xc * cf.get(kCoefDyXhat, e);
             }
-            store_pack<T, VEC>(a.grad_x, off, gx);
+            gx.v[j] = from_acc<T>(dy * cf.get(kCoefGain, e));
           }
-          if (need_u) {
-            Pack<T, VEC> gu;
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-              // The shortcut's gradient is a gradient of u itself: not masked, one rounding.
-              A guj = (A(1) - cf.get(kCoefK, q * VEC + j)) * gj[j];
-              if (shortcut) guj += to_acc(psc[i][q].v[j]);
-              gu.v[j] = from_acc<T>(guj);
-            }
-            store_pack<T, VEC>(a.grad_u, off, gu);
-          }
-          if (need_up) {
-            Pack<T, VEC> gup;
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) gup.v[j] = from_acc<T>(cf.get(kCoefK, q * VEC + j) * gj[j]);
-            store_pack<T, VEC>(a.grad_u_prev, off, gup);
-          }
+          store_pack<T, VEC>(a.grad_x, off, gx);
         }
-      }
+        if (need_u) {
+          Pack<T, VEC> gu;
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            // The shortcut's gradient is a gradient of u itself: not masked, one rounding.
+            A guj = (A(1) - cf.get(kCoefK, q * VEC + j)) * gj[j];
+            if (shortcut) guj += to_acc(psc[i][q].v[j]);
+            gu.v[j] = from_acc<T>(guj);
+          }
+          store_pack<T, VEC>(a.grad_u, off, gu);
+        }
+        if (need_up) {
+          Pack<T, VEC> gup;
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) gup.v[j] = from_acc<T>(cf.get(kCoefK, q * VEC + j) * gj[j]);
+          store_pack<T, VEC>(a.grad_u_prev, off, gup);
+        }
+      });
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

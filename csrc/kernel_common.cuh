@@ -134,7 +134,7 @@ using RawWords = std::conditional_t<BYTES == 16, uint4, uint2>;
 
 // One global store of a whole 128- or 64-bit vector. Copying the Pack struct instead lets the
 // compiler split the store per element or per pair (16- and 32-bit stores: four to eight times
-// the store instructions and L2 write requests of the 128-bit loads); csrc/check_sass.py checks
+// the store instructions and L2 write requests of the 128-bit loads); tools/check_sass.py checks
 // the SASS for it. The words are stored with one PTX st.global.v4/v2.b32, which the compiler
 // cannot split; the CPU emulation stores the same words with a plain copy.
 __device__ __forceinline__ void store_words(uint4* p, const uint4& w) {
@@ -573,6 +573,60 @@ __device__ __forceinline__ int64_t reduction_group(const Geometry& g) {
 __device__ __forceinline__ int64_t reduction_chunk(const Geometry& g) {
   return g.cl ? item_chunk(g, blockIdx.x)
               : static_cast<int64_t>(blockIdx.x) - (static_cast<int64_t>(blockIdx.x) / g.by_P) * g.P;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile loops: how the elementwise kernels of both op families walk their positions
+// ---------------------------------------------------------------------------------------------
+// An elementwise kernel: this CTA's items (cta_items); on_group(group) when an item's group is not
+// the previous item's (the kernel loads the group's coefficients there), then on_step(p) for each
+// step's U positions of UW-element units.
+template <bool CL, int UW, int U, typename OnGroup, typename OnStep>
+__device__ __forceinline__ void elementwise_tiles(const Geometry& g, OnGroup&& on_group,
+                                                  OnStep&& on_step) {
+  const ItemRange items = cta_items(g);
+  int64_t loaded = -1;
+  for (int64_t item = items.begin; item < items.end; item += items.stride) {
+    const int64_t group = item_group(g, item);
+    if (group != loaded) {
+      on_group(group);
+      loaded = group;
+    }
+    Cursor<CL, UW> cur(g, group, item_chunk(g, item));
+    for (int64_t step = 0; step < g.steps; ++step) {
+      Pos p[U];
+      next_positions(cur, g, p);
+      on_step(p);
+    }
+  }
+}
+
+// An elementwise step's loads, load(i, q) for sub-vector q of position i: with PRELOAD
+// (preload_step) all of them here, before any use; otherwise none, and live_packs issues each just
+// before its use.
+template <int SUB, int VEC, bool PRELOAD, int U, typename Load>
+__device__ __forceinline__ void preload_packs(const Pos (&p)[U], Load&& load) {
+  if constexpr (PRELOAD) {
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+#pragma unroll
+      for (int q = 0; q < SUB; ++q) {
+        if (p[i].ok && sub_live<VEC>(q, p[i].live)) load(i, q);
+      }
+    }
+  }
+}
+
+// body(q) for each live sub-vector q of position i (valid: p.ok), after its load(i, q) when the
+// step did not preload.
+template <int SUB, int VEC, bool PRELOAD, typename Load, typename Body>
+__device__ __forceinline__ void live_packs(const Pos& p, int i, Load&& load, Body&& body) {
+#pragma unroll
+  for (int q = 0; q < SUB; ++q) {
+    if (!sub_live<VEC>(q, p.live)) break;
+    if constexpr (!PRELOAD) load(i, q);
+    body(q);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -39,65 +39,45 @@ __global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
     key1 = static_cast<uint32_t>(seed >> 32);
   }
   Coefs<CL, 1, UW, A> kc;
-  const ItemRange items = cta_items(g);
-  int64_t loaded = -1;
-  for (int64_t item = items.begin; item < items.end; item += items.stride) {
-    const int64_t group = item_group(g, item);
-    if (group != loaded) {
-      kc.load(g, group, coef_smem, [&](int, int64_t c) { return a.k[a.k_per_channel ? c : 0]; });
-      loaded = group;
-    }
-    Cursor<CL, UW> cur(g, group, item_chunk(g, item));
-    for (int64_t step = 0; step < g.steps; ++step) {
-      Pos p[U];
-      next_positions(cur, g, p);
-      Pack<T, VEC> pu[U][SUB], pp[U][SUB], pf[U][SUB];
-      auto load = [&](int i, int q) {
+  auto load_k = [&](int64_t group) {
+    kc.load(g, group, coef_smem, [&](int, int64_t c) { return a.k[a.k_per_channel ? c : 0]; });
+  };
+  elementwise_tiles<CL, UW, U>(g, load_k, [&](const Pos (&p)[U]) {
+    Pack<T, VEC> pu[U][SUB], pp[U][SUB], pf[U][SUB];
+    auto load = [&](int i, int q) {
+      const int64_t off = p[i].off + q * VEC;
+      pu[i][q] = load_pack<T, VEC>(a.u, off);
+      pp[i][q] = load_pack<T, VEC>(a.u_prev, off);
+      if constexpr (HAS_F) pf[i][q] = load_pack<T, VEC>(a.f, off);
+    };
+    constexpr bool kPreload = preload_step<T, U, SUB, VEC, HAS_F ? 3 : 2>();
+    preload_packs<SUB, VEC, kPreload>(p, load);
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      if (!p[i].ok) continue;
+      A s = A(1);
+      if constexpr (HAS_SCALE) s = a.scale[p[i].n];
+      live_packs<SUB, VEC, kPreload>(p[i], i, load, [&](int q) {
         const int64_t off = p[i].off + q * VEC;
-        pu[i][q] = load_pack<T, VEC>(a.u, off);
-        pp[i][q] = load_pack<T, VEC>(a.u_prev, off);
-        if constexpr (HAS_F) pf[i][q] = load_pack<T, VEC>(a.f, off);
-      };
-      constexpr bool kPreload = preload_step<T, U, SUB, VEC, HAS_F ? 3 : 2>();
-      if constexpr (kPreload) {
+        Pack<T, VEC> po;
+        constexpr int G = VEC % 4 == 0 ? 4 : VEC;  // normals per Philox call used here
+        float xi[G];
 #pragma unroll
-        for (int i = 0; i < U; ++i) {
-#pragma unroll
-          for (int q = 0; q < SUB; ++q) {
-            if (p[i].ok && sub_live<VEC>(q, p[i].live)) load(i, q);
+        for (int j = 0; j < VEC; ++j) {
+          const A kk = kc.get(0, q * VEC + j);
+          A x = (A(1) - kk) * to_acc(pu[i][q].v[j]) + kk * to_acc(pp[i][q].v[j]);
+          if constexpr (HAS_F) x += HAS_SCALE ? s * to_acc(pf[i][q].v[j]) : to_acc(pf[i][q].v[j]);
+          if constexpr (HAS_NOISE) {
+            if (j % G == 0) philox_normals<G>(key0, key1, static_cast<uint64_t>(off + j), xi);
+            x += a.noise_std * static_cast<A>(xi[j % G]);
           }
+          if constexpr (RELU) x = x < A(0) ? A(0) : x;  // keeps NaN, like torch.relu
+          po.v[j] = from_acc<T>(x);
         }
-      }
-#pragma unroll
-      for (int i = 0; i < U; ++i) {
-        if (!p[i].ok) continue;
-        A s = A(1);
-        if constexpr (HAS_SCALE) s = a.scale[p[i].n];
-#pragma unroll
-        for (int q = 0; q < SUB; ++q) {
-          if (!sub_live<VEC>(q, p[i].live)) break;
-          if constexpr (!kPreload) load(i, q);
-          const int64_t off = p[i].off + q * VEC;
-          Pack<T, VEC> po;
-          constexpr int G = VEC % 4 == 0 ? 4 : VEC;  // normals per Philox call used here
-          float xi[G];
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            const A kk = kc.get(0, q * VEC + j);
-            A x = (A(1) - kk) * to_acc(pu[i][q].v[j]) + kk * to_acc(pp[i][q].v[j]);
-            if constexpr (HAS_F) x += HAS_SCALE ? s * to_acc(pf[i][q].v[j]) : to_acc(pf[i][q].v[j]);
-            if constexpr (HAS_NOISE) {
-              if (j % G == 0) philox_normals<G>(key0, key1, static_cast<uint64_t>(off + j), xi);
-              x += a.noise_std * static_cast<A>(xi[j % G]);
-            }
-            if constexpr (RELU) x = x < A(0) ? A(0) : x;  // keeps NaN, like torch.relu
-            po.v[j] = from_acc<T>(x);
-          }
-          store_pack<T, VEC>(a.out, off, po);
-        }
-      }
+        store_pack<T, VEC>(a.out, off, po);
+      });
     }
-  }
+  });
 }
 
 template <typename T>
@@ -142,22 +122,11 @@ __device__ __forceinline__ void lm_step_backward_step(const BackwardArgs<T>& a, 
     }
   };
   constexpr bool kPreload = preload_step<T, U, SUB, VEC, 1 + RELU + 2 * NEED_K>();
-  if constexpr (kPreload) {
-#pragma unroll
-    for (int i = 0; i < U; ++i) {
-#pragma unroll
-      for (int q = 0; q < SUB; ++q) {
-        if (p[i].ok && sub_live<VEC>(q, p[i].live)) load(i, q);
-      }
-    }
-  }
+  preload_packs<SUB, VEC, kPreload>(p, load);
 #pragma unroll
   for (int i = 0; i < U; ++i) {
     if (!p[i].ok) continue;
-#pragma unroll
-    for (int q = 0; q < SUB; ++q) {
-      if (!sub_live<VEC>(q, p[i].live)) break;
-      if constexpr (!kPreload) load(i, q);
+    live_packs<SUB, VEC, kPreload>(p[i], i, load, [&](int q) {
       const int64_t off = p[i].off + q * VEC;
       // g through the mask, then one gradient at a time (fewer registers live than all at once).
       A gj[VEC];
@@ -196,7 +165,7 @@ __device__ __forceinline__ void lm_step_backward_step(const BackwardArgs<T>& a, 
         for (int j = 0; j < VEC; ++j) gf.v[j] = from_acc<T>(HAS_SCALE ? s * gj[j] : gj[j]);
         store_pack<T, VEC>(a.grad_f, off, gf);
       }
-    }
+    });
   }
 }
 
@@ -214,21 +183,14 @@ __global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
   const bool read_k = a.grad_u != nullptr || a.grad_u_prev != nullptr;
   Coefs<CL, 1, UW, A> kc;
   A unused[1];
-  const ItemRange items = cta_items(g);
-  int64_t loaded = -1;
-  for (int64_t item = items.begin; item < items.end; item += items.stride) {
-    const int64_t group = item_group(g, item);
-    if (read_k && group != loaded) {
+  auto load_k = [&](int64_t group) {
+    if (read_k) {
       kc.load(g, group, coef_smem, [&](int, int64_t c) { return a.k[a.k_per_channel ? c : 0]; });
-      loaded = group;
     }
-    Cursor<CL, UW> cur(g, group, item_chunk(g, item));
-    for (int64_t step = 0; step < g.steps; ++step) {
-      Pos p[U];
-      next_positions(cur, g, p);
-      lm_step_backward_step<T, U, UW, VEC, RELU, HAS_SCALE, false>(a, p, kc, shortcut, unused);
-    }
-  }
+  };
+  elementwise_tiles<CL, UW, U>(g, load_k, [&](const Pos (&p)[U]) {
+    lm_step_backward_step<T, U, UW, VEC, RELU, HAS_SCALE, false>(a, p, kc, shortcut, unused);
+  });
 }
 
 // The backward with grad_k's CTAs per SM: 3 (80 registers), 2 in channels-last with 8-element units
