@@ -44,18 +44,14 @@ cudaError_t launch_batch_norm_stats(DType dtype, const LMStepShape& shape, const
   if (mean == nullptr || invstd == nullptr || (running_mean == nullptr) != (running_var == nullptr))
     return cudaErrorInvalidValue;
   if (!training && running_mean == nullptr) return cudaErrorInvalidValue;
-  BatchNormOperands o;
-  o.shape = shape;
-  o.x = x;
+  BatchNormOperands o(shape, x);
+  o.with_sums(mean, invstd, nullptr, scratch);
   o.training = training && !empty_shape(shape);  // no values: the evaluation kernel's defaults
   o.momentum = momentum;
   o.eps = eps;
   o.running_mean = training ? (o.training ? running_mean : nullptr) : running_mean;
   o.running_var = training ? (o.training ? running_var : nullptr) : running_var;
   o.running_dtype = running_dtype;
-  o.out0 = mean;
-  o.out1 = invstd;
-  o.scratch = scratch;
   if (o.training && (x == nullptr || !enough(dtype, shape, scratch))) return cudaErrorInvalidValue;
   return LMF_DISPATCH_DTYPE(dtype, bn_stats_typed, o, stream);
 }
@@ -77,18 +73,9 @@ cudaError_t launch_batch_norm_lm_step_forward(DType dtype, const LMStepShape& sh
   if (x == nullptr || mean == nullptr || invstd == nullptr || out == nullptr)
     return cudaErrorInvalidValue;
   if (noise_std != 0.0 && seed == nullptr) return cudaErrorInvalidValue;
-  BatchNormOperands o;
-  o.shape = shape;
-  o.x = x;
-  o.mean = mean;
-  o.invstd = invstd;
-  o.weight = weight;
-  o.bias = bias;
-  o.u = u;
-  o.u_prev = u_prev;
-  o.k = state ? k : nullptr;
-  o.k_numel = k_numel;
-  o.scale = scale;
+  BatchNormOperands o(shape, x);
+  o.normalised_by(mean, invstd, weight, bias, scale)
+      .with_state(u, u_prev, state ? k : nullptr, k_numel);
   o.seed = seed;
   o.noise_std = noise_std;
   o.relu = relu;
@@ -118,25 +105,11 @@ cudaError_t launch_batch_norm_lm_step_backward_reduce(
   if (grad_out == nullptr || x == nullptr || mean == nullptr || invstd == nullptr ||
       !enough(dtype, shape, scratch))
     return cudaErrorInvalidValue;
-  BatchNormOperands o;
-  o.shape = shape;
-  o.grad_out = grad_out;
-  o.grad_handoff = grad_handoff;
-  o.x = x;
-  o.mean = mean;
-  o.invstd = invstd;
-  o.weight = weight;
-  o.bias = bias;
-  o.u = need_k ? u : nullptr;
-  o.u_prev = need_k ? u_prev : nullptr;
-  o.mask = relu ? mask : nullptr;
-  o.k_numel = k_numel;
-  o.scale = scale;
-  o.relu = relu;
-  o.out0 = sum_dy;
-  o.out1 = sum_dy_xhat;
-  o.out2 = grad_k;
-  o.scratch = scratch;
+  BatchNormOperands o(shape, x);
+  o.normalised_by(mean, invstd, weight, bias, scale)
+      .with_state(need_k ? u : nullptr, need_k ? u_prev : nullptr, nullptr, k_numel)
+      .with_output_gradient(grad_out, grad_handoff, mask, relu)
+      .with_sums(sum_dy, sum_dy_xhat, grad_k, scratch);
   return LMF_DISPATCH_DTYPE(dtype, bn_reduce_typed, o, stream);
 }
 
@@ -159,24 +132,14 @@ cudaError_t launch_batch_norm_lm_step_backward(
     return cudaErrorInvalidValue;
   if (grad_x != nullptr && training && (sum_dy == nullptr || sum_dy_xhat == nullptr))
     return cudaErrorInvalidValue;
-  BatchNormOperands o;
-  o.shape = shape;
-  o.grad_out = grad_out;
-  o.grad_handoff = grad_handoff;
+  BatchNormOperands o(shape, x);
+  o.normalised_by(mean, invstd, weight, bias, scale)
+      .with_state(nullptr, nullptr, k, k_numel)
+      .with_output_gradient(grad_out, grad_handoff, mask, relu);
   o.grad_shortcut = grad_u != nullptr ? grad_shortcut : nullptr;  // only grad_u reads it
-  o.x = x;
-  o.mean = mean;
-  o.invstd = invstd;
-  o.weight = weight;
-  o.bias = bias;
   o.sum_dy = sum_dy;
   o.sum_dy_xhat = sum_dy_xhat;
-  o.mask = relu ? mask : nullptr;
-  o.k = k;
-  o.k_numel = k_numel;
-  o.scale = scale;
   o.training = training;
-  o.relu = relu;
   o.grad_x = grad_x;
   o.grad_u = grad_u;
   o.grad_u_prev = grad_u_prev;

@@ -8,8 +8,50 @@
 namespace lmfused {
 
 // Every operand of the four launchers; each reads the ones its entry point documents, and an
-// unused or absent one is nullptr.
+// unused or absent one is nullptr. Built one way by every entry point (batch_norm_lm_step.cu): the
+// shape and x, then the groups below, then what only that pass has.
 struct BatchNormOperands {
+  BatchNormOperands(const LMStepShape& shape_, const void* x_) : shape(shape_), x(x_) {}
+
+  // x's normalisation (per-channel statistics and affine parameters) and the per-sample scale.
+  BatchNormOperands& normalised_by(const void* mean_, const void* invstd_, const void* weight_,
+                                   const void* bias_, const void* scale_) {
+    mean = mean_;
+    invstd = invstd_;
+    weight = weight_;
+    bias = bias_;
+    scale = scale_;
+    return *this;
+  }
+  // The LM step's state and its coefficient k (k_numel values).
+  BatchNormOperands& with_state(const void* u_, const void* u_prev_, const void* k_,
+                                int64_t k_numel_) {
+    u = u_;
+    u_prev = u_prev_;
+    k = k_;
+    k_numel = k_numel_;
+    return *this;
+  }
+  // A backward pass's output gradient: grad_out (+ grad_handoff), through the ReLU's mask (read
+  // only with relu).
+  BatchNormOperands& with_output_gradient(const void* grad_out_, const void* grad_handoff_,
+                                          const void* mask_, bool relu_) {
+    grad_out = grad_out_;
+    grad_handoff = grad_handoff_;
+    mask = relu_ ? mask_ : nullptr;
+    relu = relu_;
+    return *this;
+  }
+  // A reduction's per-channel outputs and its scratch.
+  BatchNormOperands& with_sums(void* out0_, void* out1_, void* out2_,
+                               const ReductionScratch& scratch_) {
+    out0 = out0_;
+    out1 = out1_;
+    out2 = out2_;
+    scratch = scratch_;
+    return *this;
+  }
+
   LMStepShape shape;
   const void* x = nullptr;  // activations (one dtype, the normalised layout of `shape`)
   const void* u = nullptr;
