@@ -60,21 +60,21 @@ bench: $(STAMP)
 
 # Compiles the torch-free CUDA kernels and their C++ test with nvcc (no GPU needed).
 cuda-compile:
-	bash csrc/check_compile.sh build/cmake
+	bash tools/check_compile.sh build/cmake
 
 # The CUDA kernels' compiled code (nvcc, cuobjdump and nvdisasm; no GPU): no local memory on sm_80 and sm_90,
 # vector paths store as wide as they load, reductions store nothing in their main loop; prints the static
 # table of the sm_90 kernels (registers, local bytes, CTAs per SM, loads in flight, predicted bandwidth).
 cuda-sass:
-	PYTHON=$(PYTHON) bash csrc/check_sass.sh build/cmake
+	PYTHON=$(PYTHON) bash tools/check_sass.sh build/cmake
 
 # The C++ kernel tests on the CPU emulation of CUDA (needs the CUDA headers, no GPU). float and bf16 (between
 # them every vector width) under UBSan, which also flags misaligned vector accesses and integer overflow;
 # fp16 and fp64 plain. Each build compiles only its dtypes' kernels, and runs one process per dtype.
 cuda-emulated:
 	EMULATION_CXXFLAGS="-fsanitize=undefined -fno-sanitize-recover=undefined" \
-	LMFUSED_KERNEL_TESTS_DTYPES=float,bf16 bash csrc/tests/run_emulated.sh build/emulated-ubsan
-	LMFUSED_KERNEL_TESTS_DTYPES=half,double bash csrc/tests/run_emulated.sh build/emulated
+	LMFUSED_KERNEL_TESTS_DTYPES=float,bf16 bash tools/run_emulated.sh build/emulated-ubsan
+	LMFUSED_KERNEL_TESTS_DTYPES=half,double bash tools/run_emulated.sh build/emulated
 
 # On a GPU machine, two commands of about five minutes each (OUT=folder): PHASE=correctness (builds,
 # python -m lmfused.check, ctest, compute-sanitizer, the GPU tests), then PHASE=speed (junction rows, op grid

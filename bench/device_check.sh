@@ -120,7 +120,7 @@ fi
 # _C), and the CMake kernel library + C++ kernel tests, which then run on the GPU (ctest) and under
 # compute-sanitizer as soon as they are built, beside the Python steps.
 kernel_tests() {  # the C++ kernel tests: built and run (ctest), then under compute-sanitizer
-  wants ctest && run_step ctest 120 env CUDA_ARCHS=90 RUN_TESTS=1 bash csrc/check_compile.sh "$CMAKE_DIR"
+  wants ctest && run_step ctest 120 env CUDA_ARCHS=90 RUN_TESTS=1 bash tools/check_compile.sh "$CMAKE_DIR"
   if wants sanitizer; then
     run_step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 "$CMAKE_DIR/lmfused_kernel_tests"
     run_step racecheck 130 env LMFUSED_KERNEL_TESTS_DTYPES="${RACECHECK_DTYPES:-bf16}" \

@@ -2,7 +2,7 @@
 
 The CPU tests run the kernels through Triton's interpreter, which accepts code the compiler rejects (types,
 shapes, constexpr branches); this runs Triton's own compiler and ptxas on each kernel's flag variants
-(tests/compile_triton_sm90.py), in a process without TRITON_INTERPRET.
+(tools/compile_triton_sm90.py), in a process without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).with_name("compile_triton_sm90.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "compile_triton_sm90.py"
 MODULES = ["lmfused.triton_kernels.lm_step", "lmfused.triton_kernels.batch_norm_lm_step"]
 
 

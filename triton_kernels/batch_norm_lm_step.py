@@ -25,7 +25,7 @@ Rounding: the pre-activation has one operation order, written out with explicit 
 (``_pre_activation``): (x - mean) gain + bias = fma(x - mean, gain, bias), s y + state = fma(s, y, state),
 state = fma(k, u_prev - u, u) (= u exactly for k = 0). No product feeds a separate addition, so neither
 LLVM nor ptxas can contract anything differently in the forward and in the no-state backward's recomputed
-mask (tests/compile_triton_sm90.py --check-pre-activation compares the two in the sm_90 PTX). The mask is
+mask (tools/compile_triton_sm90.py --check-pre-activation compares the two in the sm_90 PTX). The mask is
 compared in float32 after rounding to the activation dtype (an interpreter that compares bf16 values as
 integers then still gets the sign right).
 
@@ -859,7 +859,7 @@ REDUCE_MAX_CHANNELS = 128
 # The span backward reduction with the handoff: left to choose, ptxas keeps 96 registers at sm_90 (5 CTAs per
 # SM) by using the first loads of a tile before it issues the last (48 B in flight per thread, 30 KB per SM);
 # with 128 (4 CTAs per SM, as without the handoff) it issues all five first (81 B, 40.5 KB per SM; counted by
-# tests/compile_triton_sm90.py --table).
+# tools/compile_triton_sm90.py --table).
 SPAN_HANDOFF_MAX_REGISTERS = 128
 _TARGET_PROGRAMS = 4 * 132  # 4 CTAs on each SM of an H100/H200: enough programs to fill it
 _MERGE_ROWS = 16

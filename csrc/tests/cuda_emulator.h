@@ -1,7 +1,7 @@
 // CPU emulation of the CUDA execution model and of the runtime calls the kernels and their tests
 // use, so that the kernel tests run the real kernel code (csrc/lm_step.cuh) on a machine without
 // a GPU, as CI does. Force-included (-include) ahead of every source when csrc/ is compiled as
-// plain C++ with LMF_CUDA_EMULATION defined (csrc/tests/run_emulated.sh).
+// plain C++ with LMF_CUDA_EMULATION defined (tools/run_emulated.sh).
 //
 // * A block's threads run as fibers on one OS thread, in threadIdx order (ucontext starts them;
 //   _setjmp/_longjmp switch between them, without a system call); each runs until it reaches

@@ -1,5 +1,5 @@
 // Stand-ins for the typed launcher bodies of one dtype (-DLMF_STUB_T=<element type>), linked by
-// run_emulated.sh in place of that dtype's kernel files when a build tests other dtypes only: the
+// tools/run_emulated.sh in place of that dtype's kernel files when a build tests other dtypes only: the
 // kernel files are most of the build's time. Each returns cudaErrorNotSupported.
 #include "../batch_norm_lm_step_dispatch.h"
 

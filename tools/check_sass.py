@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Static checks and counts of the lmfused CUDA kernels from their compiled code (no GPU).
 
-    python3 csrc/check_sass.py [-v] [--arch sm_90] [--table] FILE...   (cubins or objects)
+    python3 tools/check_sass.py [-v] [--arch sm_90] [--table] FILE...   (cubins or objects)
 
 Reads every lmfused kernel's SASS (cuobjdump -sass) and resource usage (cuobjdump
 --dump-resource-usage) and fails (exit 1) when

@@ -1,9 +1,9 @@
 """Compile Triton kernels for sm_90 (Hopper) without a GPU: what the interpreter never checks.
 
-    python tests/compile_triton_sm90.py MODULE [KERNEL ...]      (default: every *_kernel of MODULE)
-    python tests/compile_triton_sm90.py --check-pre-activation     (issue 19 item 1, see below)
-    python tests/compile_triton_sm90.py --table                    (issue 19 item 8, bench/NOTES.md)
-    python tests/compile_triton_sm90.py --check-in-flight          (the table's goals, see check_in_flight)
+    python tools/compile_triton_sm90.py MODULE [KERNEL ...]      (default: every *_kernel of MODULE)
+    python tools/compile_triton_sm90.py --check-pre-activation     (issue 19 item 1, see below)
+    python tools/compile_triton_sm90.py --table                    (issue 19 item 8, bench/NOTES.md)
+    python tools/compile_triton_sm90.py --check-in-flight          (the table's goals, see check_in_flight)
 
 Runs the real compiler (Triton IR, LLVM, ptxas from the Triton wheel) on every kernel given, for these
 variants of its boolean constexpr flags (block sizes and other integer constexprs fixed):
@@ -40,7 +40,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "csrc"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import check_sass  # noqa: E402 - the SASS parser and counts of the CUDA kernels' table
 
 # Integer constexprs (block sizes, vector widths, loop counts); every other constexpr is a boolean flag.
@@ -348,7 +348,7 @@ def _resources(cubin: bytes) -> dict[str, int]:
 
 
 def _sass_kernel(cubin: bytes):
-    """The kernel of ``cubin`` as csrc/check_sass.py parses it (SASS from cuobjdump, registers, shared)."""
+    """The kernel of ``cubin`` as tools/check_sass.py parses it (SASS from cuobjdump, registers, shared)."""
     import os
     import subprocess
     import tempfile
@@ -387,7 +387,7 @@ def streaming_loop(kernel) -> list:
 
 
 def streaming_figures(cubin: bytes, threads: int) -> dict[str, float]:
-    """From the sm_90 SASS, as csrc/check_sass.py counts the CUDA kernels: registers, local bytes, CTAs per
+    """From the sm_90 SASS, as tools/check_sass.py counts the CUDA kernels: registers, local bytes, CTAs per
     SM, bytes of global loads a thread issues in its main loop (the whole kernel without one) before the
     first use of one of them, the same per SM, and the fraction of the main loop's global bytes moved by
     accesses of 64 bits or more."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the kernel tests against the CPU emulation of CUDA (csrc/tests/cuda_emulator.h) with the
 # host C++ compiler and run them: the real kernel code, checked on a machine without a GPU.
-#   csrc/tests/run_emulated.sh [BUILD_DIR]     (default: build/emulated, relative to the repo root)
+#   tools/run_emulated.sh [BUILD_DIR]     (default: build/emulated, relative to the repo root)
 # Needs the CUDA headers (found through nvcc, or $CUDA_HOME/include) and a C++17 compiler.
 # Env: LMFUSED_KERNEL_TESTS_DTYPES (float,bf16,half,double or a subset; default all): only those
 #      dtypes' kernel files are compiled (the others are linked as stubs, emulation_stubs.cpp),
@@ -10,7 +10,7 @@
 #      e.g. -fsanitize=undefined to catch misaligned vector accesses).
 set -euo pipefail
 
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build_dir="${1:-build/emulated}"
 case "$build_dir" in /*) ;; *) build_dir="$root/$build_dir" ;; esac
 mkdir -p "$build_dir"
