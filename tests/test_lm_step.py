@@ -235,15 +235,15 @@ def test_bits_do_not_depend_on_alignment(backend, layout, dtype):
 def test_triton_backward_reads_aligned_data():
     """The Triton launcher copies misaligned views before the grad_k reduction (Triton compiles another
     variant, with another register layout and so another summation order, for a misaligned pointer)."""
-    kernels = pytest.importorskip("lmfused.triton_kernels.lm_step")
+    kernels = pytest.importorskip("lmfused.triton_kernels.common")
     t = torch.randn(2, 3, 4, 5, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-    assert kernels._aligned(t) is t
+    assert kernels.aligned(t) is t
     for offset in (1, 3, 4):  # 2, 6 and 8 bytes
         view = _at_storage_offset(t, offset)
-        copy = kernels._aligned(view)
+        copy = kernels.aligned(view)
         assert copy is not view and copy.storage_offset() == 0 and copy.stride() == t.stride()
         assert torch.equal(copy, t)
-    assert kernels._aligned(_at_storage_offset(t, 8)).storage_offset() == 8  # 16 bytes: kept as is
+    assert kernels.aligned(_at_storage_offset(t, 8)).storage_offset() == 8  # 16 bytes: kept as is
 
 
 @pytest.mark.parametrize("backend", backends())
