@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from lmfused.nn import LMStage, PostActBlock, linear_survival_schedule, make_step
-from lmfused.nn.blocks import _refuse_batch_mode
+from lmfused.nn.blocks import refuse_batch_mode
 from lmfused.nn.blocks import set_grad_checkpointing as _set_stage_checkpointing
 from lmfused.nn.step import check_k_init, check_mode, check_noise_std, check_survival_prob
 
@@ -177,7 +177,7 @@ def convert_to_lm(
         new_stage.training = stage.training
         new_stages[name] = new_stage
     if checkpointing:
-        _refuse_batch_mode(m for stage in new_stages.values() for m in stage)
+        refuse_batch_mode(m for stage in new_stages.values() for m in stage)
     for name, new_stage in new_stages.items():  # only once every block converted: no half-converted model
         setattr(model, name, new_stage)
     # An instance attribute, so that timm's method (which turns on its block-by-block checkpointing) is not

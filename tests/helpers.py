@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,6 +17,8 @@ from tests.conftest import DEVICE
 
 LAYOUTS = ("contiguous", "channels_last", "permuted")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Small absolute slack per dtype on top of "2x the rounding of the float64 result" in the oracle tests.
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def in_layout(x: Tensor, layout: str) -> Tensor:
@@ -35,6 +39,24 @@ def in_layout(x: Tensor, layout: str) -> Tensor:
 def backends() -> list[str]:
     """Backends runnable on the test device (triton runs on CPU through the interpreter)."""
     return lmfused.available_backends(DEVICE)
+
+
+def oracle_grid(backend_names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> Callable:
+    """Parametrizes a float64-oracle test ``test(backend, shape, layout, dtype)`` over every backend in
+    ``backend_names``, shape, layout (LAYOUTS) and dtype (DTYPES)."""
+    marks = (
+        pytest.mark.parametrize("backend", backend_names),
+        pytest.mark.parametrize("shape", shapes, ids=str),
+        pytest.mark.parametrize("layout", LAYOUTS),
+        pytest.mark.parametrize("dtype", DTYPES, ids=str),
+    )
+
+    def decorate(test: Callable) -> Callable:
+        for mark in reversed(marks):  # as stacked decorators apply: the last one first
+            test = mark(test)
+        return test
+
+    return decorate
 
 
 def make_inputs(shape, dtype, layout, *, per_channel_k: bool, with_f: bool, with_scale: bool, seed: int = 0):

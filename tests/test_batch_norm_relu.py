@@ -15,10 +15,9 @@ import torch.nn.functional as F
 import lmfused
 from lmfused.batch_norm_step import _OPS, batch_norm_relu
 from tests.conftest import DEVICE
-from tests.helpers import DTYPES, LAYOUTS, backends, in_layout
+from tests.helpers import ATOL, DTYPES, backends, in_layout, oracle_grid
 
 SHAPES = [(3, 5, 7, 9), (2, 3), (4, 17, 5, 3)]
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def make_case(shape, dtype, layout, *, affine: bool, seed: int = 0):
@@ -58,10 +57,7 @@ def _run(case, training, grad_out, backend=None, dtype=None, relu=True):
     return out, [next(grads) if t is not None else None for t in leaves], rm, rv
 
 
-@pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@oracle_grid(backends(), SHAPES)
 def test_matches_float64_oracle(backend, shape, layout, dtype):
     flags = [(*both, True) for both in itertools.product([False, True], repeat=2)]
     flags += [(True, True, False), (False, True, False)]  # lmfused.batch_norm: no ReLU

@@ -15,10 +15,9 @@ from lmfused import handoff
 from lmfused.batch_norm_step import _OPS, batch_norm_lm_step, mask_shape, pack_mask, unpack_mask
 from lmfused.reference import lm_step_eager
 from tests.conftest import DEVICE
-from tests.helpers import DTYPES, LAYOUTS, in_layout
+from tests.helpers import ATOL, DTYPES, in_layout, oracle_grid
 
 SHAPES = [(3, 5, 7, 9), (2, 3), (2, 4, 3, 5, 6), (4, 17, 5, 3)]
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 FLAGS = list(itertools.product([False, True], repeat=4))  # training, per_channel_k, with_scale, relu
 GRAD_NAMES = ("x", "weight", "bias", "u", "u_prev", "k")
 
@@ -107,10 +106,7 @@ def _run(case, backend, training, relu, grad_out, grad_handoff=None, **kwargs):
     return out, [next(grads) if t is not None else None for t in leaves], rm, rv
 
 
-@pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@oracle_grid(backends(), SHAPES)
 def test_matches_float64_oracle(backend, shape, layout, dtype):
     """Output and the six gradients within 2x the rounding of the float64 result to the dtype (+ atol growing
     with the number of summed terms), running statistics as F.batch_norm updates them."""

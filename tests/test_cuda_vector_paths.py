@@ -17,12 +17,11 @@ import torch
 
 import lmfused
 from tests.conftest import DEVICE
-from tests.helpers import backends, lm_coefficients, make_inputs, oracle, train_step_checking_k
+from tests.helpers import ATOL, backends, lm_coefficients, make_inputs, oracle, train_step_checking_k
 
 pytestmark = pytest.mark.gpu
 
 HALF = (torch.bfloat16, torch.float16)
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 FLAGS = list(itertools.product([False, True], repeat=4))  # per_channel_k, with_f, with_scale, relu
 
 # (shape, {layout: vector width in bits for bf16/fp16})

@@ -11,11 +11,9 @@ import torch
 import lmfused
 from lmfused.ops import _FORWARD_OPS
 from tests.conftest import DEVICE, HAS_CUDA
-from tests.helpers import DTYPES, LAYOUTS, backends, make_inputs, oracle
+from tests.helpers import ATOL, DTYPES, LAYOUTS, backends, make_inputs, oracle, oracle_grid
 
 SHAPES = [(3, 5, 7, 9), (2, 3), (1, 1, 1, 1), (2, 4, 3, 5, 6), (4, 33, 17, 19)]
-# Small absolute slack per dtype on top of "2x the same-precision eager error".
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 FLAGS = list(itertools.product([False, True], repeat=4))  # per_channel_k, with_f, with_scale, relu
 
 
@@ -23,10 +21,7 @@ def _max_err(x, ref):
     return (x.double() - ref).abs().max().item() if x.numel() else 0.0
 
 
-@pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@oracle_grid(backends(), SHAPES)
 def test_matches_float64_oracle(backend, shape, layout, dtype):
     """Forward and all four gradients within 2x the eager same-precision error (+ small atol)."""
     _check_against_oracle(backend, shape, layout, dtype, FLAGS)
@@ -240,15 +235,15 @@ def test_bits_do_not_depend_on_alignment(backend, layout, dtype):
 def test_triton_backward_reads_aligned_data():
     """The Triton launcher copies misaligned views before the grad_k reduction (Triton compiles another
     variant, with another register layout and so another summation order, for a misaligned pointer)."""
-    kernels = pytest.importorskip("lmfused.triton_kernels.lm_step")
+    kernels = pytest.importorskip("lmfused.triton_kernels.common")
     t = torch.randn(2, 3, 4, 5, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-    assert kernels._aligned(t) is t
+    assert kernels.aligned(t) is t
     for offset in (1, 3, 4):  # 2, 6 and 8 bytes
         view = _at_storage_offset(t, offset)
-        copy = kernels._aligned(view)
+        copy = kernels.aligned(view)
         assert copy is not view and copy.storage_offset() == 0 and copy.stride() == t.stride()
         assert torch.equal(copy, t)
-    assert kernels._aligned(_at_storage_offset(t, 8)).storage_offset() == 8  # 16 bytes: kept as is
+    assert kernels.aligned(_at_storage_offset(t, 8)).storage_offset() == 8  # 16 bytes: kept as is
 
 
 @pytest.mark.parametrize("backend", backends())

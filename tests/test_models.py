@@ -9,7 +9,7 @@ from torch import nn
 import lmfused.models as zoo
 from lmfused.models import create_model, list_models, lm_coefficient_keys, load_pretrained_state_dict
 from lmfused.models._timm import _timm_entrypoint, register_with_timm
-from lmfused.models.registry import _DEFAULT_CFGS
+from lmfused.models.registry import DEFAULT_CFGS
 from lmfused.nn import LMStage, LMStep, ResidualStep, linear_survival_schedule
 from tests.conftest import import_or_skip
 
@@ -339,7 +339,7 @@ def test_default_cfg_is_true_for_every_model(name):
 
     model = create_model(name, device="meta").eval()
     cfg = model.default_cfg
-    assert model.pretrained_cfg is cfg and cfg == _DEFAULT_CFGS[name] and cfg is not _DEFAULT_CFGS[name]
+    assert model.pretrained_cfg is cfg and cfg == DEFAULT_CFGS[name] and cfg is not DEFAULT_CFGS[name]
     assert TIMM_RESNET_CFG_KEYS <= set(cfg)
     assert cfg["architecture"] == name and cfg["url"] == "" and cfg["tag"] == "untrained"
     assert cfg["input_size"][0] == model.in_chans and cfg["num_classes"] == model.num_classes

@@ -73,7 +73,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from lmfused.triton_kernels.lm_step import _acc, _aligned, _cdiv, _launcher, four_normals
+from lmfused.triton_kernels.common import aligned, cdiv, four_normals, launcher, promote, store_state_grads
 from torch import Tensor
 
 from lmfused.op_support import Plan, empty_in_layout, plan_layout, to_layout
@@ -139,7 +139,7 @@ def _spread(per_row, row_in_tile, SPAN: tl.constexpr):
 def _vector(ptr, index, ok, FP64: tl.constexpr):
     """A per-channel or per-sample vector gathered at ``index`` (any broadcastable shape) in the
     accumulation type: loaded in the tile's own layout, no shared-memory round trip."""
-    return _acc(tl.load(ptr + index, mask=ok, other=0.0), FP64)
+    return promote(tl.load(ptr + index, mask=ok, other=0.0), FP64)
 
 
 @triton.jit
@@ -204,9 +204,9 @@ def _mask_bits(mask_ptr, row, col, ok, mask_row_bytes):
 def _output_gradient(g_ptr, grad_handoff_ptr, offs, ok, HAS_HANDOFF: tl.constexpr, FP64: tl.constexpr):
     """The output's gradient at ``offs`` in the accumulation type, before the ReLU's mask: grad_out, plus
     with HAS_HANDOFF the gradient of the output's handoff (module docstring), added after both loads."""
-    g = _acc(tl.load(g_ptr + offs, mask=ok, other=0.0), FP64)
+    g = promote(tl.load(g_ptr + offs, mask=ok, other=0.0), FP64)
     if HAS_HANDOFF:
-        g += _acc(tl.load(grad_handoff_ptr + offs, mask=ok, other=0.0), FP64)
+        g += promote(tl.load(grad_handoff_ptr + offs, mask=ok, other=0.0), FP64)
     return g
 
 
@@ -381,7 +381,7 @@ def batch_norm_stats_kernel(
             n = item + step
             offs = (n.to(tl.int64) * sample_vec + block * tile_vec) * VEC + lane[None, :]
             ok = (n < num_items) & lane_ok[None, :]
-            centred = tl.where(ok, _acc(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64) - shift, 0.0)
+            centred = tl.where(ok, promote(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64) - shift, 0.0)
             sums += tl.sum(centred, axis=0)
             squares += tl.sum(centred * centred, axis=0)
         sums = _row_totals(sums, L, BLOCK_A, ROW_PAD)
@@ -399,7 +399,7 @@ def batch_norm_stats_kernel(
             offs, ok, sample, row, col = _reduction_tile(
                 item + step, chan, chan_ok, M, L, C, num_l_blocks, 1, CHANNELS_LAST, BLOCK_A, BLOCK_B
             )
-            centred = tl.where(ok, _acc(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64) - shift, 0.0)
+            centred = tl.where(ok, promote(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64) - shift, 0.0)
             tile_sums += tl.sum(centred, axis=0)
             tile_squares += tl.sum(centred * centred, axis=0)
         sums = _channel_total(tile_sums, CHANNELS_LAST)
@@ -524,14 +524,14 @@ def batch_norm_lm_step_backward_reduce_kernel(
                 item, chan, chan_ok, M, L, C, num_l_blocks, rows_per_sample, CHANNELS_LAST, BLOCK_A, BLOCK_B
             )
         g = _output_gradient(g_ptr, grad_handoff_ptr, offs, ok, HAS_HANDOFF, FP64)
-        x = _acc(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64)
+        x = promote(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64)
         if NEED_K:
-            u = _acc(tl.load(u_ptr + offs, mask=ok, other=0.0), FP64)
-            u_prev = _acc(tl.load(u_prev_ptr + offs, mask=ok, other=0.0), FP64)
+            u = promote(tl.load(u_ptr + offs, mask=ok, other=0.0), FP64)
+            u_prev = promote(tl.load(u_prev_ptr + offs, mask=ok, other=0.0), FP64)
         s = 1.0
         if HAS_SCALE:
             if span:
-                s = _acc(tl.load(scale_ptr + item), FP64)
+                s = promote(tl.load(scale_ptr + item), FP64)
             else:
                 s = _vector(scale_ptr, sample, ok, FP64)
         if RELU:
@@ -676,7 +676,7 @@ def batch_norm_lm_step_forward_kernel(
         pid, M, L_vec, C, rows_per_sample, num_l_blocks, tile_rows, tile_vec, total_vec, span, CHANNELS_LAST,
         VEC, BLOCK_M, BLOCK_L,
     )  # fmt: skip
-    x = _acc(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64)
+    x = promote(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64)
     k = 0.0  # read only with the states
     u = 0.0
     u_prev = 0.0
@@ -684,9 +684,9 @@ def batch_norm_lm_step_forward_kernel(
         if PER_CHANNEL_K:
             k = _spread(_vector(k_ptr, chan, chan_ok, FP64), row_in_tile, span)
         else:
-            k = _acc(tl.load(k_ptr), FP64)
-        u = _acc(tl.load(u_ptr + offs, mask=ok, other=0.0), FP64)
-        u_prev = _acc(tl.load(u_prev_ptr + offs, mask=ok, other=0.0), FP64)
+            k = promote(tl.load(k_ptr), FP64)
+        u = promote(tl.load(u_ptr + offs, mask=ok, other=0.0), FP64)
+        u_prev = promote(tl.load(u_prev_ptr + offs, mask=ok, other=0.0), FP64)
     bias = 0.0
     if HAS_BIAS:
         bias = _spread(_vector(bias_ptr, chan, chan_ok, FP64), row_in_tile, span)
@@ -795,9 +795,10 @@ def batch_norm_lm_step_backward_kernel(
     g = _output_gradient(g_ptr, grad_handoff_ptr, offs, ok, HAS_HANDOFF, FP64)
     x = 0.0
     if (NEED_X and TRAINING) or (RELU and MASK_FROM_X):
-        x = _acc(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64)
+        x = promote(tl.load(x_ptr + offs, mask=ok, other=0.0), FP64)
+    shortcut = 0.0
     if HAS_SHORTCUT and NEED_U:
-        shortcut = _acc(tl.load(grad_shortcut_ptr + offs, mask=ok, other=0.0), FP64)
+        shortcut = promote(tl.load(grad_shortcut_ptr + offs, mask=ok, other=0.0), FP64)
     s = 1.0
     if HAS_SCALE:
         s = _spread(_vector(scale_ptr, sample, row_ok, FP64), row_in_tile, span)
@@ -832,14 +833,10 @@ def batch_norm_lm_step_backward_kernel(
         if PER_CHANNEL_K:
             k = _spread(_vector(k_ptr, chan, chan_ok, FP64), row_in_tile, span)
         else:
-            k = _acc(tl.load(k_ptr), FP64)
-        if NEED_U:
-            grad_u = (1.0 - k) * g
-            if HAS_SHORTCUT:
-                grad_u += shortcut  # the gradient of u itself: not masked by the ReLU; one rounding below
-            tl.store(grad_u_ptr + offs, grad_u.to(grad_u_ptr.dtype.element_ty), mask=ok)
-        if NEED_U_PREV:
-            tl.store(grad_u_prev_ptr + offs, (k * g).to(grad_u_prev_ptr.dtype.element_ty), mask=ok)
+            k = promote(tl.load(k_ptr), FP64)
+        store_state_grads(
+            grad_u_ptr, grad_u_prev_ptr, offs, ok, g, k, shortcut, HAS_SHORTCUT, NEED_U, NEED_U_PREV
+        )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -890,9 +887,9 @@ def elementwise_shape(channels_last: bool, rows: int, L: int, element_size: int)
         candidates = [
             b for b in (8, 16, 32, 64, 128, 256, 512, 1024) if b <= max(8, triton.next_power_of_2(L))
         ]
-        block_l = min(candidates, key=lambda b: (_cdiv(L, b) * b, -b))
+        block_l = min(candidates, key=lambda b: (cdiv(L, b) * b, -b))
     block_m = max(1, min(triton.next_power_of_2(rows), tile // block_l))
-    return block_m, block_l, _cdiv(rows, block_m) * _cdiv(L, block_l)
+    return block_m, block_l, cdiv(rows, block_m) * cdiv(L, block_l)
 
 
 class Span(NamedTuple):
@@ -920,13 +917,13 @@ def span_shape(channels_last: bool, rows: int, L: int, element_size: int) -> Spa
         return None
     block_l = _tile_elements(element_size, 16)
     step = 8 // math.gcd(L, 8)
-    tile_rows = block_l // (8 * _cdiv(L, 8)) // step * step
+    tile_rows = block_l // (8 * cdiv(L, 8)) // step * step
     if tile_rows == 0:
         return None
     vec = _vec(math.gcd(tile_rows * L, rows * L), element_size)
     block_m = triton.next_power_of_2(tile_rows)
     return Span(
-        tile_rows, block_m, block_l, vec, tile_rows * L // vec, rows * L // vec, _cdiv(rows, tile_rows)
+        tile_rows, block_m, block_l, vec, tile_rows * L // vec, rows * L // vec, cdiv(rows, tile_rows)
     )
 
 
@@ -943,18 +940,18 @@ def reduction_shape(
     if plan.channels_last:
         block_c = min(triton.next_power_of_2(C), tile, max_channels or tile)
         narrowest = max(1, 32 // element_size)
-        while _cdiv(C, block_c) * MAX_PARTIALS < _TARGET_PROGRAMS and block_c // 2 >= narrowest:
+        while cdiv(C, block_c) * MAX_PARTIALS < _TARGET_PROGRAMS and block_c // 2 >= narrowest:
             block_c //= 2
         block_a, block_b = max(1, tile // block_c), block_c
-        num_l_blocks, num_items = 1, _cdiv(int(plan.rows), block_a)
+        num_l_blocks, num_items = 1, cdiv(int(plan.rows), block_a)
     else:
         block_b = min(elementwise_shape(False, int(plan.rows), L, element_size)[1], tile)
         block_a = max(1, min(triton.next_power_of_2(C), tile // block_b))
-        num_l_blocks = _cdiv(L, block_b)
+        num_l_blocks = cdiv(L, block_b)
         num_items = (int(plan.rows) // C) * num_l_blocks
         block_c = block_a
-    blocks = _cdiv(C, block_c)
-    partials = max(1, min(MAX_PARTIALS, num_items, _cdiv(_TARGET_PROGRAMS, blocks)))
+    blocks = cdiv(C, block_c)
+    partials = max(1, min(MAX_PARTIALS, num_items, cdiv(_TARGET_PROGRAMS, blocks)))
     return block_a, block_b, num_l_blocks, num_items, (partials, blocks)
 
 
@@ -984,12 +981,12 @@ def reduction_tiles(
     mask bytes, vectors as wide as the sample's and the tile's length allow; others as ``reduction_shape``."""
     C, L, rows = int(plan.channels), int(plan.row_len), int(plan.rows)
     lanes = _tile_elements(element_size, bytes_per_thread)
-    padded = 8 * _cdiv(L, 8)  # a row's elements with its mask bytes' padding
+    padded = 8 * cdiv(L, 8)  # a row's elements with its mask bytes' padding
     if not plan.channels_last and L % max(1, 16 // element_size) and padded <= lanes:
         block_a = min(triton.next_power_of_2(C), 1 << (lanes // padded).bit_length() - 1)
         vec = _vec(math.gcd(C * L, block_a * L), element_size)
-        blocks, samples = _cdiv(C, block_a), rows // C
-        partials = max(1, min(MAX_PARTIALS, samples, _cdiv(_TARGET_PROGRAMS, blocks)))
+        blocks, samples = cdiv(C, block_a), rows // C
+        partials = max(1, min(MAX_PARTIALS, samples, cdiv(_TARGET_PROGRAMS, blocks)))
         return ReductionTiles(True, L, vec, block_a, lanes, 1, samples, C * L // vec, block_a * L // vec,
                               triton.next_power_of_2(L), (partials, blocks))  # fmt: skip
     block_a, block_b, num_l_blocks, num_items, grid = reduction_shape(
@@ -1039,7 +1036,7 @@ def _elementwise_tiles(plan: Plan, element_size: int) -> ElementwiseTiles:
     vec = _vec(L, element_size)
     block_m, block_l, num_programs = elementwise_shape(plan.channels_last, rows, L, element_size)
     none = Span(0, 0, 0, 0, 0, 0, 0)
-    return ElementwiseTiles(False, none, L // vec, _cdiv(L, block_l), vec, block_m, block_l, num_programs)
+    return ElementwiseTiles(False, none, L // vec, cdiv(L, block_l), vec, block_m, block_l, num_programs)
 
 
 _COUNTERS: dict[tuple, Tensor] = {}
@@ -1069,7 +1066,7 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
 def _stand_in(t: Tensor | None, other: Tensor) -> Tensor:
     """``t`` contiguous and aligned (a parameter may be a view into a larger buffer; every launcher treats
     k, bias, weight and scale alike), or ``other`` for the pointer of a tensor a variant does not read."""
-    return _aligned(t.contiguous()) if t is not None else other
+    return aligned(t.contiguous()) if t is not None else other
 
 
 def batch_norm_stats_triton(
@@ -1089,7 +1086,7 @@ def batch_norm_stats_triton(
     fp64 = acc == torch.float64
     if not training:
         block_c = min(1024, triton.next_power_of_2(max(channels, 1)))
-        _launcher(batch_norm_eval_stats_kernel)[(_cdiv(channels, block_c),)](
+        launcher(batch_norm_eval_stats_kernel)[(cdiv(channels, block_c),)](
             _stand_in(running_mean, mean), _stand_in(running_var, mean), mean, invstd, channels, float(eps),
             FP64=fp64, BLOCK_C=block_c, num_warps=NUM_WARPS,
         )  # fmt: skip
@@ -1097,12 +1094,12 @@ def batch_norm_stats_triton(
     if x.numel() == 0:  # as F.batch_norm: nothing to average, running statistics untouched
         return mean.zero_(), invstd.fill_(1.0 / (1.0 + eps) ** 0.5)
     plan = plan_layout(x)
-    x = _aligned(to_layout(x, plan.channels_last))
+    x = aligned(to_layout(x, plan.channels_last))
     shape = stats_shape(plan, x.element_size())
     grid = shape.grid
     partials = torch.empty((2, grid[0], channels), dtype=acc, device=x.device)
     has_running = running_mean is not None
-    _launcher(batch_norm_stats_kernel)[grid](
+    launcher(batch_norm_stats_kernel)[grid](
         x,
         partials,
         _counters(x, grid[1]),
@@ -1136,7 +1133,7 @@ def batch_norm_stats_triton(
 
 
 def _mask_row_bytes(plan: Plan) -> int:
-    return _cdiv(int(plan.row_len), 8)
+    return cdiv(int(plan.row_len), 8)
 
 
 def batch_norm_lm_step_forward_triton(
@@ -1170,7 +1167,7 @@ def batch_norm_lm_step_forward_triton(
         u, u_prev = to_layout(u, layout), to_layout(u_prev, layout)
     tiles = _elementwise_tiles(plan, x.element_size())
     has_noise = noise_std > 0.0
-    _launcher(batch_norm_lm_step_forward_kernel)[(tiles.num_programs,)](
+    launcher(batch_norm_lm_step_forward_kernel)[(tiles.num_programs,)](
         x,
         mean,
         invstd,
@@ -1241,17 +1238,17 @@ def batch_norm_lm_step_backward_reduce_triton(
     if x.numel() == 0:
         return sum_dy.zero_(), sum_dy_xhat.zero_(), grad_k.zero_()
     # Aligned operands (see the module docstring): the sums' bits depend only on the values.
-    g, x = _aligned(to_layout(grad_out, layout)), _aligned(to_layout(x, layout))
+    g, x = aligned(to_layout(grad_out, layout)), aligned(to_layout(x, layout))
     has_handoff = grad_handoff is not None
     if has_handoff:
-        grad_handoff = _aligned(to_layout(grad_handoff, layout))
+        grad_handoff = aligned(to_layout(grad_handoff, layout))
     if need_k:
-        u, u_prev = _aligned(to_layout(u, layout)), _aligned(to_layout(u_prev, layout))
+        u, u_prev = aligned(to_layout(u, layout)), aligned(to_layout(u_prev, layout))
     mask_from_x = relu and mask is None
     tiles = backward_reduction_shape(plan, x.element_size())
     grid = tiles.grid
     partials = torch.empty((4 if need_k else 2, grid[0], channels), dtype=acc, device=x.device)
-    _launcher(batch_norm_lm_step_backward_reduce_kernel)[grid](
+    launcher(batch_norm_lm_step_backward_reduce_kernel)[grid](
         g,
         grad_handoff if has_handoff else g,  # unused pointers stand in for tensors a variant does not read
         x,
@@ -1343,7 +1340,7 @@ def batch_norm_lm_step_backward_triton(
     x = to_layout(x, layout)
     mask_from_x = relu and mask is None
     tiles = _elementwise_tiles(plan, x.element_size())
-    _launcher(batch_norm_lm_step_backward_kernel)[(tiles.num_programs,)](
+    launcher(batch_norm_lm_step_backward_kernel)[(tiles.num_programs,)](
         g,
         grad_handoff if has_handoff else g,  # unused pointers stand in for tensors a variant does not use
         grad_shortcut if has_shortcut else g,

@@ -35,29 +35,12 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from lmfused.triton_kernels.common import aligned, cdiv, four_normals, launcher, promote, store_state_grads
 from torch import Tensor
 
 from lmfused.op_support import Plan, empty_in_layout, plan_layout, to_layout
 
 __all__ = ["INTERPRETED", "lm_step_backward_triton", "lm_step_forward_triton"]
-
-
-@triton.jit
-def _acc(x, FP64: tl.constexpr):
-    """Promote to the accumulation type: float64 for float64 tensors, float32 otherwise."""
-    if FP64:
-        return x.to(tl.float64)
-    else:
-        return x.to(tl.float32)
-
-
-@triton.jit
-def four_normals(seed, counter):
-    """Four standard normals per ``counter`` from one Philox4x32-10 call (``tl.randn4x``), shape
-    ``counter.shape + [2, 2]`` with lane 2 a + b at [..., a, b]: reshaping the last three dims into one puts a
-    counter's four lanes at consecutive elements (the caller's counter: element offset // 4)."""
-    n0, n1, n2, n3 = tl.randn4x(seed, counter)
-    return tl.join(tl.join(n0, n2), tl.join(n1, n3))
 
 
 @triton.jit
@@ -140,18 +123,18 @@ def lm_step_forward_kernel(
         )  # fmt: skip
     if PER_CHANNEL_K:
         if CHANNELS_LAST:
-            k = _acc(tl.load(k_ptr + r1), FP64)
+            k = promote(tl.load(k_ptr + r1), FP64)
         else:
-            k = _acc(tl.load(k_ptr + r2), FP64)
+            k = promote(tl.load(k_ptr + r2), FP64)
     else:
-        k = _acc(tl.load(k_ptr), FP64)
-    u = _acc(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
-    u_prev = _acc(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
+        k = promote(tl.load(k_ptr), FP64)
+    u = promote(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
+    u_prev = promote(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
     acc = (1.0 - k) * u + k * u_prev
     if HAS_F:
-        f = _acc(tl.load(f_ptr + offs, mask=mask, other=0.0), FP64)
+        f = promote(tl.load(f_ptr + offs, mask=mask, other=0.0), FP64)
         if HAS_SCALE:
-            f = f * _acc(tl.load(scale_ptr + sample, mask=mask, other=0.0), FP64)
+            f = f * promote(tl.load(scale_ptr + sample, mask=mask, other=0.0), FP64)
         acc += f
     if HAS_NOISE:
         # One Philox call per 4 elements: counter = offset // 4, lane = offset % 4 (BLOCK is a multiple
@@ -175,23 +158,20 @@ def _gradients(
     g (u_prev - u) (or g)."""
     # Every load before the first store: Triton must assume the pointers may alias, so a load after a
     # store could not be hoisted, and fewer bytes would be in flight.
-    g = _acc(tl.load(g_ptr + offs, mask=mask, other=0.0), FP64)
+    g = promote(tl.load(g_ptr + offs, mask=mask, other=0.0), FP64)
+    shortcut = 0.0
     if HAS_SHORTCUT and NEED_U:
-        shortcut = _acc(tl.load(grad_shortcut_ptr + offs, mask=mask, other=0.0), FP64)
+        shortcut = promote(tl.load(grad_shortcut_ptr + offs, mask=mask, other=0.0), FP64)
     if NEED_K:
-        u = _acc(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
-        u_prev = _acc(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
+        u = promote(tl.load(u_ptr + offs, mask=mask, other=0.0), FP64)
+        u_prev = promote(tl.load(u_prev_ptr + offs, mask=mask, other=0.0), FP64)
     if RELU:
         out = tl.load(out_ptr + offs, mask=mask, other=0.0)
         # As torch's threshold_backward: zero where out <= 0, so a NaN output passes its gradient on.
         g = tl.where(out <= 0, 0.0, g)
-    if NEED_U:
-        grad_u = (1.0 - k) * g
-        if HAS_SHORTCUT:
-            grad_u += shortcut  # the gradient of u itself: not masked by the ReLU; one rounding below
-        tl.store(grad_u_ptr + offs, grad_u.to(grad_u_ptr.dtype.element_ty), mask=mask)
-    if NEED_U_PREV:
-        tl.store(grad_u_prev_ptr + offs, (k * g).to(grad_u_prev_ptr.dtype.element_ty), mask=mask)
+    store_state_grads(
+        grad_u_ptr, grad_u_prev_ptr, offs, mask, g, k, shortcut, HAS_SHORTCUT, NEED_U, NEED_U_PREV
+    )
     if NEED_F:
         grad_f = g
         if HAS_SCALE:
@@ -252,14 +232,14 @@ def lm_step_backward_kernel(
             (NEED_F and HAS_SCALE) or not CHANNELS_LAST, SMALL_L, SMALL_R,
         )  # fmt: skip
         if NEED_F and HAS_SCALE:
-            s = _acc(tl.load(scale_ptr + sample, mask=mask, other=0.0), FP64)
+            s = promote(tl.load(scale_ptr + sample, mask=mask, other=0.0), FP64)
     if NEED_U or NEED_U_PREV:
         if not PER_CHANNEL_K:
-            k = _acc(tl.load(k_ptr), FP64)
+            k = promote(tl.load(k_ptr), FP64)
         elif CHANNELS_LAST:
-            k = _acc(tl.load(k_ptr + r1), FP64)
+            k = promote(tl.load(k_ptr + r1), FP64)
         else:
-            k = _acc(tl.load(k_ptr + r2), FP64)
+            k = promote(tl.load(k_ptr + r2), FP64)
     d = _gradients(
         g_ptr, grad_shortcut_ptr, u_ptr, u_prev_ptr, out_ptr, grad_u_ptr, grad_u_prev_ptr, grad_f_ptr, offs,
         mask, k, s, HAS_SCALE, RELU, HAS_SHORTCUT, NEED_U, NEED_U_PREV, NEED_F, NEED_K, FP64,
@@ -310,10 +290,10 @@ def lm_step_backward_channel_kernel(
     # Runs of L elements: VEC (a power of two dividing L and BLOCK) consecutive elements stay in one run.
     offs = tl.max_contiguous(tl.multiple_of(offs, VEC), VEC)
     mask = tl.max_constancy((v0 + idx) < per_channel, VEC)
-    k = _acc(tl.load(k_ptr + c), FP64)
+    k = promote(tl.load(k_ptr + c), FP64)
     s = 1.0
     if NEED_F and HAS_SCALE:
-        s = _acc(tl.load(scale_ptr + n, mask=mask, other=0.0), FP64)
+        s = promote(tl.load(scale_ptr + n, mask=mask, other=0.0), FP64)
     d = _gradients(
         g_ptr, grad_shortcut_ptr, u_ptr, u_prev_ptr, out_ptr, grad_u_ptr, grad_u_prev_ptr, grad_f_ptr, offs,
         mask, k, s, HAS_SCALE, RELU, HAS_SHORTCUT, NEED_U, NEED_U_PREV, NEED_F, True, FP64,
@@ -355,7 +335,7 @@ def lm_step_backward_columns_kernel(
     pid_m = pid // num_l_blocks
     cols = (pid % num_l_blocks).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
     col_ok = cols < L
-    k = _acc(tl.load(k_ptr + cols, mask=col_ok, other=0.0), FP64)[None, :]
+    k = promote(tl.load(k_ptr + cols, mask=col_ok, other=0.0), FP64)[None, :]
     acc = tl.zeros([BLOCK_L], dtype=tl.float64 if FP64 else tl.float32)
     for it in range(ROW_ITERS):
         rows = (pid_m.to(tl.int64) * ROW_ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -364,7 +344,7 @@ def lm_step_backward_columns_kernel(
         mask = row_ok[:, None] & col_ok[None, :]
         s = 1.0
         if NEED_F and HAS_SCALE:
-            s = _acc(tl.load(scale_ptr + rows // rows_per_sample, mask=row_ok, other=0.0), FP64)[:, None]
+            s = promote(tl.load(scale_ptr + rows // rows_per_sample, mask=row_ok, other=0.0), FP64)[:, None]
         d = _gradients(
             g_ptr, grad_shortcut_ptr, u_ptr, u_prev_ptr, out_ptr, grad_u_ptr, grad_u_prev_ptr, grad_f_ptr,
             offs, mask, k, s, HAS_SCALE, RELU, HAS_SHORTCUT, NEED_U, NEED_U_PREV, NEED_F, True, FP64,
@@ -406,7 +386,7 @@ def _flat_plan(numel: int, L: int, R: int) -> tuple:
     block, num_warps = _flat_block(numel)
     magic_l, shift_l, small_l = _magic(L, block)
     magic_r, shift_r, small_r = _magic(R, block)
-    return (_cdiv(numel, block), block, num_warps, magic_l, shift_l, small_l, magic_r, shift_r, small_r)
+    return (cdiv(numel, block), block, num_warps, magic_l, shift_l, small_l, magic_r, shift_r, small_r)
 
 
 @functools.lru_cache(maxsize=512)
@@ -416,11 +396,11 @@ def _channel_plan(N: int, C: int, L: int, element_size: int) -> tuple:
     per_channel = N * L
     cap = min(_TILE_ELEMENTS, max(64, triton.next_power_of_2(per_channel)))
     candidates = [b for b in (64, 128, 256, 512, 1024, 2048, 4096) if b <= cap and b >= cap // 4]
-    block = min(candidates, key=lambda b: (_cdiv(per_channel, b) * b, -b))
+    block = min(candidates, key=lambda b: (cdiv(per_channel, b) * b, -b))
     vec = 1
     while vec * element_size < 16 and L % (2 * vec) == 0:  # up to 16-byte vectors
         vec *= 2
-    tiles = _cdiv(per_channel, block)
+    tiles = cdiv(per_channel, block)
     magic_l, shift_l, small_l = _magic(L, block)
     return C * tiles, tiles, block, 8 if block >= 4096 else 4, vec, magic_l, shift_l, small_l
 
@@ -431,42 +411,18 @@ def _columns_plan(M: int, L: int) -> tuple:
     columns walk: row blocks are stacked per program (fewer partials) while enough programs remain."""
     block_l = min(triton.next_power_of_2(L), _TILE_ELEMENTS)
     block_m = max(1, min(triton.next_power_of_2(M), _TILE_ELEMENTS // block_l))
-    num_l_blocks = _cdiv(L, block_l)
-    row_blocks = _cdiv(M, block_m)
+    num_l_blocks = cdiv(L, block_l)
+    row_blocks = cdiv(M, block_m)
     row_iters = 1
-    while row_iters < 8 and _cdiv(row_blocks, 2 * row_iters) * num_l_blocks >= _MIN_PROGRAMS:
+    while row_iters < 8 and cdiv(row_blocks, 2 * row_iters) * num_l_blocks >= _MIN_PROGRAMS:
         row_iters *= 2
-    num_m = _cdiv(row_blocks, row_iters)
+    num_m = cdiv(row_blocks, row_iters)
     num_warps = 8 if block_m * block_l >= 4096 else 4
     return num_m * num_l_blocks, num_m, num_l_blocks, block_m, block_l, row_iters, num_warps
 
 
 # Under TRITON_INTERPRET=1 the kernels run through Triton's CPU interpreter, which torch cannot trace into.
 INTERPRETED = not isinstance(lm_step_forward_kernel, triton.runtime.jit.JITFunction)
-
-
-def _launcher(kernel):
-    """The kernel wrapped for torch.library tracing where the installed torch can (triton_op/wrap_triton)."""
-    wrap = getattr(torch.library, "wrap_triton", None)
-    return wrap(kernel) if wrap is not None else kernel
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # plain integers: triton.cdiv costs a JIT-function call per use on the host
-
-
-_ALIGNMENT = 16  # bytes: Triton specialises pointer arguments on this divisibility
-
-
-def _aligned(t: Tensor) -> Tensor:
-    """``t``, or a copy in the same layout when its data does not start on a 16-byte boundary.
-
-    Allocations are aligned (CUDA's caching allocator to 512 bytes), so a misaligned pointer means a view at
-    a storage offset; the offset is read instead of the pointer, which traced (fake) tensors do not have.
-    """
-    if (t.storage_offset() * t.element_size()) % _ALIGNMENT == 0:
-        return t
-    return t.clone()  # preserve_format: dense strides are kept
 
 
 def _flat_args(plan: Plan) -> tuple:
@@ -496,7 +452,7 @@ def lm_step_forward_triton(
     scale = scale.contiguous() if scale is not None else None
     has_noise = noise_std > 0.0
     num_programs, block, num_warps, magic_l, shift_l, small_l, magic_r, shift_r, small_r = _flat_args(plan)
-    _launcher(lm_step_forward_kernel)[(num_programs,)](
+    launcher(lm_step_forward_kernel)[(num_programs,)](
         u,
         u_prev,
         f if f is not None else u,  # unused pointer when HAS_F is off
@@ -570,10 +526,10 @@ def lm_step_backward_triton(
         # Triton compiles a variant per pointer alignment, and the variant's register layout sets the order
         # of the in-program sums: grad_k's bits would depend on where the data sits. Misaligned views (rare)
         # are copied so that the same values always take the same variant.
-        g = _aligned(g)
-        u = _aligned(to_layout(u, layout))
-        u_prev = _aligned(to_layout(u_prev, layout))
-    out = (_aligned(to_layout(out, layout)) if need_k else to_layout(out, layout)) if relu else None
+        g = aligned(g)
+        u = aligned(to_layout(u, layout))
+        u_prev = aligned(to_layout(u_prev, layout))
+    out = (aligned(to_layout(out, layout)) if need_k else to_layout(out, layout)) if relu else None
     per_channel = k.numel() > 1
     k = k.contiguous()  # any float dtype: the kernels promote k and scale on load
     scale = scale.contiguous() if scale is not None else None
@@ -598,7 +554,7 @@ def lm_step_backward_triton(
             N, C, L, g.element_size()
         )
         partials = torch.empty((C, tiles), dtype=acc_dtype, device=g.device)
-        _launcher(lm_step_backward_channel_kernel)[(num_programs,)](
+        launcher(lm_step_backward_channel_kernel)[(num_programs,)](
             *pointers, partials, N * L, L, C * L, tiles, magic_l, shift_l,
             **flags, NEED_F=need_f, FP64=fp64, SMALL_L=small_l, VEC=vec, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
@@ -608,7 +564,7 @@ def lm_step_backward_triton(
             int(plan.rows), int(plan.row_len)
         )
         partials = torch.empty((num_m, plan.row_len), dtype=acc_dtype, device=g.device)
-        _launcher(lm_step_backward_columns_kernel)[(num_programs,)](
+        launcher(lm_step_backward_columns_kernel)[(num_programs,)](
             *pointers, partials, plan.rows, plan.row_len, plan.rows_per_sample, num_l_blocks,
             **flags, NEED_F=need_f, FP64=fp64, BLOCK_M=block_m, BLOCK_L=block_l, ROW_ITERS=row_iters,
             num_warps=num_warps,
@@ -619,7 +575,7 @@ def lm_step_backward_triton(
         num_programs, block, num_warps, magic_l, shift_l, small_l, magic_r, shift_r, small_r = flat
         # Scalar k: one partial per program.
         partials = torch.empty((num_programs,), dtype=acc_dtype, device=g.device) if need_k else k
-        _launcher(lm_step_backward_kernel)[(num_programs,)](
+        launcher(lm_step_backward_kernel)[(num_programs,)](
             *pointers, partials, g.numel(), plan.row_len, plan.rows_per_sample, magic_l, shift_l, magic_r,
             shift_r, **flags, NEED_F=need_f, PER_CHANNEL_K=per_channel, CHANNELS_LAST=layout, NEED_K=need_k,
             FP64=fp64, SMALL_L=small_l, SMALL_R=small_r, BLOCK=block, num_warps=num_warps,

@@ -17,45 +17,11 @@ Two readings of a residual network as a discretised ODE:
 plots.
 """
 
-from lmfused.analysis.blocks import BlockInfo, find_lm_blocks
-from lmfused.analysis.flow import (
-    FlowRecorder,
-    FlowState,
-    analyze_flow,
-    group_trajectories,
-    pooled_features,
-    transport_metrics,
-)
-from lmfused.analysis.gaussian import (
-    deep_gaussian_dae_covariances,
-    gaussian_dae_entropy_drop,
-    gaussian_dae_map,
-    gaussian_entropy,
-    gaussian_entropy_of_cov,
-    gaussian_fit,
-    gaussian_w2,
-    psd_sqrtm,
-)
-from lmfused.analysis.lm import block_lm_coefficient, lm_coefficients, modified_equation_coefficients
+from lmfused.analysis import blocks, flow, gaussian, lm
+from lmfused.analysis.blocks import *  # noqa: F403
+from lmfused.analysis.flow import *  # noqa: F403
+from lmfused.analysis.gaussian import *  # noqa: F403
+from lmfused.analysis.lm import *  # noqa: F403
 
-__all__ = [
-    "BlockInfo",
-    "FlowRecorder",
-    "FlowState",
-    "analyze_flow",
-    "block_lm_coefficient",
-    "deep_gaussian_dae_covariances",
-    "find_lm_blocks",
-    "gaussian_dae_entropy_drop",
-    "gaussian_dae_map",
-    "gaussian_entropy",
-    "gaussian_entropy_of_cov",
-    "gaussian_fit",
-    "gaussian_w2",
-    "group_trajectories",
-    "lm_coefficients",
-    "modified_equation_coefficients",
-    "pooled_features",
-    "psd_sqrtm",
-    "transport_metrics",
-]
+# The package exports what each submodule exports (the demo ``dae`` stays a submodule of its own).
+__all__ = sorted([*blocks.__all__, *flow.__all__, *gaussian.__all__, *lm.__all__])

@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import nn
 
-from lmfused.models.registry import _DEFAULT_CFGS, _FEATURE_CFGS, _MODELS
+from lmfused.models.registry import DEFAULT_CFGS, FEATURE_CFGS, MODELS
 
 __all__ = ["register_with_timm"]
 
@@ -52,7 +52,7 @@ def _timm_entrypoint(name: str, builder: Callable[..., nn.Module]) -> Callable[.
                 f"pretrained: there are no pretrained {name} weights; load plain ResNet weights with "
                 "lmfused.models.load_pretrained_state_dict or use lmfused.convert_to_lm"
             )
-        default_cfg = _DEFAULT_CFGS.get(name, {})
+        default_cfg = DEFAULT_CFGS.get(name, {})
         if isinstance(pretrained_cfg, str):  # a tag, from timm.create_model("name.tag")
             if pretrained_cfg != default_cfg.get("tag"):
                 raise ValueError(f"pretrained_cfg: {name} has no tag {pretrained_cfg!r} (no weights to load)")
@@ -64,7 +64,7 @@ def _timm_entrypoint(name: str, builder: Callable[..., nn.Module]) -> Callable[.
         if drop_block_rate:
             raise ValueError(f"drop_block_rate: {name} has no DropBlock, got {drop_block_rate!r}")
         output_stride = kwargs.pop("output_stride", None)
-        feature_cfg = dict(_FEATURE_CFGS.get(name, {}), feature_cls="getter")
+        feature_cfg = dict(FEATURE_CFGS.get(name, {}), feature_cls="getter")
 
         def build(**model_kwargs: Any) -> nn.Module:
             model = builder(**model_kwargs)
@@ -105,7 +105,7 @@ def register_with_timm() -> list[str]:
         return []
     module = sys.modules[__name__]
     registered = []
-    for name, builder in _MODELS.items():
+    for name, builder in MODELS.items():
         if is_model(name):
             continue
         entrypoint = _timm_entrypoint(name, builder)

@@ -12,9 +12,11 @@ from torch import nn
 
 __all__ = ["create_model", "list_models", "register_model"]
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
-_DEFAULT_CFGS: dict[str, dict[str, Any]] = {}
-_FEATURE_CFGS: dict[str, dict[str, Any]] = {}
+# What register_model records, by model name (read by lmfused.models._timm): the registered builders, in
+# registration order; each default_cfg given (with "architecture"); each feature_cfg given.
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+DEFAULT_CFGS: dict[str, dict[str, Any]] = {}
+FEATURE_CFGS: dict[str, dict[str, Any]] = {}
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
 
 
@@ -37,7 +39,7 @@ def register_model(
 
     def register(fn: Builder) -> Builder:
         name = fn.__name__
-        if name in _MODELS:
+        if name in MODELS:
             raise ValueError(f"name: a model named {name!r} is already registered")
         cfg = None if default_cfg is None else {"architecture": name, **default_cfg}
 
@@ -53,11 +55,11 @@ def register_model(
                 model.pretrained_cfg = model.default_cfg = dict(cfg)
             return model
 
-        _MODELS[name] = build
+        MODELS[name] = build
         if cfg is not None:
-            _DEFAULT_CFGS[name] = cfg
+            DEFAULT_CFGS[name] = cfg
         if feature_cfg is not None:
-            _FEATURE_CFGS[name] = dict(feature_cfg)
+            FEATURE_CFGS[name] = dict(feature_cfg)
         return build  # type: ignore[return-value]
 
     return register if fn is None else register(fn)
@@ -65,7 +67,7 @@ def register_model(
 
 def list_models() -> list[str]:
     """Names of the registered models, in registration order (CIFAR first, then ImageNet)."""
-    return list(_MODELS)
+    return list(MODELS)
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
@@ -76,6 +78,6 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     ``per_channel_k``, ``k_init``, ``backend``, ``zero_init_residual``, ``in_chans``, ``drop_rate`` and
     ``global_pool``, and timm's factory arguments ``device`` and ``dtype`` (see :func:`register_model`).
     """
-    if name not in _MODELS:
-        raise ValueError(f"name: unknown model {name!r}; available: {', '.join(_MODELS)}")
-    return _MODELS[name](**kwargs)
+    if name not in MODELS:
+        raise ValueError(f"name: unknown model {name!r}; available: {', '.join(MODELS)}")
+    return MODELS[name](**kwargs)

@@ -550,13 +550,15 @@ def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> list[LMStag
     if not stages:
         raise ValueError(f"model: {type(model).__name__} has no LMStage to checkpoint")
     if enable:
-        _refuse_batch_mode(m for stage in stages for m in stage.modules())
+        refuse_batch_mode(m for stage in stages for m in stage.modules())
     for stage in stages:
         stage.grad_checkpointing = enable
     return stages
 
 
-def _refuse_batch_mode(modules: Iterable[nn.Module]) -> None:
+def refuse_batch_mode(modules: Iterable[nn.Module]) -> None:
+    """Raise ValueError if a block among ``modules`` has a batch-mode stochastic-depth step that can drop its
+    branch: grad checkpointing (:func:`set_grad_checkpointing`, ``lmfused.convert_to_lm``) cannot take it."""
     for m in modules:
         if isinstance(getattr(m, "step", None), nn.Module) and getattr(m.step, "mode", None) == "batch":
             if m.step.survival_prob < 1.0:
