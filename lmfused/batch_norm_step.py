@@ -682,38 +682,20 @@ def batch_norm_lm_step(
                             scale, relu, noise_std, backend, return_shortcut)  # fmt: skip
 
 
-def _without_states(name: str, *, relu: bool, doc: str) -> Callable[..., Tensor]:
-    """The public function ``name`` (docstring ``doc``): a batch norm by the kernels of
-    :func:`batch_norm_lm_step` without the states (u, u_prev None; no scale, no noise), ``relu`` fused or not.
-    """
-
-    def without_states(
-        x: Tensor,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        *,
-        training: bool,
-        momentum: float = 0.1,
-        eps: float = 1e-5,
-        backend: str | None = None,
-    ) -> Tensor:
-        check_tensor("x", x)
-        k = x.new_empty((1,), dtype=torch.float32)  # never read without states; the op's schema takes one
-        return _batch_norm_step(x, running_mean, running_var, weight, bias, None, None, k, training, momentum,
-                                eps, None, relu, 0.0, backend, return_shortcut=False)  # fmt: skip
-
-    without_states.__name__ = without_states.__qualname__ = name
-    without_states.__doc__ = doc
-    return without_states
-
-
-batch_norm_relu = _without_states(
-    "batch_norm_relu",
-    relu=True,
-    doc="""``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))``,
-    running statistics included, as the same kernels as :func:`batch_norm_lm_step` without the states.
+def batch_norm_relu(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    backend: str | None = None,
+) -> Tensor:
+    """``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))``, running
+    statistics included, as the same kernels as :func:`batch_norm_lm_step` without the states.
 
     For the batch norms inside a residual branch (BN, ReLU, then the next convolution). The backward
     recomputes the ReLU's mask from x, so it reads only the output gradient and x: 8 passes over a tensor
@@ -728,19 +710,36 @@ batch_norm_relu = _without_states(
 
     Returns:
         relu(BN(x)), same shape, dtype and layout as ``x``.
-    """,
-)
+    """
+    return _no_state_step(x, running_mean, running_var, weight, bias, training, momentum, eps, True, backend)
 
-batch_norm = _without_states(
-    "batch_norm",
-    relu=False,
-    doc="""``F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)`` by the
-    kernels of :func:`batch_norm_relu` without the ReLU, for a projection shortcut's BatchNorm.
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    backend: str | None = None,
+) -> Tensor:
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)`` by the kernels of
+    :func:`batch_norm_relu` without the ReLU, for a projection shortcut's BatchNorm.
 
     Its output can be rebuilt, bitwise, from what its own backward keeps (x and the statistics): a step
     that takes it as u_prev saves nothing more for it (:mod:`lmfused.rebuild`), where a plain ResNet keeps
     nothing either.
 
     Args and returns: as :func:`batch_norm_relu`, without the ReLU.
-    """,
-)
+    """
+    return _no_state_step(x, running_mean, running_var, weight, bias, training, momentum, eps, False, backend)
+
+
+def _no_state_step(x, running_mean, running_var, weight, bias, training, momentum, eps, relu, backend):
+    check_tensor("x", x)
+    k = x.new_empty((1,), dtype=torch.float32)  # never read without states; the op's schema takes one
+    return _batch_norm_step(x, running_mean, running_var, weight, bias, None, None, k, training, momentum,
+                            eps, None, relu, 0.0, backend, return_shortcut=False)  # fmt: skip
