@@ -75,10 +75,8 @@ cudaError_t launch_batch_norm_lm_step_forward(DType dtype, const LMStepShape& sh
   if (noise_std != 0.0 && seed == nullptr) return cudaErrorInvalidValue;
   BatchNormOperands o(shape, x);
   o.normalised_by(mean, invstd, weight, bias, scale)
-      .with_state(u, u_prev, state ? k : nullptr, k_numel);
-  o.seed = seed;
-  o.noise_std = noise_std;
-  o.relu = relu;
+      .with_state(u, u_prev, state ? k : nullptr, k_numel)
+      .with_noise_and_relu(seed, noise_std, relu);
   o.result = out;
   o.mask_out = mask;
   return LMF_DISPATCH_DTYPE(dtype, bn_forward_typed, o, stream);
@@ -135,14 +133,10 @@ cudaError_t launch_batch_norm_lm_step_backward(
   BatchNormOperands o(shape, x);
   o.normalised_by(mean, invstd, weight, bias, scale)
       .with_state(nullptr, nullptr, k, k_numel)
-      .with_output_gradient(grad_out, grad_handoff, mask, relu);
+      .with_output_gradient(grad_out, grad_handoff, mask, relu)
+      .writing_gradients(grad_x, grad_u, grad_u_prev, sum_dy, sum_dy_xhat);
   o.grad_shortcut = grad_u != nullptr ? grad_shortcut : nullptr;  // only grad_u reads it
-  o.sum_dy = sum_dy;
-  o.sum_dy_xhat = sum_dy_xhat;
   o.training = training;
-  o.grad_x = grad_x;
-  o.grad_u = grad_u;
-  o.grad_u_prev = grad_u_prev;
   return LMF_DISPATCH_DTYPE(dtype, bn_backward_typed, o, stream);
 }
 

@@ -23,30 +23,26 @@ namespace detail {
 // output), and the same as torch's unfused arithmetic, so the forward's output and its mask are
 // bitwise the reference backend's. (The CPU emulation builds for a target without FMA, where
 // plain operators are already rounded one by one.)
-__device__ __forceinline__ float mul_rn(float a, float b) {
+template <typename A>
+__device__ __forceinline__ A mul_rn(A a, A b) {
 #ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
+  if constexpr (sizeof(A) == sizeof(double)) {
+    return __dmul_rn(a, b);
+  } else {
+    return __fmul_rn(a, b);
+  }
 #else
   return a * b;
 #endif
 }
-__device__ __forceinline__ double mul_rn(double a, double b) {
+template <typename A>
+__device__ __forceinline__ A add_rn(A a, A b) {
 #ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-__device__ __forceinline__ float add_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-__device__ __forceinline__ double add_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dadd_rn(a, b);
+  if constexpr (sizeof(A) == sizeof(double)) {
+    return __dadd_rn(a, b);
+  } else {
+    return __fadd_rn(a, b);
+  }
 #else
   return a + b;
 #endif
@@ -289,12 +285,7 @@ __global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
   constexpr int SUB = UW / VEC, NC = kCoefK + 1;
   static_assert(!MASK || (STATE && RELU), "the mask is written with state and relu");
   __shared__ A coef_smem[CL ? NC * kMaxColUnits * UW : 1];
-  uint32_t key0 = 0, key1 = 0;
-  if constexpr (HAS_NOISE) {
-    const uint64_t seed = static_cast<uint64_t>(*a.seed);  // on device: graph-capturable
-    key0 = static_cast<uint32_t>(seed);
-    key1 = static_cast<uint32_t>(seed >> 32);
-  }
+          if constexpr (HAS_NOISE) x += noise.at(off, j, a.noise_std);
   Coefs<CL, NC, UW, A> cf;
   auto load_coefs = [&](int64_t group) {
     cf.load(g, group, coef_smem, [&](int q, int64_t c) { return a.coef(q, c); });
@@ -321,8 +312,6 @@ __global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
         live_packs<SUB, VEC, kPreload>(p[i], i, load, [&](int q) {
           const int64_t off = p[i].off + q * VEC;
           Pack<T, VEC> po;
-          constexpr int G = VEC % 4 == 0 ? 4 : VEC;  // normals per Philox call used here
-          float xi[G];
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             const int e = q * VEC + j;
@@ -332,10 +321,7 @@ __global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
             if constexpr (STATE) {
               v = bn_update(cf.get(kCoefK, e), to_acc(pu[i][q].v[j]), to_acc(pp[i][q].v[j]), v);
             }
-            if constexpr (HAS_NOISE) {
-              if (j % G == 0) philox_normals<G>(key0, key1, static_cast<uint64_t>(off + j), xi);
-              v += a.noise_std * static_cast<A>(xi[j % G]);
-            }
+            if constexpr (HAS_NOISE) v += noise.at(off, j, a.noise_std);
             if constexpr (RELU) v = v < A(0) ? A(0) : v;  // keeps NaN, like torch.relu
             po.v[j] = from_acc<T>(v);
             // The gradient passes where the stored output is not <= 0.

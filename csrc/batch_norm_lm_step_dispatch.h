@@ -42,6 +42,23 @@ struct BatchNormOperands {
     relu = relu_;
     return *this;
   }
+  // The forward's noise (seed required iff noise_std != 0) and activation.
+  BatchNormOperands& with_noise_and_relu(const int64_t* seed_, double noise_std_, bool relu_) {
+    seed = seed_;
+    noise_std = noise_std_;
+    relu = relu_;
+    return *this;
+  }
+  // The second backward pass's gradients to write (nullptr: not needed) and the sums grad_x reads.
+  BatchNormOperands& writing_gradients(void* grad_x_, void* grad_u_, void* grad_u_prev_,
+                                       const void* sum_dy_, const void* sum_dy_xhat_) {
+    grad_x = grad_x_;
+    grad_u = grad_u_;
+    grad_u_prev = grad_u_prev_;
+    sum_dy = sum_dy_;
+    sum_dy_xhat = sum_dy_xhat_;
+    return *this;
+  }
   // A reduction's per-channel outputs and its scratch.
   BatchNormOperands& with_sums(void* out0_, void* out1_, void* out2_,
                                const ReductionScratch& scratch_) {

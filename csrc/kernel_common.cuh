@@ -274,6 +274,28 @@ __host__ __device__ __forceinline__ float philox_normal(uint32_t k0, uint32_t k1
   return n[0];
 }
 
+// The noise of an elementwise forward, a pack of VEC elements at a time: the key from the seed (read
+// on device: graph-capturable), then at(off, j, std) = std times element off + j's normal, for
+// j = 0, 1, ... in order (one Philox call draws the normals of G elements at j % G == 0).
+template <bool HAS_NOISE, int VEC>
+struct PackNoise {
+  static constexpr int G = VEC % 4 == 0 ? 4 : VEC;  // normals per Philox call used here
+  uint32_t key0 = 0, key1 = 0;
+  float xi[G];
+  __device__ __forceinline__ explicit PackNoise(const int64_t* seed) {
+    if constexpr (HAS_NOISE) {
+      const uint64_t s = static_cast<uint64_t>(*seed);
+      key0 = static_cast<uint32_t>(s);
+      key1 = static_cast<uint32_t>(s >> 32);
+    }
+  }
+  template <typename A>
+  __device__ __forceinline__ A at(int64_t off, int j, A noise_std) {
+    if (j % G == 0) philox_normals<G>(key0, key1, static_cast<uint64_t>(off + j), xi);
+    return noise_std * static_cast<A>(xi[j % G]);
+  }
+};
+
 
 // ---------------------------------------------------------------------------------------------
 // Division by a divisor fixed at launch

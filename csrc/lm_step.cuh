@@ -32,12 +32,7 @@ __global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
   constexpr int U = elementwise_positions<T, UW, HAS_F ? 3 : 2, HAS_NOISE ? 1 : 4>();
   constexpr int SUB = UW / VEC;
   __shared__ A coef_smem[CL ? kMaxColUnits * UW : 1];
-  uint32_t key0 = 0, key1 = 0;
-  if constexpr (HAS_NOISE) {
-    const uint64_t seed = static_cast<uint64_t>(*a.seed);  // on device: graph-capturable
-    key0 = static_cast<uint32_t>(seed);
-    key1 = static_cast<uint32_t>(seed >> 32);
-  }
+  PackNoise<HAS_NOISE, VEC> noise(a.seed);
   Coefs<CL, 1, UW, A> kc;
   auto load_k = [&](int64_t group) {
     kc.load(g, group, coef_smem, [&](int, int64_t c) { return a.k[a.k_per_channel ? c : 0]; });
@@ -60,17 +55,12 @@ __global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
       live_packs<SUB, VEC, kPreload>(p[i], i, load, [&](int q) {
         const int64_t off = p[i].off + q * VEC;
         Pack<T, VEC> po;
-        constexpr int G = VEC % 4 == 0 ? 4 : VEC;  // normals per Philox call used here
-        float xi[G];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           const A kk = kc.get(0, q * VEC + j);
           A x = (A(1) - kk) * to_acc(pu[i][q].v[j]) + kk * to_acc(pp[i][q].v[j]);
           if constexpr (HAS_F) x += HAS_SCALE ? s * to_acc(pf[i][q].v[j]) : to_acc(pf[i][q].v[j]);
-          if constexpr (HAS_NOISE) {
-            if (j % G == 0) philox_normals<G>(key0, key1, static_cast<uint64_t>(off + j), xi);
-            x += a.noise_std * static_cast<A>(xi[j % G]);
-          }
+          if constexpr (HAS_NOISE) x += noise.at(off, j, a.noise_std);
           if constexpr (RELU) x = x < A(0) ? A(0) : x;  // keeps NaN, like torch.relu
           po.v[j] = from_acc<T>(x);
         }

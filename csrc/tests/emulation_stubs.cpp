@@ -31,22 +31,16 @@ template <>
 ReductionScratch bn_scratch_typed<LMF_STUB_T>(const LMStepShape&) {
   return {};
 }
-template <>
-cudaError_t bn_stats_typed<LMF_STUB_T>(const BatchNormOperands&, cudaStream_t) {
-  return cudaErrorNotSupported;
-}
-template <>
-cudaError_t bn_forward_typed<LMF_STUB_T>(const BatchNormOperands&, cudaStream_t) {
-  return cudaErrorNotSupported;
-}
-template <>
-cudaError_t bn_reduce_typed<LMF_STUB_T>(const BatchNormOperands&, cudaStream_t) {
-  return cudaErrorNotSupported;
-}
-template <>
-cudaError_t bn_backward_typed<LMF_STUB_T>(const BatchNormOperands&, cudaStream_t) {
-  return cudaErrorNotSupported;
-}
+// The batch-norm launchers all take the operands and a stream.
+#define LMF_BATCH_NORM_STUB(NAME)                                                      \
+  template <>                                                                          \
+  cudaError_t NAME<LMF_STUB_T>(const BatchNormOperands&, cudaStream_t) {               \
+    return cudaErrorNotSupported;                                                      \
+  }
+LMF_BATCH_NORM_STUB(bn_stats_typed)
+LMF_BATCH_NORM_STUB(bn_forward_typed)
+LMF_BATCH_NORM_STUB(bn_reduce_typed)
+LMF_BATCH_NORM_STUB(bn_backward_typed)
 
 }  // namespace detail
 }  // namespace lmfused
