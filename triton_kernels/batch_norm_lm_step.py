@@ -152,6 +152,41 @@ def _gain(invstd_ptr, weight_ptr, chan, chan_ok, HAS_WEIGHT: tl.constexpr, FP64:
 
 
 @triton.jit
+def _bias(bias_ptr, chan, chan_ok, row_in_tile, HAS_BIAS: tl.constexpr, SPAN: tl.constexpr,
+          FP64: tl.constexpr):  # fmt: skip
+    """The bias per channel, spread over a span tile (``_spread``), or 0 without one."""
+    bias = 0.0
+    if HAS_BIAS:
+        bias = _spread(_vector(bias_ptr, chan, chan_ok, FP64), row_in_tile, SPAN)
+    return bias
+
+
+@triton.jit
+def _scale_mean_gain(
+    scale_ptr, mean_ptr, invstd_ptr, weight_ptr, sample, row_ok, chan, chan_ok, row_in_tile,
+    HAS_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, SPAN: tl.constexpr, FP64: tl.constexpr,
+):  # fmt: skip
+    """An elementwise pass's per-sample scale (1 without one), mean and gain (``_gain``) at its tile's
+    elements, loaded in this order."""
+    s = 1.0
+    if HAS_SCALE:
+        s = _spread(_vector(scale_ptr, sample, row_ok, FP64), row_in_tile, SPAN)
+    mean = _spread(_vector(mean_ptr, chan, chan_ok, FP64), row_in_tile, SPAN)
+    gain = _spread(_gain(invstd_ptr, weight_ptr, chan, chan_ok, HAS_WEIGHT, FP64), row_in_tile, SPAN)
+    return s, mean, gain
+
+
+@triton.jit
+def _step_k(k_ptr, chan, chan_ok, row_in_tile, PER_CHANNEL_K: tl.constexpr, SPAN: tl.constexpr,
+            FP64: tl.constexpr):  # fmt: skip
+    """The LM step's k at an elementwise pass's tile: per channel (spread over a span tile), or the scalar."""
+    if PER_CHANNEL_K:
+        return _spread(_vector(k_ptr, chan, chan_ok, FP64), row_in_tile, SPAN)
+    else:
+        return promote(tl.load(k_ptr), FP64)
+
+
+@triton.jit
 def _pre_activation(
     x, u, u_prev, k, mean, gain, bias, s, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -513,8 +548,7 @@ def batch_norm_lm_step_backward_reduce_kernel(
     bias = 0.0
     if RELU and MASK_FROM_X:
         gain = _spread(_gain(invstd_ptr, weight_ptr, chan, chan_ok, HAS_WEIGHT, FP64), row_in_tile, span)
-        if HAS_BIAS:
-            bias = _spread(_vector(bias_ptr, chan, chan_ok, FP64), row_in_tile, span)
+        bias = _bias(bias_ptr, chan, chan_ok, row_in_tile, HAS_BIAS, span, FP64)
     for item in range(program, num_items, P):
         if span:  # item = sample
             offs = (tl.cast(item, tl.int64) * sample_vec + block * tile_vec) * VEC + lane
@@ -681,20 +715,14 @@ def batch_norm_lm_step_forward_kernel(
     u = 0.0
     u_prev = 0.0
     if HAS_STATE:
-        if PER_CHANNEL_K:
-            k = _spread(_vector(k_ptr, chan, chan_ok, FP64), row_in_tile, span)
-        else:
-            k = promote(tl.load(k_ptr), FP64)
+        k = _step_k(k_ptr, chan, chan_ok, row_in_tile, PER_CHANNEL_K, span, FP64)
         u = promote(tl.load(u_ptr + offs, mask=ok, other=0.0), FP64)
         u_prev = promote(tl.load(u_prev_ptr + offs, mask=ok, other=0.0), FP64)
-    bias = 0.0
-    if HAS_BIAS:
-        bias = _spread(_vector(bias_ptr, chan, chan_ok, FP64), row_in_tile, span)
-    s = 1.0
-    if HAS_SCALE:
-        s = _spread(_vector(scale_ptr, sample, row_ok, FP64), row_in_tile, span)
-    mean = _spread(_vector(mean_ptr, chan, chan_ok, FP64), row_in_tile, span)
-    gain = _spread(_gain(invstd_ptr, weight_ptr, chan, chan_ok, HAS_WEIGHT, FP64), row_in_tile, span)
+    bias = _bias(bias_ptr, chan, chan_ok, row_in_tile, HAS_BIAS, span, FP64)
+    s, mean, gain = _scale_mean_gain(
+        scale_ptr, mean_ptr, invstd_ptr, weight_ptr, sample, row_ok, chan, chan_ok, row_in_tile, HAS_SCALE,
+        HAS_WEIGHT, span, FP64,
+    )  # fmt: skip
     acc = _pre_activation(x, u, u_prev, k, mean, gain, bias, s, HAS_STATE, HAS_BIAS, HAS_SCALE)
     if HAS_NOISE:
         seed = tl.load(seed_ptr)
@@ -799,16 +827,13 @@ def batch_norm_lm_step_backward_kernel(
     shortcut = 0.0
     if HAS_SHORTCUT and NEED_U:
         shortcut = promote(tl.load(grad_shortcut_ptr + offs, mask=ok, other=0.0), FP64)
-    s = 1.0
-    if HAS_SCALE:
-        s = _spread(_vector(scale_ptr, sample, row_ok, FP64), row_in_tile, span)
-    mean = _spread(_vector(mean_ptr, chan, chan_ok, FP64), row_in_tile, span)
-    gain = _spread(_gain(invstd_ptr, weight_ptr, chan, chan_ok, HAS_WEIGHT, FP64), row_in_tile, span)
+    s, mean, gain = _scale_mean_gain(
+        scale_ptr, mean_ptr, invstd_ptr, weight_ptr, sample, row_ok, chan, chan_ok, row_in_tile, HAS_SCALE,
+        HAS_WEIGHT, span, FP64,
+    )  # fmt: skip
     if RELU:
         if MASK_FROM_X:
-            bias = 0.0
-            if HAS_BIAS:
-                bias = _spread(_vector(bias_ptr, chan, chan_ok, FP64), row_in_tile, span)
+            bias = _bias(bias_ptr, chan, chan_ok, row_in_tile, HAS_BIAS, span, FP64)
             pre = _pre_activation(x, 0.0, 0.0, 0.0, mean, gain, bias, s, False, HAS_BIAS, HAS_SCALE)
             g = tl.where(_passes(pre, x_ptr.dtype.element_ty), g, 0.0)
         elif span:
@@ -830,10 +855,7 @@ def batch_norm_lm_step_backward_kernel(
             dy = dy - mean_dy - (x - mean) * invstd * mean_dy_xhat
         tl.store(grad_x_ptr + offs, (gain * dy).to(grad_x_ptr.dtype.element_ty), mask=ok)
     if NEED_U or NEED_U_PREV:
-        if PER_CHANNEL_K:
-            k = _spread(_vector(k_ptr, chan, chan_ok, FP64), row_in_tile, span)
-        else:
-            k = promote(tl.load(k_ptr), FP64)
+        k = _step_k(k_ptr, chan, chan_ok, row_in_tile, PER_CHANNEL_K, span, FP64)
         store_state_grads(
             grad_u_ptr, grad_u_prev_ptr, offs, ok, g, k, shortcut, HAS_SHORTCUT, NEED_U, NEED_U_PREV
         )
@@ -1136,6 +1158,21 @@ def _mask_row_bytes(plan: Plan) -> int:
     return cdiv(int(plan.row_len), 8)
 
 
+def _elementwise_args(plan: Plan, tiles: ElementwiseTiles) -> tuple:
+    """The forward's and backward's tile arguments, M to total_vec."""
+    return (
+        plan.rows,
+        tiles.row_len_arg,
+        plan.channels,
+        plan.rows_per_sample,
+        tiles.num_l_blocks,
+        _mask_row_bytes(plan),
+        tiles.span.tile_rows,
+        tiles.span.tile_vec,
+        tiles.span.total_vec,
+    )
+
+
 def batch_norm_lm_step_forward_triton(
     x: Tensor,
     mean: Tensor,
@@ -1180,15 +1217,7 @@ def batch_norm_lm_step_forward_triton(
         seed if has_noise else mean,
         out,
         mask if write_mask else out,
-        plan.rows,
-        tiles.row_len_arg,
-        plan.channels,
-        plan.rows_per_sample,
-        tiles.num_l_blocks,
-        mask_row_bytes,
-        tiles.span.tile_rows,
-        tiles.span.tile_vec,
-        tiles.span.total_vec,
+        *_elementwise_args(plan, tiles),
         float(noise_std),
         HAS_STATE=has_state,
         HAS_WEIGHT=weight is not None,
@@ -1357,15 +1386,7 @@ def batch_norm_lm_step_backward_triton(
         grad_x if need_x else g,
         grad_u if need_u else g,
         grad_u_prev if need_u_prev else g,
-        plan.rows,
-        tiles.row_len_arg,
-        plan.channels,
-        plan.rows_per_sample,
-        tiles.num_l_blocks,
-        _mask_row_bytes(plan),
-        tiles.span.tile_rows,
-        tiles.span.tile_vec,
-        tiles.span.total_vec,
+        *_elementwise_args(plan, tiles),
         x.numel() // plan.channels,
         HAS_HANDOFF=has_handoff,
         HAS_WEIGHT=weight is not None,

@@ -81,6 +81,16 @@ def _flat_rows(
 
 
 @triton.jit
+def _flat_tile(numel, BLOCK: tl.constexpr):
+    """This program's flat tile: (program id, first element (int64), lanes, element offsets, in bounds)."""
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * BLOCK
+    idx = tl.arange(0, BLOCK)
+    offs = start + idx
+    return pid, start, idx, offs, offs < numel
+
+
+@triton.jit
 def lm_step_forward_kernel(
     u_ptr,
     u_prev_ptr,
@@ -109,11 +119,7 @@ def lm_step_forward_kernel(
     BLOCK: tl.constexpr,
 ):
     """out = act((1 - k) u + k u_prev + s f + noise_std xi) on one flat tile."""
-    pid = tl.program_id(0)
-    start = pid.to(tl.int64) * BLOCK
-    idx = tl.arange(0, BLOCK)
-    offs = start + idx
-    mask = offs < numel
+    pid, start, idx, offs, mask = _flat_tile(numel, BLOCK)
     # k and the sample's scale per element: channel = row % C (channels-first, R = C) or offset % C
     # (channels-last, L = C), sample = row // R (R = rows per sample).
     if PER_CHANNEL_K or (HAS_F and HAS_SCALE):
@@ -219,11 +225,7 @@ def lm_step_backward_kernel(
 ):
     """Flat walk: the elementwise gradients, and one partial of g (u_prev - u) per program (scalar k only:
     a per-channel grad_k takes the channel or columns walk)."""
-    pid = tl.program_id(0)
-    start = pid.to(tl.int64) * BLOCK
-    idx = tl.arange(0, BLOCK)
-    offs = start + idx
-    mask = offs < numel
+    pid, start, idx, offs, mask = _flat_tile(numel, BLOCK)
     k = 1.0  # placeholders for what a variant does not read
     s = 1.0
     if (PER_CHANNEL_K and (NEED_U or NEED_U_PREV)) or (NEED_F and HAS_SCALE):
