@@ -49,6 +49,7 @@ import functools
 import math
 from collections.abc import Callable
 from numbers import Real
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -73,6 +74,10 @@ from lmfused.rebuild import carry, mark, save_state, saved_state
 from lmfused.reference import compute_dtype
 
 __all__ = [
+    "BatchNormBackwardArgs",
+    "BatchNormBackwardReduceArgs",
+    "BatchNormForwardArgs",
+    "BatchNormStatsArgs",
     "batch_norm",
     "batch_norm_lm_step",
     "batch_norm_relu",
@@ -99,6 +104,85 @@ BACKWARD_SCHEMA = (
     "bool training, bool relu, bool need_x, bool need_u, bool need_u_prev) -> (Tensor, Tensor, Tensor)"
 )
 GRADIENTS = ("x", "weight", "bias", "u", "u_prev", "k")  # the order of ``needs`` and of the gradients
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The operands of each pass: one record per op (fields in its schema's order), built once by the registered
+# op from its arguments and passed whole to the backend's function.
+# ----------------------------------------------------------------------------------------------------------
+
+
+class BatchNormStatsArgs(NamedTuple):
+    """The statistics pass (``lmfused::batch_norm_stats_<backend>``)."""
+
+    x: Tensor
+    running_mean: Tensor | None  # (C,), updated in place in training; None with running_var
+    running_var: Tensor | None
+    training: bool  # batch statistics of x, else the running statistics (x not read)
+    momentum: float
+    eps: float
+
+
+class BatchNormForwardArgs(NamedTuple):
+    """The forward pass (``lmfused::batch_norm_lm_step_<backend>``)."""
+
+    x: Tensor
+    mean: Tensor  # (C,) compute dtype, from the statistics pass
+    invstd: Tensor
+    weight: Tensor | None
+    bias: Tensor | None
+    u: Tensor | None  # None with u_prev: the no-state mode (batch_norm_relu, batch_norm)
+    u_prev: Tensor | None
+    k: Tensor
+    scale: Tensor | None
+    seed: Tensor | None
+    training: bool  # read by the autograd formula only
+    relu: bool
+    noise_std: float
+    write_mask: bool  # also write the ReLU's 1-bit mask of the output (:func:`mask_shape`)
+
+
+class BatchNormBackwardReduceArgs(NamedTuple):
+    """The backward's reduction pass (``lmfused::batch_norm_lm_step_<backend>_backward_reduce``)."""
+
+    grad_out: Tensor
+    grad_handoff: Tensor | None  # the gradient of the output handed to the next step, added to grad_out
+    x: Tensor
+    mean: Tensor
+    invstd: Tensor
+    weight: Tensor | None
+    bias: Tensor | None
+    u: Tensor | None  # required when need_k
+    u_prev: Tensor | None
+    k: Tensor
+    mask: Tensor | None  # the forward's ReLU mask; None: recomputed from x (the no-state mode)
+    scale: Tensor | None
+    relu: bool
+    need_k: bool
+
+
+class BatchNormBackwardArgs(NamedTuple):
+    """The backward pass that writes the activation gradients
+    (``lmfused::batch_norm_lm_step_<backend>_backward``)."""
+
+    grad_out: Tensor
+    grad_handoff: Tensor | None  # as for the reduction pass
+    grad_shortcut: Tensor | None  # the gradient of the step's shortcut output, added into grad_u unmasked
+    x: Tensor
+    mean: Tensor
+    invstd: Tensor
+    weight: Tensor | None
+    bias: Tensor | None
+    sum_dy: Tensor  # the reduction pass's sums (read in training only)
+    sum_dy_xhat: Tensor
+    mask: Tensor | None
+    k: Tensor
+    scale: Tensor | None
+    training: bool
+    relu: bool
+    need_x: bool
+    need_u: bool
+    need_u_prev: bool
 
 
 def _reduce_dims(x: Tensor) -> list[int]:
@@ -158,20 +242,14 @@ def _empty_mask(like: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def reference_stats(
-    x: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    training: bool,
-    momentum: float,
-    eps: float,
-) -> tuple[Tensor, Tensor]:
+def reference_stats(args: BatchNormStatsArgs) -> tuple[Tensor, Tensor]:
     """Per-channel mean and invstd = 1 / sqrt(var + eps) in the compute dtype: in training of x (biased
     variance), the running statistics updated in place as F.batch_norm does (r = (1 - momentum) r +
     momentum stat, the variance unbiased); in evaluation of the running statistics (x not read)."""
+    x, running_mean, running_var, eps = args.x, args.running_mean, args.running_var, args.eps
     cd = compute_dtype(x.dtype)
     channels = x.shape[1]
-    if not training:
+    if not args.training:
         return running_mean.to(cd, copy=True), torch.rsqrt(running_var.to(cd) + eps)
     if x.numel() == 0:  # as F.batch_norm: nothing to average, running statistics untouched
         return x.new_zeros((channels,), dtype=cd), x.new_full((channels,), 1 / math.sqrt(1 + eps), dtype=cd)
@@ -182,7 +260,7 @@ def reference_stats(
         count = x.numel() // channels
         unbiased = var * (count / (count - 1))
         for running, stat in ((running_mean, mean), (running_var, unbiased)):
-            running.copy_((1 - momentum) * running.to(cd) + momentum * stat)
+            running.copy_((1 - args.momentum) * running.to(cd) + args.momentum * stat)
     return mean, torch.rsqrt(var + eps)
 
 
@@ -190,31 +268,18 @@ def _normalized(x: Tensor, mean: Tensor, invstd: Tensor, cd: torch.dtype) -> Ten
     return (x.to(cd) - channel_view(mean.to(cd), x)) * channel_view(invstd.to(cd), x)
 
 
-def reference_forward(
-    x: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    u: Tensor | None,
-    u_prev: Tensor | None,
-    k: Tensor,
-    scale: Tensor | None,
-    seed: Tensor | None,
-    training: bool,
-    relu: bool,
-    noise_std: float,
-    write_mask: bool,
-) -> tuple[Tensor, Tensor]:
+def reference_forward(args: BatchNormForwardArgs) -> tuple[Tensor, Tensor]:
     """Forward of the ``reference`` backend: y = (x - mean) * invstd * weight + bias, then the LM update
     (without u and u_prev, the no-state mode: act(s * y + noise)); with ``write_mask`` also the ReLU's
     1-bit mask of the stored output (NOT out <= 0, see :func:`pack_mask`)."""
-    y = _batch_norm_output(x, mean, invstd, weight, bias, compute_dtype(x.dtype))
+    x, u, u_prev, k = args.x, args.u, args.u_prev, args.k
+    y = _batch_norm_output(x, args.mean, args.invstd, args.weight, args.bias, compute_dtype(x.dtype))
     if u is None:  # (1 - k) * 0 + k * 0 + s * y: the update's arithmetic with zero states
         u = u_prev = torch.zeros_like(x)
         k = torch.zeros_like(k)
-    out = reference.reference_forward(u, u_prev, y, k, scale, seed, relu, noise_std)
-    return out, pack_mask(~(out <= 0)) if write_mask else _empty_mask(out)
+    step = reference.LMStepForwardArgs(u, u_prev, y, k, args.scale, args.seed, args.relu, args.noise_std)
+    out = reference.reference_forward(step)
+    return out, pack_mask(~(out <= 0)) if args.write_mask else _empty_mask(out)
 
 
 def _batch_norm_output(x, mean, invstd, weight, bias, cd: torch.dtype) -> Tensor:
@@ -231,23 +296,22 @@ def _channel_sum(t: Tensor) -> Tensor:
     return t.sum(_reduce_dims(t))
 
 
-def _masked_gradient(
-    grad_out, grad_handoff, x, mean, invstd, weight, bias, mask, scale, relu, cd: torch.dtype
-) -> Tensor:
+def _masked_gradient(args: BatchNormBackwardReduceArgs | BatchNormBackwardArgs, cd: torch.dtype) -> Tensor:
     """The output gradient (grad_out + grad_handoff, added in the compute dtype) through the ReLU, as
     torch.relu's backward: 0 where out <= 0 (NaN passes).
 
     With a mask (the forward's, of its stored output) its bits; without one (the no-state mode,
     ``batch_norm_relu``) the sign of the forward's pre-activation s * BN(x), recomputed and rounded to x's
     dtype (the output's sign: rounding is monotone and keeps 0)."""
+    grad_out, grad_handoff, x = args.grad_out, args.grad_handoff, args.x
     g = grad_out.to(cd) if grad_handoff is None else grad_out.to(cd) + grad_handoff.to(cd)
-    if not relu:
+    if not args.relu:
         return g
-    if mask is not None:  # x has the planned layout of u, which the mask follows
-        passes = unpack_mask(mask, x)
+    if args.mask is not None:  # x has the planned layout of u, which the mask follows
+        passes = unpack_mask(args.mask, x)
     else:
-        y = _batch_norm_output(x, mean, invstd, weight, bias, cd)
-        passes = ~(_branch_gradient(y, scale).to(x.dtype) <= 0)
+        y = _batch_norm_output(x, args.mean, args.invstd, args.weight, args.bias, cd)
+        passes = ~(_branch_gradient(y, args.scale).to(x.dtype) <= 0)
     return torch.where(passes, g, torch.zeros((), dtype=cd, device=g.device))
 
 
@@ -256,80 +320,47 @@ def _branch_gradient(g: Tensor, scale: Tensor | None) -> Tensor:
     return g if scale is None else scale.to(g.dtype).reshape((-1,) + (1,) * (g.dim() - 1)) * g
 
 
-def reference_backward_reduce(
-    grad_out: Tensor,
-    grad_handoff: Tensor | None,
-    x: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    u: Tensor | None,
-    u_prev: Tensor | None,
-    k: Tensor,
-    mask: Tensor | None,
-    scale: Tensor | None,
-    relu: bool,
-    need_k: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+def reference_backward_reduce(args: BatchNormBackwardReduceArgs) -> tuple[Tensor, Tensor, Tensor]:
     """First backward pass: per-channel sums of dy and dy * xhat, and (``need_k``) of g * (u_prev - u)
     reduced to k's shape ((1,): over the channels too), where g is the output gradient through the ReLU
     (:func:`_masked_gradient`), dy = s * g and xhat = (x - mean) * invstd (compute dtype)."""
-    cd = compute_dtype(grad_out.dtype)
-    g = _masked_gradient(grad_out, grad_handoff, x, mean, invstd, weight, bias, mask, scale, relu, cd)
-    dy = _branch_gradient(g, scale)
-    sum_dy_xhat = _channel_sum(dy * _normalized(x, mean, invstd, cd))
+    cd = compute_dtype(args.grad_out.dtype)
+    g = _masked_gradient(args, cd)
+    dy = _branch_gradient(g, args.scale)
+    sum_dy_xhat = _channel_sum(dy * _normalized(args.x, args.mean, args.invstd, cd))
     grad_k = g.new_empty((0,))
-    if need_k:
-        if u is None or u_prev is None:
+    if args.need_k:
+        if args.u is None or args.u_prev is None:
             raise ValueError("u, u_prev: required when the gradient of k is needed")
-        grad_k = _channel_sum(g * (u_prev.to(cd) - u.to(cd)))
-        if k.numel() == 1:
+        grad_k = _channel_sum(g * (args.u_prev.to(cd) - args.u.to(cd)))
+        if args.k.numel() == 1:
             grad_k = grad_k.sum().reshape(1)
     return _channel_sum(dy), sum_dy_xhat, grad_k
 
 
-def reference_backward(
-    grad_out: Tensor,
-    grad_handoff: Tensor | None,
-    grad_shortcut: Tensor | None,
-    x: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    sum_dy: Tensor,
-    sum_dy_xhat: Tensor,
-    mask: Tensor | None,
-    k: Tensor,
-    scale: Tensor | None,
-    training: bool,
-    relu: bool,
-    need_x: bool,
-    need_u: bool,
-    need_u_prev: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+def reference_backward(args: BatchNormBackwardArgs) -> tuple[Tensor, Tensor, Tensor]:
     """Second backward pass: grad_x = w invstd (dy - sum(dy) / n - xhat sum(dy xhat) / n) in training (n
     values per channel; the batch statistics' own gradient included), w invstd dy in evaluation; grad_u =
     (1 - k) g (+ grad_shortcut, the gradient of the step's shortcut output, unmasked), grad_u_prev = k g.
     Unneeded gradients come back empty."""
+    grad_out, x, grad_shortcut = args.grad_out, args.x, args.grad_shortcut
     cd = compute_dtype(grad_out.dtype)
-    g = _masked_gradient(grad_out, grad_handoff, x, mean, invstd, weight, bias, mask, scale, relu, cd)
+    g = _masked_gradient(args, cd)
     grad_x = grad_u = grad_u_prev = None
-    if need_x:
-        dy = _branch_gradient(g, scale)
-        if training:
+    if args.need_x:
+        dy = _branch_gradient(g, args.scale)
+        if args.training:
             count = x.numel() // x.shape[1]
-            xhat = _normalized(x, mean, invstd, cd)
-            mean_dy, mean_dy_xhat = sum_dy.to(cd) / count, sum_dy_xhat.to(cd) / count
+            xhat = _normalized(x, args.mean, args.invstd, cd)
+            mean_dy, mean_dy_xhat = args.sum_dy.to(cd) / count, args.sum_dy_xhat.to(cd) / count
             dy = dy - channel_view(mean_dy, dy) - xhat * channel_view(mean_dy_xhat, dy)
-        gain = invstd.to(cd) * (weight.to(cd) if weight is not None else 1.0)
+        gain = args.invstd.to(cd) * (args.weight.to(cd) if args.weight is not None else 1.0)
         grad_x = result_in_layout(dy * channel_view(gain, dy), x, x.dtype)
-    kc = channel_view(k.to(cd), g)
-    if need_u:
+    kc = channel_view(args.k.to(cd), g)
+    if args.need_u:
         grad_u = (1 - kc) * g if grad_shortcut is None else (1 - kc) * g + grad_shortcut.to(cd)
         grad_u = result_in_layout(grad_u, x, grad_out.dtype)
-    if need_u_prev:
+    if args.need_u_prev:
         grad_u_prev = result_in_layout(kc * g, x, grad_out.dtype)
     return tuple(t if t is not None else grad_out.new_empty((0,)) for t in (grad_x, grad_u, grad_u_prev))
 
@@ -446,6 +477,9 @@ def is_forward_op(op: object) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 
 
+_RECORDS = (BatchNormStatsArgs, BatchNormForwardArgs, BatchNormBackwardReduceArgs, BatchNormBackwardArgs)
+
+
 def _register(backend: str, implementations: tuple[Callable, ...] | None) -> tuple[Callable, ...]:
     """Define the four ops of ``backend`` (statistics, forward, backward reduction, backward) with their
     fake implementations, and the forward's autograd. ``implementations`` None: the kernels are registered
@@ -455,10 +489,10 @@ def _register(backend: str, implementations: tuple[Callable, ...] | None) -> tup
     schemas = (STATS_SCHEMA, FORWARD_SCHEMA, REDUCE_SCHEMA, BACKWARD_SCHEMA)
     fakes = (_fake_stats, _fake_forward, _fake_reduce, _fake_backward)
     ops = []
-    for i, (name, schema, fake) in enumerate(zip(names, schemas, fakes, strict=True)):
+    for i, (name, schema, fake, record) in enumerate(zip(names, schemas, fakes, _RECORDS, strict=True)):
         implementation = implementations[i] if implementations is not None else None
         mutates = ("running_mean", "running_var") if i == 0 else ()
-        ops.append(register_op(backend, name, schema, implementation, fake, mutates))
+        ops.append(register_op(backend, name, schema, implementation, fake, record, mutates))
     _, _, reduce_op, backward_op = ops
     torch.library.register_autograd(
         f"lmfused::{names[1]}",

@@ -267,18 +267,34 @@ def check_step_inputs(u, u_prev, f, k, scale, relu, noise_std) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _taking_record(implementation: Callable, record: type, name: str, schema: str) -> Callable:
+    """The op's implementation: its flat arguments (in the schema's order) as one ``record``, the backend's
+    ``implementation`` called on it. The record's fields must be the schema's argument names, in order."""
+    arguments = tuple(a.name for a in torch._C.parse_schema(f"lmfused::{name}{schema}").arguments)
+    if record._fields != arguments:
+        raise TypeError(f"{record.__name__}: fields {record._fields}, {name} takes {arguments}")
+
+    def from_arguments(*args):
+        return implementation(record(*args))
+
+    from_arguments.__name__ = getattr(implementation, "__name__", name)
+    return from_arguments
+
+
 def register_op(
     backend: str,
     name: str,
     schema: str,
     implementation: Callable | None,
     fake: Callable,
+    record: type,
     mutates_args: tuple[str, ...] = (),
 ) -> Callable:
     """Define ``lmfused::name`` with its fake implementation; returns the op. ``implementation`` None: only
     the schema, the kernel being registered from C++ (``TORCH_LIBRARY_IMPL(lmfused, CUDA, ...)``, csrc/);
     else a ``custom_op``, or for the Triton backend a ``triton_op`` when torch.compile can trace its kernels
-    (:func:`triton_traceable`)."""
+    (:func:`triton_traceable`), that builds ``record`` (a NamedTuple with the schema's arguments as fields)
+    from its arguments and passes it to ``implementation``, the backend's function of that one record."""
     if implementation is None:
         torch.library.define(f"lmfused::{name}", schema)
         op = getattr(torch.ops.lmfused, name).default
@@ -286,7 +302,8 @@ def register_op(
         make = torch.library.custom_op
         if backend == "triton" and triton_traceable():
             make = torch.library.triton_op
-        op = make(f"lmfused::{name}", mutates_args=mutates_args, schema=schema)(implementation)
+        run = _taking_record(implementation, record, name, schema)
+        op = make(f"lmfused::{name}", mutates_args=mutates_args, schema=schema)(run)
     torch.library.register_fake(f"lmfused::{name}", fake)
     return op
 

@@ -37,7 +37,7 @@ from lmfused.op_support import (
     zero_gradient_like,
 )
 from lmfused.rebuild import carry, save_state, saved_state
-from lmfused.reference import reference_backward, reference_forward
+from lmfused.reference import LMStepBackwardArgs, LMStepForwardArgs, reference_backward, reference_forward
 
 __all__ = ["BACKENDS", "available_backends", "lm_step"]
 
@@ -157,11 +157,14 @@ def _triton_implementations() -> tuple[Callable, Callable] | None:
 
 def _register(backend: str, implementations: tuple[Callable, Callable] | None) -> tuple[Callable, Callable]:
     """Define lmfused::lm_step_<backend> and its backward (``implementations`` None: kernels registered
-    from C++), with fake and autograd registrations."""
+    from C++), with fake and autograd registrations. The implementations take one record each,
+    :class:`LMStepForwardArgs` / :class:`LMStepBackwardArgs`, built by the op from its arguments."""
     forward, backward = implementations if implementations is not None else (None, None)
     name = f"lm_step_{backend}"
-    forward_op = register_op(backend, name, FORWARD_SCHEMA, forward, _fake_forward)
-    backward_op = register_op(backend, f"{name}_backward", BACKWARD_SCHEMA, backward, _fake_backward)
+    forward_op = register_op(backend, name, FORWARD_SCHEMA, forward, _fake_forward, LMStepForwardArgs)
+    backward_op = register_op(
+        backend, f"{name}_backward", BACKWARD_SCHEMA, backward, _fake_backward, LMStepBackwardArgs
+    )
     torch.library.register_autograd(
         f"lmfused::{name}", _autograd_backward(backward_op), setup_context=_setup_context
     )

@@ -12,12 +12,54 @@ DESIGN.md section 1, in float32 (float64 for float64 inputs), and back the ``ref
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from lmfused.op_support import channel_view, result_in_layout
 
-__all__ = ["compute_dtype", "lm_step_computed", "lm_step_eager", "reference_backward", "reference_forward"]
+__all__ = [
+    "LMStepBackwardArgs",
+    "LMStepForwardArgs",
+    "compute_dtype",
+    "lm_step_computed",
+    "lm_step_eager",
+    "reference_backward",
+    "reference_forward",
+]
+
+
+class LMStepForwardArgs(NamedTuple):
+    """The operands of one LM step forward (``lmfused::lm_step_<backend>``, in its schema's order): what every
+    backend's forward takes, built once by the registered op from its arguments (validated by lm_step)."""
+
+    u: Tensor  # u_n, (N, C, *spatial)
+    u_prev: Tensor  # u_{n-1}, same shape, dtype and device
+    f: Tensor | None  # the residual branch, or None (the two-term update)
+    k: Tensor  # (1,) or (C,)
+    scale: Tensor | None  # per-sample stochastic-depth multiplier (N,), or None
+    seed: Tensor | None  # int64 noise seed drawn from torch's generator; required when noise_std > 0
+    relu: bool
+    noise_std: float
+
+
+class LMStepBackwardArgs(NamedTuple):
+    """The operands of one LM step backward (``lmfused::lm_step_<backend>_backward``, in its schema's order),
+    built once by the registered op from its arguments."""
+
+    grad_out: Tensor
+    grad_shortcut: Tensor | None  # the gradient of the step's shortcut output (u itself), added into grad_u
+    u: Tensor | None  # required when need_k
+    u_prev: Tensor | None  # required when need_k
+    out: Tensor | None  # the forward output, required when relu
+    k: Tensor
+    scale: Tensor | None
+    relu: bool
+    need_u: bool
+    need_u_prev: bool
+    need_f: bool
+    need_k: bool
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,23 +103,16 @@ def lm_step_eager(
     return torch.relu(out) if relu else out
 
 
-def reference_forward(
-    u: Tensor,
-    u_prev: Tensor,
-    f: Tensor | None,
-    k: Tensor,
-    scale: Tensor | None,
-    seed: Tensor | None,
-    relu: bool,
-    noise_std: float,
-) -> Tensor:
+def reference_forward(args: LMStepForwardArgs) -> Tensor:
     """Forward of the ``reference`` backend: the LM step in float32 (float64 for float64 inputs)."""
+    u = args.u
     noise = None
-    if noise_std > 0.0:
-        if seed is None:
+    if args.noise_std > 0.0:
+        if args.seed is None:
             raise ValueError("seed: an int64 tensor is required when noise_std > 0")
-        noise = noise_std * _noise(seed, u, compute_dtype(u.dtype))
-    return result_in_layout(lm_step_computed(u, u_prev, f, k, scale, relu, noise), u, u.dtype)
+        noise = args.noise_std * _noise(args.seed, u, compute_dtype(u.dtype))
+    computed = lm_step_computed(u, args.u_prev, args.f, args.k, args.scale, args.relu, noise)
+    return result_in_layout(computed, u, u.dtype)
 
 
 def lm_step_computed(
@@ -103,47 +138,37 @@ def lm_step_computed(
     )
 
 
-def reference_backward(
-    grad_out: Tensor,
-    grad_shortcut: Tensor | None,
-    u: Tensor | None,
-    u_prev: Tensor | None,
-    out: Tensor | None,
-    k: Tensor,
-    scale: Tensor | None,
-    relu: bool,
-    need_u: bool,
-    need_u_prev: bool,
-    need_f: bool,
-    need_k: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def reference_backward(args: LMStepBackwardArgs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of the ``reference`` backend (DESIGN.md section 1); unneeded gradients come back empty.
     ``grad_shortcut`` (the gradient of the step's shortcut output, or None) is added into grad_u unmasked."""
+    grad_out, u, k = args.grad_out, args.u, args.k
     cd = compute_dtype(grad_out.dtype)
     g = grad_out.to(cd)
-    if relu:
-        if out is None:
+    if args.relu:
+        if args.out is None:
             raise ValueError("out: the forward output is required when relu=True")
         # As torch.relu's backward (threshold_backward): zero where out <= 0; a NaN output passes g on.
-        g = torch.where(out <= 0, torch.zeros((), dtype=cd, device=g.device), g)
+        g = torch.where(args.out <= 0, torch.zeros((), dtype=cd, device=g.device), g)
     kc = channel_view(k.to(cd), g)
     like = u if u is not None else grad_out
     grad_u = grad_out.new_empty((0,))
-    if need_u:
+    if args.need_u:
         grad_u = (1 - kc) * g
-        if grad_shortcut is not None:
-            grad_u = grad_u + grad_shortcut.to(cd)
+        if args.grad_shortcut is not None:
+            grad_u = grad_u + args.grad_shortcut.to(cd)
         grad_u = result_in_layout(grad_u, like, grad_out.dtype)
-    grad_u_prev = result_in_layout(kc * g, like, grad_out.dtype) if need_u_prev else grad_out.new_empty((0,))
-    if need_f:
-        branch = g if scale is None else _sample_view(scale.to(cd), g) * g
+    grad_u_prev = grad_out.new_empty((0,))
+    if args.need_u_prev:
+        grad_u_prev = result_in_layout(kc * g, like, grad_out.dtype)
+    if args.need_f:
+        branch = g if args.scale is None else _sample_view(args.scale.to(cd), g) * g
         grad_f = result_in_layout(branch, like, grad_out.dtype)
     else:
         grad_f = grad_out.new_empty((0,))
-    if need_k:
-        if u is None or u_prev is None:
+    if args.need_k:
+        if u is None or args.u_prev is None:
             raise ValueError("u, u_prev: required when need_k=True")
-        prod = g * (u_prev.to(cd) - u.to(cd))
+        prod = g * (args.u_prev.to(cd) - u.to(cd))
         if k.numel() == 1:
             grad_k = prod.sum().reshape(k.shape)
         else:

@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import triton
@@ -77,6 +77,14 @@ from lmfused.triton_kernels.common import aligned, cdiv, four_normals, launcher,
 from torch import Tensor
 
 from lmfused.op_support import Plan, empty_in_layout, plan_layout, to_layout
+
+if TYPE_CHECKING:  # (lmfused.batch_norm_step owns the records; the launchers only read them)
+    from lmfused.batch_norm_step import (
+        BatchNormBackwardArgs,
+        BatchNormBackwardReduceArgs,
+        BatchNormForwardArgs,
+        BatchNormStatsArgs,
+    )
 
 __all__ = [
     "batch_norm_lm_step_backward_reduce_triton",
@@ -1091,22 +1099,16 @@ def _stand_in(t: Tensor | None, other: Tensor) -> Tensor:
     return aligned(t.contiguous()) if t is not None else other
 
 
-def batch_norm_stats_triton(
-    x: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    training: bool,
-    momentum: float,
-    eps: float,
-) -> tuple[Tensor, Tensor]:
+def batch_norm_stats_triton(args: BatchNormStatsArgs) -> tuple[Tensor, Tensor]:
     """One launch: per-channel mean and invstd (float32; float64 for float64 x) and, in training, the running
     statistics updated in place; in evaluation of the running statistics (x not read)."""
+    x, running_mean, running_var, eps = args.x, args.running_mean, args.running_var, args.eps
     channels = x.shape[1]
     acc = _acc_dtype(x)
     mean = x.new_empty((channels,), dtype=acc)
     invstd = x.new_empty((channels,), dtype=acc)
     fp64 = acc == torch.float64
-    if not training:
+    if not args.training:
         block_c = min(1024, triton.next_power_of_2(max(channels, 1)))
         launcher(batch_norm_eval_stats_kernel)[(cdiv(channels, block_c),)](
             _stand_in(running_mean, mean), _stand_in(running_var, mean), mean, invstd, channels, float(eps),
@@ -1137,7 +1139,7 @@ def batch_norm_stats_triton(
         shape.sample_vec,
         shape.tile_vec,
         x.numel() // channels,
-        float(momentum),
+        float(args.momentum),
         float(eps),
         HAS_RUNNING=has_running,
         CHANNELS_LAST=plan.channels_last,
@@ -1173,28 +1175,14 @@ def _elementwise_args(plan: Plan, tiles: ElementwiseTiles) -> tuple:
     )
 
 
-def batch_norm_lm_step_forward_triton(
-    x: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    u: Tensor | None,
-    u_prev: Tensor | None,
-    k: Tensor,
-    scale: Tensor | None,
-    seed: Tensor | None,
-    training: bool,
-    relu: bool,
-    noise_std: float,
-    write_mask: bool,
-) -> tuple[Tensor, Tensor]:
+def batch_norm_lm_step_forward_triton(args: BatchNormForwardArgs) -> tuple[Tensor, Tensor]:
     """One launch: out in u's planned layout (without u and u_prev, the no-state mode, x's) and, with
     ``write_mask``, the ReLU's 1-bit mask of it. Inputs are validated by lmfused.batch_norm_step."""
+    u, u_prev, mean, k, write_mask = args.u, args.u_prev, args.mean, args.k, args.write_mask
     has_state = u is not None
-    plan = plan_layout(u if has_state else x)
+    plan = plan_layout(u if has_state else args.x)
     layout = plan.channels_last
-    x = to_layout(x, layout)
+    x = to_layout(args.x, layout)
     out = empty_in_layout(x.shape, layout, dtype=x.dtype, device=x.device)
     mask_row_bytes = _mask_row_bytes(plan)
     mask = x.new_empty((plan.rows, mask_row_bytes) if write_mask else (0,), dtype=torch.uint8)
@@ -1203,27 +1191,27 @@ def batch_norm_lm_step_forward_triton(
     if has_state:
         u, u_prev = to_layout(u, layout), to_layout(u_prev, layout)
     tiles = _elementwise_tiles(plan, x.element_size())
-    has_noise = noise_std > 0.0
+    has_noise = args.noise_std > 0.0
     launcher(batch_norm_lm_step_forward_kernel)[(tiles.num_programs,)](
         x,
         mean,
-        invstd,
-        _stand_in(weight, mean),
-        _stand_in(bias, mean),
+        args.invstd,
+        _stand_in(args.weight, mean),
+        _stand_in(args.bias, mean),
         u if has_state else x,  # unused pointers stand in for tensors a variant does not read
         u_prev if has_state else x,
         _stand_in(k, mean),
-        _stand_in(scale, mean),
-        seed if has_noise else mean,
+        _stand_in(args.scale, mean),
+        args.seed if has_noise else mean,
         out,
         mask if write_mask else out,
         *_elementwise_args(plan, tiles),
-        float(noise_std),
+        float(args.noise_std),
         HAS_STATE=has_state,
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None,
-        HAS_SCALE=scale is not None,
-        RELU=relu,
+        HAS_WEIGHT=args.weight is not None,
+        HAS_BIAS=args.bias is not None,
+        HAS_SCALE=args.scale is not None,
+        RELU=args.relu,
         HAS_NOISE=has_noise,
         WRITE_MASK=write_mask,
         PER_CHANNEL_K=has_state and k.numel() > 1,
@@ -1239,40 +1227,30 @@ def batch_norm_lm_step_forward_triton(
 
 
 def batch_norm_lm_step_backward_reduce_triton(
-    grad_out: Tensor,
-    grad_handoff: Tensor | None,
-    x: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    u: Tensor | None,
-    u_prev: Tensor | None,
-    k: Tensor,
-    mask: Tensor | None,
-    scale: Tensor | None,
-    relu: bool,
-    need_k: bool,
+    args: BatchNormBackwardReduceArgs,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One launch: per-channel sums of dy and dy * xhat and (``need_k``) grad_k = sum g * (u_prev - u) in
     k's shape, merged in the kernel; g = grad_out (+ ``grad_handoff``, added in the kernel). With ``relu``
     the forward's mask, or without one (the no-state mode) the mask recomputed from x as the forward
     computes the pre-activation."""
+    x, mean, weight, bias, scale = args.x, args.mean, args.weight, args.bias, args.scale
+    k, mask, relu, need_k = args.k, args.mask, args.relu, args.need_k
     plan = plan_layout(x)
     layout, channels = plan.channels_last, plan.channels
-    acc = _acc_dtype(grad_out)
+    acc = _acc_dtype(args.grad_out)
     sum_dy = x.new_empty((channels,), dtype=acc)
     sum_dy_xhat = x.new_empty((channels,), dtype=acc)
     grad_k = x.new_empty(tuple(k.shape) if need_k else (0,), dtype=acc)
     if x.numel() == 0:
         return sum_dy.zero_(), sum_dy_xhat.zero_(), grad_k.zero_()
     # Aligned operands (see the module docstring): the sums' bits depend only on the values.
-    g, x = aligned(to_layout(grad_out, layout)), aligned(to_layout(x, layout))
+    g, x = aligned(to_layout(args.grad_out, layout)), aligned(to_layout(x, layout))
+    grad_handoff = args.grad_handoff
     has_handoff = grad_handoff is not None
     if has_handoff:
         grad_handoff = aligned(to_layout(grad_handoff, layout))
     if need_k:
-        u, u_prev = aligned(to_layout(u, layout)), aligned(to_layout(u_prev, layout))
+        u, u_prev = aligned(to_layout(args.u, layout)), aligned(to_layout(args.u_prev, layout))
     mask_from_x = relu and mask is None
     tiles = backward_reduction_shape(plan, x.element_size())
     grid = tiles.grid
@@ -1285,7 +1263,7 @@ def batch_norm_lm_step_backward_reduce_triton(
         u_prev if need_k else g,
         mask if relu and not mask_from_x else g,
         mean,
-        invstd,
+        args.invstd,
         _stand_in(weight, mean),
         _stand_in(bias, mean),
         _stand_in(scale, mean),
@@ -1325,32 +1303,16 @@ def batch_norm_lm_step_backward_reduce_triton(
     return sum_dy, sum_dy_xhat, grad_k
 
 
-def batch_norm_lm_step_backward_triton(
-    grad_out: Tensor,
-    grad_handoff: Tensor | None,
-    grad_shortcut: Tensor | None,
-    x: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    sum_dy: Tensor,
-    sum_dy_xhat: Tensor,
-    mask: Tensor | None,
-    k: Tensor,
-    scale: Tensor | None,
-    training: bool,
-    relu: bool,
-    need_x: bool,
-    need_u: bool,
-    need_u_prev: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+def batch_norm_lm_step_backward_triton(args: BatchNormBackwardArgs) -> tuple[Tensor, Tensor, Tensor]:
     """One launch: grad_x, grad_u (+ ``grad_shortcut``, the gradient of the step's shortcut output) and
     grad_u_prev (the needed ones; others empty) of g = grad_out (+ ``grad_handoff``, added in the kernel).
     With ``relu`` the forward's mask, or without one (the no-state mode) the mask recomputed from x."""
-    plan = plan_layout(x)
+    mean, weight, bias, scale = args.mean, args.weight, args.bias, args.scale
+    k, mask, relu = args.k, args.mask, args.relu
+    need_x, need_u, need_u_prev = args.need_x, args.need_u, args.need_u_prev
+    plan = plan_layout(args.x)
     layout = plan.channels_last
-    g = to_layout(grad_out, layout)
+    g = to_layout(args.grad_out, layout)
 
     def grad(needed: bool) -> Tensor:  # unneeded: a fresh empty tensor each (outputs must not alias)
         return (
@@ -1360,13 +1322,14 @@ def batch_norm_lm_step_backward_triton(
     grad_x, grad_u, grad_u_prev = grad(need_x), grad(need_u), grad(need_u_prev)
     if g.numel() == 0:
         return grad_x, grad_u, grad_u_prev
+    grad_handoff, grad_shortcut = args.grad_handoff, args.grad_shortcut
     has_handoff = grad_handoff is not None
     if has_handoff:
         grad_handoff = to_layout(grad_handoff, layout)  # read where grad_out is: the same plan
     has_shortcut = grad_shortcut is not None and need_u
     if has_shortcut:
         grad_shortcut = to_layout(grad_shortcut, layout)
-    x = to_layout(x, layout)
+    x = to_layout(args.x, layout)
     mask_from_x = relu and mask is None
     tiles = _elementwise_tiles(plan, x.element_size())
     launcher(batch_norm_lm_step_backward_kernel)[(tiles.num_programs,)](
@@ -1376,11 +1339,11 @@ def batch_norm_lm_step_backward_triton(
         x,
         mask if relu and not mask_from_x else g,
         mean,
-        invstd,
+        args.invstd,
         _stand_in(weight, mean),
         _stand_in(bias, mean),
-        sum_dy,
-        sum_dy_xhat,
+        args.sum_dy,
+        args.sum_dy_xhat,
         _stand_in(k, mean),
         _stand_in(scale, mean),
         grad_x if need_x else g,
@@ -1395,7 +1358,7 @@ def batch_norm_lm_step_backward_triton(
         RELU=relu,
         MASK_FROM_X=mask_from_x,
         HAS_SHORTCUT=has_shortcut,
-        TRAINING=training,
+        TRAINING=args.training,
         PER_CHANNEL_K=k.numel() > 1,
         NEED_X=need_x,
         NEED_U=need_u,

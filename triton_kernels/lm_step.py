@@ -31,6 +31,7 @@ planned layout) takes lane o % 4 of ``randn4x(seed, o // 4)``.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -39,6 +40,9 @@ from lmfused.triton_kernels.common import aligned, cdiv, four_normals, launcher,
 from torch import Tensor
 
 from lmfused.op_support import Plan, empty_in_layout, plan_layout, to_layout
+
+if TYPE_CHECKING:  # (lmfused.reference owns the records; the launchers only read them)
+    from lmfused.reference import LMStepBackwardArgs, LMStepForwardArgs
 
 __all__ = ["INTERPRETED", "lm_step_backward_triton", "lm_step_forward_triton"]
 
@@ -432,27 +436,18 @@ def _flat_args(plan: Plan) -> tuple:
     return _flat_plan(int(plan.rows) * int(plan.row_len), int(plan.row_len), int(plan.rows_per_sample))
 
 
-def lm_step_forward_triton(
-    u: Tensor,
-    u_prev: Tensor,
-    f: Tensor | None,
-    k: Tensor,
-    scale: Tensor | None,
-    seed: Tensor | None,
-    relu: bool,
-    noise_std: float,
-) -> Tensor:
+def lm_step_forward_triton(args: LMStepForwardArgs) -> Tensor:
     """Launch the forward kernel; inputs are validated by lmfused.ops. Output has u's planned layout."""
-    plan = plan_layout(u)
-    u = to_layout(u, plan.channels_last)
+    plan = plan_layout(args.u)
+    u = to_layout(args.u, plan.channels_last)
     out = empty_in_layout(u.shape, plan.channels_last, dtype=u.dtype, device=u.device)
     if u.numel() == 0:
         return out
-    u_prev = to_layout(u_prev, plan.channels_last)
-    f = to_layout(f, plan.channels_last) if f is not None else None
-    k = k.contiguous()  # (1,) or (C,), any float dtype: the kernel promotes it on load, as it does scale
-    scale = scale.contiguous() if scale is not None else None
-    has_noise = noise_std > 0.0
+    u_prev = to_layout(args.u_prev, plan.channels_last)
+    f = to_layout(args.f, plan.channels_last) if args.f is not None else None
+    k = args.k.contiguous()  # (1,) or (C,), any float dtype: the kernel promotes it on load, as scale
+    scale = args.scale.contiguous() if args.scale is not None else None
+    has_noise = args.noise_std > 0.0
     num_programs, block, num_warps, magic_l, shift_l, small_l, magic_r, shift_r, small_r = _flat_args(plan)
     launcher(lm_step_forward_kernel)[(num_programs,)](
         u,
@@ -460,7 +455,7 @@ def lm_step_forward_triton(
         f if f is not None else u,  # unused pointer when HAS_F is off
         k,
         scale if scale is not None else k,
-        seed if has_noise else k,
+        args.seed if has_noise else k,
         out,
         u.numel(),
         plan.row_len,
@@ -469,10 +464,10 @@ def lm_step_forward_triton(
         shift_l,
         magic_r,
         shift_r,
-        float(noise_std),
+        float(args.noise_std),
         HAS_F=f is not None,
         HAS_SCALE=scale is not None and f is not None,
-        RELU=relu,
+        RELU=args.relu,
         HAS_NOISE=has_noise,
         PER_CHANNEL_K=k.numel() > 1,
         CHANNELS_LAST=plan.channels_last,
@@ -485,26 +480,16 @@ def lm_step_forward_triton(
     return out
 
 
-def lm_step_backward_triton(
-    grad_out: Tensor,
-    grad_shortcut: Tensor | None,
-    u: Tensor | None,
-    u_prev: Tensor | None,
-    out: Tensor | None,
-    k: Tensor,
-    scale: Tensor | None,
-    relu: bool,
-    need_u: bool,
-    need_u_prev: bool,
-    need_f: bool,
-    need_k: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def lm_step_backward_triton(args: LMStepBackwardArgs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward kernel of the walk the flags call for, then sum the grad_k partials in a fixed
     order. ``grad_shortcut`` (the gradient of the step's shortcut output, i.e. of u itself) is added to
     grad_u, unmasked, in the same pass."""
-    plan = plan_layout(u if u is not None else grad_out)
+    u, u_prev, out, k, relu = args.u, args.u_prev, args.out, args.k, args.relu
+    need_u, need_u_prev, need_f, need_k = args.need_u, args.need_u_prev, args.need_f, args.need_k
+    plan = plan_layout(u if u is not None else args.grad_out)
     layout = plan.channels_last
-    g = to_layout(grad_out, layout)
+    g = to_layout(args.grad_out, layout)
+    grad_shortcut = args.grad_shortcut
     has_shortcut = grad_shortcut is not None and need_u
     if has_shortcut:
         grad_shortcut = to_layout(grad_shortcut, layout)  # read where grad_out is: the same plan
@@ -534,7 +519,7 @@ def lm_step_backward_triton(
     out = (aligned(to_layout(out, layout)) if need_k else to_layout(out, layout)) if relu else None
     per_channel = k.numel() > 1
     k = k.contiguous()  # any float dtype: the kernels promote k and scale on load
-    scale = scale.contiguous() if scale is not None else None
+    scale = args.scale.contiguous() if args.scale is not None else None
     pointers = (
         g,
         grad_shortcut if has_shortcut else g,
