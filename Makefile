@@ -50,7 +50,7 @@ lint: $(STAMP)
 
 # One worker per core (pytest-xdist, from the test extra): the tests are single-threaded.
 pytest: $(STAMP)
-	$(PYTHON) -m pytest -q -rs -n auto
+	$(PYTHON) -m pytest -q -rs -n auto --durations=20
 
 test: lint pytest
 
