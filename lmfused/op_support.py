@@ -16,11 +16,12 @@ Channels-last tensors are read in place; any other strides are copied to contigu
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 from collections.abc import Callable
 from numbers import Real
-from typing import NamedTuple
+from typing import ForwardRef, NamedTuple
 
 import torch
 from torch import Tensor
@@ -274,10 +275,24 @@ def _taking_record(implementation: Callable, record: type, name: str, schema: st
     if record._fields != arguments:
         raise TypeError(f"{record.__name__}: fields {record._fields}, {name} takes {arguments}")
 
-    def from_arguments(*args):
-        return implementation(record(*args))
+    def from_arguments(*args, **kwargs):
+        return implementation(record(*args, **kwargs))
 
     from_arguments.__name__ = getattr(implementation, "__name__", name)
+
+    # The schema's signature, for the torch versions whose triton_op infers the schema from the function (as
+    # annotation strings, which it reads; a NamedTuple keeps them as ForwardRef objects, which it does not).
+    def annotation(field: str) -> object:
+        hint = record.__annotations__[field]
+        return hint.__forward_arg__ if isinstance(hint, ForwardRef) else hint
+
+    from_arguments.__signature__ = inspect.Signature(
+        [
+            inspect.Parameter(f, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation(f))
+            for f in record._fields
+        ],
+        return_annotation=inspect.signature(implementation).return_annotation,
+    )
     return from_arguments
 
 
