@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
+from torch.autograd.gradcheck import GradcheckError
 
 import lmfused
 from lmfused.ops import _FORWARD_OPS
 from tests.conftest import DEVICE, HAS_CUDA
-from tests.helpers import ATOL, DTYPES, LAYOUTS, backends, make_inputs, oracle, oracle_grid
+from tests.helpers import ATOL, DTYPES, LAYOUTS, backends, gradcheck, make_inputs, oracle, oracle_grid
 
 SHAPES = [(3, 5, 7, 9), (2, 3), (1, 1, 1, 1), (2, 4, 3, 5, 6), (4, 33, 17, 19)]
 FLAGS = list(itertools.product([False, True], repeat=4))  # per_channel_k, with_f, with_scale, relu
@@ -115,7 +116,38 @@ def test_gradcheck_float64(backend, layout, flags):
         kk = args[-1]
         return lmfused.lm_step(uu, up, ff, kk, scale=scale, relu=relu, backend=backend)
 
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8)
+    whole = layout == "channels_last" and all(flags)  # one case compares every entry on every backend
+    assert gradcheck(fn, inputs, backend, whole_jacobian=whole, eps=1e-6, atol=1e-8)
+
+
+class _OneWrongEntry(torch.autograd.Function):
+    """The identity, whose backward is 1% off in one element: one wrong column of the Jacobian."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        grad.view(-1)[7] *= 1.01
+        return grad
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("whole_jacobian", [False, True])
+def test_gradcheck_helper_catches_one_wrong_entry(backend, whole_jacobian):
+    """The gradcheck the tests above use, in either mode, fails a Jacobian with one entry 1% off (gradcheck's
+    rtol is 0.1%)."""
+    u, u_prev, f, k, _ = make_inputs((2, 3, 2, 3), torch.float64, "contiguous", per_channel_k=True,
+                                     with_f=True, with_scale=False)  # fmt: skip
+    inputs = [t.detach().clone().requires_grad_() for t in (u, u_prev, f, k.double())]
+
+    def fn(uu, up, ff, kk):
+        return lmfused.lm_step(_OneWrongEntry.apply(uu), up, ff, kk, backend=backend)
+
+    with pytest.raises(GradcheckError, match="Jacobian mismatch"):
+        gradcheck(fn, inputs, backend, whole_jacobian=whole_jacobian, eps=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("backend", backends())
