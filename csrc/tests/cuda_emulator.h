@@ -3,10 +3,12 @@
 // a GPU, as CI does. Force-included (-include) ahead of every source when csrc/ is compiled as
 // plain C++ with LMF_CUDA_EMULATION defined (tools/run_emulated.sh).
 //
-// * A block's threads run as fibers on one OS thread, in threadIdx order (ucontext starts them;
-//   _setjmp/_longjmp switch between them, without a system call); each runs until it reaches
-//   __syncthreads or returns. When every thread has arrived (or returned), the
-//   barrier opens. Blocks run one after the other, so a `static` array is a block's __shared__.
+// * A block's threads run as fibers on one OS thread, in threadIdx order; each runs until it
+//   reaches __syncthreads or returns. When every thread has arrived (or returned), the barrier
+//   opens. Blocks run one after the other, so a `static` array is a block's __shared__. A fiber
+//   is made once (ucontext) and then serves every block and launch; switches are
+//   __builtin_setjmp/__builtin_longjmp (no system call, no unwinding: a switch saves only the
+//   stack, frame and resume addresses).
 // * Warp shuffles exchange values through a block-wide slot array between two barriers, which
 //   is right for code that, like block_sum, calls them with the whole block.
 // * Blocks run one at a time, in blockIdx order or, for the tests of orders (set_block_order),
@@ -16,34 +18,35 @@
 // It checks indexing, reductions, tiling and flags, not timing or memory-model subtleties.
 #pragma once
 
-// Fibers switch with _setjmp/_longjmp across stacks, which glibc's fortified longjmp rejects.
-#undef _FORTIFY_SOURCE
 #define __launch_bounds__(...)
 #define __shared__ static
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <setjmp.h>
 #include <ucontext.h>
 
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <utility>
 #include <vector>
 
 namespace lmf_emu {
 
+// A switch point: __builtin_setjmp's buffer (frame, resume address, stack).
+using SwitchPoint = void* [5];
+
 struct Fiber {
-  ucontext_t start{};  // entered once, to run fiber_main on the fiber's own stack
-  jmp_buf resume{};    // where the fiber continues after a barrier
+  ucontext_t start{};     // entered once, to run fiber_main on the fiber's own stack
+  SwitchPoint resume{};   // where the fiber continues: after a barrier, or for the next block
   std::vector<char> stack;
-  bool started = false;
+  bool started = false;  // made and entered (it then lives as long as the process)
   bool at_barrier = false;
-  bool done = false;
+  bool done = false;  // returned from this block's kernel body
 };
 
 // The order in which a launch runs its blocks.
@@ -54,9 +57,9 @@ struct State {
   uint3 block_idx{0, 0, 0};
   dim3 block_dim{1, 1, 1};
   dim3 grid_dim{1, 1, 1};
-  std::vector<Fiber> fibers;
-  int current = -1;  // the running fiber, -1 on the host
-  jmp_buf scheduler{};
+  std::deque<Fiber> fibers;  // a deque: growing it moves no fiber (their stacks hold live frames)
+  int current = -1;          // the running fiber, -1 on the host
+  SwitchPoint scheduler{};
   std::function<void()> body;
   std::vector<uint64_t> shuffle_slots;
   BlockOrder order = BlockOrder::kForward;
@@ -73,33 +76,47 @@ inline void fail(const char* what) {
   std::abort();
 }
 
+// __builtin_longjmp may not share a function with the __builtin_setjmp it returns to.
+[[noreturn]] __attribute__((noinline)) inline void jump_to(SwitchPoint& point) {
+  __builtin_longjmp(point, 1);
+}
+
+// Saves the running fiber's resume point and returns to the scheduler; continues when resumed.
+__attribute__((noinline)) inline void yield_to_scheduler() {
+  State& s = state();
+  if (__builtin_setjmp(s.fibers[s.current].resume) == 0) jump_to(s.scheduler);
+}
+
+// A fiber's life: run the kernel body for the current block, park, and run it again for the
+// next block it is resumed for.
 inline void fiber_main() {
   State& s = state();
-  s.body();
-  s.fibers[s.current].done = true;
-  _longjmp(s.scheduler, 1);  // never returns: the scheduler picks the next fiber
+  for (;;) {
+    s.body();
+    s.fibers[s.current].done = true;
+    yield_to_scheduler();
+  }
 }
 
 inline void sync_threads() {
   State& s = state();
   if (s.current < 0) fail("__syncthreads outside a kernel");
-  Fiber& f = s.fibers[s.current];
-  f.at_barrier = true;
-  if (_setjmp(f.resume) == 0) _longjmp(s.scheduler, 1);
+  s.fibers[s.current].at_barrier = true;
+  yield_to_scheduler();
 }
 
 // Runs thread t until its next barrier or its end.
-inline void resume_thread(unsigned t) {
+__attribute__((noinline)) inline void resume_thread(unsigned t) {
   State& s = state();
   Fiber& f = s.fibers[t];
   s.current = static_cast<int>(t);
   s.thread_idx = uint3{t, 0, 0};
-  if (_setjmp(s.scheduler) != 0) return;  // back from the fiber
+  if (__builtin_setjmp(s.scheduler) != 0) return;  // back from the fiber
   if (!f.started) {
     f.started = true;
     setcontext(&f.start);
   }
-  _longjmp(f.resume, 1);
+  jump_to(f.resume);
 }
 
 // Runs one block: every thread to its next barrier (or its end), then opens the barrier, until
@@ -107,18 +124,17 @@ inline void resume_thread(unsigned t) {
 inline void run_block(unsigned threads) {
   State& s = state();
   constexpr size_t kStack = 256 * 1024;
-  if (s.fibers.size() < threads) s.fibers.resize(threads);
-  s.shuffle_slots.assign(threads, 0);
-  for (unsigned t = 0; t < threads; ++t) {
-    Fiber& f = s.fibers[t];
-    if (f.stack.size() < kStack) f.stack.resize(kStack);
-    f.started = f.at_barrier = f.done = false;
+  while (s.fibers.size() < threads) {
+    Fiber& f = s.fibers.emplace_back();
+    f.stack.resize(kStack);
     getcontext(&f.start);
     f.start.uc_stack.ss_sp = f.stack.data();
     f.start.uc_stack.ss_size = f.stack.size();
     f.start.uc_link = nullptr;
     makecontext(&f.start, fiber_main, 0);
   }
+  s.shuffle_slots.assign(threads, 0);
+  for (unsigned t = 0; t < threads; ++t) s.fibers[t].at_barrier = s.fibers[t].done = false;
   for (;;) {
     for (unsigned t = 0; t < threads; ++t) {
       if (!s.fibers[t].done && !s.fibers[t].at_barrier) resume_thread(t);
