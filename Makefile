@@ -70,11 +70,9 @@ cuda-sass:
 
 # The C++ kernel tests on the CPU emulation of CUDA (needs the CUDA headers, no GPU). float and bf16 (between
 # them every vector width) under UBSan, which also flags misaligned vector accesses and integer overflow;
-# fp16 and fp64 plain. Each build compiles only its dtypes' kernels, and runs one process per dtype.
+# fp16 and fp64 plain: one build (every file in one pool, the largest first), one test process per dtype.
 cuda-emulated:
-	EMULATION_CXXFLAGS="-fsanitize=undefined -fno-sanitize-recover=undefined" \
-	LMFUSED_KERNEL_TESTS_DTYPES=float,bf16 bash tools/run_emulated.sh build/emulated-ubsan
-	LMFUSED_KERNEL_TESTS_DTYPES=half,double bash tools/run_emulated.sh build/emulated
+	LMFUSED_KERNEL_TESTS_UBSAN=float,bf16 bash tools/run_emulated.sh build/emulated
 
 # On a GPU machine, two commands of about five minutes each (OUT=folder): PHASE=correctness (builds,
 # python -m lmfused.check, ctest, compute-sanitizer, the GPU tests), then PHASE=speed (junction rows, op grid

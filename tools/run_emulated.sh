@@ -6,8 +6,11 @@
 # Env: LMFUSED_KERNEL_TESTS_DTYPES (float,bf16,half,double or a subset; default all): only those
 #      dtypes' kernel files are compiled (the others are linked as stubs, emulation_stubs.cpp),
 #      and each dtype's tests run as a process of its own, JOBS (default: the cores) at a time;
-#      LMFUSED_KERNEL_TESTS_OPS as for the GPU run; CXX (g++); EMULATION_CXXFLAGS (extra flags,
-#      e.g. -fsanitize=undefined to catch misaligned vector accesses).
+#      LMFUSED_KERNEL_TESTS_UBSAN (dtypes from those, default none): their kernel files, and the
+#      tests and the emulator, compile under UBSan (-fsanitize=undefined, which also flags misaligned
+#      vector accesses and integer overflow); LMFUSED_KERNEL_TESTS_OPS as for the GPU run; CXX
+#      (g++); EMULATION_CXXFLAGS (extra flags for every file).
+# Every file compiles in one pool of JOBS, the largest first.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,16 +37,21 @@ IFS=, read -r -a dtypes <<< "${LMFUSED_KERNEL_TESTS_DTYPES:-float,bf16,half,doub
 declare -A suffix=([float]=f32 [half]=f16 [bf16]=bf16 [double]=f64)
 declare -A ctype=([float]=float [half]=__half [bf16]=__nv_bfloat16 [double]=double)
 wanted=" ${dtypes[*]} "
+sanitized=" ${LMFUSED_KERNEL_TESTS_UBSAN:-} "
+sanitized="${sanitized//,/ }"
+ubsan=(-fsanitize=undefined -fno-sanitize-recover=undefined)
+any_ubsan=()
+for d in "${dtypes[@]}"; do [[ "$sanitized" == *" $d "* ]] && any_ubsan=("${ubsan[@]}"); done
 
 exe="$build_dir/lmfused_kernel_tests_emulated"
 # -O1: the kernel files (hundreds of specialisations) compile in 2/3 of -O2's time, and the tests
 # run as fast (their time is the emulation's fiber switches).
-flags=(-std=c++17 -O1 -U_FORTIFY_SOURCE -DLMF_CUDA_EMULATION -I"$include_dir" -I"$root/csrc"
+flags=(-std=c++17 -O1 -DLMF_CUDA_EMULATION -I"$include_dir" -I"$root/csrc"
   -include "$root/csrc/tests/cuda_emulator.h"
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
   -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ ${EMULATION_CXXFLAGS:-})
-# The kernel files of the wanted dtypes, stubs for the others, and the rest: one compile command
-# per line, run $jobs at a time.
+# The kernel files of the wanted dtypes (batch norm's, the largest, first), stubs for the others,
+# and the rest: one compile command per line, run $jobs at a time in that order.
 commands="$build_dir/compile.commands"
 objects=()
 : > "$commands"
@@ -54,24 +62,27 @@ add() {  # add SRC OBJ [FLAGS...]
   printf '%q ' "${CXX:-g++}" "${flags[@]}" "$@" -x c++ -c "$root/csrc/$src" -o "$obj" >> "$commands"
   echo >> "$commands"
 }
-for d in float bf16 half double; do
-  if [[ "$wanted" == *" $d "* ]]; then
-    add "lm_step_${suffix[$d]}.cu" "$build_dir/lm_step_${suffix[$d]}.o"
-    add "batch_norm_lm_step_${suffix[$d]}.cu" "$build_dir/batch_norm_lm_step_${suffix[$d]}.o"
-  else
-    add tests/emulation_stubs.cpp "$build_dir/stubs_${suffix[$d]}.o" -DLMF_STUB_T="${ctype[$d]}"
-  fi
+for family in batch_norm_lm_step lm_step; do
+  for d in "${dtypes[@]}"; do
+    extra=()
+    [[ "$sanitized" == *" $d "* ]] && extra=("${ubsan[@]}")
+    add "${family}_${suffix[$d]}.cu" "$build_dir/${family}_${suffix[$d]}.o" "${extra[@]}"
+  done
 done
-for src in lm_step.cu batch_norm_lm_step.cu tests/test_lm_step_kernels.cu \
-    tests/test_batch_norm_kernels.cu tests/cuda_emulator.cpp; do
-  add "$src" "$build_dir/$(basename "$src").o"
+for d in float bf16 half double; do
+  [[ "$wanted" == *" $d "* ]] ||
+    add tests/emulation_stubs.cpp "$build_dir/stubs_${suffix[$d]}.o" -DLMF_STUB_T="${ctype[$d]}"
+done
+for src in tests/test_batch_norm_kernels.cu tests/test_lm_step_kernels.cu lm_step.cu \
+    batch_norm_lm_step.cu tests/cuda_emulator.cpp; do
+  add "$src" "$build_dir/$(basename "$src").o" "${any_ubsan[@]}"
 done
 if ! xargs -P "$jobs" -d '\n' -n 1 bash -c 'eval "$1"' _ < "$commands"; then
   echo "run_emulated: compile failed" >&2
   exit 1
 fi
-${CXX:-g++} ${EMULATION_CXXFLAGS:-} "${objects[@]}" -o "$exe"
-echo "run_emulated: built $exe (dtypes: ${dtypes[*]})"
+${CXX:-g++} ${EMULATION_CXXFLAGS:-} "${any_ubsan[@]}" "${objects[@]}" -o "$exe"
+echo "run_emulated: built $exe (dtypes: ${dtypes[*]}; under UBSan: ${LMFUSED_KERNEL_TESTS_UBSAN:-none})"
 
 # One process per dtype, $jobs at a time; their outputs in dtype order.
 export exe build_dir
