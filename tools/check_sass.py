@@ -37,7 +37,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
+import contextlib
 import glob
+import io
 import os
 import re
 import shutil
@@ -400,6 +403,30 @@ def print_model_path(rows: list[Row]) -> None:
             )
 
 
+def check_arch(files: list[str], arch: str, verbose: bool, table: bool) -> tuple[str, list[str]]:
+    """One arch's report (its rows, the table when asked, the count line) and its failures."""
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        kernels = run_cuobjdump(files, arch)
+        rows = [r for r in (analyse(k) for k in kernels.values()) if r is not None]
+        if not rows:
+            sys.exit(f"check_sass: no lmfused kernels for {arch} in {' '.join(files)}")
+        if verbose:
+            for r in rows:
+                layout = "chlast" if r.flags.get("CL") else "contig"
+                print(
+                    f"{arch} {r.dtype:4s} {r.short:8s} {layout} VEC={r.flags.get('VEC', 1):<2d} "
+                    f"{flag_text(r.flags):36s} regs {r.regs:3d} local {r.local:4d} CTA/SM {r.ctas} "
+                    f"inflight {r.inflight_kb:6.1f}KB wide {r.wide:4.2f}  {r.why or 'ok'}"
+                )
+        if table:
+            print_table(rows, arch)
+            print_model_path(rows)
+        local = sum(1 for r in rows if r.local)
+        print(f"check_sass: {arch}: {len(rows)} kernels, {local} with local memory")
+    return report.getvalue(), [f"{arch} {r.mangled}: {r.why}" for r in rows if r.why]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+")
@@ -408,31 +435,21 @@ def main() -> int:
     parser.add_argument("--table", action="store_true", help="the static table (first arch)")
     args = parser.parse_args()
     archs = args.arch or ["sm_90"]
+    # The archs in parallel (disassembly and parsing each take a core), reported in the order asked.
+    with concurrent.futures.ProcessPoolExecutor(max_workers=len(archs)) as pool:
+        jobs = [
+            pool.submit(check_arch, args.files, a, args.verbose, n == 0 and args.table)
+            for n, a in enumerate(archs)
+        ]
+        reports = [job.result() for job in jobs]
     failures = []
-    for n, arch in enumerate(archs):
-        kernels = run_cuobjdump(args.files, arch)
-        rows = [r for r in (analyse(k) for k in kernels.values()) if r is not None]
-        if not rows:
-            sys.exit(f"check_sass: no lmfused kernels for {arch} in {' '.join(args.files)}")
-        for r in rows:
-            if r.why:
-                failures.append((arch, r))
-            if args.verbose:
-                layout = "chlast" if r.flags.get("CL") else "contig"
-                print(
-                    f"{arch} {r.dtype:4s} {r.short:8s} {layout} VEC={r.flags.get('VEC', 1):<2d} "
-                    f"{flag_text(r.flags):36s} regs {r.regs:3d} local {r.local:4d} CTA/SM {r.ctas} "
-                    f"inflight {r.inflight_kb:6.1f}KB wide {r.wide:4.2f}  {r.why or 'ok'}"
-                )
-        if n == 0 and args.table:
-            print_table(rows, arch)
-            print_model_path(rows)
-        local = sum(1 for r in rows if r.local)
-        print(f"check_sass: {arch}: {len(rows)} kernels, {local} with local memory")
+    for text, arch_failures in reports:
+        print(text, end="")
+        failures += arch_failures
     if failures:
         print(f"\ncheck_sass: FAILED: {len(failures)} kernels:")
-        for arch, r in failures[:40]:
-            print(f"  {arch} {r.mangled}: {r.why}")
+        for failure in failures[:40]:
+            print(f"  {failure}")
         return 1
     print(
         f"check_sass: OK ({', '.join(archs)}): no local memory; vector paths store as wide as they load; "
