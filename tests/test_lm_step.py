@@ -116,7 +116,7 @@ def test_gradcheck_float64(backend, layout, flags):
         kk = args[-1]
         return lmfused.lm_step(uu, up, ff, kk, scale=scale, relu=relu, backend=backend)
 
-    whole = layout == "channels_last" and all(flags)  # one case compares every entry on every backend
+    whole = layout == "channels_last" and all(flags)  # on the Triton interpreter too: every entry
     assert gradcheck(fn, inputs, backend, whole_jacobian=whole, eps=1e-6, atol=1e-8)
 
 

@@ -39,6 +39,12 @@ declare -A ctype=([float]=float [half]=__half [bf16]=__nv_bfloat16 [double]=doub
 wanted=" ${dtypes[*]} "
 sanitized=" ${LMFUSED_KERNEL_TESTS_UBSAN:-} "
 sanitized="${sanitized//,/ }"
+for d in $sanitized; do
+  if [ -z "${suffix[$d]:-}" ]; then
+    echo "run_emulated: LMFUSED_KERNEL_TESTS_UBSAN: unknown dtype '$d' (float, bf16, half, double)" >&2
+    exit 2
+  fi
+done
 ubsan=(-fsanitize=undefined -fno-sanitize-recover=undefined)
 any_ubsan=()
 for d in "${dtypes[@]}"; do [[ "$sanitized" == *" $d "* ]] && any_ubsan=("${ubsan[@]}"); done
