@@ -18,6 +18,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     # Many tiny ops: one thread avoids OpenMP overheads that dominate on a busy 2-core machine.
     torch.set_num_threads(1)
+    from tests.interpreter import skip_nested_language_patching
+
+    skip_nested_language_patching()
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
