@@ -9,8 +9,9 @@
 //   is made once (ucontext) and then serves every block and launch; switches are
 //   __builtin_setjmp/__builtin_longjmp (no system call, no unwinding: a switch saves only the
 //   stack, frame and resume addresses).
-// * Warp shuffles exchange values through a block-wide slot array between two barriers, which
-//   is right for code that, like block_sum, calls them with the whole block.
+// * Warp shuffles exchange values through block-wide slot arrays behind a barrier, which is right
+//   for code that, like block_sum, calls them with the whole block. Two arrays, used in turn: a
+//   thread writes one again only after the next shuffle's barrier, when every thread has read it.
 // * Blocks run one at a time, in blockIdx order or, for the tests of orders (set_block_order),
 //   in reverse or in a shuffled order: a reduction's result must not depend on which block
 //   finishes last. Atomics are plain read-modify-writes and fences no-ops (one OS thread).
@@ -47,6 +48,7 @@ struct Fiber {
   bool started = false;  // made and entered (it then lives as long as the process)
   bool at_barrier = false;
   bool done = false;  // returned from this block's kernel body
+  int next_slots = 0;  // which slot array this thread's next shuffle uses (0 or 1)
 };
 
 // The order in which a launch runs its blocks.
@@ -61,7 +63,7 @@ struct State {
   int current = -1;          // the running fiber, -1 on the host
   SwitchPoint scheduler{};
   std::function<void()> body;
-  std::vector<uint64_t> shuffle_slots;
+  std::vector<uint64_t> shuffle_slots[2];
   BlockOrder order = BlockOrder::kForward;
   uint64_t shuffle_seed = 0x9E3779B97F4A7C15ull;
 };
@@ -133,8 +135,11 @@ inline void run_block(unsigned threads) {
     f.start.uc_link = nullptr;
     makecontext(&f.start, fiber_main, 0);
   }
-  s.shuffle_slots.assign(threads, 0);
-  for (unsigned t = 0; t < threads; ++t) s.fibers[t].at_barrier = s.fibers[t].done = false;
+  for (std::vector<uint64_t>& slots : s.shuffle_slots) slots.assign(threads, 0);
+  for (unsigned t = 0; t < threads; ++t) {
+    s.fibers[t].at_barrier = s.fibers[t].done = false;
+    s.fibers[t].next_slots = 0;
+  }
   for (;;) {
     for (unsigned t = 0; t < threads; ++t) {
       if (!s.fibers[t].done && !s.fibers[t].at_barrier) resume_thread(t);
@@ -199,12 +204,14 @@ T shuffle(T value, F&& src_of) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a type wider than 8 bytes");
   State& s = state();
   const unsigned t = static_cast<unsigned>(s.current);
-  std::memcpy(&s.shuffle_slots[t], &value, sizeof(T));
+  int& turn = s.fibers[t].next_slots;
+  std::vector<uint64_t>& slots = s.shuffle_slots[turn];
+  turn ^= 1;
+  std::memcpy(&slots[t], &value, sizeof(T));
   __syncthreads();
   T result = value;
   const int src = src_of(t);
-  if (src >= 0) std::memcpy(&result, &s.shuffle_slots[static_cast<unsigned>(src)], sizeof(T));
-  __syncthreads();
+  if (src >= 0) std::memcpy(&result, &slots[static_cast<unsigned>(src)], sizeof(T));
   return result;
 }
 }  // namespace lmf_emu
