@@ -24,7 +24,6 @@
 // over the activations' 2-D view (lm_step.h), as lmfused._layout.plan_layout gives it: the
 // forward's of u (x without state), the backward passes' of x, which is the same in every call
 // the Python glue makes (x and u share their layout). Nothing here syncs with the host.
-#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <optional>

@@ -19,7 +19,6 @@
 // "cudaMemsetAsync", or "aten::<op>" for a computing aten op (allocations and views are not
 // launches). A reduction's ticket counters are zeroed once per stream, not per call: not counted.
 #include <ATen/record_function.h>
-#include <torch/extension.h>
 
 #include <algorithm>
 #include <cstring>

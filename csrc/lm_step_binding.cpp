@@ -14,7 +14,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>  // (ATen/cuda/CUDAContext.h would pull in cuBLAS/cuSPARSE)
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>  // build_info's and launch_plan's strings, vectors and map
 #include <torch/library.h>
 #include <torch/version.h>
 

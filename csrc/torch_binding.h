@@ -5,10 +5,16 @@
 // CUDA call (no device guard, no stream, fake aligned data pointers, no counters buffer).
 #pragma once
 
+// The ATen and c10 headers of what the bindings use, not <torch/extension.h> (pybind11 and the whole
+// C++ frontend): about 8 s of compile per file instead of 37 (g++ -O3).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <map>

@@ -280,10 +280,12 @@ def extension_compile_args(arch_list: str | None = None) -> dict[str, list[str]]
 
     No ``--use_fast_math``: the kernels choose their fast intrinsics where they are accurate enough (the
     noise's sin/cos); the noise matches the Triton backend's in distribution, not bit for bit. No ``-std``
-    flag: torch picks the standard its headers need, and the sources build as C++17 and C++20.
+    flag: torch picks the standard its headers need, and the sources build as C++17 and C++20. ``-g0``
+    for the bindings: Python's own flags (setuptools) add ``-g``, debug information for every torch header
+    they include, a quarter of their compile time and 20 MB per object.
     """
     archs = arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
-    return {"cxx": ["-O3", _archs_define(archs)], "nvcc": ["-O3"]}
+    return {"cxx": ["-O3", "-g0", _archs_define(archs)], "nvcc": ["-O3"]}
 
 
 # --------------------------------------------------------------------------------------------------
