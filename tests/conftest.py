@@ -1,6 +1,7 @@
 """Test setup: without a GPU, the Triton kernels run on CPU tensors through Triton's interpreter.
 
-TRITON_INTERPRET must be set before the kernels are decorated, i.e. before lmfused is imported.
+TRITON_INTERPRET must be set before the kernels are decorated, i.e. before lmfused is imported. The
+interpreter then runs without its redundant re-patching on nested @triton.jit calls (tests/interpreter.py).
 
 Optional libraries (torchvision, timm) are imported with :func:`import_or_skip`: a test skips when one is
 missing or fails to import (a torchvision built for another torch raises RuntimeError, not ImportError), and
