@@ -1,7 +1,7 @@
 """Test setup: without a GPU, the Triton kernels run on CPU tensors through Triton's interpreter.
 
 TRITON_INTERPRET must be set before the kernels are decorated, i.e. before lmfused is imported. The
-interpreter then runs without its redundant re-patching on nested @triton.jit calls (tests/interpreter.py).
+interpreter then runs without the work whose result it never uses (tests/interpreter.py).
 
 Optional libraries (torchvision, timm) are imported with :func:`import_or_skip`: a test skips when one is
 missing or fails to import (a torchvision built for another torch raises RuntimeError, not ImportError), and
@@ -19,9 +19,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     # Many tiny ops: one thread avoids OpenMP overheads that dominate on a busy 2-core machine.
     torch.set_num_threads(1)
-    from tests.interpreter import skip_nested_language_patching
+    from tests.interpreter import install_interpreter_speedups
 
-    skip_nested_language_patching()
+    install_interpreter_speedups()
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
