@@ -31,8 +31,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <deque>
 #include <functional>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -59,8 +59,9 @@ struct State {
   uint3 block_idx{0, 0, 0};
   dim3 block_dim{1, 1, 1};
   dim3 grid_dim{1, 1, 1};
-  std::deque<Fiber> fibers;  // a deque: growing it moves no fiber (their stacks hold live frames)
-  int current = -1;          // the running fiber, -1 on the host
+  // Owned one by one: growing the list moves no fiber (their stacks hold live frames).
+  std::vector<std::unique_ptr<Fiber>> fibers;
+  Fiber* running = nullptr;  // the running fiber, nullptr on the host
   SwitchPoint scheduler{};
   std::function<void()> body;
   std::vector<uint64_t> shuffle_slots[2];
@@ -68,10 +69,9 @@ struct State {
   uint64_t shuffle_seed = 0x9E3779B97F4A7C15ull;
 };
 
-inline State& state() {
-  static State s;
-  return s;
-}
+// One for the process, initialised before main (no guard on the hot path: every threadIdx reads it).
+inline State g_state;
+inline State& state() { return g_state; }
 
 inline void fail(const char* what) {
   std::fprintf(stderr, "cuda emulator: %s\n", what);
@@ -86,7 +86,7 @@ inline void fail(const char* what) {
 // Saves the running fiber's resume point and returns to the scheduler; continues when resumed.
 __attribute__((noinline)) inline void yield_to_scheduler() {
   State& s = state();
-  if (__builtin_setjmp(s.fibers[s.current].resume) == 0) jump_to(s.scheduler);
+  if (__builtin_setjmp(s.running->resume) == 0) jump_to(s.scheduler);
 }
 
 // A fiber's life: run the kernel body for the current block, park, and run it again for the
@@ -95,23 +95,22 @@ inline void fiber_main() {
   State& s = state();
   for (;;) {
     s.body();
-    s.fibers[s.current].done = true;
+    s.running->done = true;
     yield_to_scheduler();
   }
 }
 
 inline void sync_threads() {
   State& s = state();
-  if (s.current < 0) fail("__syncthreads outside a kernel");
-  s.fibers[s.current].at_barrier = true;
+  if (s.running == nullptr) fail("__syncthreads outside a kernel");
+  s.running->at_barrier = true;
   yield_to_scheduler();
 }
 
-// Runs thread t until its next barrier or its end.
-__attribute__((noinline)) inline void resume_thread(unsigned t) {
+// Runs thread t (fiber f) until its next barrier or its end.
+__attribute__((noinline)) inline void resume_thread(unsigned t, Fiber& f) {
   State& s = state();
-  Fiber& f = s.fibers[t];
-  s.current = static_cast<int>(t);
+  s.running = &f;
   s.thread_idx = uint3{t, 0, 0};
   if (__builtin_setjmp(s.scheduler) != 0) return;  // back from the fiber
   if (!f.started) {
@@ -127,7 +126,7 @@ inline void run_block(unsigned threads) {
   State& s = state();
   constexpr size_t kStack = 256 * 1024;
   while (s.fibers.size() < threads) {
-    Fiber& f = s.fibers.emplace_back();
+    Fiber& f = *s.fibers.emplace_back(std::make_unique<Fiber>());
     f.stack.resize(kStack);
     getcontext(&f.start);
     f.start.uc_stack.ss_sp = f.stack.data();
@@ -137,18 +136,21 @@ inline void run_block(unsigned threads) {
   }
   for (std::vector<uint64_t>& slots : s.shuffle_slots) slots.assign(threads, 0);
   for (unsigned t = 0; t < threads; ++t) {
-    s.fibers[t].at_barrier = s.fibers[t].done = false;
-    s.fibers[t].next_slots = 0;
+    s.fibers[t]->done = false;
+    s.fibers[t]->next_slots = 0;
   }
-  for (;;) {
+  // A round resumes every thread that has not returned: each was waiting at the barrier, which
+  // opens for it, or (first round) has not started. It runs to the next barrier or its end.
+  for (bool waiting = true; waiting;) {
+    waiting = false;
     for (unsigned t = 0; t < threads; ++t) {
-      if (!s.fibers[t].done && !s.fibers[t].at_barrier) resume_thread(t);
+      Fiber& f = *s.fibers[t];
+      if (f.done) continue;
+      f.at_barrier = false;
+      resume_thread(t, f);
+      waiting = waiting || f.at_barrier;
     }
-    s.current = -1;
-    bool waiting = false;
-    for (unsigned t = 0; t < threads; ++t) waiting = waiting || s.fibers[t].at_barrier;
-    if (!waiting) return;  // every thread returned
-    for (unsigned t = 0; t < threads; ++t) s.fibers[t].at_barrier = false;
+    s.running = nullptr;
   }
 }
 
@@ -203,8 +205,8 @@ template <typename T, typename F>
 T shuffle(T value, F&& src_of) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a type wider than 8 bytes");
   State& s = state();
-  const unsigned t = static_cast<unsigned>(s.current);
-  int& turn = s.fibers[t].next_slots;
+  const unsigned t = s.thread_idx.x;
+  int& turn = s.running->next_slots;
   std::vector<uint64_t>& slots = s.shuffle_slots[turn];
   turn ^= 1;
   std::memcpy(&slots[t], &value, sizeof(T));
