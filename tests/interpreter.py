@@ -113,7 +113,6 @@ def skip_unread_overflow_checks() -> bool:
         return None
 
     check_if_read.skips_unread = True
-    check_if_read.original = check
     semantic.binary_op_sanitize_overflow_impl = check_if_read
     return True
 
