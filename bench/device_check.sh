@@ -1,27 +1,28 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, as two prepared commands of about five minutes each, on a machine with CUDA
+# Everything that needs a GPU, as two prepared commands of about six and five minutes, on a machine with CUDA
 # torch, Triton and nvcc (no network needed). Every step has its own time limit, and the whole command a
 # deadline: a slow step is cut, the steps after it still run, and what was measured stays in OUT, which is
 # written as the steps end (log.txt gets each step's log, summary.txt its status line, JSON results grow
 # row by row), so even a command killed from outside leaves what it had.
 #
-#   bench/device_check.sh OUT correctness   # 1: the builds (setup.py, JIT, CMake) side by side; then, most
-#                                           #    needed first: python -m lmfused.check, the adversarial-mask
-#                                           #    tests, the GPU-marked tests file by file, the op tests on the
-#                                           #    GPU backends; beside them ctest, memcheck (all dtypes),
-#                                           #    racecheck (bf16), and the speed runs' Triton kernels compiled
+#   bench/device_check.sh OUT correctness   # 1: the setup.py build alone; then, most needed first: python -m
+#                                           #    lmfused.check, the C++ argument errors under cuda-gdb, the
+#                                           #    adversarial-mask tests, the GPU-marked tests file by file, the
+#                                           #    op tests on the GPU backends; beside them the CMake build with
+#                                           #    ctest, memcheck (all dtypes), racecheck (bf16), and the speed
+#                                           #    runs' Triton kernels compiled
 #   bench/device_check.sh OUT speed         # 2: the junction rows (batch_norm_lm_step, batch_norm_relu against
 #                                           #    torchvision's and plain PyTorch, eager and compiled), the
 #                                           #    headline lm_step grid, the model table (img/s, peak memory),
 #                                           #    Nsight Compute on the lm_step and batch-norm kernels; builds _C
 #                                           #    first only if it is not importable
-#   bench/device_check.sh OUT STEP ...      # single steps: setup jit ctest sanitizer info check mask gpu-tests
-#                                           #    op-tests warm built junction ops models ncu ops-full train
-#                                           #    profile
+#   bench/device_check.sh OUT STEP ...      # single steps: setup ctest sanitizer info check errors mask
+#                                           #    gpu-tests op-tests warm built junction ops models ncu, and the
+#                                           #    extra ones: jit ops-full train profile
 #   DRY_RUN=1 bench/device_check.sh OUT correctness   # print the plan (steps and limits) and exit
 #
-# Env: DEADLINE_S (whole command, default 300), CHECK_TIMEOUT (75), TESTS_TIMEOUT (GPU-marked tests, 75),
-#      GPU_TEST_WORKERS (8), TEST_WORKERS (op tests, 12), RACECHECK_DTYPES (bf16), JUNCTION_TIMEOUT (65),
+# Env: DEADLINE_S (whole command; default 390 with the setup step, else 300), CHECK_TIMEOUT (75),
+#      TESTS_TIMEOUT (GPU-marked tests, 75), GPU_TEST_WORKERS (8), TEST_WORKERS (op tests, 12), RACECHECK_DTYPES (bf16), JUNCTION_TIMEOUT (65),
 #      OPS_TIMEOUT (70), MODELS_TIMEOUT (170, less what ncu keeps), NCU_TIMEOUT (50), MODELS_ARGS (extra
 #      bench.models flags), TORCH_CUDA_ARCH_LIST (9.0), LMFUSED_COMMIT (the commit measured, for machines
 #      without the git history).
@@ -31,7 +32,7 @@ set -uo pipefail
 OUT=${1:?usage: bench/device_check.sh OUT correctness|speed|STEP...}
 shift
 case "${*:-correctness}" in
-  correctness) STEPS="setup jit ctest sanitizer info check mask gpu-tests op-tests warm" ;;
+  correctness) STEPS="setup ctest sanitizer info check errors mask gpu-tests op-tests warm" ;;
   speed) STEPS="built junction ops models ncu" ;;
   *) STEPS="$*" ;;
 esac
@@ -46,6 +47,7 @@ CMAKE_DIR=/tmp/lmfused-cmake
 WORK=$(mktemp -d /tmp/lmfused-device-check.XXXXXX)  # step logs until each step ends, the ncu report
 LOGS=$WORK/logs
 START=$(date +%s)
+[[ " $STEPS " == *" setup "* ]] && DEADLINE_S=${DEADLINE_S:-390}
 DEADLINE=$((START + ${DEADLINE_S:-300}))
 NCU_TIMEOUT=${NCU_TIMEOUT:-50}
 mkdir -p "$LOGS"
@@ -55,7 +57,7 @@ now() { if [ "${DRY_RUN:-0}" = 1 ]; then echo $((START + SPENT)); else date +%s;
 left() { echo $((DEADLINE - $(now) - ${1:-0})); }  # seconds to the deadline, less a reserve
 
 if [ "${DRY_RUN:-0}" = 1 ]; then
-  echo "steps: $STEPS (deadline ${DEADLINE_S:-300} s; each limit as if every step before used all of its own)"
+  echo "steps: $STEPS (deadline $((DEADLINE - START)) s; each limit as if every step before used all of its own)"
 fi
 
 append() {  # append FILE < text: one writer at a time (steps run side by side)
@@ -116,11 +118,16 @@ if [ "${DRY_RUN:-0}" != 1 ]; then
 fi
 
 # ---- 1. correctness -----------------------------------------------------------------------------------
-# Builds side by side (CPU-bound): setup.py in place, the JIT path (LMFUSED_FORCE_JIT ignores the prebuilt
-# _C), and the CMake kernel library + C++ kernel tests, which then run on the GPU (ctest) and under
-# compute-sanitizer as soon as they are built, beside the Python steps.
+# setup.py builds _C in place first, alone: on the H200's 16 cores it took 100 s alone, and none of three
+# builds side by side (setup.py, JIT, CMake) finished in 120 s. Every Python step then runs with
+# LMFUSED_NO_JIT=1: it uses the prebuilt _C or says the cuda backend is missing, and never waits on a JIT
+# build of its own (with the setup build cut, every step after it did, until its limit).
+wants setup && run_step setup-build 180 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+export LMFUSED_NO_JIT=1
+# The CMake kernel library + C++ kernel tests, then run on the GPU (ctest) and under compute-sanitizer,
+# beside the Python steps.
 kernel_tests() {  # the C++ kernel tests: built and run (ctest), then under compute-sanitizer
-  wants ctest && run_step ctest 120 env CUDA_ARCHS=90 RUN_TESTS=1 bash tools/check_compile.sh "$CMAKE_DIR"
+  wants ctest && run_step ctest 180 env CUDA_ARCHS=90 RUN_TESTS=1 bash tools/check_compile.sh "$CMAKE_DIR"
   if wants sanitizer; then
     run_step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 "$CMAKE_DIR/lmfused_kernel_tests"
     run_step racecheck 130 env LMFUSED_KERNEL_TESTS_DTYPES="${RACECHECK_DTYPES:-bf16}" \
@@ -128,16 +135,22 @@ kernel_tests() {  # the C++ kernel tests: built and run (ctest), then under comp
   fi
 }
 (wants ctest || wants sanitizer) && background kernel_tests
-wants jit && background run_step jit-build 120 env LMFUSED_FORCE_JIT=1 $PY -c "
-import lmfused._cuda_build as b
-m = b.load_cuda_extension()
-assert m is not None, b.cuda_unavailable_reason()
-print('JIT build ok:', m.build_info())"
-# The Python steps need _C; the other builds go on meanwhile.
-wants setup && run_step setup-build 120 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
 wants info && run_step info 30 $PY -m lmfused.info
 # What a user runs first: every default path of the zoo on both backends against the float64 reference.
 wants check && run_step check "${CHECK_TIMEOUT:-75}" $PY -m lmfused.check -v --json "$OUT/check.json"
+if wants errors; then  # the binding's argument errors on CUDA tensors: at eb59331 on the H200 the first one
+  # (grad_handoff unlike grad_out) ended the process with SIGSEGV; cuda-gdb prints the native stack
+  error_test=(-m pytest -p no:xdist -p no:cacheprovider -q --tb=short
+    tests/test_cuda_batch_norm_paths.py::test_grad_handoff_unlike_grad_out_is_an_error)
+  if command -v cuda-gdb >/dev/null 2>&1; then
+    # (the status: the test's exit code, or 139 when it died on a signal and gdb printed its stack)
+    run_step errors 90 cuda-gdb -batch -ex "set pagination off" -ex run -ex "bt 40" \
+      -ex 'quit $_isvoid($_exitcode) ? 139 : $_exitcode' \
+      --args "$($PY -c 'import sys; print(sys.executable)')" "${error_test[@]}"  # (a binary, not a wrapper)
+  else
+    run_step errors 60 $PY "${error_test[@]}"
+  fi
+fi
 if wants warm; then  # compile the speed runs' Triton kernels into the on-disk cache, 4 processes at once
   for shard in 0 1 2 3; do
     background run_step "warm-$shard" 150 $PY -m bench.kernels_once --all-flags --shard "$shard/4"
@@ -171,9 +184,9 @@ wait
 
 # ---- 2. speed (one thing at a time on the GPU) ----------------------------------------------------------
 if wants built && [ "${DRY_RUN:-0}" = 1 ]; then  # (not counted: the correctness command built it)
-  BESIDE="(no _C)" run_step setup-build 120 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+  BESIDE="(no _C)" run_step setup-build 180 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
 elif wants built && ! $PY -c "import lmfused._C" 2>/dev/null; then
-  run_step setup-build 120 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+  run_step setup-build 180 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
 fi
 # The junction at the four ResNeXt-50 stage shapes: eager rows first, compiled ones while time is left.
 junction_s=${JUNCTION_TIMEOUT:-65}
@@ -211,7 +224,13 @@ if wants ncu; then
     cp "$WORK/ncu.ncu-rep" "$OUT/"
   fi
 fi
-# Extra steps, by name only.
+# Extra steps, by name only. jit: the JIT path (LMFUSED_FORCE_JIT ignores the prebuilt _C; about as long as
+# the setup.py build).
+wants jit && run_step jit-build 180 env -u LMFUSED_NO_JIT LMFUSED_FORCE_JIT=1 $PY -c "
+import lmfused._cuda_build as b
+m = b.load_cuda_extension()
+assert m is not None, b.cuda_unavailable_reason()
+print('JIT build ok:', m.build_info())"
 wants ops-full && run_step ops-full 300 $PY -m bench.ops --grid full --providers eager triton cuda --out "$OUT"
 if wants train; then
   for backend in triton cuda; do
