@@ -562,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['status']:4} {r['worst']:8.3f}  {backend:6} {dtype} {layout:13} {case.label}",
                       flush=True)  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows}, default=str) + "\n")
+        payload = {"environment": _environment(device), "rows": rows}
+        args.json.write_text(json.dumps(payload, default=str) + "\n")
     if count > 1:  # a worker: its parent prints the table
         return int(any(r["status"] != "ok" for r in rows))
     print(f"lmfused.check: {_environment(device)}")

@@ -4,6 +4,8 @@ pre-activations round to zero (which only the adversarial cases can see)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -98,3 +100,14 @@ def test_worker_processes_share_the_groups(capsys, monkeypatch):
     monkeypatch.setattr(check.sys, "executable", "false")  # a worker that dies at once, writing nothing
     rows = check._run_in_workers(check._parse(["--cpu"])[0], ["--cpu"], 1)
     assert rows[0]["status"] == "FAIL" and "exited with status 1" in rows[0]["notes"][0]
+
+
+def test_json_names_the_environment_it_ran_in(tmp_path, capsys):
+    """--json: every row, and the versions and device of the run (a result file says what it measured)."""
+    path = tmp_path / "check.json"
+    argv = ["--cpu", "--cases", "lm_step/cifar", "--dtypes", "fp32", "--layouts", "contiguous"]
+    assert check.main([*argv, "--json", str(path)]) == 0
+    payload = json.loads(path.read_text())
+    expected = f"lmfused {lmfused.__version__} on CPU | torch {torch.__version__}"
+    assert payload["environment"].startswith(expected)
+    assert {(r["backend"], r["dtype"], r["status"]) for r in payload["rows"]} == {("triton", "fp32", "ok")}
