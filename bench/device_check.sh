@@ -142,6 +142,11 @@ if wants errors; then  # the binding's argument errors on CUDA tensors: at eb593
   # (grad_handoff unlike grad_out) ended the process with SIGSEGV; cuda-gdb prints the native stack
   error_test=(-m pytest -p no:xdist -p no:cacheprovider -q --tb=short
     tests/test_cuda_batch_norm_paths.py::test_grad_handoff_unlike_grad_out_is_an_error)
+  # What the throw depends on there (the same throws pass on CPU with torch 2.11 and 2.14): the compiler
+  # that built _C, the C++ runtime it loads, and torch's settings.
+  run_step toolchain 20 bash -c "g++ --version | head -n 1; env | grep -E '^(TORCH|LD)_' || true
+    $PY -c 'import lmfused._C; print(*sorted({l.split()[-1] for l in open(\"/proc/self/maps\")
+      if any(n in l for n in (\"stdc++\", \"gcc_s\", \"libc10.so\", \"lmfused\"))}), sep=\"\\n\")'"
   if command -v cuda-gdb >/dev/null 2>&1; then
     # (the status: the test's exit code, or 139 when it died on a signal and gdb printed its stack)
     run_step errors 90 cuda-gdb -batch -ex "set pagination off" -ex run -ex "bt 40" \
