@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, as two prepared commands of about six and five minutes, on a machine with CUDA
+# Everything that needs a GPU, as two prepared commands of about seven and five minutes, on a machine with CUDA
 # torch, Triton and nvcc (no network needed). Every step has its own time limit, and the whole command a
 # deadline: a slow step is cut, the steps after it still run, and what was measured stays in OUT, which is
 # written as the steps end (log.txt gets each step's log, summary.txt its status line, JSON results grow
@@ -21,7 +21,7 @@
 #                                           #    extra ones: jit ops-full train profile
 #   DRY_RUN=1 bench/device_check.sh OUT correctness   # print the plan (steps and limits) and exit
 #
-# Env: DEADLINE_S (whole command; default 390 with the setup step, else 300), CHECK_TIMEOUT (75),
+# Env: DEADLINE_S (whole command; default 420 with the setup step, else 300), CHECK_TIMEOUT (75),
 #      TESTS_TIMEOUT (GPU-marked tests, 75), GPU_TEST_WORKERS (8), TEST_WORKERS (op tests, 12), RACECHECK_DTYPES (bf16), JUNCTION_TIMEOUT (65),
 #      OPS_TIMEOUT (70), MODELS_TIMEOUT (170, less what ncu keeps), NCU_TIMEOUT (50), MODELS_ARGS (extra
 #      bench.models flags), TORCH_CUDA_ARCH_LIST (9.0), LMFUSED_COMMIT (the commit measured, for machines
@@ -47,7 +47,7 @@ CMAKE_DIR=/tmp/lmfused-cmake
 WORK=$(mktemp -d /tmp/lmfused-device-check.XXXXXX)  # step logs until each step ends, the ncu report
 LOGS=$WORK/logs
 START=$(date +%s)
-[[ " $STEPS " == *" setup "* ]] && DEADLINE_S=${DEADLINE_S:-390}
+[[ " $STEPS " == *" setup "* ]] && DEADLINE_S=${DEADLINE_S:-420}
 DEADLINE=$((START + ${DEADLINE_S:-300}))
 NCU_TIMEOUT=${NCU_TIMEOUT:-50}
 mkdir -p "$LOGS"
@@ -144,9 +144,20 @@ if wants errors; then  # the binding's argument errors on CUDA tensors: at eb593
     tests/test_cuda_batch_norm_paths.py::test_grad_handoff_unlike_grad_out_is_an_error)
   # What the throw depends on there (the same throws pass on CPU with torch 2.11 and 2.14): the compiler
   # that built _C, the C++ runtime it loads, and torch's settings.
-  run_step toolchain 20 bash -c "g++ --version | head -n 1; env | grep -E '^(TORCH|LD)_' || true
+  run_step toolchain 15 bash -c "g++ --version | head -n 1; env | grep -E '^(TORCH|LD)_' || true
     $PY -c 'import lmfused._C; print(*sorted({l.split()[-1] for l in open(\"/proc/self/maps\")
       if any(n in l for n in (\"stdc++\", \"gcc_s\", \"libc10.so\", \"lmfused\"))}), sep=\"\\n\")'"
+  # The same call without pytest (and its plugins) in the process.
+  run_step errors-plain 20 $PY -X faulthandler -c "
+import torch, lmfused
+x, g, h = (torch.randn(2, 8, 4, 4, device='cuda') for _ in range(3))
+v, k = torch.rand(8, device='cuda') + 0.5, torch.full((8,), 0.3, device='cuda')
+mean, invstd = torch.ops.lmfused.batch_norm_stats_cuda(x, None, None, True, 0.1, 1e-5)
+try:
+    torch.ops.lmfused.batch_norm_lm_step_cuda_backward_reduce(g, h[:1], x, mean, invstd, v, v, x, x, k, None,
+                                                              None, False, True)
+except ValueError as exc:
+    print('ValueError:', exc)"
   if command -v cuda-gdb >/dev/null 2>&1; then
     # (the status: the test's exit code, or 139 when it died on a signal and gdb printed its stack)
     run_step errors 90 cuda-gdb -batch -ex "set pagination off" -ex run -ex "bt 40" \
