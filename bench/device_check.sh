@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, as two prepared commands of about seven and five minutes, on a machine with CUDA
-# torch, Triton and nvcc (no network needed). Every step has its own time limit, and the whole command a
+# Everything that needs a GPU, as two prepared commands of about seven and five minutes, on a machine with
+# CUDA torch, Triton and nvcc (no network needed). Every step has its own time limit, and the whole command a
 # deadline: a slow step is cut, the steps after it still run, and what was measured stays in OUT, which is
 # written as the steps end (log.txt gets each step's log, summary.txt its status line, JSON results grow
 # row by row), so even a command killed from outside leaves what it had.
@@ -22,10 +22,10 @@
 #   DRY_RUN=1 bench/device_check.sh OUT correctness   # print the plan (steps and limits) and exit
 #
 # Env: DEADLINE_S (whole command; default 420 with the setup step, else 300), CHECK_TIMEOUT (75),
-#      TESTS_TIMEOUT (GPU-marked tests, 75), GPU_TEST_WORKERS (8), TEST_WORKERS (op tests, 12), RACECHECK_DTYPES (bf16), JUNCTION_TIMEOUT (65),
-#      OPS_TIMEOUT (70), MODELS_TIMEOUT (170, less what ncu keeps), NCU_TIMEOUT (50), MODELS_ARGS (extra
-#      bench.models flags), TORCH_CUDA_ARCH_LIST (9.0), LMFUSED_COMMIT (the commit measured, for machines
-#      without the git history).
+#      TESTS_TIMEOUT (GPU-marked tests, 75), GPU_TEST_WORKERS (8), TEST_WORKERS (op tests, 12),
+#      RACECHECK_DTYPES (bf16), JUNCTION_TIMEOUT (65), OPS_TIMEOUT (70), MODELS_TIMEOUT (170, less what ncu
+#      keeps), NCU_TIMEOUT (50), MODELS_ARGS (extra bench.models flags), TORCH_CUDA_ARCH_LIST (9.0),
+#      LMFUSED_COMMIT (the commit measured, for machines without the git history).
 # OUT ends with log.txt (every step's output), summary.txt (one line per step, then the short tables) and the
 # JSON results (and ncu.csv + the ncu report); the short table is printed last.
 set -uo pipefail
