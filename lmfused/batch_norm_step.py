@@ -160,6 +160,8 @@ class BatchNormBackwardReduceArgs(NamedTuple):
     relu: bool
     need_k: bool
 
+    LIKE_GRAD_OUT = ("grad_handoff", "x", "u", "u_prev")  # (checked by the op, op_support._taking_record)
+
 
 class BatchNormBackwardArgs(NamedTuple):
     """The backward pass that writes the activation gradients
@@ -183,6 +185,8 @@ class BatchNormBackwardArgs(NamedTuple):
     need_x: bool
     need_u: bool
     need_u_prev: bool
+
+    LIKE_GRAD_OUT = ("grad_handoff", "grad_shortcut", "x")  # (checked by the op, op_support._taking_record)
 
 
 def _reduce_dims(x: Tensor) -> list[int]:

@@ -217,15 +217,18 @@ def check_tensor(name: str, t: object) -> Tensor:
     return t
 
 
-def check_like(name: str, t: object, u: Tensor) -> None:
-    """``t`` a tensor with u's shape, dtype and device, else an error naming ``name``."""
+def check_like(name: str, t: object, u: Tensor, like: str = "u") -> None:
+    """``t`` a tensor with the shape, dtype and device of ``u`` (the argument named ``like``), else an error
+    naming ``name``."""
     check_tensor(name, t)
     if t.shape != u.shape:
-        raise ValueError(f"{name}: expected shape {tuple(u.shape)} (the shape of u), got {tuple(t.shape)}")
+        raise ValueError(
+            f"{name}: expected shape {tuple(u.shape)} (the shape of {like}), got {tuple(t.shape)}"
+        )
     if t.dtype != u.dtype:
-        raise TypeError(f"{name}: expected dtype {u.dtype} (the dtype of u), got {t.dtype}")
+        raise TypeError(f"{name}: expected dtype {u.dtype} (the dtype of {like}), got {t.dtype}")
     if t.device != u.device:
-        raise ValueError(f"{name}: expected device {u.device} (the device of u), got {t.device}")
+        raise ValueError(f"{name}: expected device {u.device} (the device of {like}), got {t.device}")
 
 
 def check_step_inputs(u, u_prev, f, k, scale, relu, noise_std) -> Tensor:
@@ -270,13 +273,21 @@ def check_step_inputs(u, u_prev, f, k, scale, relu, noise_std) -> Tensor:
 
 def _taking_record(implementation: Callable, record: type, name: str, schema: str) -> Callable:
     """The op's implementation: its flat arguments (in the schema's order) as one ``record``, the backend's
-    ``implementation`` called on it. The record's fields must be the schema's argument names, in order."""
+    ``implementation`` called on it. The record's fields must be the schema's argument names, in order. A
+    backward op's record names in ``LIKE_GRAD_OUT`` the operands that must have grad_out's shape, dtype and
+    device when given: checked here for every Python backend (the kernels index them as grad_out; the C++
+    binding checks the same), so none reads past a smaller tensor or broadcasts it."""
     arguments = tuple(a.name for a in torch._C.parse_schema(f"lmfused::{name}{schema}").arguments)
     if record._fields != arguments:
         raise TypeError(f"{record.__name__}: fields {record._fields}, {name} takes {arguments}")
+    like_grad_out = getattr(record, "LIKE_GRAD_OUT", ())
 
     def from_arguments(*args, **kwargs):
-        return implementation(record(*args, **kwargs))
+        operands = record(*args, **kwargs)
+        for field in like_grad_out:
+            if getattr(operands, field) is not None:
+                check_like(field, getattr(operands, field), operands.grad_out, like="grad_out")
+        return implementation(operands)
 
     from_arguments.__name__ = getattr(implementation, "__name__", name)
 

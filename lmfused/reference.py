@@ -61,6 +61,8 @@ class LMStepBackwardArgs(NamedTuple):
     need_f: bool
     need_k: bool
 
+    LIKE_GRAD_OUT = ("grad_shortcut", "u", "u_prev", "out")  # (checked by the op, op_support._taking_record)
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the arithmetic runs in: float64 for float64 activations, float32 otherwise."""

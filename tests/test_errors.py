@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lmfused
+from tests.helpers import backends
 
 N, C, H, W = 2, 3, 4, 5
 
@@ -83,3 +84,27 @@ def test_accepted_k_shapes():
     for k in (torch.zeros(1), torch.zeros(C), torch.zeros(C, 1, 1)):
         _call(k=k)
     _call(f=None)
+
+
+@pytest.mark.parametrize("backend", [b for b in backends() if b != "cuda"])  # cuda: the GPU test files
+def test_backward_ops_refuse_operands_unlike_grad_out(backend):
+    """The registered backward ops (reachable through torch.ops) check the operands they index as grad_out, as
+    the C++ binding does: a smaller or other-dtype grad_handoff / grad_shortcut is an error naming it, never
+    read past (Triton) or broadcast (reference)."""
+    x, v, k = torch.randn(N, C, H, W), torch.rand(C) + 0.5, torch.full((C,), 0.3)
+    ops = torch.ops.lmfused
+    reduce = getattr(ops, f"batch_norm_lm_step_{backend}_backward_reduce")
+    backward = getattr(ops, f"batch_norm_lm_step_{backend}_backward")
+    lm_backward = getattr(ops, f"lm_step_{backend}_backward")
+    smaller = (x[:1], ValueError, r"shape \(2, 3, 4, 5\) \(the shape of grad_out\)")
+    wider = (x.double(), TypeError, r"dtype torch.float32 \(the dtype of grad_out\)")
+    for bad, error, what in (smaller, wider):
+        with pytest.raises(error, match=f"grad_handoff: expected {what}"):
+            reduce(x, bad, x, v, v, v, v, x, x, k, None, None, False, True)
+        with pytest.raises(error, match=f"grad_handoff: expected {what}"):
+            backward(x, bad, None, x, v, v, v, v, v, v, None, k, None, True, False, True, True, True)
+        with pytest.raises(error, match=f"grad_shortcut: expected {what}"):
+            backward(x, None, bad, x, v, v, v, v, v, v, None, k, None, True, False, True, True, True)
+        with pytest.raises(error, match=f"grad_shortcut: expected {what}"):
+            lm_backward(x, bad, x, x, None, k, None, False, True, True, True, True)
+    reduce(x, x, x, v, v, v, v, x, x, k, None, None, False, True)  # the same operands, well shaped, run
