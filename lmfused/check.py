@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 import lmfused
+from lmfused.op_support import backend_unavailable_reason
 
 __all__ = ["CASES", "Case", "main", "run_check"]
 
@@ -539,8 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b for b in (args.backends or available)]
     missing = [b for b in backends if b not in available]
     if missing or not backends:
-        names = ", ".join(missing) or "cuda, triton"
-        print(f"lmfused.check: {names} not available on {device.type} (python -m lmfused.info says why)")
+        for name in missing or KERNEL_BACKENDS:
+            why = backend_unavailable_reason(name, device.type)
+            print(f"lmfused.check: {name} not available on {device.type}: {why}")
         return 1
     groups, todo = plan(cases, backends, args.dtypes, args.layouts)
     index, count = (int(p) for p in args.shard.split("/"))

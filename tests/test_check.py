@@ -111,3 +111,10 @@ def test_json_names_the_environment_it_ran_in(tmp_path, capsys):
     expected = f"lmfused {lmfused.__version__} on CPU | torch {torch.__version__}"
     assert payload["environment"].startswith(expected)
     assert {(r["backend"], r["dtype"], r["status"]) for r in payload["rows"]} == {("triton", "fp32", "ok")}
+
+
+def test_a_missing_backend_is_named_with_the_reason(capsys):
+    """Asked for a backend that cannot run here, the check names it and says why (no other command needed)."""
+    assert check.main(["--cpu", "--backends", "cuda", "--cases", "lm_step/cifar"]) == 1
+    text = capsys.readouterr().out
+    assert "lmfused.check: cuda not available on cpu: the cuda backend needs CUDA tensors" in text
