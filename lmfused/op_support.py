@@ -285,8 +285,8 @@ def _taking_record(implementation: Callable, record: type, name: str, schema: st
     def from_arguments(*args, **kwargs):
         operands = record(*args, **kwargs)
         for field in like_grad_out:
-            if getattr(operands, field) is not None:
-                check_like(field, getattr(operands, field), operands.grad_out, like="grad_out")
+            if (operand := getattr(operands, field)) is not None:
+                check_like(field, operand, operands.grad_out, like="grad_out")
         return implementation(operands)
 
     from_arguments.__name__ = getattr(implementation, "__name__", name)
