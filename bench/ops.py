@@ -118,19 +118,34 @@ def make_fn(provider: str, relu: bool):
 
 
 def inputs(config: Config, device: torch.device, requires_grad: bool):
+    """Fresh random operands, drawn from the benchmark's own generator: a CUDA-graph capture that fails part
+    way leaves the device's default generator unusable outside a capture, and the next rows still run."""
     dtype = DTYPES[config.dtype]
     memory_format = torch.channels_last if config.layout == "channels_last" else torch.contiguous_format
+    gen = _generator(device)
+
+    def randn(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(shape, device=device, dtype=dtype, generator=gen)
+
     u, u_prev, f = (
-        torch.randn(config.shape, device=device, dtype=dtype)
+        randn(*config.shape, dtype=dtype)
         .contiguous(memory_format=memory_format)
         .requires_grad_(requires_grad)
         for _ in range(3)
     )
-    k = (0.1 * torch.randn(config.shape[1] if config.k == "channel" else 1, device=device)).requires_grad_(
-        requires_grad
-    )
-    scale = (torch.rand(config.shape[0], device=device) < 0.8).float() / 0.8 if config.scale else None
+    k = (0.1 * randn(config.shape[1] if config.k == "channel" else 1)).requires_grad_(requires_grad)
+    keep = torch.rand(config.shape[0], device=device, generator=gen) < 0.8
+    scale = keep.float() / 0.8 if config.scale else None
     return u, u_prev, f, k, scale
+
+
+_GENERATORS: dict[torch.device, torch.Generator] = {}
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    if device not in _GENERATORS:
+        _GENERATORS[device] = torch.Generator(device=device).manual_seed(0)
+    return _GENERATORS[device]
 
 
 def measure(config: Config, provider: str, device: torch.device) -> dict[str, tuple]:
@@ -140,25 +155,34 @@ def measure(config: Config, provider: str, device: torch.device) -> dict[str, tu
     u, u_prev, f, k, scale = inputs(config, device, requires_grad=False)
     results["fwd"] = _timed(lambda: fn(u, u_prev, f, k, scale), device)
     *tensors, scale = inputs(config, device, requires_grad=True)
-    out = fn(*tensors, scale)
-    grad_out = torch.randn_like(out)
-    results["bwd"] = _timed(
-        lambda: torch.autograd.grad(out, tensors, grad_out, retain_graph=True),
-        device,
-        graph_time=lambda: _backward_graph_ms(fn, tensors, scale, grad_out, device),
-    )
+    grad_out = torch.empty_like(tensors[0]).normal_(generator=_generator(device))
+    results["bwd"] = _timed_backward(fn, tensors, scale, grad_out, device)
     results["fwd+bwd"] = _timed(lambda: torch.autograd.grad(fn(*tensors, scale), tensors, grad_out), device)
     return results
 
 
+def _timed_backward(fn, tensors, scale, grad_out, device: torch.device) -> tuple:
+    """The backward alone, over one forward's graph. That graph holds the leaves' gradient accumulators, made
+    on this stream, and goes with this function: a capture on another stream that reached them would sync
+    with this one and be invalidated (torch 2.11 warns of the mismatch first)."""
+    out = fn(*tensors, scale)
+    return _timed(
+        lambda: torch.autograd.grad(out, tensors, grad_out, retain_graph=True),
+        device,
+        graph_time=lambda: _backward_graph_ms(fn, tensors, scale, grad_out, device),
+    )
+
+
 def _backward_graph_ms(fn, tensors, scale, grad_out, device: torch.device) -> float | None:
     """CUDA-graph time of the backward alone. Autograd replays a backward on the stream its forward ran on,
-    and a capture records only the capturing stream's work: so the forward runs on the capture stream."""
+    and a capture records only the capturing stream's work: so the forward runs on the capture stream, from
+    new leaves (the same storage), whose gradient accumulators are made there too."""
+    leaves = [t.detach().requires_grad_() for t in tensors]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        out = fn(*tensors, scale)
-    backward = lambda: torch.autograd.grad(out, tensors, grad_out, retain_graph=True)  # noqa: E731
+        out = fn(*leaves, scale)
+    backward = lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True)  # noqa: E731
     return graph_ms(backward, device, stream=stream)
 
 
