@@ -8,8 +8,11 @@ missing or fails to import (a torchvision built for another torch raises Runtime
 fails instead when LMFUSED_REQUIRE_LIBS (comma-separated, e.g. "torchvision,timm"; CI sets it) names it.
 """
 
+import gc
 import importlib
 import os
+import tempfile
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -34,6 +37,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def most_of_the_gpu_memory():
+    """For a test that needs a large share of the GPU's memory (tens of GB): such tests take turns across
+    pytest-xdist's worker processes (a lock file), and each gives its memory back to the device when it ends.
+    Four 2^31-element tests at once did not fit in an H200's 140 GB under ``-n 8``."""
+    import fcntl
+
+    with open(Path(tempfile.gettempdir()) / "lmfused-tests-gpu-memory.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def required_libraries() -> set[str]:
