@@ -339,7 +339,10 @@ def test_device_decode_on_cuda_matches_the_cpu(tmp_path: Path) -> None:
     cpu, _, cpu_flips, _ = im.decode_on_device(batch, torch.device("cpu"), SIZE)
     cuda, labels, flips, bad = im.decode_on_device(batch.pin_memory(), torch.device("cuda"), SIZE)
     assert not bad and torch.equal(flips.cpu(), cpu_flips) and labels.tolist() == [c for _, c in samples]
-    assert (cuda.cpu().float() - cpu.float()).abs().mean() < 3.0  # nvjpeg's IDCT differs from libjpeg's
+    # nvjpeg's IDCT and chroma upsampling differ from libjpeg's, magnified here by upscaling 30-70 px images:
+    # a mean of 3.3 (of 255) on an H200 (torch 2.11). A crop one pixel off gives 10-14 on these images, a
+    # wrong flip 57: the bound separates decoders from geometry.
+    assert (cuda.cpu().float() - cpu.float()).abs().mean() < 5.0
     device = torch.device("cuda")
 
     def prepare(b: im.HostBatch) -> tuple[torch.Tensor, torch.Tensor]:
