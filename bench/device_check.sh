@@ -144,12 +144,19 @@ if wants errors; then  # the binding's argument errors on CUDA tensors: at eb593
     tests/test_cuda_batch_norm_paths.py::test_grad_handoff_unlike_grad_out_is_an_error)
   # What the throw depends on there (the same throws pass on CPU with torch 2.11 and 2.14): the compiler
   # that built _C, the C++ runtime it loads, and torch's settings.
-  run_step toolchain 15 bash -c "g++ --version | head -n 1; env | grep -E '^(TORCH|LD)_' || true
+  # At f370e66 the native stack ended in c10's operator<< for sizes -> std::ostream::_M_insert<long> ->
+  # "std::codecvt<char16_t>::do_unshift", all three inside _C itself: does _C define C++-runtime code of its
+  # own (built here, the same sources import _M_insert from libstdc++.so)?
+  run_step toolchain 15 bash -c "g++ --version | head -n 1; env | grep -E '^(TORCH|LD|CXX|CC)' || true
     $PY -c 'import lmfused._C; print(*sorted({l.split()[-1] for l in open(\"/proc/self/maps\")
-      if any(n in l for n in (\"stdc++\", \"gcc_s\", \"libc10.so\", \"lmfused\"))}), sep=\"\\n\")'"
+      if any(n in l for n in (\"stdc++\", \"gcc_s\", \"libc10.so\", \"lmfused\"))}), sep=\"\\n\")'
+    so=\$(ls lmfused/_C*.so); ls -l \$so; readelf -d \$so | grep -E 'NEEDED|RUNPATH'
+    echo defined std::locale/codecvt/_M_insert symbols: \$(nm -C --defined-only \$so |
+      grep -cE 'std::(locale|codecvt)|::_M_insert<'); nm -C --defined-only \$so |
+      grep -E 'codecvt|::_M_insert<' | head -n 8"
   # The same call without pytest (and its plugins) in the process.
   run_step errors-plain 20 $PY -X faulthandler -c "
-import torch, lmfused
+import torch, lmfused._C
 x, g, h = (torch.randn(2, 8, 4, 4, device='cuda') for _ in range(3))
 v, k = torch.rand(8, device='cuda') + 0.5, torch.full((8,), 0.3, device='cuda')
 mean, invstd = torch.ops.lmfused.batch_norm_stats_cuda(x, None, None, True, 0.1, 1e-5)
