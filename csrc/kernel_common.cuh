@@ -665,22 +665,25 @@ struct Coefs<true, NC, UW, A> {
   // Read through a volatile pointer: each use is a shared-memory load at its point of use, so the
   // compiler cannot hoist the NC * UW values out of the row loop into registers (their whole point
   // is not to hold registers across the loop, where they would spill).
+  // Stored [q][j][column] with a pitch of kMaxColUnits: for one (q, j) the lanes of a warp, which
+  // hold consecutive columns, read consecutive words (one wavefront, no bank conflict). Stored
+  // [q][column][j], lanes UW words apart shared banks and every load was replayed up to UW times:
+  // on an H200 the channels-last batch-norm kernels then spent their time in shared memory.
+  static constexpr int kPitch = kMaxColUnits;
   const volatile A* s = nullptr;
-  int stride = 0;
   template <typename F>
   __device__ __forceinline__ void load(const Geometry& g, int64_t group, A* smem, F&& coef) {
-    const int width = g.TX * UW;
+    const int64_t first = group * g.TX * UW;  // the group's first channel
     __syncthreads();  // readers of a previous fill are done
-    for (int i = threadIdx.x; i < NC * width; i += kBlock) {
-      const int q = i / width;
-      const int64_t c = group * width + (i - q * width);
-      smem[i] = c < g.L ? coef(q, c) : A(0);
+    for (int i = threadIdx.x; i < NC * UW * kPitch; i += kBlock) {
+      const int q = i / (UW * kPitch), j = i / kPitch % UW, column = i % kPitch;
+      const int64_t c = first + column * UW + j;
+      smem[i] = column < g.TX && c < g.L ? coef(q, c) : A(0);
     }
     __syncthreads();
-    s = smem + (static_cast<int>(threadIdx.x) % g.TX) * UW;
-    stride = width;
+    s = smem + static_cast<int>(threadIdx.x) % g.TX;
   }
-  __device__ __forceinline__ A get(int q, int j) const { return s[q * stride + j]; }
+  __device__ __forceinline__ A get(int q, int j) const { return s[(q * UW + j) * kPitch]; }
 };
 
 template <int NC, int UW, typename A>

@@ -11,7 +11,12 @@ Reads every lmfused kernel's SASS (cuobjdump -sass) and resource usage (cuobjdum
     loads (every activation store one VEC * sizeof(T)-byte access; the 1-bit ReLU mask's byte
     stores of a forward that writes it excepted);
   * a reduction (statistics, backward reduction) stores in its main loop (its sums stay in
-    registers until the merge), or, on a vector path, never loads VEC * sizeof(T) bytes at once.
+    registers until the merge), or, on a vector path, never loads VEC * sizeof(T) bytes at once;
+  * a channels-last kernel reads shared memory in its main loop at an offset that is not a whole
+    row of the per-channel coefficients' table (kMaxColUnits = 32 words): stored [coefficient]
+    [element][column], the lanes of a warp read consecutive words, and one base register plus such
+    offsets reaches every value; offsets a word apart are the [column][element] order, whose loads
+    conflict on the banks up to UW-fold (on an H200 the batch-norm kernels were bound by them).
 
 The main loop is the smallest loop (a backward branch) holding at least half the global-load bytes
 of the kernel's busiest loop. From it and the resource usage, --table prints per kernel family
@@ -87,6 +92,7 @@ DTYPES = {"13__nv_bfloat16": ("bf16", 2, 4), "6__half": ("f16", 2, 4), "f": ("f3
 KERNEL_RE = re.compile(r"_ZN7lmfused6detail\d+(\w+?)I(13__nv_bfloat16|6__half|f|d)((?:L[ib]\d+E)*)E")
 INSN_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
 REG_RE = re.compile(r"(?<![\w.])R(\d+)(\.64)?")
+LDS_OFFSET_RE = re.compile(r"\[R\w+(?:\+0x([0-9a-f]+))?\]")  # an LDS address: [register + offset]
 
 
 def find_tool(name: str) -> str:
@@ -269,7 +275,7 @@ def analyse(k: Kernel) -> Row | None:
     info = describe(k.mangled)
     if info is None:
         return None
-    short, dtype, size, _acc, flags, kind = info
+    short, dtype, size, acc, flags, kind = info
     body = main_loop(k)
     ldg = [i for i in body if i.base == "LDG"]
     stg = [i for i in body if i.base in ("STG", "ST")]
@@ -298,6 +304,17 @@ def analyse(k: Kernel) -> Row | None:
         and not any(access_bits(i.opcode) == bits for i in ldg)
     ):
         why = f"no {bits}-bit load in the main loop"
+    if why is None and flags.get("CL"):
+        row = 32 * acc  # one row of the coefficients' table, in bytes
+        offsets = [
+            int(m.group(1) or "0", 16)
+            for i in body
+            if i.base == "LDS"
+            for m in [LDS_OFFSET_RE.search(i.operands)]
+            if m
+        ]
+        if any(offset % row for offset in offsets):
+            why = f"shared-memory loads in the main loop at offsets that are not multiples of {row} bytes"
     narrow_loads = sum(1 for i in ldg if access_bits(i.opcode) <= 32)
     return Row(k.mangled, short, dtype, flags, kind, k.regs, k.local, ctas, inflight, wide, narrow_loads, why)
 
