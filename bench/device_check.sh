@@ -147,7 +147,8 @@ if wants errors; then  # the binding's argument errors on CUDA tensors: at eb593
   # At f370e66 the native stack ended in c10's operator<< for sizes -> std::ostream::_M_insert<long> ->
   # "std::codecvt<char16_t>::do_unshift", all three inside _C itself: does _C define C++-runtime code of its
   # own (built here, the same sources import _M_insert from libstdc++.so)?
-  run_step toolchain 15 bash -c "g++ --version | head -n 1; env | grep -E '^(TORCH|LD|CXX|CC)' || true
+  run_step toolchain 15 bash -c "g++ --version | head -n 1; \${CXX:-c++} --version | head -n 1; command -v \${CXX:-c++}
+    env | grep -E '^(TORCH|LD|CXX|CC)' || true
     $PY -c 'import lmfused._C; print(*sorted({l.split()[-1] for l in open(\"/proc/self/maps\")
       if any(n in l for n in (\"stdc++\", \"gcc_s\", \"libc10.so\", \"lmfused\"))}), sep=\"\\n\")'
     so=\$(ls lmfused/_C*.so); ls -l \$so; readelf -d \$so | grep -E 'NEEDED|RUNPATH'
