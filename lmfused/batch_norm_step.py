@@ -56,6 +56,7 @@ from torch import Tensor
 
 from lmfused import handoff, reference
 from lmfused.op_support import (
+    call_op,
     channel_view,
     check_like,
     check_step_inputs,
@@ -450,7 +451,7 @@ def _input_grads(reduce_op, backward_op, ctx, grad_out, grad_shortcut=None, grad
         u_prev = saved_state(ctx, tuple(prev))  # (rebuilt here when it was not kept, dropped after)
         reduce_args = (grad_out, grad_handoff, x, mean, invstd, weight, bias, u, u_prev, k, mask, scale, relu,
                        need_k)  # fmt: skip
-        sum_dy, sum_dy_xhat, grad_k = reduce_op(*reduce_args)
+        sum_dy, sum_dy_xhat, grad_k = call_op(reduce_op, *reduce_args)
         del u_prev, reduce_args
         grad_weight = _cast(sum_dy_xhat, weight) if need_weight else None
         grad_bias = sum_dy.to(bias_dtype) if need_bias and sum_dy.dtype != bias_dtype else sum_dy
@@ -458,9 +459,9 @@ def _input_grads(reduce_op, backward_op, ctx, grad_out, grad_shortcut=None, grad
         grad_k = _cast(grad_k, k) if need_k else None
     grad_x = grad_u = grad_u_prev = None
     if need_x or need_u or need_u_prev:
-        grads = backward_op(grad_out, grad_handoff, grad_shortcut, x, mean, invstd, weight, bias, sum_dy,
-                            sum_dy_xhat, mask, k, scale, training, relu, need_x, need_u,
-                            need_u_prev)  # fmt: skip
+        grads = call_op(backward_op, grad_out, grad_handoff, grad_shortcut, x, mean, invstd, weight, bias,
+                        sum_dy, sum_dy_xhat, mask, k, scale, training, relu, need_x, need_u,
+                        need_u_prev)  # fmt: skip
         wanted = (need_x, need_u, need_u_prev)
         grad_x, grad_u, grad_u_prev = (g if n else None for g, n in zip(grads, wanted, strict=True))
     constants = (None,) * 6  # scale, seed, training, relu, noise_std, write_mask
@@ -594,7 +595,7 @@ class _EagerBatchNormStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend, with_shortcut, with_handoff, needs_input_grad, *inputs):
-        out, mask = _OPS[backend][1](*inputs)  # grad mode is off here: straight to the backend's kernel
+        out, mask = call_op(_OPS[backend][1], *inputs)  # grad mode is off here: straight to the backend
         ctx.needs_input_grad = needs_input_grad  # of the op's inputs, as _setup_context reads them
         _setup_context(ctx, inputs, (out, mask))
         ctx.backend, ctx.with_shortcut, ctx.with_handoff = backend, with_shortcut, with_handoff
@@ -635,7 +636,7 @@ def _batch_norm_step(
     if u is not None:  # every pass then walks one layout, the one the ReLU's mask is laid out in
         x = to_layout(x, plan_layout(u).channels_last)  # (no copy when x already has it, as in the models)
     with torch.no_grad():  # mean and invstd are constants to autograd (grad_x includes their gradient)
-        mean, invstd = stats_op(x, running_mean, running_var, training, float(momentum), float(eps))
+        mean, invstd = call_op(stats_op, x, running_mean, running_var, training, float(momentum), float(eps))
     seed = None
     if noise_std > 0:
         seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64)
@@ -661,7 +662,7 @@ def _batch_norm_step(
                 functools.partial(_rebuild_batch_norm, backend, training),
             )
     else:
-        out = forward_op(*inputs)[0]
+        out = call_op(forward_op, *inputs)[0]
     return (out, u) if return_shortcut else out
 
 
@@ -669,7 +670,7 @@ def _rebuild_batch_norm(backend, training, x, mean, invstd, weight, bias) -> Ten
     """The output of :func:`batch_norm` again, by the same kernel from the same inputs (lmfused.rebuild)."""
     k = x.new_empty((1,), dtype=torch.float32)  # never read without states
     args = (x, mean, invstd, weight, bias, None, None, k, None, None, training, False, 0.0, False)
-    return _OPS[backend][1](*args)[0]
+    return call_op(_OPS[backend][1], *args)[0]
 
 
 def batch_norm_lm_step(

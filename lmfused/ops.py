@@ -27,6 +27,7 @@ from lmfused import handoff
 from lmfused.op_support import (
     BACKENDS,
     available_backends,
+    call_op,
     check_step_inputs,
     choose_backend,
     empty_in_layout,
@@ -99,8 +100,20 @@ def _input_grads(backward_op, ctx, grad_out, grad_shortcut=None) -> tuple:
     u, out, k, scale, *prev = ctx.saved_tensors
     u_prev = saved_state(ctx, tuple(prev))
     relu, need_u, need_u_prev, need_f, need_k = ctx.flags
-    grads = backward_op(
-        grad_out, grad_shortcut, u, u_prev, out, k, scale, relu, need_u, need_u_prev, need_f, need_k
+    grads = call_op(
+        backward_op,
+        grad_out,
+        grad_shortcut,
+        u,
+        u_prev,
+        out,
+        k,
+        scale,
+        relu,
+        need_u,
+        need_u_prev,
+        need_f,
+        need_k,
     )
     needed = (need_u, need_u_prev, need_f, need_k)
     return tuple(g if n else None for g, n in zip(grads, needed, strict=True))
@@ -129,7 +142,7 @@ class _EagerLMStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, u_prev, f, k, scale, seed, relu, noise_std, backend, with_shortcut):
         inputs = (u, u_prev, f, k, scale, seed, relu, noise_std)
-        out = _FORWARD_OPS[backend](*inputs)  # grad mode is off here: straight to the backend's kernel
+        out = call_op(_FORWARD_OPS[backend], *inputs)  # grad mode is off here: straight to the backend
         _setup_context(ctx, inputs, out)
         ctx.backend = backend
         ctx.zero_grad_out = zero_gradient_like(out)
@@ -247,5 +260,5 @@ def lm_step(
             return out, carry(u, shortcut)
         out = _EagerLMStep.apply(*args, backend, False)
     else:
-        out = _FORWARD_OPS[backend](*args)
+        out = call_op(_FORWARD_OPS[backend], *args)
     return (out, u) if return_shortcut else out
