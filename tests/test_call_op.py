@@ -82,6 +82,7 @@ def test_grad_mode_on_goes_through_the_op():
 
     x = torch.randn(4, 8, 3, 5, device=DEVICE)
     running = (torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE))
-    with torch.enable_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.enable_grad(), torch.profiler.profile(activities=cpu) as prof:
         call_op(_OPS["reference"][0], x, *running, True, 0.1, 1e-5)
     assert "lmfused::batch_norm_stats_reference" in {e.name for e in prof.events()}
