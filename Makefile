@@ -63,7 +63,8 @@ cuda-compile:
 	bash tools/check_compile.sh build/cmake
 
 # The CUDA kernels' compiled code (nvcc, cuobjdump and nvdisasm; no GPU): no local memory on sm_80 and sm_90,
-# vector paths store as wide as they load, reductions store nothing in their main loop; prints the static
+# vector paths store as wide as they load, reductions store nothing in their main loop, channels-last
+# kernels read shared memory without bank conflicts (offsets of whole table rows); prints the static
 # table of the sm_90 kernels (registers, local bytes, CTAs per SM, loads in flight, predicted bandwidth).
 cuda-sass:
 	PYTHON=$(PYTHON) bash tools/check_sass.sh build/cmake
