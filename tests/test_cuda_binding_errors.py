@@ -39,3 +39,19 @@ def test_lm_step_kernel_refuses_cpu_tensors_with_an_error_naming_the_argument(cu
     forward = torch.ops.lmfused.lm_step_cuda.default  # (u, u_prev, f, k, scale, seed, relu, noise_std)
     with pytest.raises(ValueError, match="lm_step_cuda: u must be a CUDA tensor"):
         forward.redispatch(cuda_key, u, u, u, k, None, None, False, 0.0)
+
+
+def test_error_messages_print_their_numbers(cuda_key):
+    """The shape in a message is printed whole. A _C linked with a copy of the C++ runtime of its own
+    (g++ -static-libstdc++) cannot format a number through the process's streams: here its message stopped at
+    "got shape [", and on an H200 (g++ 13) the same call ended the process with SIGSEGV in
+    std::ostream::_M_insert<long> inside _C."""
+    x = torch.randn(2, 8, 4, 4)
+    vec, k = torch.rand(8) + 0.5, torch.full((8,), 0.3)
+    reduce = torch.ops.lmfused.batch_norm_lm_step_cuda_backward_reduce.default
+    with pytest.raises(
+        ValueError, match=r"grad_out must have rank >= 2 \(N, C, \*spatial\), got shape \[5\]$"
+    ):
+        reduce.redispatch(
+            cuda_key, torch.randn(5), None, x, vec, vec, vec, vec, x, x, k, None, None, False, True
+        )
