@@ -70,6 +70,7 @@ def _extension_kwargs() -> dict:
             name="lmfused._C",
             sources=[os.path.relpath(s, ROOT) for s in helpers.cuda_extension_sources(ROOT)],
             extra_compile_args=helpers.extension_compile_args(),
+            extra_link_args=helpers.EXTENSION_LINK_ARGS,
         )
         build_ext = helpers.optional_build_extension(
             cpp_extension.BuildExtension.with_options(use_ninja=True)

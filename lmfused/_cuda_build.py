@@ -45,6 +45,7 @@ import torch
 __all__ = [
     "BUILD_FAILURE_NOTE",
     "DEFAULT_ARCH_LIST",
+    "EXTENSION_LINK_ARGS",
     "cuda_extension_sources",
     "cuda_toolkit_problem",
     "cuda_unavailable_reason",
@@ -275,6 +276,15 @@ def _archs_define(arch_list: str) -> str:
     return "-DLMFUSED_CUDA_ARCHS=" + ",".join(_split_arch_list(arch_list))
 
 
+# The C++ runtime the process already has (libstdc++.so), named explicitly after the objects, so that it
+# resolves every C++ runtime symbol before the compiler driver's own implicit one is reached. Linked
+# statically instead (g++ -static-libstdc++, from LDFLAGS or a compiler's defaults), _C carries a copy of its
+# own whose stream and locale state the process never sets up: built that way here, an argument error's
+# message stopped at its first number; the H200 build whose argument error ended the process with SIGSEGV
+# crashed in such a copy's std::ostream::_M_insert<long> (tests/test_cuda_binding_errors.py).
+EXTENSION_LINK_ARGS = ["-lstdc++"]
+
+
 def extension_compile_args(arch_list: str | None = None) -> dict[str, list[str]]:
     """``extra_compile_args`` for ``CUDAExtension`` (keys ``cxx`` and ``nvcc``).
 
@@ -383,6 +393,7 @@ def _jit_build() -> tuple[ModuleType | None, str | None]:
             sources=sources,
             extra_cflags=args["cxx"],
             extra_cuda_cflags=args["nvcc"],
+            extra_ldflags=EXTENSION_LINK_ARGS,
             build_directory=str(build_dir),
             with_cuda=True,
             verbose=os.environ.get("LMFUSED_VERBOSE_BUILD") == "1",
