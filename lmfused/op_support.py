@@ -366,7 +366,10 @@ def _plain_eager(args: tuple) -> bool:
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    return all(type(a) is Tensor for a in args if isinstance(a, Tensor))
+    return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, Tensor))
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)  # (a Parameter dispatches as a plain tensor does)
 
 
 def zero_gradient_like(out: Tensor) -> Callable[[], Tensor]:

@@ -24,18 +24,19 @@ class _LmfusedOps(TorchDispatchMode):
 
 
 def _junction(backend: str):
+    """A junction's forward and backward, its weights as a module holds them (parameters)."""
     torch.manual_seed(0)
     shape = (4, 8, 3, 5)
     x, u, u_prev = (torch.randn(shape, device=DEVICE, requires_grad=True) for _ in range(3))
-    weight, bias = torch.rand(8, device=DEVICE) + 0.5, torch.randn(8, device=DEVICE)
-    k = torch.randn(8, device=DEVICE, requires_grad=True)
+    weight = torch.nn.Parameter(torch.rand(8, device=DEVICE) + 0.5)
+    bias, k = (torch.nn.Parameter(torch.randn(8, device=DEVICE)) for _ in range(2))
     running = (torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE))
 
     def step():
         out = lmfused.batch_norm_lm_step(
             x, *running, weight, bias, u, u_prev, k, training=True, relu=True, backend=backend
         )
-        return out, torch.autograd.grad(out, (x, u, u_prev, k), torch.ones_like(out))
+        return out, torch.autograd.grad(out, (x, u, u_prev, weight, bias, k), torch.ones_like(out))
 
     return step, running
 
