@@ -19,6 +19,7 @@ host overhead per call (``median_ms``) from the kernels' floor (``gpu_ms``).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -139,13 +140,9 @@ def inputs(config: Config, device: torch.device, requires_grad: bool):
     return u, u_prev, f, k, scale
 
 
-_GENERATORS: dict[torch.device, torch.Generator] = {}
-
-
+@functools.cache
 def _generator(device: torch.device) -> torch.Generator:
-    if device not in _GENERATORS:
-        _GENERATORS[device] = torch.Generator(device=device).manual_seed(0)
-    return _GENERATORS[device]
+    return torch.Generator(device=device).manual_seed(0)
 
 
 def measure(config: Config, provider: str, device: torch.device) -> dict[str, tuple]:

@@ -100,21 +100,8 @@ def _input_grads(backward_op, ctx, grad_out, grad_shortcut=None) -> tuple:
     u, out, k, scale, *prev = ctx.saved_tensors
     u_prev = saved_state(ctx, tuple(prev))
     relu, need_u, need_u_prev, need_f, need_k = ctx.flags
-    grads = call_op(
-        backward_op,
-        grad_out,
-        grad_shortcut,
-        u,
-        u_prev,
-        out,
-        k,
-        scale,
-        relu,
-        need_u,
-        need_u_prev,
-        need_f,
-        need_k,
-    )
+    args = (grad_out, grad_shortcut, u, u_prev, out, k, scale, relu, need_u, need_u_prev, need_f, need_k)
+    grads = call_op(backward_op, *args)
     needed = (need_u, need_u_prev, need_f, need_k)
     return tuple(g if n else None for g, n in zip(grads, needed, strict=True))
 

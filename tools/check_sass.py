@@ -92,6 +92,7 @@ DTYPES = {"13__nv_bfloat16": ("bf16", 2, 4), "6__half": ("f16", 2, 4), "f": ("f3
 KERNEL_RE = re.compile(r"_ZN7lmfused6detail\d+(\w+?)I(13__nv_bfloat16|6__half|f|d)((?:L[ib]\d+E)*)E")
 INSN_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
 REG_RE = re.compile(r"(?<![\w.])R(\d+)(\.64)?")
+COEF_TABLE_COLUMNS = 32  # kMaxColUnits: a row of the channels-last coefficients' table
 LDS_OFFSET_RE = re.compile(r"\[R\w+(?:\+0x([0-9a-f]+))?\]")  # an LDS address: [register + offset]
 
 
@@ -305,7 +306,7 @@ def analyse(k: Kernel) -> Row | None:
     ):
         why = f"no {bits}-bit load in the main loop"
     if why is None and flags.get("CL"):
-        row = 32 * acc  # one row of the coefficients' table, in bytes
+        row = COEF_TABLE_COLUMNS * acc  # one row of the coefficients' table, in bytes
         offsets = [
             int(m.group(1) or "0", 16)
             for i in body
