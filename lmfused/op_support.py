@@ -344,7 +344,7 @@ _EAGER_FUNCTIONS: dict[object, tuple[Callable, tuple[int, ...]]] = {}
 def call_op(op: Callable, *args):
     """``op(*args)``. In plain eager code with grad mode off (the passes of the ops' autograd Functions, the
     statistics), a Python backend's op runs its function directly: the same work, without the Python layers
-    of a ``custom_op`` call (autograd, view and backend redispatch, the torch.compile guard): about 25 us per
+    of a ``custom_op`` call (autograd, view and backend redispatch, the torch.compile guard): 15-25 us per
     call on a 2-core CPU. Anything else goes through the op: tracing and compiling, dispatch and function
     modes (fake tensors, selective checkpointing, counters), functorch transforms, tensor subclasses, and grad
     mode on (where the op's own autograd registration, or its lack of one, has to be seen)."""
