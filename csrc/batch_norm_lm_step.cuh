@@ -74,8 +74,10 @@ enum : int {
   kMaskRecompute = 2,  // no-state mode: 0 where the branch term, rounded to T, is <= 0 (NaN passes)
 };
 
-// grad_x's modes.
-enum : int { kGradXNone = 0, kGradXEval = 1, kGradXTrain = 2 };
+// grad_x's modes: dy times the gain, written where grad_x is set (a run-time flag, as grad_u's:
+// without an input gradient the kernel is the eval mode's, which then only skips the store), or in
+// training with the batch statistics' terms.
+enum : int { kGradXEval = 1, kGradXTrain = 2 };
 
 // Per-channel coefficients (Coefs), in this order; each kernel reads the ones it needs.
 enum : int {
@@ -461,8 +463,8 @@ __host__ __device__ constexpr int backward_blocks_per_sm() {
   return HANDOFF ? 3 : elementwise_blocks_per_sm<T>();
 }
 
-// grad_x (GRAD_X), grad_u and grad_u_prev (where their pointers are set: runtime flags, as
-// grad_shortcut; they add a store or a read but no arithmetic worth a specialisation), from
+// grad_x (in GRAD_X's mode), grad_u and grad_u_prev (where their pointers are set: runtime flags,
+// as grad_shortcut; they add a store or a read but no arithmetic worth a specialisation), from
 // g = grad_out (+ grad_handoff with HANDOFF). The positions per step and the choice to preload
 // count grad_out and x only: grad_handoff loads beside grad_out, as grad_shortcut does, in the
 // registers that backward_blocks_per_sm leaves it.
@@ -474,6 +476,7 @@ __global__ void __launch_bounds__(kBlock, backward_blocks_per_sm<T, HANDOFF>())
   constexpr int UW = elementwise_unit<T, CL, VEC>(), U = backward_positions<T, CL, VEC, 1 + kReadX>();
   constexpr int SUB = UW / VEC;
   __shared__ A coef_smem[CL ? kNumCoefs * kMaxColUnits * UW : 1];
+  const bool need_x = GRAD_X == kGradXTrain || a.grad_x != nullptr;  // (training always writes it)
   const bool need_u = a.grad_u != nullptr, need_up = a.grad_u_prev != nullptr;
   const bool shortcut = need_u && a.grad_shortcut != nullptr;
   Coefs<CL, kNumCoefs, UW, A> cf;
@@ -513,7 +516,7 @@ __global__ void __launch_bounds__(kBlock, backward_blocks_per_sm<T, HANDOFF>())
           gj[j] = relu_gradient<MASK, T>(output_gradient<HANDOFF>(pg[i][q], ph[i][q], j), bits[i],
                                          q * VEC + j, s, x, cf);
         }
-        if constexpr (GRAD_X != kGradXNone) {
+        if (need_x) {
           Pack<T, VEC> gx;
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
@@ -654,7 +657,7 @@ cudaError_t bn_forward_typed(const BatchNormOperands& o, cudaStream_t stream) {
   const BatchNormArgs<T> args = make_args<T>(o);
   const bool state = o.u != nullptr;
   const int width = vector_width<T>(row_length(sh), {o.x, o.u, o.u_prev, o.result});
-  return LMF_VEC_SWITCH(T, width, VEC, [&] {
+  return LMF_ACCESS_SWITCH(T, width, VEC, [&] {
     return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
       return LMF_BOOL_SWITCH(state, STATE, [&] {
         return LMF_BOOL_SWITCH(o.relu, RELU, [&] {
@@ -731,15 +734,16 @@ cudaError_t bn_backward_typed(const BatchNormOperands& o, cudaStream_t stream) {
   const LMStepShape& sh = o.shape;
   const BatchNormArgs<T> args = make_args<T>(o);
   const int mask = mask_mode(o);
-  const int grad_x = o.grad_x == nullptr ? kGradXNone : o.training ? kGradXTrain : kGradXEval;
-  const bool read_x = grad_x == kGradXTrain || mask == kMaskRecompute;
+  const bool train_x = o.grad_x != nullptr && o.training;
+  const bool read_x = train_x || mask == kMaskRecompute;
   const int width = vector_width<T>(
       row_length(sh), {o.grad_out, o.grad_handoff, o.grad_shortcut, read_x ? o.x : nullptr,
                        o.grad_x, o.grad_u, o.grad_u_prev});
-  return LMF_VEC_SWITCH(T, width, VEC, [&] {
+  return LMF_ACCESS_SWITCH(T, width, VEC, [&] {
     return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
       return LMF_INT3_SWITCH(mask, MASK, [&] {
-        return LMF_INT3_SWITCH(grad_x, GRAD_X, [&] {
+        return LMF_BOOL_SWITCH(train_x, TRAIN_X, [&] {
+          constexpr int GRAD_X = TRAIN_X ? kGradXTrain : kGradXEval;
           const Geometry g = elementwise_geometry(
               sh, elementwise_unit<T, CL, VEC>(),
               backward_positions<T, CL, VEC, 1 + backward_reads_x<MASK, GRAD_X>()>());

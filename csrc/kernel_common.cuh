@@ -881,7 +881,8 @@ constexpr int max_vec() {
 
 // The vector width (elements per access) for rows of L elements: 128-bit, else 64-bit, else
 // scalar, the widest that divides L and that every given buffer (nullptr = unused) is aligned to.
-// Only these three widths are compiled, to bound the number of kernel specialisations.
+// Only these three widths are compiled, to bound the number of kernel specialisations (and of
+// them, for accesses, only max_access_vec's: LMF_ACCESS_SWITCH).
 template <typename T>
 inline int vector_width(int64_t L, std::initializer_list<const void*> buffers) {
   for (int vec = max_vec<T>(); vec >= max_vec<T>() / 2 && vec > 1; vec /= 2) {
@@ -910,6 +911,27 @@ inline int vector_width(int64_t L, std::initializer_list<const void*> buffers) {
     }                                                                \
   }()
 
+// The widest access the kernels are compiled for, in elements: 128 bits, except for float64, whose
+// kernels load and store one element at a time (float64 serves gradient checks, not speed: one access
+// width instead of two halves its kernels). A reduction's unit W, which sets its sums' order, is
+// max_vec wide for every dtype.
+template <typename T>
+constexpr int max_access_vec() {
+  return sizeof(T) == 8 ? 1 : max_vec<T>();
+}
+
+// LMF_VEC_SWITCH for an access width (vector_width with the buffers): NAME is 1 where
+// max_access_vec is.
+#define LMF_ACCESS_SWITCH(T, WIDTH, NAME, ...)                   \
+  [&] {                                                          \
+    if constexpr (::lmfused::detail::max_access_vec<T>() == 1) { \
+      constexpr int NAME = 1;                                    \
+      return __VA_ARGS__();                                      \
+    } else {                                                     \
+      return LMF_VEC_SWITCH(T, WIDTH, NAME, __VA_ARGS__);        \
+    }                                                            \
+  }()
+
 // Launches KERNEL<..., W, VEC, ...> (a reduction) for the row length's W and the buffers' VEC:
 // the lambda gets both as integral constants.
 template <typename T, typename F>
@@ -918,7 +940,7 @@ cudaError_t with_reduction_widths(int64_t row_length, std::initializer_list<cons
   const int wide = vector_width<T>(row_length, {});
   const int width = vector_width<T>(row_length, bufs);  // <= wide, and divides it
   return LMF_VEC_SWITCH(T, wide, W, [&] {
-    return LMF_VEC_SWITCH(T, width, VEC, [&] {
+    return LMF_ACCESS_SWITCH(T, width, VEC, [&] {
       if constexpr (VEC > W) {
         return cudaErrorInvalidValue;  // unreachable: width <= wide
       } else {

@@ -31,7 +31,7 @@ cudaError_t forward_typed(const LMStepShape& sh, const void* u, const void* u_pr
   const int64_t L = sh.channels_last ? sh.C : sh.S;
   const int width = vector_width<T>(L, {u, u_prev, f, out});
 
-  return LMF_VEC_SWITCH(T, width, VEC, [&] {
+  return LMF_ACCESS_SWITCH(T, width, VEC, [&] {
     return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
       return LMF_BOOL_SWITCH(has_f, HAS_F, [&] {
         return LMF_BOOL_SWITCH(has_scale, HAS_SCALE, [&] {
@@ -135,7 +135,7 @@ cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const vo
     });
   }
   const int width = vector_width<T>(L, buffers);
-  return LMF_VEC_SWITCH(T, width, VEC, [&] {
+  return LMF_ACCESS_SWITCH(T, width, VEC, [&] {
     return flags([&](auto cl, auto relu_, auto hs) {
       constexpr bool CL = decltype(cl)::value, RELU = decltype(relu_)::value;
       const Geometry g = elementwise_geometry(sh, elementwise_unit<T, CL, VEC>(),
