@@ -151,11 +151,6 @@ struct BatchNormArgs {
   }
 };
 
-template <typename A>
-__device__ __forceinline__ A sample_scale(const A* __restrict__ scale, int64_t n) {
-  return scale != nullptr ? scale[n] : A(1);  // a runtime flag: s = 1 is exact
-}
-
 // A running statistic of any float dtype, read and written in the accumulator type.
 template <typename A>
 __device__ __forceinline__ A load_running(const void* p, DType d, int64_t c) {

@@ -871,6 +871,13 @@ __device__ __forceinline__ void merge_channels(const Geometry& g, const MergeScr
   }
 }
 
+// The sample's stochastic-depth scale s (nullptr: 1). A run-time flag, not a template one: s = 1
+// multiplies exactly, so the result is the same bits as without it.
+template <typename A>
+__device__ __forceinline__ A sample_scale(const A* __restrict__ scale, int64_t n) {
+  return scale != nullptr ? scale[n] : A(1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host launch helpers
 // ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ struct ForwardArgs {
   bool k_per_channel;
 };
 
-template <typename T, int VEC, bool CL, bool HAS_F, bool HAS_SCALE, bool RELU, bool HAS_NOISE>
+template <typename T, int VEC, bool CL, bool HAS_F, bool RELU, bool HAS_NOISE>
 __global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
     lm_step_forward_kernel(const ForwardArgs<T> a, const Geometry g) {
   using A = acc_t<T>;
@@ -50,8 +50,7 @@ __global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
 #pragma unroll
     for (int i = 0; i < U; ++i) {
       if (!p[i].ok) continue;
-      A s = A(1);
-      if constexpr (HAS_SCALE) s = a.scale[p[i].n];
+      const A s = HAS_F ? sample_scale(a.scale, p[i].n) : A(1);  // s multiplies f only
       live_packs<SUB, VEC, kPreload>(p[i], i, load, [&](int q) {
         const int64_t off = p[i].off + q * VEC;
         Pack<T, VEC> po;
@@ -59,7 +58,7 @@ __global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
         for (int j = 0; j < VEC; ++j) {
           const A kk = kc.get(0, q * VEC + j);
           A x = (A(1) - kk) * to_acc(pu[i][q].v[j]) + kk * to_acc(pp[i][q].v[j]);
-          if constexpr (HAS_F) x += HAS_SCALE ? s * to_acc(pf[i][q].v[j]) : to_acc(pf[i][q].v[j]);
+          if constexpr (HAS_F) x += s * to_acc(pf[i][q].v[j]);
           if constexpr (HAS_NOISE) x += noise.at(off, j, a.noise_std);
           if constexpr (RELU) x = x < A(0) ? A(0) : x;  // keeps NaN, like torch.relu
           po.v[j] = from_acc<T>(x);
@@ -92,8 +91,7 @@ struct BackwardArgs {
 // adds a store, no arithmetic worth a specialisation) and (NEED_K) adds each element's g * (u_prev - u) to acc[element of the
 // unit] (NA == UW) or to acc[0] (NA == 1), in position and element order (the reduction's order:
 // independent of VEC).
-template <typename T, int U, int UW, int VEC, bool RELU, bool HAS_SCALE, bool NEED_K, int NA,
-          typename KC>
+template <typename T, int U, int UW, int VEC, bool RELU, bool NEED_K, int NA, typename KC>
 __device__ __forceinline__ void lm_step_backward_step(const BackwardArgs<T>& a, const Pos (&p)[U],
                                                       const KC& kc, bool shortcut,
                                                       acc_t<T> (&acc)[NA]) {
@@ -148,11 +146,10 @@ __device__ __forceinline__ void lm_step_backward_step(const BackwardArgs<T>& a, 
         store_pack<T, VEC>(a.grad_u_prev, off, gup);
       }
       if (a.grad_f != nullptr) {
-        A s = A(1);
-        if constexpr (HAS_SCALE) s = a.scale[p[i].n];  // (only with grad_f)
+        const A s = sample_scale(a.scale, p[i].n);  // (only grad_f has the scale)
         Pack<T, VEC> gf;
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) gf.v[j] = from_acc<T>(HAS_SCALE ? s * gj[j] : gj[j]);
+        for (int j = 0; j < VEC; ++j) gf.v[j] = from_acc<T>(s * gj[j]);
         store_pack<T, VEC>(a.grad_f, off, gf);
       }
     });
@@ -160,7 +157,7 @@ __device__ __forceinline__ void lm_step_backward_step(const BackwardArgs<T>& a, 
 }
 
 // The backward without grad_k: elementwise.
-template <typename T, int VEC, bool CL, bool RELU, bool HAS_SCALE>
+template <typename T, int VEC, bool CL, bool RELU>
 __global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
     lm_step_backward_kernel(const BackwardArgs<T> a, const Geometry g) {
   using A = acc_t<T>;
@@ -179,7 +176,7 @@ __global__ void __launch_bounds__(kBlock, elementwise_blocks_per_sm<T>())
     }
   };
   elementwise_tiles<CL, UW, U>(g, load_k, [&](const Pos (&p)[U]) {
-    lm_step_backward_step<T, U, UW, VEC, RELU, HAS_SCALE, false>(a, p, kc, shortcut, unused);
+    lm_step_backward_step<T, U, UW, VEC, RELU, false>(a, p, kc, shortcut, unused);
   });
 }
 
@@ -193,7 +190,7 @@ __host__ __device__ constexpr int grad_k_blocks_per_sm() {
 
 // The backward with grad_k: a reduction (one CTA per item; units of W, the row length's widest
 // vector, loaded VEC at a time), its merge in the same launch. smem: kBlock * W values.
-template <typename T, int W, int VEC, bool CL, bool RELU, bool HAS_SCALE>
+template <typename T, int W, int VEC, bool CL, bool RELU>
 __global__ void __launch_bounds__(kBlock, grad_k_blocks_per_sm<CL, W, RELU>())
     lm_step_backward_grad_k_kernel(const BackwardArgs<T> a, const Geometry g) {
   using A = acc_t<T>;
@@ -211,7 +208,7 @@ __global__ void __launch_bounds__(kBlock, grad_k_blocks_per_sm<CL, W, RELU>())
   for (int64_t step = 0; step < g.steps; ++step) {
     Pos p[1];
     next_positions(cur, g, p);
-    lm_step_backward_step<T, 1, W, VEC, RELU, HAS_SCALE, true>(a, p, kc, shortcut, acc[0]);
+    lm_step_backward_step<T, 1, W, VEC, RELU, true>(a, p, kc, shortcut, acc[0]);
   }
   if (!publish_partials<1, WA>(acc, g, group, chunk, a.merge, smem)) return;
   merge_partials<1, W>(g, group, a.merge, smem, [&](int64_t c, const A (&tot)[1]) {

@@ -26,7 +26,6 @@ cudaError_t forward_typed(const LMStepShape& sh, const void* u, const void* u_pr
   args.k_per_channel = k_numel != 1;
 
   const bool has_f = f != nullptr;
-  const bool has_scale = has_f && scale != nullptr;  // s only multiplies f
   const bool has_noise = noise_std != 0.0;
   const int64_t L = sh.channels_last ? sh.C : sh.S;
   const int width = vector_width<T>(L, {u, u_prev, f, out});
@@ -34,20 +33,13 @@ cudaError_t forward_typed(const LMStepShape& sh, const void* u, const void* u_pr
   return LMF_ACCESS_SWITCH(T, width, VEC, [&] {
     return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
       return LMF_BOOL_SWITCH(has_f, HAS_F, [&] {
-        return LMF_BOOL_SWITCH(has_scale, HAS_SCALE, [&] {
-          return LMF_BOOL_SWITCH(relu, RELU, [&] {
-            return LMF_BOOL_SWITCH(has_noise, HAS_NOISE, [&] {
-              constexpr int UW = elementwise_unit<T, CL, VEC>();
-              const Geometry g = elementwise_geometry(
-                  sh, UW, elementwise_positions<T, UW, HAS_F ? 3 : 2, HAS_NOISE ? 1 : 4>());
-              if constexpr (HAS_SCALE && !HAS_F) {
-                return cudaErrorInvalidValue;  // unreachable: has_scale implies has_f
-              } else {
-                return launch_elementwise<
-                    lm_step_forward_kernel<T, VEC, CL, HAS_F, HAS_SCALE, RELU, HAS_NOISE>>(
-                    g, stream, args);
-              }
-            });
+        return LMF_BOOL_SWITCH(relu, RELU, [&] {
+          return LMF_BOOL_SWITCH(has_noise, HAS_NOISE, [&] {
+            constexpr int UW = elementwise_unit<T, CL, VEC>();
+            const Geometry g = elementwise_geometry(
+                sh, UW, elementwise_positions<T, UW, HAS_F ? 3 : 2, HAS_NOISE ? 1 : 4>());
+            return launch_elementwise<lm_step_forward_kernel<T, VEC, CL, HAS_F, RELU, HAS_NOISE>>(
+                g, stream, args);
           });
         });
       });
@@ -108,7 +100,6 @@ cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const vo
   }
   args.k_per_channel = k_numel != 1;
 
-  const bool has_scale = need_f && scale != nullptr;  // s only enters grad_f
   const int64_t L = sh.channels_last ? sh.C : sh.S;
   // Only the buffers the specialisation touches need to be aligned.
   const std::initializer_list<const void*> buffers = {
@@ -117,31 +108,27 @@ cudaError_t backward_typed(const LMStepShape& sh, const void* grad_out, const vo
   auto flags = [&](auto&& launch) {
     return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
       return LMF_BOOL_SWITCH(relu, RELU, [&] {
-        return LMF_BOOL_SWITCH(has_scale, HAS_SCALE, [&] {
-          return launch(std::bool_constant<CL>{}, std::bool_constant<RELU>{},
-                        std::bool_constant<HAS_SCALE>{});
-        });
+        return launch(std::bool_constant<CL>{}, std::bool_constant<RELU>{});
       });
     });
   };
   if (need_k) {
     const Geometry g = grad_k_geometry<T>(sh);
     return with_reduction_widths<T>(L, buffers, [&](auto w, auto v) {
-      return flags([&](auto cl, auto relu_, auto hs) {
+      return flags([&](auto cl, auto relu_) {
         return launch_reduction<lm_step_backward_grad_k_kernel<
-            T, decltype(w)::value, decltype(v)::value, decltype(cl)::value, decltype(relu_)::value,
-            decltype(hs)::value>>(g, stream, args);
+            T, decltype(w)::value, decltype(v)::value, decltype(cl)::value, decltype(relu_)::value>>(
+            g, stream, args);
       });
     });
   }
   const int width = vector_width<T>(L, buffers);
   return LMF_ACCESS_SWITCH(T, width, VEC, [&] {
-    return flags([&](auto cl, auto relu_, auto hs) {
+    return flags([&](auto cl, auto relu_) {
       constexpr bool CL = decltype(cl)::value, RELU = decltype(relu_)::value;
       const Geometry g = elementwise_geometry(sh, elementwise_unit<T, CL, VEC>(),
                                               backward_positions<T, CL, VEC, RELU ? 2 : 1>());
-      return launch_elementwise<lm_step_backward_kernel<T, VEC, CL, RELU, decltype(hs)::value>>(
-          g, stream, args);
+      return launch_elementwise<lm_step_backward_kernel<T, VEC, CL, RELU>>(g, stream, args);
     });
   });
 }

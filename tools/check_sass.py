@@ -64,11 +64,11 @@ GOAL_KB = 32  # the streaming kernels' goal: at least this many KB of loads in f
 KERNELS = {
     "lm_step_forward_kernel": (
         "lm_fwd",
-        ("VEC", "CL", "HAS_F", "HAS_SCALE", "RELU", "HAS_NOISE"),
+        ("VEC", "CL", "HAS_F", "RELU", "HAS_NOISE"),
         "elementwise",
     ),
-    "lm_step_backward_kernel": ("lm_bwd", ("VEC", "CL", "RELU", "HAS_SCALE"), "elementwise"),
-    "lm_step_backward_grad_k_kernel": ("lm_bwd_k", ("W", "VEC", "CL", "RELU", "HAS_SCALE"), "reduction"),
+    "lm_step_backward_kernel": ("lm_bwd", ("VEC", "CL", "RELU"), "elementwise"),
+    "lm_step_backward_grad_k_kernel": ("lm_bwd_k", ("W", "VEC", "CL", "RELU"), "reduction"),
     "batch_norm_stats_kernel": ("bn_stats", ("W", "VEC", "CL"), "reduction"),
     "batch_norm_eval_stats_kernel": ("bn_eval", (), "other"),
     "batch_norm_lm_step_forward_kernel": (
@@ -404,8 +404,8 @@ MODEL_PATH = [
     ("bn_relu forward", "bn_fwd", {"VEC": 8, "CL": 1, "STATE": 0, "RELU": 1, "HAS_NOISE": 0, "MASK": 0}),
     ("bn_relu reduce", "bn_red", {"W": 8, "VEC": 8, "CL": 1, "MASK": 2, "NEED_K": 0, "HANDOFF": 0}),
     ("bn_relu backward", "bn_bwd", {"VEC": 8, "CL": 1, "MASK": 2, "GRAD_X": 2, "HANDOFF": 0}),
-    ("lm_step forward", "lm_fwd", {"VEC": 8, "CL": 1, "HAS_F": 1, "HAS_SCALE": 1, "RELU": 1, "HAS_NOISE": 0}),
-    ("lm_step backward", "lm_bwd_k", {"W": 8, "VEC": 8, "CL": 1, "RELU": 1, "HAS_SCALE": 1}),
+    ("lm_step forward", "lm_fwd", {"VEC": 8, "CL": 1, "HAS_F": 1, "RELU": 1, "HAS_NOISE": 0}),
+    ("lm_step backward", "lm_bwd_k", {"W": 8, "VEC": 8, "CL": 1, "RELU": 1}),
 ]
 
 

@@ -90,7 +90,7 @@ std::vector<std::string> run_case(const Case& cs, int mode, uint64_t data_seed) 
   const uint64_t useed = static_cast<uint64_t>(seed);
   const uint32_t key0 = static_cast<uint32_t>(useed), key1 = static_cast<uint32_t>(useed >> 32);
 
-  // ---- forward: HAS_F, HAS_SCALE, RELU, HAS_NOISE, PER_CHANNEL_K
+  // ---- forward: HAS_F, scale, RELU, HAS_NOISE, PER_CHANNEL_K
   for (int bits = 0; bits < 32; ++bits) {
     const bool has_f = bits & 1, has_s = bits & 2, relu = bits & 4, noise = bits & 8,
                per_ch = bits & 16;
@@ -129,7 +129,7 @@ std::vector<std::string> run_case(const Case& cs, int mode, uint64_t data_seed) 
   CUDA_OK(cudaDeviceSynchronize());
   const std::vector<T> hout = dout.download();
 
-  // ---- backward: RELU, HAS_SCALE, PER_CHANNEL_K, NEED_U, NEED_UP, NEED_F, NEED_K, and
+  // ---- backward: RELU, scale, PER_CHANNEL_K, NEED_U, NEED_UP, NEED_F, NEED_K, and
   // grad_shortcut (only with NEED_U: the launcher ignores it otherwise)
   for (int bits = 0; bits < 256; ++bits) {
     const bool relu = bits & 1, has_s = bits & 2, per_ch = bits & 4, nu = bits & 8,
