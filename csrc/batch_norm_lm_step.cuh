@@ -681,21 +681,6 @@ inline int mask_mode(const BatchNormOperands& o) {
   return o.mask != nullptr ? kMaskBits : kMaskRecompute;
 }
 
-// Expands __VA_ARGS__ (a lambda) with NAME a constexpr int equal to VALUE, one of 0, 1, 2.
-#define LMF_INT3_SWITCH(VALUE, NAME, ...) \
-  [&] {                                   \
-    if ((VALUE) == 0) {                   \
-      constexpr int NAME = 0;             \
-      return __VA_ARGS__();               \
-    } else if ((VALUE) == 1) {            \
-      constexpr int NAME = 1;             \
-      return __VA_ARGS__();               \
-    } else {                              \
-      constexpr int NAME = 2;             \
-      return __VA_ARGS__();               \
-    }                                     \
-  }()
-
 template <typename T>
 cudaError_t bn_reduce_typed(const BatchNormOperands& o, cudaStream_t stream) {
   const LMStepShape& sh = o.shape;
@@ -708,7 +693,7 @@ cudaError_t bn_reduce_typed(const BatchNormOperands& o, cudaStream_t stream) {
       row_length(sh), {o.grad_out, o.grad_handoff, o.x, o.u, o.u_prev}, [&](auto w, auto v) {
         constexpr int W = decltype(w)::value, VEC = decltype(v)::value;
         return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
-          return LMF_INT3_SWITCH(mask, MASK, [&] {
+          return LMF_INT_SWITCH3(mask, MASK, kMaskNone, kMaskBits, kMaskRecompute, [&] {
             return LMF_BOOL_SWITCH(need_k, NEED_K, [&] {
               if constexpr (MASK == kMaskRecompute && NEED_K) {
                 return cudaErrorInvalidValue;  // rejected by the caller: no state, no k
@@ -736,7 +721,7 @@ cudaError_t bn_backward_typed(const BatchNormOperands& o, cudaStream_t stream) {
                        o.grad_x, o.grad_u, o.grad_u_prev});
   return LMF_ACCESS_SWITCH(T, width, VEC, [&] {
     return LMF_BOOL_SWITCH(sh.channels_last, CL, [&] {
-      return LMF_INT3_SWITCH(mask, MASK, [&] {
+      return LMF_INT_SWITCH3(mask, MASK, kMaskNone, kMaskBits, kMaskRecompute, [&] {
         return LMF_BOOL_SWITCH(train_x, TRAIN_X, [&] {
           constexpr int GRAD_X = TRAIN_X ? kGradXTrain : kGradXEval;
           const Geometry g = elementwise_geometry(

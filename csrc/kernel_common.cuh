@@ -85,6 +85,22 @@ constexpr int64_t kReductionCtas = 1024;  // channels-last reductions narrow the
     }                                    \
   }()
 
+// Expands __VA_ARGS__ (a lambda) three times, with NAME a constexpr int: V0 where VALUE == V0, V1
+// where VALUE == V1, else V2 (a mode of three, or a vector width).
+#define LMF_INT_SWITCH3(VALUE, NAME, V0, V1, V2, ...) \
+  [&] {                                               \
+    if ((VALUE) == (V0)) {                            \
+      constexpr int NAME = (V0);                      \
+      return __VA_ARGS__();                           \
+    } else if ((VALUE) == (V1)) {                     \
+      constexpr int NAME = (V1);                      \
+      return __VA_ARGS__();                           \
+    } else {                                          \
+      constexpr int NAME = (V2);                      \
+      return __VA_ARGS__();                           \
+    }                                                 \
+  }()
+
 // ---------------------------------------------------------------------------------------------
 // Types
 // ---------------------------------------------------------------------------------------------
@@ -904,19 +920,9 @@ inline int vector_width(int64_t L, std::initializer_list<const void*> buffers) {
 
 // Expands __VA_ARGS__ (a lambda) with NAME a constexpr int equal to WIDTH, one of the widths
 // vector_width<T> returns.
-#define LMF_VEC_SWITCH(T, WIDTH, NAME, ...)                          \
-  [&] {                                                              \
-    if ((WIDTH) == ::lmfused::detail::max_vec<T>()) {                \
-      constexpr int NAME = ::lmfused::detail::max_vec<T>();          \
-      return __VA_ARGS__();                                          \
-    } else if ((WIDTH) == ::lmfused::detail::max_vec<T>() / 2) {     \
-      constexpr int NAME = ::lmfused::detail::max_vec<T>() / 2;      \
-      return __VA_ARGS__();                                          \
-    } else {                                                         \
-      constexpr int NAME = 1;                                        \
-      return __VA_ARGS__();                                          \
-    }                                                                \
-  }()
+#define LMF_VEC_SWITCH(T, WIDTH, NAME, ...)                                    \
+  LMF_INT_SWITCH3(WIDTH, NAME, ::lmfused::detail::max_vec<T>(),                \
+                  ::lmfused::detail::max_vec<T>() / 2, 1, __VA_ARGS__)
 
 // The widest access the kernels are compiled for, in elements: 128 bits, except for float64, whose
 // kernels load and store one element at a time (float64 serves gradient checks, not speed: one access
