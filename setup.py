@@ -15,9 +15,11 @@ import os
 import sys
 from pathlib import Path
 
+from setuptools import __version__ as setuptools_version
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
+LICENSE = "BSD-3-Clause"
 PACKAGES = [
     "lmfused",
     "lmfused.nn",
@@ -34,6 +36,13 @@ def _cuda_build_helpers():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _license_kwargs() -> dict:
+    """BSD-3-Clause as an SPDX expression where setuptools knows them (>= 77, which deprecates the licence
+    table of pyproject.toml), else as the free-text licence older ones take."""
+    major = int(setuptools_version.split(".")[0])
+    return {"license_expression": LICENSE} if major >= 77 else {"license": LICENSE}
 
 
 def _say(message: str) -> None:
@@ -88,5 +97,6 @@ def _extension_kwargs() -> dict:
 setup(
     packages=PACKAGES,
     package_dir={"lmfused.triton_kernels": "triton_kernels"},
+    **_license_kwargs(),
     **_extension_kwargs(),
 )

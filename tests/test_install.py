@@ -8,6 +8,7 @@ script on PATH the way some machines install nvcc.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -170,6 +171,31 @@ def test_a_failed_extension_build_leaves_a_working_install(tmp_path):
     result = _build_in_place(tmp_path, env)
     assert result.returncode == 0, result.stderr
     assert install_build_failure(tmp_path / "demo") is None
+
+
+def test_the_package_metadata_builds_without_deprecated_fields(tmp_path):
+    """The installed setuptools builds lmfused's metadata with no deprecation warning (setuptools >= 77
+    deprecates pyproject.toml's licence table, and a later one drops it) and with the licence, as an SPDX
+    expression where setuptools knows them."""
+    import setuptools
+
+    root = Path(_cuda_build.__file__).resolve().parent.parent
+    skip = shutil.ignore_patterns("__pycache__", "*.so")
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(root / name, tmp_path / name)
+    for name in ("lmfused", "triton_kernels"):
+        shutil.copytree(root / name, tmp_path / name, ignore=skip)
+    (tmp_path / "metadata").mkdir()
+    build = "import setuptools.build_meta as b; print(b.prepare_metadata_for_build_wheel('metadata'))"
+    env = {**os.environ, "LMFUSED_NO_CUDA_BUILD": "1", "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", build], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "DeprecationWarning" not in result.stdout + result.stderr, result.stderr
+    metadata = (tmp_path / "metadata" / result.stdout.split()[-1] / "METADATA").read_text()
+    spdx = int(setuptools.__version__.split(".")[0]) >= 77
+    assert ("License-Expression: BSD-3-Clause" if spdx else "License: BSD-3-Clause") in metadata.splitlines()
 
 
 def test_the_backend_reason_names_a_failed_install_build(tmp_path, monkeypatch):
